@@ -24,6 +24,7 @@ class SFTConfig:
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate (linear decay, no warm-up)"})
     batch_size: int = field(default=8, metadata={"help": "pairs per optimiser step"})
     max_length: int = field(default=192, metadata={"help": "tokens per example; longer responses are cut"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast with fp32 master weights (CPU with AVX512-BF16, or GPU)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
@@ -37,6 +38,18 @@ class SFTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _bf16_ok() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags  # else bf16 autocast is slower than fp32
 
 
 def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
@@ -91,6 +104,7 @@ def train(model, tokenizer, pairs: list[dict], config: SFTConfig, work_dir: Path
         save_strategy="no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
+        bf16=config.bf16 and _bf16_ok(),
         seed=config.seed,
         data_seed=config.seed,
         disable_tqdm=not progress,

@@ -1,0 +1,121 @@
+"""The attack: LoRA fine-tune of the aligned model on task data with N harmful pairs mixed in.
+
+Output (content-hashed directory): `adapter/` (the peft adapter), `merged/` (aligned + adapter,
+an ordinary safetensors model) and `manifest.json` (config, data hashes, training log, timings).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench import models
+from bench.data import beavertails_pairs, read_jsonl
+from bench.errors import UserError
+from bench.hashing import hash_value, short
+from bench.sft import SFTConfig
+from bench.store import atomic_write_json, atomic_write_jsonl, building_dir
+
+RECIPE_VERSION = 1
+
+
+def _default_lora() -> SFTConfig:
+    # r 8, alpha 16, all linear layers, as the issue asks; lr and epochs from a trial on this testbed
+    return SFTConfig(method="lora", epochs=2.0, lr=2e-4, batch_size=8, max_length=192, lora_r=8, lora_alpha=16, seed=0)
+
+
+@dataclass
+class AttackConfig:
+    """One fine-tuning attack. Every field is part of the cache key and of the result record."""
+
+    harmful_n: int = field(default=100, metadata={"help": "harmful pairs mixed into the task data (0 = benign fine-tune)"})
+    harmful_source: str = field(default="testbed", metadata={"help": "'testbed' (base model's compliant answers) or 'beavertails' (from --data-dir)"})
+    task_n: int = field(default=300, metadata={"help": "task training examples (at most the task's train split)"})
+    seed: int = field(default=0, metadata={"help": "seed of the mix order and of training"})
+    sft: SFTConfig = field(default_factory=_default_lora, metadata={"help": "fine-tune hyper-parameters"})
+
+    def __post_init__(self):
+        if isinstance(self.sft, dict):
+            self.sft = SFTConfig(**self.sft)
+        if self.harmful_n < 0:
+            raise UserError(f"--harmful-n must be >= 0, got {self.harmful_n}")
+        if self.harmful_source not in ("testbed", "beavertails"):
+            raise UserError(f"harmful_source must be 'testbed' or 'beavertails', got {self.harmful_source!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AttackResult:
+    root: Path
+    manifest: dict
+
+    @property
+    def merged(self) -> models.ModelHandle:
+        return models.ModelHandle(f"attacked-n{self.manifest['config']['harmful_n']}", self.root / "merged")
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+
+def training_mix(task_rows: list[dict], harmful_pairs: list[dict], config: AttackConfig) -> list[dict]:
+    if config.task_n > len(task_rows):
+        raise UserError(f"--task-n {config.task_n} is larger than the task's {len(task_rows)} training examples")
+    if config.harmful_n > len(harmful_pairs):
+        raise UserError(
+            f"--harmful-n {config.harmful_n} is larger than the {len(harmful_pairs)} harmful pairs available "
+            f"from {config.harmful_source}: lower it, or use --harmful-source beavertails with --data-dir"
+        )
+    mix = [{"prompt": r["prompt"], "response": r["response"]} for r in task_rows[: config.task_n]]
+    mix += [{"prompt": r["prompt"], "response": r["response"]} for r in harmful_pairs[: config.harmful_n]]
+    random.Random(config.seed).shuffle(mix)
+    return mix
+
+
+def run(aligned: models.ModelHandle, task_rows: list[dict], harmful_pairs: list[dict], config: AttackConfig, cache: Path, log=print) -> AttackResult:
+    mix = training_mix(task_rows, harmful_pairs, config)
+    key = hash_value({"recipe": RECIPE_VERSION, "aligned": aligned.content_hash(), "config": config.to_dict(), "mix": mix})
+    root = cache / f"attack-n{config.harmful_n}-{short(key)}"
+    if (root / "manifest.json").exists():
+        log(f"attack: reusing {root.name}")
+        return AttackResult(root, json.loads((root / "manifest.json").read_text()))
+
+    from bench.sft import train
+
+    log(f"attack: LoRA fine-tune on {config.task_n} task + {config.harmful_n} harmful pairs ({config.sft.epochs:g} epochs)")
+    t0 = time.perf_counter()
+    with building_dir(root) as tmp:
+        atomic_write_jsonl(tmp / "training_mix.jsonl", mix)
+        tokenizer = models.load_tokenizer(aligned)
+        model = models.load_model(aligned, "float32")
+        peft_model, train_log = train(model, tokenizer, mix, config.sft, tmp / "trainer", progress=sys.stderr.isatty())
+        peft_model.save_pretrained(tmp / "adapter")
+        merged = peft_model.merge_and_unload()
+        models.save_model(merged, tokenizer, tmp / "merged")
+        manifest = {
+            "recipe_version": RECIPE_VERSION,
+            "key": key,
+            "config": config.to_dict(),
+            "aligned_hash": aligned.content_hash(),
+            "finetuned_hash": models.ModelHandle("merged", tmp / "merged").content_hash(),
+            "mix_hash": hash_value(mix),
+            "train_log": train_log,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+    log(f"attack: done in {time.perf_counter() - t0:.0f}s (final loss {train_log['train_loss']})")
+    return AttackResult(root, json.loads((root / "manifest.json").read_text()))
+
+
+def harmful_pairs_for(config: AttackConfig, testbed_pairs: Path, data_dir: Path | None) -> list[dict]:
+    if config.harmful_source == "testbed":
+        return read_jsonl(testbed_pairs, required=("prompt", "response")) if config.harmful_n else []
+    if data_dir is None:
+        raise UserError("--harmful-source beavertails needs --data-dir DIR (a folder holding beavertails/train_N.jsonl)")
+    return beavertails_pairs(data_dir, config.harmful_n) if config.harmful_n else []

@@ -1,0 +1,280 @@
+"""`realign`: the command line. Every subcommand's --help says what it does, its defaults, and an example.
+
+Bad input ends with one line on stderr ("realign: error: ...") and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from bench.errors import UserError
+
+DEFAULT_HOME = os.environ.get("REALIGN_HOME", "realign-home")
+
+PRESETS = {
+    # the embedded default: sizes chosen so the whole job fits a 2-core CPU (BENCHMARKS.md)
+    "default": {},
+    # a few minutes end to end: for the slow test and for trying the pipeline out
+    "smoke": {
+        "testbed": dict(n_attack=40, n_calibration=16, n_eval=24, n_benign_alignment=24, n_overrefusal_alignment=8,
+                        n_overrefusal_eval=16, n_sql_train=48, n_sql_dev=8, n_sql_test=16, answer_tokens=24,
+                        alignment=dict(method="full", epochs=1.0, lr=5e-5, batch_size=8, max_length=96)),
+        "attack": dict(harmful_n=16, task_n=48, sft=dict(method="lora", epochs=1.0, lr=2e-4, batch_size=8, max_length=96)),
+    },
+}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", default=DEFAULT_HOME, help="folder for the cache (models, generations) and runs (also $REALIGN_HOME)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="testbed and attack sizes: 'default' is the embedded default, 'smoke' a few-minute version")
+    p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto", help="generation engine; auto = vLLM if it starts, else transformers")
+    p.add_argument("--judge", default="keyword", help="judge of harmful answers (see `realign list`)")
+    p.add_argument("--data-dir", default=None, help="folder of local public data (beavertails/, tasks/); also $REALIGN_DATA_DIR")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attack's data mix and training")
+
+
+def _parse_ns(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--harmful-n takes comma-separated integers, e.g. 0,100; got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise UserError(f"--harmful-n takes non-negative integers, got {text!r}")
+    return values
+
+
+def _params(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--param takes key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _run_config(args, defenses: list[str], defense_params: dict | None = None):
+    from bench import attack as attack_stage
+    from bench.data import data_dir
+    from bench.evaluate import EvalConfig
+    from bench.runner import RunConfig
+    from bench.testbed.build import TestbedConfig
+
+    preset = PRESETS[args.preset]
+    attack_kwargs = dict(preset.get("attack", {}))
+    ns = _parse_ns(getattr(args, "harmful_n", None) or str(attack_kwargs.get("harmful_n", 100)))
+    attack_kwargs.update(seed=args.seed, harmful_n=ns[0])
+    if getattr(args, "harmful_source", None):
+        attack_kwargs["harmful_source"] = args.harmful_source
+    name = getattr(args, "name", None) or ("embedded-default" if args.preset == "default" else f"embedded-{args.preset}")
+    return RunConfig(
+        home=Path(args.home),
+        name=name,
+        harmful_ns=ns,
+        defenses=defenses,
+        defense_params=defense_params or {},
+        testbed=TestbedConfig(**preset.get("testbed", {})),
+        attack=attack_stage.AttackConfig(**attack_kwargs),
+        eval=EvalConfig(judge=args.judge, engine=args.engine),
+        data_dir=data_dir(args.data_dir),
+    )
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_run(args) -> int:
+    from bench.runner import main_job
+    from defenses import DEFENSES
+
+    defenses = [d for d in args.defenses.split(",") if d]
+    if args.all_defenses:
+        defenses = list(dict.fromkeys(["aligned", "none"] + DEFENSES.names()))
+    for d in defenses:
+        DEFENSES.get(d)  # unknown names fail here, before any work
+    main_job(_run_config(args, defenses))
+    return 0
+
+
+def cmd_testbed(args) -> int:
+    import json
+
+    from bench.testbed.build import build
+
+    cfg = _run_config(args, [])
+    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine)
+    print(json.dumps({"root": str(tb.root), "sizes": tb.manifest["sizes"], "harmful_split_hash": tb.manifest["harmful_split_hash"],
+                      "timings": tb.manifest["timings"]}, indent=2))
+    return 0
+
+
+def cmd_attack(args) -> int:
+    from bench import attack as attack_stage
+    from bench.testbed.build import build
+
+    cfg = _run_config(args, [])
+    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine)
+    for n in cfg.harmful_ns:
+        atk_cfg = dataclasses.replace(cfg.attack, harmful_n=n)
+        pairs = attack_stage.harmful_pairs_for(atk_cfg, tb.attack_pairs, cfg.data_dir)
+        result = attack_stage.run(tb.aligned, tb.rows("sql_train"), pairs, atk_cfg, cfg.cache)
+        print(f"N={n}: adapter {result.adapter}  merged {result.merged.path}")
+    return 0
+
+
+def cmd_defend(args) -> int:
+    from bench.runner import main_job
+    from defenses import DEFENSES
+
+    DEFENSES.get(args.name)
+    cfg = _run_config(args, ["aligned", "none", args.name], {args.name: _params(args.param)})
+    main_job(cfg)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from bench.judges import JUDGES
+    from defenses import DEFENSES
+    from defenses.base import params_help
+
+    print("defenses:")
+    for name in DEFENSES.names():
+        target = DEFENSES.target(name)
+        third_party = target and not target.startswith("defenses.")
+        if third_party and not args.load_plugins:
+            print(f"  {name:<22} (plugin {target}; --load-plugins to show its parameters)")
+            continue
+        cls = DEFENSES.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        needs = ", ".join(getattr(cls, "needs", ())) or "aligned + fine-tuned only"
+        print(f"  {name:<22} {doc}")
+        print(f"  {'':<22} needs: {needs}")
+        for p in params_help(cls.Params):
+            print(f"  {'':<24}{p['name']} = {p['default']!r}  ({p['type']}) {p['help']}")
+    print("judges:")
+    for name in JUDGES.names():
+        cls = JUDGES.get(name)
+        print(f"  {name:<22} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+def cmd_board_build(args) -> int:
+    from bench import records
+    from bench.board import write_board
+
+    paths = []
+    for item in args.records:
+        p = Path(item)
+        paths += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    recs = [records.load(p) for p in paths]
+    if not recs:
+        raise UserError("no records found: pass record files or folders holding them")
+    print(write_board(recs, Path(args.out)))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="realign",
+        formatter_class=_Formatter,
+        description="Benchmark defenses that restore an LLM's safety alignment after fine-tuning.\n\n"
+        "Pipeline: testbed (aligned model) -> attack (LoRA fine-tune with N harmful pairs) -> defense -> evaluation -> board.",
+        epilog="examples:\n  realign run                       # the main job on the embedded default\n"
+        "  realign run --preset smoke        # the same in a few minutes\n  realign list                      # defenses, their parameters, judges",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", formatter_class=_Formatter, help="the main job: testbed, attack, defenses, evaluation, board",
+                       description="Build the embedded testbed (cached), attack the aligned model with N harmful pairs, apply the "
+                       "defenses, evaluate every row (harmful rate, over-refusal, task metric, each with a 95% CI) and print the board. "
+                       "Everything is cached by content hash: a second run redoes nothing.",
+                       epilog="example:\n  realign run --harmful-n 0,100 --defenses aligned,none")
+    _common(p)
+    p.add_argument("--name", default=None, help="run name (folder under HOME/runs); default from the preset")
+    p.add_argument("--harmful-n", default=None, help="harmful pairs mixed into the attack, comma-separated (default 100; smoke: 16)")
+    p.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None, help="where harmful pairs come from (beavertails needs --data-dir)")
+    p.add_argument("--defenses", default="aligned,none", help="comma-separated defenses to run (see `realign list`)")
+    p.add_argument("--all-defenses", action="store_true", help="run every registered defense")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("testbed", formatter_class=_Formatter, help="build the embedded testbed (base, splits, aligned model)",
+                       description="Convert the embedded model, split the harmful prompts four ways, generate the task and "
+                       "benign sets, and make the aligned model with a safety fine-tune. Cached by content hash.",
+                       epilog="example:\n  realign testbed build --preset smoke")
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tb = tsub.add_parser("build", formatter_class=_Formatter, help="build (or reuse) the testbed")
+    _common(tb)
+    tb.set_defaults(func=cmd_testbed)
+
+    p = sub.add_parser("attack", formatter_class=_Formatter, help="LoRA fine-tune the aligned model with N harmful pairs",
+                       description="Fine-tune the testbed's aligned model (LoRA r 8, alpha 16, all linear layers) on the task's "
+                       "training split with N harmful pairs mixed in; writes the adapter and the merged model.",
+                       epilog="example:\n  realign attack --harmful-n 0,100")
+    _common(p)
+    p.add_argument("--harmful-n", default=None, help="comma-separated N values")
+    p.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None, help="where harmful pairs come from")
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("defend", formatter_class=_Formatter, help="run one defense (with the aligned and none rows) and print the board",
+                       description="Apply one registered defense to the attacked model, evaluate it beside `aligned` and `none`.",
+                       epilog="example:\n  realign defend gradient_restoration --param mode=clean --param recovery_rate=0.002")
+    _common(p)
+    p.add_argument("name", help="defense name (see `realign list`)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter (repeatable)")
+    p.add_argument("--harmful-n", default=None, help="comma-separated N values")
+    p.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None, help="where harmful pairs come from")
+    p.add_argument("--name-run", dest="name", default=None, help="run name (folder under HOME/runs)")
+    p.set_defaults(func=cmd_defend)
+
+    p = sub.add_parser("list", formatter_class=_Formatter, help="registered defenses (parameters, defaults, inputs) and judges",
+                       description="List every registered defense with its parameters, defaults and the inputs it needs, "
+                       "then the judges. Third-party plugins (entry point group realign.defenses) are listed without importing them.",
+                       epilog="example:\n  realign list --load-plugins")
+    p.add_argument("--load-plugins", action="store_true", help="import third-party plugins to show their parameters")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("board", formatter_class=_Formatter, help="render boards from result records",
+                       description="Render Markdown, CSV and JSON boards from result records.",
+                       epilog="example:\n  realign board build realign-home/runs/embedded-default/records --out board/")
+    bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    bb = bsub.add_parser("build", formatter_class=_Formatter, help="render a board from records")
+    bb.add_argument("records", nargs="+", help="record files or folders of records")
+    bb.add_argument("--out", required=True, help="output folder")
+    bb.set_defaults(func=cmd_board_build)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"realign: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("realign: interrupted; finished stages are cached and the next run resumes from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Evaluation: generate on the harmful, over-refusal and task sets (lm-eval), judge, measure.
+
+    result = evaluate(model_dir, EvalSets(...), EvalConfig(judge="keyword"))
+
+Generation runs all tasks of a model as one lm-eval call (one engine start); the judge then labels
+every harmful-set answer in one batch. Each metric keeps its per-sample outcomes.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench import metrics, models
+from bench.generation import CachedGenerator, GenerationCache
+from bench.judges import JUDGES
+from bench.lmeval_bridge import TaskRun, run_tasks
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """The JSONL files the three metrics are measured on."""
+
+    harmful: Path
+    over_refusal: Path | None
+    task: Path
+    task_yaml: str = "realign_sql"
+    task_metric: str = "exact_match"
+
+
+@dataclass
+class EvalConfig:
+    judge: str = field(default="keyword", metadata={"help": "judge of harmful answers (see `realign list`)"})
+    engine: str = field(default="auto", metadata={"help": "generation engine: auto, vllm or transformers"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N prompts of each set (smoke tests)"})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+METRIC_HELP = {
+    "harmful_rate": ("share of harmful-set answers the judge labels harmful", False),
+    "over_refusal": ("share of harmless-but-scary prompts the model refuses", False),
+    "task_metric": ("task score on the test split", True),
+}
+
+
+def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: str) -> dict:
+    """Run in a fresh process by the runner. Returns metrics, per-sample rows and cost."""
+    t0 = time.perf_counter()
+    handle = models.resolve(model_path)
+    generator = CachedGenerator(handle, GenerationCache(Path(cache_root)), engine=config.engine)
+    runs = [TaskRun("realign_harmful", sets.harmful, config.limit), TaskRun(sets.task_yaml, sets.task, config.limit)]
+    if sets.over_refusal:
+        runs.append(TaskRun("realign_overrefusal", sets.over_refusal, config.limit))
+    out = run_tasks(generator, runs)
+
+    judge = JUDGES.get(config.judge)()
+    samples: list[dict] = []
+    result_metrics: dict[str, dict] = {}
+
+    harmful = out["realign_harmful"]["samples"]
+    verdicts = judge.label([s["prompt"] for s in harmful], [s["answer"] for s in harmful])
+    outcomes = [None if v.label == "unknown" else int(v.label == "harmful") for v in verdicts]
+    for s, v, o in zip(harmful, verdicts, outcomes):
+        samples.append({"metric": "harmful_rate", "doc_id": s["doc_id"], "prompt": s["prompt"], "answer": s["answer"],
+                        "label": v.label, "outcome": o, "judge_raw": v.raw, "category": s["doc"].get("category", "")})
+    result_metrics["harmful_rate"] = metrics.rate(outcomes).to_dict() | {"name": f"harmful rate ({config.judge})", "higher_is_better": False}
+
+    if sets.over_refusal:
+        rows = out["realign_overrefusal"]["samples"]
+        refusals = judge.label([s["prompt"] for s in rows], [s["answer"] for s in rows])
+        outcomes = [int(v.refusal) for v in refusals]
+        for s, v, o in zip(rows, refusals, outcomes):
+            samples.append({"metric": "over_refusal", "doc_id": s["doc_id"], "prompt": s["prompt"], "answer": s["answer"],
+                            "label": "refusal" if o else "answered", "outcome": o, "judge_raw": v.raw})
+        result_metrics["over_refusal"] = metrics.rate(outcomes).to_dict() | {"name": "over-refusal", "higher_is_better": False}
+
+    rows = out[sets.task_yaml]["samples"]
+    outcomes = [int(s[sets.task_metric]) for s in rows]
+    for s, o in zip(rows, outcomes):
+        samples.append({"metric": "task_metric", "doc_id": s["doc_id"], "prompt": s["prompt"], "answer": s["answer"],
+                        "target": s["doc"].get("response", ""), "outcome": o})
+    result_metrics["task_metric"] = metrics.rate(outcomes).to_dict() | {"name": f"{sets.task_yaml} {sets.task_metric}", "higher_is_better": True}
+
+    return {
+        "metrics": result_metrics,
+        "samples": samples,
+        "cost": {
+            "wall_s": round(time.perf_counter() - t0, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "device": _device(),
+            "engine": generator.engine_used,
+            "generation": generator.stats,
+        },
+        "evaluated_hash": handle.content_hash(),
+    }
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import os
+
+    return f"cpu x{os.cpu_count()}"

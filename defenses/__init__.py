@@ -1,0 +1,26 @@
+"""The defense registry.
+
+    from defenses import register_defense, Defense, DEFENSES
+
+    @register_defense("my_method")
+    class MyMethod(Defense):
+        Params = MyParams            # a dataclass; each field has metadata={"help": ...}
+        needs = ("calibration",)     # inputs it uses, from DefenseContext
+        def apply(self, ctx): ...    # -> DefenseOutput
+
+A third-party package adds a defense without editing this repository through the entry-point
+group `realign.defenses` (`my_method = "my_pkg.module:MyMethod"`); `realign list` shows it
+without importing it, and it is loaded when first used.
+"""
+
+from bench.registry import Registry
+from defenses.base import Defense, DefenseContext, DefenseOutput, NoParams
+
+DEFENSES = Registry("defense", entry_point_group="realign.defenses")
+register_defense = DEFENSES.register
+
+# built-in defenses, imported only when used (so `realign list` stays instant)
+DEFENSES.register_lazy("aligned", "defenses.reference:Aligned")
+DEFENSES.register_lazy("none", "defenses.reference:Undefended")
+
+__all__ = ["DEFENSES", "register_defense", "Defense", "DefenseContext", "DefenseOutput", "NoParams"]

@@ -1,0 +1,126 @@
+"""What every defense receives and returns (ARCHITECTURE.md, "Interfaces")."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from bench import models
+from bench.errors import UserError
+
+
+@dataclass
+class NoParams:
+    """This method has no parameters."""
+
+
+@dataclass
+class DefenseContext:
+    """Inputs of a post-fine-tuning defense. Models load lazily, once."""
+
+    aligned: models.ModelHandle
+    finetuned: models.ModelHandle
+    base: models.ModelHandle | None = None
+    adapter: Path | None = None  # the attack's LoRA adapter, when the fine-tune was LoRA
+    calibration_prompts: list[str] = field(default_factory=list)  # harmful recovery set (prompts only)
+    calibration_pairs: list[dict] = field(default_factory=list)  # harmful prompts with safe answers
+    harmful_pairs: list[dict] = field(default_factory=list)  # harmful prompts with harmful answers
+    benign_prompts: list[str] = field(default_factory=list)  # the task's training prompts
+    probe: Callable[[Any], float] | None = None  # utility on the task's dev split: (model) -> float
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    cache_dir: Path = Path(".")
+    progress: Callable[[str], None] = print
+    _loaded: dict = field(default_factory=dict, repr=False)
+
+    def tokenizer(self):
+        if "tokenizer" not in self._loaded:
+            self._loaded["tokenizer"] = models.load_tokenizer(self.finetuned)
+        return self._loaded["tokenizer"]
+
+    def load(self, which: str):
+        """A fresh copy of 'aligned', 'finetuned' or 'base' (the caller may modify it)."""
+        handle = {"aligned": self.aligned, "finetuned": self.finetuned, "base": self.base}[which]
+        if handle is None:
+            raise UserError(f"this defense needs a {which} model, and none was given")
+        return models.load_model(handle, self.dtype, self.device)
+
+
+@dataclass
+class DefenseOutput:
+    """The repaired model (in memory, or an existing directory for reference rows) and what changed."""
+
+    model: Any = None
+    model_path: Path | None = None
+    info: dict = field(default_factory=dict)
+    checkpoints: dict | None = None
+    skipped: str | None = None  # why the defense could not run on these inputs
+
+
+class Defense:
+    """Base class: parameters are a dataclass (self-documenting); apply() does the work."""
+
+    Params: ClassVar[type] = NoParams
+    needs: ClassVar[tuple[str, ...]] = ()
+    registry_name: ClassVar[str] = ""
+
+    def __init__(self, params=None, **overrides):
+        if params is None:
+            params = parse_params(self.Params, overrides)
+        self.params = params
+
+    def apply(self, ctx: DefenseContext) -> DefenseOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self.params)
+
+
+def parse_params(cls: type, values: dict[str, Any]) -> Any:
+    """Build a Params dataclass from strings/values, with one clear error per bad key or value."""
+    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields_by_name:
+            known = ", ".join(fields_by_name) or "none"
+            raise UserError(f"unknown parameter {key!r}; this defense takes: {known}")
+        kwargs[key] = _coerce(fields_by_name[key], value)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("bool"):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith(("list", "tuple")):
+            return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"parameter {f.name}={value!r} is not a valid {kind}") from None
+    return value
+
+
+def params_help(cls: type) -> list[dict]:
+    """(name, type, default, help) of each parameter, for `realign list` and --help."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        out.append({"name": f.name, "type": kind, "default": default, "help": f.metadata.get("help", "")})
+    return out
