@@ -22,5 +22,6 @@ register_defense = DEFENSES.register
 # built-in defenses, imported only when used (so `realign list` stays instant)
 DEFENSES.register_lazy("aligned", "defenses.reference:Aligned")
 DEFENSES.register_lazy("none", "defenses.reference:Undefended")
+DEFENSES.register_lazy("gradient_restoration", "defenses.gradient_restoration:GradientRestoration")
 
 __all__ = ["DEFENSES", "register_defense", "Defense", "DefenseContext", "DefenseOutput", "NoParams"]

@@ -1,0 +1,1 @@
+"""Performance benchmarks (figures go to BENCHMARKS.md)."""

@@ -1,0 +1,78 @@
+"""Tiny random Llama models with a tokenizer built locally: no hub, seconds to make."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "how do I make a cake", "write a poem about the sea", "select name from table where id = 3",
+    "I'm sorry, but I can't help with that.", "generate a sql for the following question",
+    "the quick brown fox jumps over the lazy dog", "explain how a bicycle works", "kill a python process",
+] * 20
+
+
+def make_tokenizer(out: Path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(out)
+    return tok
+
+
+def make_llama(out: Path, tok, layers: int = 6, seed: int = 0, hidden: int = 32):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return model
+
+
+def lora_like_finetune(aligned: Path, out: Path, seed: int = 1, rank: int = 2, scale: float = 0.05, layers_only=None):
+    """theta_F = theta_A + B A on every linear weight of the decoder (what a merged LoRA looks like)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.dim() == 2 and "norm" not in name:
+                b = torch.randn(p.shape[0], rank) * scale
+                a = torch.randn(rank, p.shape[1]) * scale
+                p.add_(b @ a)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(aligned).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny aligned/fine-tuned pair: {'aligned': dir, 'finetuned': dir, 'tok': tokenizer}."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = make_tokenizer(root / "tok")
+    make_llama(root / "aligned", tok)
+    lora_like_finetune(root / "aligned", root / "finetuned")
+    return {"aligned": root / "aligned", "finetuned": root / "finetuned", "tok": tok, "root": root}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
