@@ -20,7 +20,7 @@ PRESETS = {
     "default": {},
     # a few minutes end to end: for the slow test and for trying the pipeline out
     "smoke": {
-        "testbed": dict(n_attack=40, n_calibration=16, n_eval=24, n_benign_alignment=24, n_overrefusal_alignment=8,
+        "testbed": dict(n_alignment=32, n_attack=40, n_calibration=16, n_eval=24, n_benign_alignment=24, n_overrefusal_alignment=8,
                         n_overrefusal_eval=16, n_sql_train=48, n_sql_dev=8, n_sql_test=16, answer_tokens=24,
                         alignment=dict(method="full", epochs=1.0, lr=5e-5, batch_size=8, max_length=96)),
         "attack": dict(harmful_n=16, task_n=48, sft=dict(method="lora", epochs=1.0, lr=2e-4, batch_size=8, max_length=96)),
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="run name (folder under HOME/runs); default from the preset")
     p.add_argument("--harmful-n", default=None, help="harmful pairs mixed into the attack, comma-separated (default 100; smoke: 16)")
     p.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None, help="where harmful pairs come from (beavertails needs --data-dir)")
-    p.add_argument("--defenses", default="aligned,none", help="comma-separated defenses to run (see `realign list`)")
+    p.add_argument("--defenses", default="aligned,none,gradient_restoration", help="comma-separated defenses to run (see `realign list`)")
     p.add_argument("--all-defenses", action="store_true", help="run every registered defense")
     p.set_defaults(func=cmd_run)
 

@@ -108,29 +108,36 @@ def load_model(
 # Architecture facts
 
 
-def decoder_layers(model) -> "torch.nn.ModuleList":
-    for dotted in _LAYER_PATHS:
-        obj = model
+def _unwrap(model):
+    """The transformers model inside a peft wrapper (its parameter names keep peft's prefix)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _find(model, paths: tuple[str, ...]):
+    for dotted in paths:
+        obj = _unwrap(model)
         try:
             for part in dotted.split("."):
                 obj = getattr(obj, part)
         except AttributeError:
             continue
-        return obj
-    raise UserError(f"{type(model).__name__}: decoder layers not found (known paths: {', '.join(_LAYER_PATHS)})")
+        return dotted, obj
+    return None, None
+
+
+def decoder_layers(model) -> "torch.nn.ModuleList":
+    _, layers = _find(model, _LAYER_PATHS)
+    if layers is None:
+        raise UserError(f"{type(model).__name__}: decoder layers not found (known paths: {', '.join(_LAYER_PATHS)})")
+    return layers
 
 
 def layers_prefix(model) -> str:
     """Parameter-name prefix of the decoder stack, e.g. 'model.layers.'."""
-    for dotted in _LAYER_PATHS:
-        obj = model
-        try:
-            for part in dotted.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        return dotted + "."
-    raise UserError(f"{type(model).__name__}: decoder layers not found")
+    dotted, _ = _find(model, _LAYER_PATHS)
+    if dotted is None:
+        raise UserError(f"{type(model).__name__}: decoder layers not found")
+    return dotted + "."
 
 
 def num_layers(model) -> int:
@@ -154,15 +161,7 @@ def norm_parameter_names(model) -> set[str]:
 
 
 def final_norm(model):
-    for dotted in ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
-        obj = model
-        try:
-            for part in dotted.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        return obj
-    return None
+    return _find(model, ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_neox.final_layer_norm"))[1]
 
 
 LORA_TARGETS = "all-linear"  # peft: every linear layer of the decoder, not the LM head

@@ -27,7 +27,7 @@ class RunConfig:
     home: Path
     name: str = "embedded-default"
     harmful_ns: list[int] = field(default_factory=lambda: [100])
-    defenses: list[str] = field(default_factory=lambda: ["aligned", "none"])
+    defenses: list[str] = field(default_factory=lambda: ["aligned", "none", "gradient_restoration"])
     defense_params: dict[str, dict] = field(default_factory=dict)
     testbed: testbed_stage.TestbedConfig = field(default_factory=testbed_stage.TestbedConfig)
     attack: attack_stage.AttackConfig = field(default_factory=attack_stage.AttackConfig)

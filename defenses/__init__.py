@@ -23,5 +23,9 @@ register_defense = DEFENSES.register
 DEFENSES.register_lazy("aligned", "defenses.reference:Aligned")
 DEFENSES.register_lazy("none", "defenses.reference:Undefended")
 DEFENSES.register_lazy("gradient_restoration", "defenses.gradient_restoration:GradientRestoration")
+DEFENSES.register_lazy("interpolation", "defenses.interpolation:Interpolation")
+DEFENSES.register_lazy("resta", "defenses.resta:Resta")
+DEFENSES.register_lazy("safelora", "defenses.safelora:SafeLora")
+DEFENSES.register_lazy("antidote", "defenses.antidote:Antidote")
 
 __all__ = ["DEFENSES", "register_defense", "Defense", "DefenseContext", "DefenseOutput", "NoParams"]

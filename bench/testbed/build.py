@@ -44,6 +44,7 @@ class TestbedConfig:
     n_attack: int = field(default=130, metadata={"help": "harmful prompts for the attack (>= 100 compliant pairs)"})
     n_calibration: int = field(default=64, metadata={"help": "harmful prompts for the defenses' recovery set"})
     n_eval: int = field(default=150, metadata={"help": "held-out harmful prompts for the harmful rate"})
+    n_alignment: int = field(default=0, metadata={"help": "harmful prompts for the safety fine-tune (0 = all the rest of the pool)"})
     n_benign_alignment: int = field(default=160, metadata={"help": "benign prompts answered by the base, for alignment"})
     n_overrefusal_alignment: int = field(default=40, metadata={"help": "dangerous-looking harmless prompts for alignment"})
     n_overrefusal_eval: int = field(default=80, metadata={"help": "dangerous-looking harmless prompts for evaluation"})
@@ -61,7 +62,10 @@ class TestbedConfig:
                 raise UserError(f"testbed {name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["n_alignment"]:
+            del d["n_alignment"]  # fields added later are left out at their default, so older caches stay valid
+        return d
 
 
 @dataclass
@@ -114,7 +118,7 @@ def _split_data(config: TestbedConfig) -> dict[str, list[dict]]:
     sql = sql_task.generate(n_sql, config.seed)
     a, b = config.n_sql_train, config.n_sql_train + config.n_sql_dev
     return {
-        "harmful_alignment": harmful.alignment,
+        "harmful_alignment": harmful.alignment[: config.n_alignment] if config.n_alignment else harmful.alignment,
         "harmful_attack": harmful.attack,
         "harmful_calibration": harmful.calibration,
         "harmful_evaluation": harmful.evaluation,

@@ -1,0 +1,159 @@
+"""Antidote (Huang et al., ICML 2025): one-shot pruning of harm-salient weights after fine-tuning.
+
+Read from the authors' released code: the modules scored are every linear layer whose name
+contains "lora" (LoRA mode: lora_A and lora_B of each adapted module) or, for full fine-tunes,
+q_proj / k_proj / v_proj. Wanda score S_ij = |W_ij| * sqrt(mean over calibration tokens of X_j^2),
+X = the module's input, collected layer by layer on the harmful set (Wanda's way: a decoder
+layer's inputs come from the already-pruned layers before it). Per output row, the top
+dense_ratio of entries by S get mask 1 and are zeroed: W := W * (1 - mask). One shot, no training.
+
+Inputs: aligned + LoRA adapter (or the fine-tuned model for full fine-tunes), and a harmful set:
+`data=calibration` (the flagship's calibration prompts) or `data=harmful_pairs` (prompts with
+harmful answers, a larger budget when one exists).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+from bench import models
+from bench.errors import UserError
+from defenses import register_defense
+from defenses.base import Defense, DefenseContext, DefenseOutput
+
+
+@dataclass
+class AntidoteParams:
+    dense_ratio: float = field(default=0.1, metadata={"help": "share of each output row zeroed (the most harm-salient)"})
+    data: str = field(default="calibration", metadata={"help": "'calibration' (prompts) or 'harmful_pairs' (prompt + harmful answer)"})
+    max_examples: int = field(default=2000, metadata={"help": "at most this many examples of the harmful set"})
+    batch_size: int = field(default=8, metadata={"help": "examples per forward batch"})
+
+    def __post_init__(self):
+        if not 0.0 < self.dense_ratio < 1.0:
+            raise ValueError(f"dense_ratio must be in (0, 1), got {self.dense_ratio}")
+        if self.data not in ("calibration", "harmful_pairs"):
+            raise ValueError(f"data must be 'calibration' or 'harmful_pairs', got {self.data!r}")
+
+
+def wanda_mask(W, input_sq_mean, ratio: float):
+    """True at the top `ratio` of each row by |W| * sqrt(mean X^2) (Wanda's per-output sort)."""
+    import torch
+
+    score = W.abs() * torch.sqrt(input_sq_mean).unsqueeze(0)
+    n = int(W.shape[1] * ratio)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    if n:
+        idx = torch.sort(score, dim=-1, descending=True, stable=True)[1][:, :n]
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def _scored(model, lora: bool) -> dict:
+    import torch
+
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if (lora and "lora" in name) or (not lora and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")):
+            out[name] = module
+    return out
+
+
+@register_defense("antidote")
+class Antidote(Defense):
+    """Zero the most harm-salient 10% of each row of the LoRA factors by Wanda score (Huang et al., ICML 2025)."""
+
+    Params = AntidoteParams
+    needs = ("adapter or full fine-tune", "calibration or harmful_pairs")
+
+    def texts(self, ctx: DefenseContext, tok) -> list[str]:
+        p: AntidoteParams = self.params
+        if p.data == "calibration":
+            rows = [models.render_prompt(tok, q) for q in ctx.calibration_prompts]
+        else:
+            rows = [models.render_prompt(tok, r["prompt"]) + r["response"] for r in ctx.harmful_pairs]
+        if not rows:
+            raise UserError(f"antidote: the {p.data} set is empty")
+        return rows[: p.max_examples]
+
+    def apply(self, ctx: DefenseContext) -> DefenseOutput:
+        import torch
+
+        p: AntidoteParams = self.params
+        tok = ctx.tokenizer()
+        lora = ctx.adapter is not None and (ctx.adapter / "adapter_config.json").exists()
+        if lora:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(ctx.load("aligned"), str(ctx.adapter))
+        else:
+            model = ctx.load("finetuned")
+        model.eval()
+        texts = self.texts(ctx, tok)
+        tok.padding_side = "left"
+        batches = [tok(texts[i : i + p.batch_size], return_tensors="pt", padding=True, add_special_tokens=False) for i in range(0, len(texts), p.batch_size)]
+        layers = models.decoder_layers(model)
+        scored = _scored(model, lora)
+
+        # Wanda's layer-by-layer pass: catch the inputs of layer 0, then run one layer at a time
+        inputs, kwargs_per_batch = [], []
+
+        def catch(module, args, kwargs):
+            inputs.append(args[0] if args else kwargs["hidden_states"])
+            kwargs_per_batch.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            raise _Caught
+
+        handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    model(**b, use_cache=False)
+                except _Caught:
+                    pass
+        handle.remove()
+        token_masks = [b["attention_mask"].bool() for b in batches]
+
+        pruned = {}
+        with torch.no_grad():
+            for li, layer in enumerate(layers):
+                mine = {n: m for n, m in scored.items() if f".layers.{li}." in f".{n}"}
+                sums = {n: torch.zeros(m.in_features) for n, m in mine.items()}
+                counts = {n: 0 for n in mine}
+                hooks = []
+                for n, m in mine.items():
+                    def hook(module, args, n=n):
+                        x = args[0].float()
+                        mask = current_mask[0]
+                        if x.dim() == 3 and mask is not None and x.shape[:2] == mask.shape:
+                            x = x[mask]
+                        x = x.reshape(-1, x.shape[-1])
+                        sums[n] += x.pow(2).sum(0)
+                        counts[n] += x.shape[0]
+                    hooks.append(m.register_forward_pre_hook(hook))
+                current_mask = [None]
+                for hs, kw, tm in zip(inputs, kwargs_per_batch, token_masks):
+                    current_mask[0] = tm
+                    layer(hs, **kw)
+                for h in hooks:
+                    h.remove()
+                for n, m in mine.items():
+                    mask = wanda_mask(m.weight.data.float(), sums[n] / max(counts[n], 1), p.dense_ratio)
+                    m.weight.data[mask] = 0
+                    pruned[n] = int(mask.sum())
+                # the next layer sees this layer's outputs after pruning
+                inputs = [_hidden(layer(hs, **kw)) for hs, kw in zip(inputs, kwargs_per_batch)]
+        if lora:
+            model = model.merge_and_unload()
+        return DefenseOutput(model=model, info={"mode": "lora" if lora else "full", "data": p.data, "examples": len(texts),
+                                                "modules": len(pruned), "zeroed": sum(pruned.values())})
+
+
+class _Caught(Exception):
+    """Stops the forward pass once layer 0's inputs are caught."""
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out

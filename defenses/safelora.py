@@ -1,0 +1,76 @@
+"""SafeLoRA (Hsu et al., NeurIPS 2024): project the LoRA update onto the alignment subspace.
+
+Per LoRA module: V = W_A - W_B (aligned minus base, the alignment matrix); C = V V^T / ||V||_F;
+s = cos(flatten(C B A), flatten(B A)). The modules with the lowest similarity are projected:
+B := C B; the others keep B. Modes: `number` projects the num_proj_layers least similar modules
+(default 10); `threshold` projects modules with s <= threshold (0.5).
+
+The public code's `number` mode first runs a pass at s <= 0.3 (reported upstream as a bug); its
+second pass recomputes every B from the original adapter, so the first pass has no effect on the
+result. One pass is implemented. Data-free and training-free. Inputs: base, aligned, the LoRA
+adapter; without a base model it cannot run and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from defenses import register_defense
+from defenses.base import Defense, DefenseContext, DefenseOutput
+from defenses.weights import load_into, lora_modules, state
+
+
+@dataclass
+class SafeLoraParams:
+    mode: str = field(default="number", metadata={"help": "'number' (project the least similar modules) or 'threshold'"})
+    num_proj_layers: int = field(default=10, metadata={"help": "modules projected in number mode"})
+    threshold: float = field(default=0.5, metadata={"help": "similarity at or below which a module is projected (threshold mode)"})
+
+    def __post_init__(self):
+        if self.mode not in ("number", "threshold"):
+            raise ValueError(f"mode must be 'number' or 'threshold', got {self.mode!r}")
+        if self.num_proj_layers < 0 or not -1.0 <= self.threshold <= 1.0:
+            raise ValueError("num_proj_layers must be >= 0 and threshold in [-1, 1]")
+
+
+def projection(V):
+    """C = V V^T / ||V||_F."""
+    return V @ V.T / V.norm()
+
+
+def similarity(C, B, A) -> float:
+    import torch
+
+    update = B @ A
+    return float(torch.nn.functional.cosine_similarity((C @ update).flatten(), update.flatten(), dim=0))
+
+
+@register_defense("safelora")
+class SafeLora(Defense):
+    """Project the least aligned LoRA modules onto the alignment subspace (Hsu et al., NeurIPS 2024)."""
+
+    Params = SafeLoraParams
+    needs = ("base", "adapter")
+
+    def apply(self, ctx: DefenseContext) -> DefenseOutput:
+        p: SafeLoraParams = self.params
+        if ctx.base is None:
+            return DefenseOutput(skipped="safelora needs the base (pre-alignment) model, and none was given")
+        mods = lora_modules(ctx.adapter)
+        W_base, W_A, F = state(ctx.base), state(ctx.aligned), state(ctx.finetuned)
+        sims = {}
+        projections = {}
+        for m in mods:
+            C = projection(W_A[m.weight] - W_base[m.weight])
+            projections[m.weight] = C
+            sims[m.weight] = similarity(C, m.B, m.A)
+        if p.mode == "number":
+            chosen = sorted(sims, key=sims.get)[: p.num_proj_layers]
+        else:
+            chosen = [w for w, s in sims.items() if s <= p.threshold]
+        out = dict(F)
+        for m in mods:
+            if m.weight in chosen:  # B := C B; the other modules keep theta_F exactly
+                out[m.weight] = W_A[m.weight] + m.scaling * (projections[m.weight] @ m.B) @ m.A
+        return DefenseOutput(model=load_into(ctx.finetuned, out, ctx.device),
+                             info={"mode": p.mode, "projected": sorted(chosen), "similarity": sims})
