@@ -114,7 +114,7 @@ def run(aligned: models.ModelHandle, task_rows: list[dict], harmful_pairs: list[
 
 
 def harmful_pairs_for(config: AttackConfig, testbed_pairs: Path, data_dir: Path | None) -> list[dict]:
-    if config.harmful_source == "testbed":
+    if config.harmful_source == "testbed":  # all of them; training_mix takes the first N
         return read_jsonl(testbed_pairs, required=("prompt", "response")) if config.harmful_n else []
     if data_dir is None:
         raise UserError("--harmful-source beavertails needs --data-dir DIR (a folder holding beavertails/train_N.jsonl)")

@@ -50,8 +50,12 @@ def markdown(records: list[dict]) -> str:
     return f"{title}\n\n" + tabulate(table, headers=head, tablefmt="github") + "\n"
 
 
-def write_board(records: list[dict], out_dir: Path) -> str:
+def write_board(records: list[dict], out_dir: Path, skipped: list[dict] | None = None) -> str:
     md = markdown(records)
+    for row in skipped or []:
+        md += f"\n- skipped: `{row['method']}` (N={row['harmful_n']}): {row['reason']}"
+    if skipped:
+        md += "\n"
     table = rows(records)
     atomic_write_text(out_dir / "board.md", md)
     atomic_write_json(out_dir / "board.json", table)

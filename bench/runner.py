@@ -78,6 +78,8 @@ def build_context(tb, atk, cfg: RunConfig, clock: Clock):
     from bench.probe import TaskProbe
     from defenses import DefenseContext
 
+    from bench.testbed.prompts import refusal_for
+
     calibration = tb.rows("harmful_calibration")
     return DefenseContext(
         aligned=tb.aligned,
@@ -85,6 +87,9 @@ def build_context(tb, atk, cfg: RunConfig, clock: Clock):
         base=tb.base,
         adapter=atk.adapter,
         calibration_prompts=[r["prompt"] for r in calibration],
+        # the safety set of methods that need harmful prompts WITH safe answers (Safe Delta)
+        calibration_pairs=[{"prompt": r["prompt"], "response": refusal_for(r["prompt"], cfg.testbed.seed)} for r in calibration],
+        harmful_pairs=attack_stage.harmful_pairs_for(dataclasses.replace(cfg.attack, harmful_n=max(cfg.attack.harmful_n, 100)), tb.attack_pairs, cfg.data_dir),
         benign_prompts=[r["prompt"] for r in tb.rows("sql_train")],
         probe=TaskProbe(tb.data("sql_dev")),
         seed=cfg.attack.seed,
@@ -165,13 +170,32 @@ def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, 
     return record
 
 
+def expand(defenses: list[str], given: dict[str, dict]) -> list[tuple[str, dict]]:
+    """(name, params) per board row: a defense with a `sweep` gives one row per value, unless the
+    user fixed that parameter."""
+    from defenses import DEFENSES
+
+    rows = []
+    for name in defenses:
+        params = dict(given.get(name, {}))
+        sweep = getattr(DEFENSES.get(name), "sweep", {})
+        free = {k: v for k, v in sweep.items() if k not in params}
+        if free:
+            (key, values), = free.items()
+            rows += [(name, params | {key: v}) for v in values]
+        else:
+            rows.append((name, params))
+    return rows
+
+
 def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
     from bench.board import write_board
 
     clock = clock or Clock()
     with clock.stage("testbed"):
         tb = testbed_stage.build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, log=clock.say)
-    all_records = []
+    all_records: list[dict] = []
+    skipped: list[dict] = []
     for n in cfg.harmful_ns:
         atk_cfg = dataclasses.replace(cfg.attack, harmful_n=n)
         with clock.stage(f"attack N={n}"):
@@ -179,15 +203,16 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
             pairs = attack_stage.harmful_pairs_for(atk_cfg, tb.attack_pairs, cfg.data_dir)
             atk = attack_stage.run(tb.aligned, task_rows, pairs, atk_cfg, cfg.cache, log=clock.say)
         ctx = build_context(tb, atk, cfg, clock)
-        for name in cfg.defenses:
-            params = cfg.defense_params.get(name, {})
-            with clock.stage(f"defense {name} (N={n})"):
-                model_dir, info, skipped = run_defense(name, params, ctx, cfg)
-            if skipped:
-                clock.say(f"defense {name}: skipped: {skipped}")
+        for name, params in expand(cfg.defenses, cfg.defense_params):
+            label = name + (f"({','.join(f'{k}={v}' for k, v in params.items())})" if params else "")
+            with clock.stage(f"defense {label} (N={n})"):
+                model_dir, info, reason = run_defense(name, params, ctx, cfg)
+            if reason:
+                clock.say(f"defense {label}: skipped: {reason}")
+                skipped.append({"method": label, "harmful_n": n, "reason": reason})
                 continue
             all_records.append(record_for(name, params, info, model_dir, tb, atk, cfg, clock))
-    board = write_board(all_records, cfg.run_dir)
+    board = write_board(all_records, cfg.run_dir, skipped)
     clock.say(f"board written to {cfg.run_dir}")
     from bench.store import atomic_write_json
 

@@ -27,5 +27,6 @@ DEFENSES.register_lazy("interpolation", "defenses.interpolation:Interpolation")
 DEFENSES.register_lazy("resta", "defenses.resta:Resta")
 DEFENSES.register_lazy("safelora", "defenses.safelora:SafeLora")
 DEFENSES.register_lazy("antidote", "defenses.antidote:Antidote")
+DEFENSES.register_lazy("safe_delta", "defenses.safe_delta:SafeDelta")
 
 __all__ = ["DEFENSES", "register_defense", "Defense", "DefenseContext", "DefenseOutput", "NoParams"]

@@ -21,6 +21,7 @@ from bench import models
 from bench.errors import UserError
 from defenses import register_defense
 from defenses.base import Defense, DefenseContext, DefenseOutput
+from defenses.layerwise import real_tokens, walk_layers
 
 
 @dataclass
@@ -95,65 +96,30 @@ class Antidote(Defense):
         texts = self.texts(ctx, tok)
         tok.padding_side = "left"
         batches = [tok(texts[i : i + p.batch_size], return_tensors="pt", padding=True, add_special_tokens=False) for i in range(0, len(texts), p.batch_size)]
-        layers = models.decoder_layers(model)
         scored = _scored(model, lora)
-
-        # Wanda's layer-by-layer pass: catch the inputs of layer 0, then run one layer at a time
-        inputs, kwargs_per_batch = [], []
-
-        def catch(module, args, kwargs):
-            inputs.append(args[0] if args else kwargs["hidden_states"])
-            kwargs_per_batch.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            raise _Caught
-
-        handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    model(**b, use_cache=False)
-                except _Caught:
-                    pass
-        handle.remove()
-        token_masks = [b["attention_mask"].bool() for b in batches]
-
         pruned = {}
-        with torch.no_grad():
-            for li, layer in enumerate(layers):
-                mine = {n: m for n, m in scored.items() if f".layers.{li}." in f".{n}"}
-                sums = {n: torch.zeros(m.in_features) for n, m in mine.items()}
-                counts = {n: 0 for n in mine}
-                hooks = []
-                for n, m in mine.items():
-                    def hook(module, args, n=n):
-                        x = args[0].float()
-                        mask = current_mask[0]
-                        if x.dim() == 3 and mask is not None and x.shape[:2] == mask.shape:
-                            x = x[mask]
-                        x = x.reshape(-1, x.shape[-1])
-                        sums[n] += x.pow(2).sum(0)
-                        counts[n] += x.shape[0]
-                    hooks.append(m.register_forward_pre_hook(hook))
-                current_mask = [None]
-                for hs, kw, tm in zip(inputs, kwargs_per_batch, token_masks):
-                    current_mask[0] = tm
-                    layer(hs, **kw)
-                for h in hooks:
-                    h.remove()
-                for n, m in mine.items():
-                    mask = wanda_mask(m.weight.data.float(), sums[n] / max(counts[n], 1), p.dense_ratio)
-                    m.weight.data[mask] = 0
-                    pruned[n] = int(mask.sum())
-                # the next layer sees this layer's outputs after pruning
-                inputs = [_hidden(layer(hs, **kw)) for hs, kw in zip(inputs, kwargs_per_batch)]
+
+        def visit(index, layer, feed, current):
+            mine = {n: m for n, m in scored.items() if f".layers.{index}." in f".{n}"}
+            sums = {n: torch.zeros(m.in_features) for n, m in mine.items()}
+            counts = {n: 0 for n in mine}
+
+            def hook(module, args, n):
+                x = real_tokens(args[0].float(), current)
+                sums[n] += x.pow(2).sum(0)
+                counts[n] += x.shape[0]
+
+            hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in mine.items()]
+            feed()
+            for h in hooks:
+                h.remove()
+            for n, m in mine.items():
+                mask = wanda_mask(m.weight.data.float(), sums[n] / max(counts[n], 1), p.dense_ratio)
+                m.weight.data[mask] = 0
+                pruned[n] = int(mask.sum())
+
+        walk_layers(model, batches, visit)
         if lora:
             model = model.merge_and_unload()
         return DefenseOutput(model=model, info={"mode": "lora" if lora else "full", "data": p.data, "examples": len(texts),
                                                 "modules": len(pruned), "zeroed": sum(pruned.values())})
-
-
-class _Caught(Exception):
-    """Stops the forward pass once layer 0's inputs are caught."""
-
-
-def _hidden(out):
-    return out[0] if isinstance(out, tuple) else out

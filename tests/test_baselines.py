@@ -121,3 +121,89 @@ def test_antidote_zeroes_a_tenth_of_each_lora_row(tiny_lora):
     sF = state(models.resolve(tiny_lora["finetuned"]))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(dict(out.model.named_parameters())[name].data, sF[name]) or expected == 0
+
+
+# ------------------------------------------------------------------------------------------ Safe Delta
+
+from defenses.safe_delta import Hessian, SafeDeltaParams, adjust, inverse_cholesky_upper, keep_mask  # noqa: E402
+
+
+def test_safe_delta_hessian_running_average():
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(5, 3, generator=g), torch.randn(7, 3, generator=g)
+    h = Hessian(3)
+    h.add(x1, sequences=2)
+    h.add(x2, sequences=3)
+    allx = torch.cat([x1, x2])
+    torch.testing.assert_close(h.H, (2 / 5) * allx.T @ allx)  # (2/n) sum x x^T, n = 5 sequences
+
+
+def test_safe_delta_dead_columns_damping_and_upper_cholesky():
+    H = torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    U = inverse_cholesky_upper(H, 0.01)
+    fixed = H.clone()
+    fixed[2, 2] = 1.0  # dead column
+    fixed += 0.01 * torch.mean(torch.diag(fixed)) * torch.eye(3)
+    assert torch.equal(U, torch.triu(U))
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(fixed))  # U is the upper factor of H^-1
+
+
+def test_safe_delta_budget_by_hand():
+    # H = diag(1, 4, 9), no damping: d = (1, 1/2, 1/3), c = (1, 4, 9) per column, l = delta^2 c
+    U = inverse_cholesky_upper(torch.diag(torch.tensor([1.0, 4.0, 9.0])), 0.0)
+    d = torch.diag(U)
+    torch.testing.assert_close(d, torch.tensor([1.0, 0.5, 1 / 3]))
+    delta = torch.full((4, 3), 0.1)
+    # order by c: column 0 (c=1) x4, column 1 (c=4) x4, column 2 (c=9) x4; int(0.15 * 12) = 1 left out
+    # cumulative l: .01 .02 .03 .04 | .08 .12 .16 .20 | .29 .38 .47; budget = mean(c) s/2 rows/4096
+    s = 0.125 * 2 * 4096 / (4 * 14 / 3)  # makes the budget 0.125
+    mask = keep_mask(delta, d, s, rows=4, exclude=0.15)
+    expected = torch.zeros(4, 3, dtype=torch.bool)
+    expected[:, 0] = True
+    expected[0, 1] = expected[1, 1] = True
+    assert torch.equal(mask, expected)
+    # with 3 columns and sub-blocks of 4 nothing is compensated: W = W_F where kept, else W_A
+    A = torch.zeros(4, 3)
+    F = A + delta
+    W, kept = adjust(A, F, U, SafeDeltaParams(s=s, percdamp=0.0))
+    assert torch.equal(W, torch.where(expected, F, A)) and torch.equal(kept, expected)
+
+
+def test_safe_delta_obs_compensation_on_a_4x3_layer():
+    """Column-by-column OBS, written out with numpy's inverse and Cholesky, against adjust()."""
+    import numpy as np
+
+    # column 0 has the smallest cost weight, so its entries are kept first and the later columns'
+    # entries that are not kept receive the compensation
+    H = torch.tensor([[1.0, 0.3, 0.2], [0.3, 3.0, 0.4], [0.2, 0.4, 6.0]])
+    A = torch.tensor([[0.1, -0.2, 0.3], [0.0, 0.5, -0.1], [0.2, 0.2, 0.2], [-0.3, 0.1, 0.0]])
+    F = A + torch.tensor([[0.3, 0.0, -0.2], [0.1, -0.4, 0.0], [0.0, 0.2, 0.1], [0.2, 0.1, -0.3]])
+    p = SafeDeltaParams(s=100.0, percdamp=0.01, sub_block=1)
+    U = inverse_cholesky_upper(H, p.percdamp)
+    Hd = H.numpy().astype(np.float64) + 0.01 * np.mean(np.diag(H.numpy())) * np.eye(3)
+    expected_mask = np.array([[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]], dtype=bool)
+    Un = np.linalg.cholesky(np.linalg.inv(Hd)).T  # upper factor of H^-1
+    np.testing.assert_allclose(U.numpy(), Un, rtol=1e-5, atol=1e-6)
+    mask = keep_mask(F - A, torch.diag(U), p.s, 4, p.exclude).numpy()
+    assert np.array_equal(mask, expected_mask)
+    W = A.numpy().astype(np.float64).copy()
+    Fn = F.numpy().astype(np.float64)
+    for j in range(3):
+        q = np.where(mask[:, j], Fn[:, j], W[:, j])
+        err = (W[:, j] - q) / Un[j, j]
+        W[:, j + 1 :] -= np.outer(err, Un[j, j + 1 :])
+        W[:, j] = q
+    got, kept = adjust(A, F, U, p)
+    np.testing.assert_allclose(got.numpy(), W, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(kept.numpy(), mask)
+    # entries not kept moved away from W_A by the compensation
+    moved = (~mask) & (np.abs(W - A.numpy()) > 1e-6)
+    assert moved.any()
+
+
+def test_safe_delta_runs_on_a_tiny_pair(tiny_lora):
+    pairs = [{"prompt": f"how do I make a weapon number {i}", "response": "I'm sorry, but I can't help with that."} for i in range(8)]
+    out = DEFENSES.get("safe_delta")(s=0.11).apply(ctx_for(tiny_lora, calibration_pairs=pairs))
+    assert out.info["layers"] > 0 and out.model is not None
+    with pytest.raises(UserError, match="safety set"):
+        DEFENSES.get("safe_delta")().apply(ctx_for(tiny_lora, calibration_pairs=[]))
