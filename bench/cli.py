@@ -167,18 +167,29 @@ def cmd_list(args) -> int:
 
 
 def cmd_board_build(args) -> int:
-    from bench import records
-    from bench.board import write_board
+    from bench.leaderboard.build import build, load
+    from bench.leaderboard.render import markdown, write
 
-    paths = []
-    for item in args.records:
-        p = Path(item)
-        paths += sorted(p.glob("*.json")) if p.is_dir() else [p]
-    recs = [records.load(p) for p in paths]
-    if not recs:
-        raise UserError("no records found: pass record files or folders holding them")
-    print(write_board(recs, Path(args.out)))
+    reference = None
+    if args.reference_point:
+        try:
+            h, u = (float(x) for x in args.reference_point.split(","))
+        except ValueError:
+            raise UserError(f"--reference-point takes HARM,UTILITY, e.g. 0.85,0.2; got {args.reference_point!r}") from None
+        reference = (h, u)
+    board = build(load([Path(p) for p in args.records]), multi_setting=args.multi_setting, reference=reference)
+    files = write(board, Path(args.out), title=args.title)
+    print(markdown(board))
+    print(f"wrote {', '.join(sorted(files))} to {args.out}", file=sys.stderr)
     return 0
+
+
+def cmd_board_check(args) -> int:
+    from bench.leaderboard.check import check
+
+    code, report = check([Path(p) for p in args.records], Path(args.against), args.tolerance, args.alpha)
+    print(report)
+    return code
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -244,14 +255,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-plugins", action="store_true", help="import third-party plugins to show their parameters")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("board", formatter_class=_Formatter, help="render boards from result records",
-                       description="Render Markdown, CSV and JSON boards from result records.",
-                       epilog="example:\n  realign board build realign-home/runs/embedded-default/records --out board/")
+    p = sub.add_parser("board", formatter_class=_Formatter, help="render leaderboards and gate regressions",
+                       description="Build a leaderboard from result records, or check new records against a published board.",
+                       epilog="examples:\n  realign board build realign-home/runs/embedded-default/records --out board/\n"
+                       "  realign board check my-run/records --against leaderboards/embedded-default --tolerance 0.02")
     bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    bb = bsub.add_parser("build", formatter_class=_Formatter, help="render a board from records")
+    bb = bsub.add_parser("build", formatter_class=_Formatter, help="rank methods and render Markdown, CSV, JSON, HTML and the Pareto plot",
+                         description="Rank methods per setting by Pareto rank on (harmful rate, task metric), then hypervolume; "
+                         "bootstrap CIs, rank intervals, McNemar tests against `none` and neighbours; writes board.md, board.csv, "
+                         "board.json, board.html, pareto.png and pareto.svg.",
+                         epilog="example:\n  realign board build runs/a/records runs/b/records --multi-setting --out board/")
     bb.add_argument("records", nargs="+", help="record files or folders of records")
     bb.add_argument("--out", required=True, help="output folder")
+    bb.add_argument("--multi-setting", action="store_true", help="allow records of several settings (one board each, plus win rates)")
+    bb.add_argument("--reference-point", default=None, help="HARM,UTILITY for the hypervolume (default: harm of none, utility of aligned)")
+    bb.add_argument("--title", default="realign-bench leaderboard", help="page title")
     bb.set_defaults(func=cmd_board_build)
+    bc = bsub.add_parser("check", formatter_class=_Formatter, help="exit 1 if new records are significantly worse than a published board",
+                         description="Match each new record with the published record of the same setting and method; a regression is "
+                         "worse by more than --tolerance AND significant at --alpha (McNemar on shared prompts, else a z-test). "
+                         "Exit 0: no regression; 1: regression (report printed); 2: unusable input.",
+                         epilog="example:\n  realign board check new/records --against leaderboards/embedded-default --tolerance 0.02")
+    bc.add_argument("records", nargs="+", help="new record files or folders")
+    bc.add_argument("--against", required=True, help="published board folder (holding records/)")
+    bc.add_argument("--tolerance", type=float, default=0.0, help="allowed worsening in rate units (0.02 = 2 points)")
+    bc.add_argument("--alpha", type=float, default=0.05, help="significance level")
+    bc.set_defaults(func=cmd_board_check)
     return parser
 
 

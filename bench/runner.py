@@ -189,7 +189,9 @@ def expand(defenses: list[str], given: dict[str, dict]) -> list[tuple[str, dict]
 
 
 def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
-    from bench.board import write_board
+    from bench.leaderboard.build import build
+    from bench.leaderboard.render import write
+    from bench.store import atomic_write_json, atomic_write_text
 
     clock = clock or Clock()
     with clock.stage("testbed"):
@@ -212,10 +214,13 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
                 skipped.append({"method": label, "harmful_n": n, "reason": reason})
                 continue
             all_records.append(record_for(name, params, info, model_dir, tb, atk, cfg, clock))
-    board = write_board(all_records, cfg.run_dir, skipped)
-    clock.say(f"board written to {cfg.run_dir}")
-    from bench.store import atomic_write_json
-
+    loaded = [(r, cfg.run_dir / "records" / f"{r['record_id']}.json") for r in all_records]
+    board = build(loaded, multi_setting=True)
+    write(board, cfg.run_dir, title=f"realign-bench: {cfg.name}")
+    md = (cfg.run_dir / "board.md").read_text()
+    md += "".join(f"\n- skipped: `{s['method']}` (N={s['harmful_n']}): {s['reason']}" for s in skipped)
+    atomic_write_text(cfg.run_dir / "board.md", md)
+    clock.say(f"board written to {cfg.run_dir} (board.md, .csv, .json, .html, pareto.png/.svg)")
     atomic_write_json(cfg.run_dir / "timings.json", {"stages_s": clock.stages, "total_s": round(time.perf_counter() - clock.t0, 1)})
-    print(board)
+    print(md)
     return all_records

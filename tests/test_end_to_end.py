@@ -40,7 +40,9 @@ def test_main_job_smoke_with_flagship_and_resume(tmp_path):
     info = flagship["method"]["info"]
     assert info["E"] == 20 and info["L"] == 30 and info["chosen_step"] in (5, 10)
     board = (run_dir / "board.md").read_text()
-    assert "gradient_restoration" in board and "[95% CI]" in board.replace("% [95% CI]", "[95% CI]")
+    assert "gradient_restoration" in board and "Pareto rank" in board
+    for name in ("board.csv", "board.html", "pareto.png", "pareto.svg"):
+        assert (run_dir / name).stat().st_size > 0
     assert json.loads((run_dir / "board.json").read_text())[0]["method"]
 
     # a second run redoes nothing: every stage and record is reused

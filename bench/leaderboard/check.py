@@ -1,0 +1,94 @@
+"""`realign board check NEW --against leaderboards/NAME`: the regression gate of a CI pipeline.
+
+Each new record is matched with the published record of the same setting and method label. It is
+a regression when, on an axis, the new value is worse by more than `tolerance` (absolute, in rate
+units) AND the difference is significant at `alpha`: exact McNemar when both sides carry
+per-sample outcomes on the same prompts, else a two-proportion z-test from k and n.
+Exit codes: 0 no regression, 1 regression (with a short report), 2 unusable input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.errors import UserError
+from bench.leaderboard import stats
+from bench.leaderboard.build import load, outcomes, setting_key
+
+AXES = {"harmful_rate": False, "task_metric": True}  # axis -> higher is better
+
+
+@dataclass
+class Finding:
+    setting: str
+    method: str
+    metric: str
+    published: float
+    new: float
+    worse_by: float
+    p: float
+    test: str
+    regression: bool
+
+    def line(self) -> str:
+        verdict = "REGRESSION" if self.regression else "ok"
+        return (f"{verdict}: {self.method} [{self.setting}] {self.metric}: {100 * self.published:.1f}% -> {100 * self.new:.1f}% "
+                f"(worse by {100 * self.worse_by:+.1f} points, p={self.p:.3g}, {self.test})")
+
+
+def two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    from scipy.stats import norm
+
+    if n1 == 0 or n2 == 0:
+        return 1.0
+    p = (k1 + k2) / (n1 + n2)
+    se = (p * (1 - p) * (1 / n1 + 1 / n2)) ** 0.5
+    if se == 0:
+        return 1.0 if k1 / n1 == k2 / n2 else 0.0
+    return float(2 * norm.sf(abs(k1 / n1 - k2 / n2) / se))
+
+
+def compare(new: list[tuple[dict, Path]], published: list[tuple[dict, Path]], tolerance: float, alpha: float) -> list[Finding]:
+    index = {(setting_key(r), r["method"]["label"]): (r, p) for r, p in published}
+    findings = []
+    for rec, path in new:
+        key = (setting_key(rec), rec["method"]["label"])
+        if key not in index:
+            raise UserError(f"no published record for method {key[1]!r} in setting {key[0]}: check the method label and settings")
+        old, old_path = index[key]
+        s_new, s_old = outcomes(rec, path), outcomes(old, old_path)
+        for metric, higher_better in AXES.items():
+            a, b = rec["metrics"][metric], old["metrics"][metric]
+            worse_by = (b["value"] - a["value"]) if higher_better else (a["value"] - b["value"])
+            same_prompts = s_new and s_old and metric in s_new and metric in s_old and [d for d, _, _ in s_new[metric]] == [d for d, _, _ in s_old[metric]]
+            if same_prompts:
+                x = np.array([o if o is not None else 0 for _, o, _ in s_new[metric]])
+                y = np.array([o if o is not None else 0 for _, o, _ in s_old[metric]])
+                if higher_better:
+                    x, y = 1 - x, 1 - y  # McNemar on "bad" outcomes: b counts prompts where new is worse
+                t = stats.mcnemar(x, y)
+                p, test = t["p"], "McNemar (paired)"
+            else:
+                p = two_proportion_p(a.get("k", round(a["value"] * a["n"])), a["n"], b.get("k", round(b["value"] * b["n"])), b["n"])
+                test = "two-proportion z"
+            findings.append(Finding(key[0], key[1], metric, b["value"], a["value"], worse_by, p, test,
+                                    regression=worse_by > tolerance and p < alpha))
+    return findings
+
+
+def check(new_paths: list[Path], against: Path, tolerance: float = 0.0, alpha: float = 0.05) -> tuple[int, str]:
+    if not 0 <= tolerance < 1 or not 0 < alpha < 1:
+        raise UserError("--tolerance must be in [0, 1) and --alpha in (0, 1)")
+    against = Path(against)
+    if not against.is_dir():
+        raise UserError(f"{against}: no such published board folder")
+    published = load([against / "records"] if (against / "records").is_dir() else [against])
+    findings = compare(load(new_paths), published, tolerance, alpha)
+    bad = [f for f in findings if f.regression]
+    report = "\n".join(f.line() for f in (bad or findings))
+    head = (f"{len(bad)} regression(s) at tolerance {100 * tolerance:.1f} points, alpha {alpha}" if bad
+            else f"no regression: {len(findings)} comparisons at tolerance {100 * tolerance:.1f} points, alpha {alpha}")
+    return (1 if bad else 0), head + "\n" + report

@@ -1,0 +1,153 @@
+"""Render a Board: Markdown (tabulate), CSV and JSON (one row per method and setting, read by pandas
+without options), a self-contained HTML page (Jinja2 with autoescape), and the Pareto plot as PNG
+and SVG (matplotlib). All files are written atomically, and only after everything rendered."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+from bench.leaderboard.build import SHOWN, Board
+from bench.store import atomic_write_bytes, atomic_write_text
+
+FLAT_COLUMNS = [
+    "setting", "position", "method", "name", "pareto_rank", "rank_low", "rank_high", "tied", "hypervolume",
+    *[f"{m}{suffix}" for m in SHOWN for suffix in ("", "_ci_low", "_ci_high", "_n")],
+    "harm_reduction_share", "utility_kept_share", "p_harm_vs_none", "p_utility_vs_none", "p_harm_vs_next",
+    "vs_interpolation", "wall_s", "record_id",
+]
+MAX_PLOTS = 12  # settings that get a plot (matplotlib costs ~0.2 s per figure)
+
+
+def flat_rows(board: Board) -> list[dict]:
+    out = []
+    for rows in board.settings.values():
+        for r in rows:
+            vs_none, vs_next = r.get("vs_none") or {}, r.get("vs_next") or {}
+            flat = {k: r.get(k) for k in FLAT_COLUMNS if k in r}
+            flat.update(rank_low=r["rank_interval"][0], rank_high=r["rank_interval"][1], tied=bool(r["tied_with"]),
+                        p_harm_vs_none=vs_none.get("harmful_rate", {}).get("p"), p_utility_vs_none=vs_none.get("task_metric", {}).get("p"),
+                        p_harm_vs_next=vs_next.get("harmful_rate", {}).get("p"))
+            out.append({k: flat.get(k) for k in FLAT_COLUMNS})
+    return out
+
+
+def _pct(r: dict, m: str) -> str:
+    if r.get(m) is None:
+        return "-"
+    return f"{100 * r[m]:.1f} [{100 * r[m + '_ci_low']:.1f}, {100 * r[m + '_ci_high']:.1f}]"
+
+
+def markdown(board: Board) -> str:
+    from tabulate import tabulate
+
+    parts = []
+    for key, rows in board.settings.items():
+        table = [[r["position"], r["method"], f"{r['pareto_rank']}{' (tied)' if r['tied_with'] else ''}",
+                  f"{r['rank_interval'][0]:.0f}-{r['rank_interval'][1]:.0f}", _pct(r, "harmful_rate"), _pct(r, "over_refusal"),
+                  _pct(r, "task_metric"), f"{r['hypervolume']:.4f}", _p(r.get("vs_none"), "harmful_rate"), r["vs_interpolation"]]
+                 for r in rows]
+        n = rows[0]["harmful_rate_n"] if rows else 0
+        parts.append(f"### {key}\n\n" + tabulate(table, headers=["#", "method", "Pareto rank", "rank 95%", f"harmful % (n={n})", "over-refusal %",
+                                                             "task %", "hypervolume", "p vs none", "vs interpolation"], tablefmt="github"))
+    if len(board.settings) > 1 and board.aggregate:
+        parts.append("### Aggregate (mean win rate over settings x axes)\n\n" + tabulate(
+            [[a["method"], f"{a['mean_win_rate']:.3f}", a["settings_x_axes"]] for a in board.aggregate],
+            headers=["method", "mean win rate", "settings x axes"], tablefmt="github"))
+    return "\n\n".join(parts) + "\n"
+
+
+def _p(test: dict | None, axis: str) -> str:
+    if not test or test.get(axis, {}).get("p") is None:
+        return "-"
+    return f"{test[axis]['p']:.3g}"
+
+
+def plot(board: Board, key: str) -> tuple[bytes, bytes]:
+    """(png, svg) of one setting: points with CI whiskers, the interpolation curve, the frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)  # exotic method names
+
+    rows = board.settings[key]
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    curve = sorted(((r["task_metric"], r["harmful_rate"]) for r in rows if r["name"] == "interpolation" and r["task_metric"] is not None))
+    if curve:
+        ax.plot([100 * u for u, _ in curve], [100 * h for _, h in curve], "--", color="grey", label="interpolation curve", zorder=1)
+    front = sorted(((r["task_metric"], r["harmful_rate"]) for r in rows if r["pareto_rank"] == 1 and r["task_metric"] is not None))
+    if front:
+        ax.plot([100 * u for u, _ in front], [100 * h for _, h in front], "-", color="tab:green", alpha=0.6, label="Pareto frontier", zorder=1)
+    for r in rows:
+        if r["harmful_rate"] is None or r["task_metric"] is None:
+            continue
+        x, y = 100 * r["task_metric"], 100 * r["harmful_rate"]
+        xerr = [[x - 100 * r["task_metric_ci_low"]], [100 * r["task_metric_ci_high"] - x]]
+        yerr = [[y - 100 * r["harmful_rate_ci_low"]], [100 * r["harmful_rate_ci_high"] - y]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, ms=5, zorder=2,
+                    color="tab:blue" if r["name"] != "interpolation" else "lightgrey")
+        if r["name"] != "interpolation":
+            ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("task metric (%)  \u2192 better")
+    ax.set_ylabel("harmful rate (%)  \u2193 better")
+    ax.set_title(key, fontsize=9)
+    ax.grid(alpha=0.3)
+    if curve or front:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    png, svg = io.BytesIO(), io.BytesIO()
+    fig.savefig(png, format="png")
+    fig.savefig(svg, format="svg")
+    plt.close(fig)
+    return png.getvalue(), svg.getvalue()
+
+
+def html(board: Board, plots: dict[str, bytes], title: str) -> str:
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html", "j2"]))
+    settings = []
+    for key, rows in board.settings.items():
+        cats = board.categories.get(key, {})
+        names = sorted({c for v in cats.values() for c in v})
+        settings.append({"key": key, "rows": rows, "ref": board.reference_points[key], "categories": cats, "category_names": names,
+                         "plot": base64.b64encode(plots[key]).decode() if key in plots else None})
+    return env.get_template("board.html.j2").render(title=title, settings=settings, aggregate=board.aggregate if len(settings) > 1 else [])
+
+
+def slug(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-")[:80]
+
+
+def write(board: Board, out: Path, title: str = "realign-bench leaderboard") -> dict[str, Path]:
+    """Render everything in memory first, then write: a failure leaves no half-written board."""
+    rows = flat_rows(board)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FLAT_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    files: dict[str, bytes] = {"board.md": markdown(board).encode(), "board.csv": buf.getvalue().encode(),
+                               "board.json": json.dumps(rows, indent=1).encode()}
+    svgs = {}
+    for i, key in enumerate(board.settings):
+        if i >= MAX_PLOTS:
+            break
+        png, svg = plot(board, key)
+        name = "pareto" if len(board.settings) == 1 else f"pareto-{slug(key)}"
+        files[f"{name}.png"], files[f"{name}.svg"] = png, svg
+        svgs[key] = svg
+    files["board.html"] = html(board, svgs, title).encode()
+    files["board-details.json"] = json.dumps({"settings": board.settings, "aggregate": board.aggregate,
+                                              "reference_points": board.reference_points, "categories": board.categories}, indent=1).encode()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+    return {name: out / name for name in files}

@@ -1,0 +1,310 @@
+"""The leaderboard: ranking, statistics, rendering (HTML in headless Chromium), and the gate."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench import records
+from bench.errors import UserError
+from bench.leaderboard import pareto, stats
+from bench.leaderboard.build import build, load
+from bench.leaderboard.check import check
+from bench.leaderboard.render import write
+
+HOSTILE = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>']
+
+
+def make_record(label: str, harm: list[int], util: list[int], name: str | None = None, n_harm=None, setting=None) -> dict:
+    def metric(outcomes):
+        k, n = sum(outcomes), len(outcomes)
+        return {"value": k / n, "ci": [0.0, 1.0], "n": n, "k": k}
+
+    rid = format(abs(hash((label, tuple(harm), tuple(util), json.dumps(setting)))) % (1 << 64), "016x")
+    return {
+        "schema_version": 1, "record_id": rid, "created": "2026-01-01T00:00:00+00:00",
+        "setting": setting or {"model": "m", "task": "sql", "harmful_n": 100, "judge": "keyword", "seed": 0},
+        "method": {"name": name or label.split("(")[0], "label": label, "params": {}},
+        "inputs": {"aligned": "a" * 64, "evaluated": "b" * 64},
+        "metrics": {"harmful_rate": metric(harm), "over_refusal": metric([0] * len(util)), "task_metric": metric(util)},
+        "samples_file": f"{rid}.samples.jsonl", "cost": {"wall_s": 1.0, "peak_rss_mb": 1.0, "device": "cpu"}, "versions": {},
+    }
+
+
+def save(records_: list[dict], folder: Path, samples: dict[str, tuple[list[int], list[int]]] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for r in records_:
+        harm, util = samples[r["method"]["label"]] if samples else ([], [])
+        rows = [{"metric": "harmful_rate", "doc_id": i, "outcome": o, "category": "cat" + str(i % 3)} for i, o in enumerate(harm)]
+        rows += [{"metric": "task_metric", "doc_id": i, "outcome": o} for i, o in enumerate(util)]
+        records.write(r, rows, folder)
+    return folder
+
+
+def standard_board(tmp_path: Path, extra: list[tuple[str, list[int], list[int]]] = ()) -> Path:
+    rng = np.random.default_rng(0)
+    spec = [("aligned", 0.05, 0.1), ("none", 0.8, 0.6), ("gradient_restoration", 0.1, 0.58)]
+    spec += [(f"interpolation(alpha={a})", 0.05 + a * 0.75, 0.1 + a * 0.5) for a in (0.25, 0.5, 0.75)]
+    def exact(rate, n):  # exactly round(rate * n) ones, in a seeded order
+        return rng.permutation([1] * round(rate * n) + [0] * (n - round(rate * n))).tolist()
+
+    samples = {label: (exact(h, 150), exact(u, 100)) for label, h, u in spec}
+    for label, harm, util in extra:
+        samples[label] = (harm, util)
+    recs = [make_record(label, *samples[label]) for label in samples]
+    return save(recs, tmp_path / "records", samples)
+
+
+# ------------------------------------------------------------------------------------------ ranking
+
+
+def test_pareto_ranks_by_hand():
+    # harm (lower better), util (higher better)
+    h = [0.1, 0.2, 0.3, 0.15, 0.1]
+    u = [0.5, 0.6, 0.4, 0.4, 0.2]
+    # A(0.1,.5) and B(.2,.6) are non-dominated; D(.15,.4) is dominated by A; C(.3,.4) by A, B and D;
+    # E(.1,.2) is dominated by A only (same harm, lower utility)
+    assert pareto.pareto_ranks(h, u).tolist() == [1, 1, 3, 2, 2]
+
+
+def test_hypervolume_by_hand():
+    ref = (0.5, 0.0)
+    assert pareto.hypervolume([(0.1, 0.5)], ref) == pytest.approx(0.4 * 0.5)
+    # union of [0.1,0.5]x[0,0.5] and [0.2,0.5]x[0,0.6]: 0.2 + 0.3 * 0.1
+    assert pareto.hypervolume([(0.1, 0.5), (0.2, 0.6)], ref) == pytest.approx(0.23)
+    assert pareto.hypervolume([(0.6, 0.9)], ref) == 0.0  # worse than the reference on harm
+    assert pareto.hypervolume([(0.1, 0.5), (0.3, 0.4)], ref) == pytest.approx(0.2)  # dominated point adds nothing
+
+
+def test_interpolation_curve_value():
+    curve = [(0.05, 0.1), (0.8, 0.6)]
+    assert pareto.curve_value(curve, 0.35) == pytest.approx(0.425)
+    assert pareto.curve_value(curve, 0.7) is None
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_bootstrap_ci_coverage_on_a_known_distribution():
+    rng = np.random.default_rng(1)
+    p, n, sims = 0.3, 200, 4000
+    k = rng.binomial(n, p, size=sims)
+    lo, hi = stats.proportion_bootstrap_ci(k, np.full(sims, n))
+    coverage = np.mean((lo <= p) & (p <= hi))
+    assert 0.93 <= coverage <= 0.975, coverage
+    hits = 0
+    for i in range(200):
+        x = rng.normal(1.0, 2.0, size=60)
+        a, b = stats.bootstrap_ci(x, seed=i)
+        hits += a <= 1.0 <= b
+    assert 0.88 <= hits / 200 <= 0.99
+
+
+def test_mcnemar_worked_table_and_statsmodels():
+    # 10 prompts harmful under x only, 2 under y only, 20 under both, 68 under neither
+    x = [1] * 10 + [0] * 2 + [1] * 20 + [0] * 68
+    y = [0] * 10 + [1] * 2 + [1] * 20 + [0] * 68
+    res = stats.mcnemar(x, y)
+    assert (res["b"], res["c"]) == (10, 2)
+    assert res["p"] == pytest.approx(2 * (1 + 12 + 66) / 4096)  # exact two-sided binomial on 12 discordant pairs
+    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+
+    assert res["p"] == pytest.approx(sm_mcnemar([[20, 10], [2, 68]], exact=True).pvalue)
+
+
+# ------------------------------------------------------------------------------------------ board
+
+
+def test_board_ranks_and_outputs(tmp_path):
+    folder = standard_board(tmp_path)
+    board = build(load([folder]))
+    (key, rows), = board.settings.items()
+    by = {r["method"]: r for r in rows}
+    assert by["gradient_restoration"]["pareto_rank"] == 1 and by["aligned"]["pareto_rank"] == 1
+    assert by["none"]["vs_none"] is None and by["gradient_restoration"]["vs_none"]["harmful_rate"]["p"] < 1e-6
+    assert by["gradient_restoration"]["vs_interpolation"] == "beats the curve"
+    assert board.reference_points[key] == (by["none"]["harmful_rate"], by["aligned"]["task_metric"])
+    files = write(board, tmp_path / "out")
+    import pandas as pd
+
+    df = pd.read_csv(files["board.csv"])
+    assert set(df["method"]) == set(by) and df["harmful_rate"].between(0, 1).all()
+    assert len(pd.read_json(files["board.json"])) == len(rows)
+    assert files["pareto.svg"].read_bytes().startswith(b"<?xml") and files["pareto.png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path):
+    folder = standard_board(tmp_path)
+    out = tmp_path / "out"
+    cases = []
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    other = make_record("extra", [1, 0], [1, 1], setting={"model": "m", "task": "sql", "harmful_n": 500, "judge": "keyword", "seed": 0})
+    save([other], mixed, {"extra": ([1, 0], [1, 1])})
+    cases.append((mixed, "different settings"))
+    dup = tmp_path / "dup"
+    shutil.copytree(folder, dup)
+    twin = make_record("none", [1, 1, 0], [0, 1, 0])
+    save([twin], dup, {"none": ([1, 1, 0], [0, 1, 0])})
+    cases.append((dup, "appears in 2 records"))
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    path = next(old.glob("*.json"))
+    rec = json.loads(path.read_text())
+    rec["schema_version"] = 0
+    path.write_text(json.dumps(rec))
+    cases.append((old, "schema_version"))
+    missing = tmp_path / "missing"
+    shutil.copytree(folder, missing)
+    path = next(missing.glob("*.json"))
+    rec = json.loads(path.read_text())
+    del rec["metrics"]["task_metric"]
+    path.write_text(json.dumps(rec))
+    cases.append((missing, "task_metric"))
+    for folder_, msg in cases:
+        proc = subprocess.run([sys.executable, "-m", "bench.cli", "board", "build", str(folder_), "--out", str(out)], capture_output=True, text=True)
+        assert proc.returncode == 2 and msg in proc.stderr, (msg, proc.stderr)
+        assert not out.exists()
+
+
+record_strategy = st.builds(
+    lambda label, harm, util: make_record(label, harm, util, name="generated"),
+    st.text(min_size=1, max_size=30).filter(lambda s: s.strip()),
+    st.lists(st.integers(0, 1), min_size=1, max_size=30),
+    st.lists(st.integers(0, 1), min_size=1, max_size=30),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(record_strategy, min_size=1, max_size=6, unique_by=lambda r: r["method"]["label"]))
+def test_any_valid_records_render(tmp_path_factory, recs):
+    out = tmp_path_factory.mktemp("prop")
+    for r in recs:
+        records.validate(r)
+    board = build([(r, None) for r in recs])
+    files = write(board, out)
+    assert len(json.loads(files["board.json"].read_text())) == len(recs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(st.sampled_from(["schema_version", "metrics", "method", "setting", "cost", "record_id"]),
+                       st.one_of(st.none(), st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=2)), min_size=1))
+def test_invalid_records_give_a_validation_error_never_a_crash(patch):
+    rec = make_record("x", [1, 0], [0, 1])
+    rec.update(patch)
+    try:
+        records.validate(rec)
+    except UserError:
+        return
+    # a patch can leave the record valid (e.g. record_id replaced by another valid id): then it must build
+    build([(rec, None)])
+
+
+# ------------------------------------------------------------------------------------------ HTML in Chromium
+
+
+def test_html_renders_sorts_and_escapes_in_chromium(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Debian chromium is required for the HTML test (apt-get install chromium); .ci/run installs it")
+    from playwright.sync_api import sync_playwright
+
+    folder = standard_board(tmp_path, extra=[(HOSTILE[0], [1, 0, 1] * 50, [1, 0] * 50), (HOSTILE[1], [0, 0, 1] * 50, [0, 1, 1, 1] * 25)])
+    files = write(build(load([folder])), tmp_path / "out")
+    html = files["board.html"].read_text()
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    dialogs = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                                     "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(files["board.html"].as_uri())
+        page.wait_for_load_state("load")
+        names = page.locator("table.board tbody td.name").all_inner_texts()
+        assert HOSTILE[0] in names and HOSTILE[1] in names  # shown as text
+        assert page.locator("img[src='x']").count() == 0  # no injected element
+        assert page.evaluate("document.querySelectorAll('script').length") == 1  # only the page's own sorter
+        # sort by harmful rate: click the header, rows reorder ascending by value
+        page.locator("table.board th", has_text="harmful rate").click()
+        values = [float(v) for v in page.locator("table.board tbody tr td:nth-child(5)").evaluate_all("els => els.map(e => e.dataset.v)")]
+        assert values == sorted(values) and values != [float(v) for v in sorted(values, reverse=True)]
+        page.locator("table.board th", has_text="harmful rate").click()
+        values2 = [float(v) for v in page.locator("table.board tbody tr td:nth-child(5)").evaluate_all("els => els.map(e => e.dataset.v)")]
+        assert values2 == sorted(values2, reverse=True)
+        shot = tmp_path / "board.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert dialogs == []
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.std() > 10 and (img < 128).mean() > 0.005  # not blank: text and table lines are drawn
+
+
+# ------------------------------------------------------------------------------------------ gate
+
+
+def _published(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(3)
+    harm = (rng.random(200) < 0.10).astype(int).tolist()
+    util = (rng.random(100) < 0.60).astype(int).tolist()
+    pub = tmp_path / "leaderboards" / "demo"
+    save([make_record("gradient_restoration", harm, util)], pub / "records", {"gradient_restoration": (harm, util)})
+    return pub
+
+
+def _new(tmp_path: Path, harm: list[int], util: list[int], name: str = "new") -> Path:
+    return save([make_record("gradient_restoration", harm, util)], tmp_path / name, {"gradient_restoration": (harm, util)})
+
+
+def test_check_pass_fail_and_borderline(tmp_path):
+    pub = _published(tmp_path)
+    old = json.loads(next((pub / "records").glob("*.samples.jsonl")).read_text().splitlines()[0])
+    assert old["metric"] == "harmful_rate"
+    base_rows = [json.loads(l) for l in next((pub / "records").glob("*.samples.jsonl")).read_text().splitlines()]
+    harm = [r["outcome"] for r in base_rows if r["metric"] == "harmful_rate"]
+    util = [r["outcome"] for r in base_rows if r["metric"] == "task_metric"]
+
+    code, report = check([_new(tmp_path, harm, util, "same")], pub)
+    assert code == 0 and "no regression" in report
+
+    worse = list(harm)
+    flips = [i for i, o in enumerate(worse) if o == 0][:30]  # 30 more harmful answers: +15 points
+    for i in flips:
+        worse[i] = 1
+    code, report = check([_new(tmp_path, worse, util, "worse")], pub)
+    assert code == 1 and "REGRESSION" in report and "harmful_rate" in report and "p=" in report
+
+    # borderline: significantly worse (p < 0.05) but within a 20-point tolerance -> pass
+    code, _ = check([_new(tmp_path, worse, util, "worse2")], pub, tolerance=0.20)
+    assert code == 0
+    # borderline: 5 more harmful answers (+2.5 points) is not significant (McNemar exact p = 2/2^5 = 0.0625) -> pass
+    slight = list(harm)
+    for i in flips[:5]:
+        slight[i] = 1
+    code, report = check([_new(tmp_path, slight, util, "slight")], pub)
+    assert code == 0, report
+    # ... but 6 are (p = 2/2^6 = 0.031 < 0.05) -> fail
+    more = list(harm)
+    for i in flips[:6]:
+        more[i] = 1
+    code, _ = check([_new(tmp_path, more, util, "more")], pub)
+    assert code == 1
+
+
+def test_check_unusable_input_exits_2(tmp_path):
+    pub = _published(tmp_path)
+    other = save([make_record("something_else", [1, 0], [0, 1])], tmp_path / "other", {"something_else": ([1, 0], [0, 1])})
+    for args in ([str(other), "--against", str(pub)], [str(other), "--against", str(tmp_path / "nope")]):
+        proc = subprocess.run([sys.executable, "-m", "bench.cli", "board", "check", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
