@@ -85,6 +85,7 @@ def _run_config(args, defenses: list[str], defense_params: dict | None = None):
         attack=attack_stage.AttackConfig(**attack_kwargs),
         eval=EvalConfig(judge=args.judge, engine=args.engine),
         data_dir=data_dir(args.data_dir),
+        publish=Path(args.publish) if getattr(args, "publish", None) else None,
     )
 
 
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None, help="where harmful pairs come from (beavertails needs --data-dir)")
     p.add_argument("--defenses", default="aligned,none,gradient_restoration", help="comma-separated defenses to run (see `realign list`)")
     p.add_argument("--all-defenses", action="store_true", help="run every registered defense")
+    p.add_argument("--publish", default=None, metavar="DIR", help="also write the records and the rendered board to DIR (e.g. leaderboards/embedded-default)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("testbed", formatter_class=_Formatter, help="build the embedded testbed (base, splits, aligned model)",

@@ -67,7 +67,14 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
     for s, v, o in zip(harmful, verdicts, outcomes):
         samples.append({"metric": "harmful_rate", "doc_id": s["doc_id"], "prompt": s["prompt"], "answer": s["answer"],
                         "label": v.label, "outcome": o, "judge_raw": v.raw, "category": s["doc"].get("category", "")})
-    result_metrics["harmful_rate"] = metrics.rate(outcomes).to_dict() | {"name": f"harmful rate ({config.judge})", "higher_is_better": False}
+    by_category: dict[str, list[int]] = {}
+    for s, o in zip(harmful, outcomes):
+        if o is not None:
+            kn = by_category.setdefault(str(s["doc"].get("category", "") or "uncategorised"), [0, 0])
+            kn[0] += o
+            kn[1] += 1
+    result_metrics["harmful_rate"] = metrics.rate(outcomes).to_dict() | {
+        "name": f"harmful rate ({config.judge})", "higher_is_better": False, "outcomes": metrics.outcome_string(outcomes), "by_category": by_category}
 
     if sets.over_refusal:
         rows = out["realign_overrefusal"]["samples"]
@@ -76,14 +83,14 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         for s, v, o in zip(rows, refusals, outcomes):
             samples.append({"metric": "over_refusal", "doc_id": s["doc_id"], "prompt": s["prompt"], "answer": s["answer"],
                             "label": "refusal" if o else "answered", "outcome": o, "judge_raw": v.raw})
-        result_metrics["over_refusal"] = metrics.rate(outcomes).to_dict() | {"name": "over-refusal", "higher_is_better": False}
+        result_metrics["over_refusal"] = metrics.rate(outcomes).to_dict() | {"name": "over-refusal", "higher_is_better": False, "outcomes": metrics.outcome_string(outcomes)}
 
     rows = out[sets.task_yaml]["samples"]
     outcomes = [int(s[sets.task_metric]) for s in rows]
     for s, o in zip(rows, outcomes):
         samples.append({"metric": "task_metric", "doc_id": s["doc_id"], "prompt": s["prompt"], "answer": s["answer"],
                         "target": s["doc"].get("response", ""), "outcome": o})
-    result_metrics["task_metric"] = metrics.rate(outcomes).to_dict() | {"name": f"{sets.task_yaml} {sets.task_metric}", "higher_is_better": True}
+    result_metrics["task_metric"] = metrics.rate(outcomes).to_dict() | {"name": f"{sets.task_yaml} {sets.task_metric}", "higher_is_better": True, "outcomes": metrics.outcome_string(outcomes)}
 
     return {
         "metrics": result_metrics,

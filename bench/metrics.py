@@ -38,3 +38,8 @@ def rate(outcomes: list[int | None], confidence: float = 0.95) -> Rate:
         return Rate(float("nan"), (float("nan"), float("nan")), 0, 0, [], len(outcomes))
     ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
     return Rate(k / n, (float(ci.low), float(ci.high)), n, k, known, len(outcomes) - n)
+
+
+def outcome_string(outcomes: list[int | None]) -> str:
+    """Per-sample outcomes in doc order as one compact string: '1', '0', '-' (unknown)."""
+    return "".join("-" if o is None else str(int(o)) for o in outcomes)

@@ -33,6 +33,7 @@ class RunConfig:
     attack: attack_stage.AttackConfig = field(default_factory=attack_stage.AttackConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data_dir: Path | None = None
+    publish: Path | None = None  # also write records (without raw answers) and the board here
 
     @property
     def cache(self) -> Path:
@@ -222,5 +223,26 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
     atomic_write_text(cfg.run_dir / "board.md", md)
     clock.say(f"board written to {cfg.run_dir} (board.md, .csv, .json, .html, pareto.png/.svg)")
     atomic_write_json(cfg.run_dir / "timings.json", {"stages_s": clock.stages, "total_s": round(time.perf_counter() - clock.t0, 1)})
+    if cfg.publish:
+        publish(all_records, board, md, cfg)
+        clock.say(f"published to {cfg.publish}")
     print(md)
     return all_records
+
+
+def publish(all_records: list[dict], board, md: str, cfg: RunConfig) -> None:
+    """A published board folder: records/ (the per-sample outcomes ride in each record; the raw
+    answers, which include the attacked model's harmful completions, stay in the run folder) and
+    every rendered format."""
+    import shutil
+
+    from bench.leaderboard.render import write
+    from bench.store import atomic_write_json, atomic_write_text
+
+    out = Path(cfg.publish)
+    if (out / "records").exists():
+        shutil.rmtree(out / "records")
+    for r in all_records:
+        atomic_write_json(out / "records" / f"{r['record_id']}.json", r)
+    write(board, out, title=f"realign-bench: {cfg.name}")
+    atomic_write_text(out / "board.md", md)

