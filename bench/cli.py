@@ -21,9 +21,11 @@ PRESETS = {
     # a few minutes end to end: for the slow test and for trying the pipeline out
     "smoke": {
         "testbed": dict(n_alignment=32, n_attack=40, n_calibration=16, n_eval=24, n_benign_alignment=24, n_overrefusal_alignment=8,
-                        n_overrefusal_eval=16, n_sql_train=48, n_sql_dev=8, n_sql_test=16, answer_tokens=24,
+                        n_overrefusal_eval=16, n_sql_train=120, n_sql_dev=16, n_sql_test=16, answer_tokens=24,
                         alignment=dict(method="full", epochs=1.0, lr=5e-5, batch_size=8, max_length=96)),
-        "attack": dict(harmful_n=16, task_n=48, sft=dict(method="lora", epochs=1.0, lr=2e-4, batch_size=8, max_length=96)),
+        # enough task data that the attacked model learns the SQL format (the flagship's probe needs
+        # a non-zero task metric to protect)
+        "attack": dict(harmful_n=16, task_n=120, sft=dict(method="lora", epochs=2.0, lr=3e-4, batch_size=8, max_length=96)),
     },
 }
 
@@ -135,8 +137,8 @@ def cmd_defend(args) -> int:
     from bench.runner import main_job
     from defenses import DEFENSES
 
-    DEFENSES.get(args.name)
-    cfg = _run_config(args, ["aligned", "none", args.name], {args.name: _params(args.param)})
+    DEFENSES.get(args.defense)
+    cfg = _run_config(args, ["aligned", "none", args.defense], {args.defense: _params(args.param)})
     main_job(cfg)
     return 0
 
@@ -243,11 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Apply one registered defense to the attacked model, evaluate it beside `aligned` and `none`.",
                        epilog="example:\n  realign defend gradient_restoration --param mode=clean --param recovery_rate=0.002")
     _common(p)
-    p.add_argument("name", help="defense name (see `realign list`)")
+    p.add_argument("defense", help="defense name (see `realign list`)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter (repeatable)")
     p.add_argument("--harmful-n", default=None, help="comma-separated N values")
     p.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None, help="where harmful pairs come from")
-    p.add_argument("--name-run", dest="name", default=None, help="run name (folder under HOME/runs)")
+    p.add_argument("--name", default=None, help="run name (folder under HOME/runs); default from the preset")
     p.set_defaults(func=cmd_defend)
 
     p = sub.add_parser("list", formatter_class=_Formatter, help="registered defenses (parameters, defaults, inputs) and judges",

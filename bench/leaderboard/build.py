@@ -134,8 +134,11 @@ def _rank_setting(items, reference, seed):
         lengths = {len(x) for x in mats if x is not None}
         if all(x is not None for x in mats) and len(lengths) == 1 and lengths.pop() > 0:
             X = np.stack(mats)
-            idx = rng.integers(0, X.shape[1], size=(N_BOOT, X.shape[1]))
-            boot[a] = np.nanmean(X[:, idx], axis=2).T  # (B, m)
+            known = ~np.isnan(X)
+            # each replicate resamples the prompts: its mean is X @ counts / known @ counts, where
+            # counts[b, t] is how often prompt t was drawn (one matrix product for all replicates)
+            counts = rng.multinomial(X.shape[1], np.full(X.shape[1], 1.0 / X.shape[1]), size=N_BOOT).T.astype(float)
+            boot[a] = ((np.where(known, X, 0.0) @ counts) / np.maximum(known.astype(float) @ counts, 1)).T  # (B, m)
         else:
             boot[a] = rng.binomial(np.maximum(n[a], 1), np.clip(np.nan_to_num(value[a]), 0, 1), size=(N_BOOT, m)) / np.maximum(n[a], 1)
     boot_ranks = pareto.pareto_ranks(boot["harmful_rate"], boot["task_metric"])
