@@ -24,7 +24,13 @@ from bench.errors import UserError
 
 def run_fresh(fn: Callable, *args, **kwargs) -> Any:
     """fn(*args, **kwargs) in a new interpreter; fn must be a module-level function."""
-    target = f"{fn.__module__}:{fn.__qualname__}"
+    module = fn.__module__
+    if module == "__main__":  # a script run with `python -m pkg.mod`: import it by its real name
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is None:
+            raise ValueError(f"run_fresh needs an importable function; {fn.__qualname__} lives in a plain script")
+        module = spec.name
+    target = f"{module}:{fn.__qualname__}"
     with tempfile.TemporaryDirectory(prefix="realign-fresh-") as tmp:
         call, result = Path(tmp) / "call.pkl", Path(tmp) / "result.pkl"
         call.write_bytes(pickle.dumps((target, args, kwargs)))
