@@ -308,3 +308,13 @@ def test_check_unusable_input_exits_2(tmp_path):
     for args in ([str(other), "--against", str(pub)], [str(other), "--against", str(tmp_path / "nope")]):
         proc = subprocess.run([sys.executable, "-m", "bench.cli", "board", "check", *args], capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
+
+
+def test_published_board_checks_clean_against_itself():
+    """The board the main job published is valid, renders, and passes its own gate."""
+    pub = Path(__file__).resolve().parents[1] / "leaderboards" / "embedded-default"
+    board = build(load([pub / "records"]))
+    (rows,) = board.settings.values()
+    assert {r["name"] for r in rows} >= {"aligned", "none", "gradient_restoration"}
+    code, report = check([pub / "records"], pub)
+    assert code == 0, report
