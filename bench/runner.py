@@ -123,7 +123,8 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
     t0 = time.perf_counter()
     out = defense.apply(ctx)
     wall = round(time.perf_counter() - t0, 2)
-    info = dict(out.info) | {"wall_s": wall, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    # ru_maxrss is the process's peak so far: a true per-defense peak only for the first defense of a run
+    info = dict(out.info) | {"wall_s": wall, "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     with building_dir(root) as tmp:
         if out.model is not None:
             models.save_model(out.model, ctx.tokenizer(), tmp / "model")

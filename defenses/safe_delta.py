@@ -140,7 +140,7 @@ class SafeDelta(Defense):
         batches = [tok(texts[i : i + p.batch_size], return_tensors="pt", padding=True, add_special_tokens=False) for i in range(0, len(texts), p.batch_size)]
         model = ctx.load("aligned")
         F = state(ctx.finetuned)
-        stats = {"layers": 0, "kept": 0, "changed": 0}
+        stats = {"layers": 0, "kept": 0, "entries": 0}
 
         def visit(index, layer, feed, current):
             prefix = f"{models.layers_prefix(model)}{index}."
@@ -161,7 +161,7 @@ class SafeDelta(Defense):
                 m.weight.data.copy_(new.to(m.weight.dtype))
                 stats["layers"] += 1
                 stats["kept"] += int(kept.sum())
-                stats["changed"] += int((F[w] != 0).numel())
+                stats["entries"] += int(F[w].numel())
 
         walk_layers(model, batches, visit)
         return DefenseOutput(model=model, info=stats | {"s": p.s, "examples": len(pairs)})
