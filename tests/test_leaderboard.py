@@ -318,3 +318,11 @@ def test_published_board_checks_clean_against_itself():
     assert {r["name"] for r in rows} >= {"aligned", "none", "gradient_restoration"}
     code, report = check([pub / "records"], pub)
     assert code == 0, report
+
+
+def test_paired_bootstrap_for_non_binary_metrics():
+    rng = np.random.default_rng(4)
+    x = rng.normal(0.5, 0.1, size=200)
+    same = stats.paired_bootstrap_p(x, x + rng.normal(0, 0.01, size=200))
+    shifted = stats.paired_bootstrap_p(x + 0.05, x)
+    assert same["p"] > 0.05 and shifted["p"] < 0.01 and shifted["diff"] == pytest.approx(0.05)
