@@ -109,6 +109,21 @@ def test_bootstrap_ci_coverage_on_a_known_distribution():
     assert 0.88 <= hits / 200 <= 0.99
 
 
+def test_binomial_quantiles_equal_scipy_stats():
+    """binom_ppf (scipy.special only) must equal scipy.stats.binom.ppf, edges included."""
+    from scipy.stats import binom
+
+    n = np.array([0, 1, 2, 5, 50, 150, 1000])
+    for ni in n:
+        k = np.arange(0, ni + 1)
+        p = k / max(ni, 1)
+        for q in (0.025, 0.5, 0.975):
+            np.testing.assert_array_equal(stats.binom_ppf(q, np.full(len(k), ni), p), binom.ppf(q, ni, p))
+    lo, hi = stats.proportion_bootstrap_ci(np.array([[3, 0], [150, 7]]), np.array([[10, 0], [150, 100]]))
+    assert lo.shape == (2, 2) and hi[1, 0] == 1.0 and lo[0, 1] == hi[0, 1] == 0.0
+    assert lo[1, 1] == binom.ppf(0.025, 100, 0.07) / 100
+
+
 def test_mcnemar_worked_table_and_statsmodels():
     # 10 prompts harmful under x only, 2 under y only, 20 under both, 68 under neither
     x = [1] * 10 + [0] * 2 + [1] * 20 + [0] * 68

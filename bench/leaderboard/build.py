@@ -91,72 +91,141 @@ def build(loaded: list[tuple[dict, Path | None]], multi_setting: bool = False, r
     if len(groups) > 1 and not multi_setting:
         raise UserError(f"records come from {len(groups)} different settings ({'; '.join(sorted(groups))}); "
                         "pass --multi-setting to build one board per setting, or select records of one setting")
-    board = Board({}, [], {})
+    settings = []
     for key, items in sorted(groups.items()):
         labels = [r["method"]["label"] for r, _ in items]
         dupes = sorted({l for l in labels if labels.count(l) > 1})
         if dupes:
             raise UserError(f"setting {key}: method {dupes[0]!r} appears in {labels.count(dupes[0])} records; keep one record per method")
-        rows, ref, curve, cats = _rank_setting(items, reference, seed)
-        board.settings[key], board.reference_points[key], board.curves[key], board.categories[key] = rows, ref, curve, cats
+        settings.append(_Setting(key, items))
+    # the statistics run once over the whole board (vectorised across settings): per-setting calls
+    # cost more in overhead than in arithmetic on a board of a thousand settings
+    _confidence_intervals(settings)
+    _pareto_ranks(settings)
+    _rank_intervals(settings, seed)
+    board = Board({}, [], {})
+    for st in settings:
+        rows, ref, curve = _rows(st, reference)
+        board.settings[st.key], board.reference_points[st.key], board.curves[st.key] = rows, ref, curve
+        board.categories[st.key] = _categories(st.items)
     board.aggregate = _win_rates(board.settings)
     return board
 
 
-def _rank_setting(items, reference, seed):
-    m = len(items)
-    recs = [r for r, _ in items]
-    samples = [outcomes(r, p) for r, p in items]
-    value = {a: np.array([r["metrics"][a]["value"] if a in r["metrics"] else np.nan for r in recs]) for a in SHOWN}
-    k = {a: np.array([r["metrics"].get(a, {}).get("k", round(r["metrics"].get(a, {}).get("value", 0) * r["metrics"].get(a, {}).get("n", 0))) for r in recs]) for a in SHOWN}
-    n = {a: np.array([r["metrics"].get(a, {}).get("n", 0) for r in recs]) for a in SHOWN}
-    names = [r["method"]["name"] for r in recs]
+class _Setting:
+    """One setting's records as arrays: metric values, k and n per shown metric, per-sample outcomes."""
+
+    def __init__(self, key: str, items: list[tuple[dict, Path | None]]):
+        self.key, self.items = key, items
+        self.recs = [r for r, _ in items]
+        self.samples = [outcomes(r, p) for r, p in items]
+        self.names = [r["method"]["name"] for r in self.recs]
+        metrics = [r["metrics"] for r in self.recs]
+        self.value = {a: np.array([m[a]["value"] if a in m else np.nan for m in metrics]) for a in SHOWN}
+        self.k = {a: np.array([m.get(a, {}).get("k", round(m.get(a, {}).get("value", 0) * m.get(a, {}).get("n", 0))) for m in metrics]) for a in SHOWN}
+        self.n = {a: np.array([m.get(a, {}).get("n", 0) for m in metrics]) for a in SHOWN}
+        self.ci: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.rank_interval = (np.zeros(len(items)), np.zeros(len(items)))
+
+    def outcome_matrix(self, axis: str) -> np.ndarray | None:
+        """methods x prompts, when every method has outcomes on the same number of prompts."""
+        mats = [s[axis] if s and axis in s else None for s in self.samples]
+        if any(x is None for x in mats) or len({len(x) for x in mats}) != 1 or len(mats[0]) == 0:
+            return None
+        return np.stack(mats)
+
+
+def _confidence_intervals(settings: list[_Setting]) -> None:
+    """Closed-form bootstrap CI of every shown rate of every record, in one call per metric."""
+    for a in SHOWN:
+        lo, hi = stats.proportion_bootstrap_ci(np.concatenate([st.k[a] for st in settings]), np.concatenate([st.n[a] for st in settings]))
+        at = 0
+        for st in settings:
+            m = len(st.recs)
+            st.ci[a] = (lo[at:at + m], hi[at:at + m])
+            at += m
+
+
+def _pareto_ranks(settings: list[_Setting]) -> None:
+    """Each record's Pareto rank within its setting, one vectorised call per method count."""
+    by_m: dict[int, list[_Setting]] = {}
+    for st in settings:
+        by_m.setdefault(len(st.recs), []).append(st)
+    for group in by_m.values():
+        ranks = pareto.pareto_ranks(np.stack([st.value["harmful_rate"] for st in group]), np.stack([st.value["task_metric"] for st in group]))
+        for st, r in zip(group, ranks):
+            st.pareto_rank = r
+
+
+def _rank_intervals(settings: list[_Setting], seed: int) -> None:
+    """95% interval of each method's Pareto rank under a paired bootstrap over prompts.
+
+    Settings whose outcome matrices have the same shape are resampled together: replicate b of
+    prompt set T draws counts[t, b] copies of prompt t, and every method's resampled rate is
+    (outcomes @ counts) / (known @ counts), one matrix product for all settings and replicates.
+    A setting without per-sample outcomes falls back to independent binomial draws per method.
+    """
+    rng = np.random.default_rng(seed)
+    batches: dict[tuple, list[tuple[_Setting, dict]]] = {}
+    for st in settings:
+        mats = {a: st.outcome_matrix(a) for a in AXES}
+        if all(x is not None for x in mats.values()):
+            batches.setdefault(tuple(mats[a].shape for a in AXES), []).append((st, mats))
+        else:
+            m = len(st.recs)
+            boot = {a: rng.binomial(np.maximum(st.n[a], 1), np.clip(np.nan_to_num(st.value[a]), 0, 1), size=(N_BOOT, m)) / np.maximum(st.n[a], 1)
+                    for a in AXES}
+            _set_rank_interval([st], pareto.pareto_ranks(boot["harmful_rate"], boot["task_metric"])[None])
+    for shapes, group in batches.items():
+        boot = {}
+        for a, (m, T) in zip(AXES, shapes):
+            X = np.concatenate([mats[a] for _, mats in group])  # (settings * m, T)
+            known = ~np.isnan(X)
+            counts = rng.multinomial(T, np.full(T, 1.0 / T), size=N_BOOT).T.astype(float)  # (T, B)
+            rates = (np.where(known, X, 0.0) @ counts) / np.maximum(known.astype(float) @ counts, 1)
+            boot[a] = rates.reshape(len(group), m, N_BOOT).transpose(0, 2, 1)  # (settings, B, m)
+        _set_rank_interval([st for st, _ in group], pareto.pareto_ranks(boot["harmful_rate"], boot["task_metric"]))
+
+
+def _set_rank_interval(group: list[_Setting], boot_ranks: np.ndarray) -> None:
+    lo = np.percentile(boot_ranks, 2.5, axis=1)
+    hi = np.percentile(boot_ranks, 97.5, axis=1)
+    for st, l, h in zip(group, lo, hi):
+        st.rank_interval = (l, h)
+
+
+def _rows(st: _Setting, reference):
+    m, recs, names = len(st.recs), st.recs, st.names
+    value, n = st.value, st.n
     h, u = value["harmful_rate"], value["task_metric"]
     if reference is None:
         h_ref = h[names.index("none")] if "none" in names else float(np.nanmax(h))
         u_ref = u[names.index("aligned")] if "aligned" in names else float(np.nanmin(u))
         reference = (float(h_ref), float(u_ref))
-    ranks = pareto.pareto_ranks(h, u)
+    ranks = st.pareto_rank
     hv = np.array([pareto.hypervolume([(h[i], u[i])], reference) for i in range(m)])
     h_none = h[names.index("none")] if "none" in names else np.nan
     h_al = h[names.index("aligned")] if "aligned" in names else np.nan
     u_none = u[names.index("none")] if "none" in names else np.nan
     reduction = (h_none - h) / (h_none - h_al) if h_none != h_al else np.full(m, np.nan)
     kept = u / u_none if u_none else np.full(m, np.nan)
-    order = sorted(range(m), key=lambda i: (ranks[i], -hv[i], -np.nan_to_num(reduction[i], nan=-1e9), -np.nan_to_num(kept[i], nan=-1e9), recs[i]["method"]["label"]))
-
-    # rank intervals: paired bootstrap over prompts when every method has its samples, else
-    # independent binomial draws per method
-    rng = np.random.default_rng(seed)
-    boot = {}
-    for a in AXES:
-        mats = [s[a] if s and a in s else None for s in samples]
-        lengths = {len(x) for x in mats if x is not None}
-        if all(x is not None for x in mats) and len(lengths) == 1 and lengths.pop() > 0:
-            X = np.stack(mats)
-            known = ~np.isnan(X)
-            # each replicate resamples the prompts: its mean is X @ counts / known @ counts, where
-            # counts[b, t] is how often prompt t was drawn (one matrix product for all replicates)
-            counts = rng.multinomial(X.shape[1], np.full(X.shape[1], 1.0 / X.shape[1]), size=N_BOOT).T.astype(float)
-            boot[a] = ((np.where(known, X, 0.0) @ counts) / np.maximum(known.astype(float) @ counts, 1)).T  # (B, m)
-        else:
-            boot[a] = rng.binomial(np.maximum(n[a], 1), np.clip(np.nan_to_num(value[a]), 0, 1), size=(N_BOOT, m)) / np.maximum(n[a], 1)
-    boot_ranks = pareto.pareto_ranks(boot["harmful_rate"], boot["task_metric"])
-    lo_rank = np.percentile(boot_ranks, 2.5, axis=0)
-    hi_rank = np.percentile(boot_ranks, 97.5, axis=0)
+    keys = list(zip(ranks.tolist(), (-hv).tolist(), (-np.nan_to_num(reduction, nan=-1e9)).tolist(), (-np.nan_to_num(kept, nan=-1e9)).tolist(),
+                    [r["method"]["label"] for r in recs]))
+    order = sorted(range(m), key=keys.__getitem__)
+    lo_rank, hi_rank = st.rank_interval
 
     # the interpolation curve: its rows, with `aligned` (alpha 0) and `none` (alpha 1) as its ends
     curve = [(float(h[i]), float(u[i])) for i in range(m) if names[i] == "interpolation"]
     if curve:
         curve += [(float(h[i]), float(u[i])) for i in range(m) if names[i] in ("aligned", "none")]
 
-    ci = {a: stats.proportion_bootstrap_ci(k[a], n[a]) for a in SHOWN}
+    ci = st.ci
     pairs = [(i, names.index("none")) for i in range(m) if "none" in names and names[i] != "none"]
     pairs += [(order[q], order[q + 1]) for q in range(m - 1)]
-    tests = _paired_many(samples, pairs)
+    tests = _paired_many(st.samples, pairs)
     rows = []
     for pos, i in enumerate(order):
-        row = {"setting": setting_key(recs[i]), "position": pos + 1, "method": recs[i]["method"]["label"], "name": names[i],
+        row = {"setting": st.key, "position": pos + 1, "method": recs[i]["method"]["label"], "name": names[i],
                "pareto_rank": int(ranks[i]), "rank_interval": [float(lo_rank[i]), float(hi_rank[i])], "hypervolume": float(hv[i]),
                "harm_reduction_share": _f(reduction[i]), "utility_kept_share": _f(kept[i]), "record_id": recs[i]["record_id"]}
         for a in SHOWN:
@@ -183,8 +252,7 @@ def _rank_setting(items, reference, seed):
         lo, hi = row["rank_interval"]
         row["tied_with"] = [o["method"] for o in rows if o is not row and o["rank_interval"][0] <= hi and lo <= o["rank_interval"][1]
                             and o["pareto_rank"] != row["pareto_rank"]]
-    cats = _categories(items)
-    return rows, reference, curve, cats
+    return rows, reference, curve
 
 
 def _paired_many(samples, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
@@ -246,4 +314,8 @@ def _win_rates(settings: dict[str, list[dict]]) -> list[dict]:
 
 
 def _f(x) -> float | None:
-    return None if x is None or (isinstance(x, float) and np.isnan(x)) or (isinstance(x, np.floating) and np.isnan(x)) else float(x)
+    """A JSON-able float, None for missing or nan."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if x != x else x

@@ -18,18 +18,23 @@ def dominates(h, u):
 
 
 def pareto_ranks(h, u) -> np.ndarray:
-    """Front index per point (1 = frontier); works on [..., m] arrays (e.g. bootstrap replicates)."""
+    """Front index per point (1 = frontier); works on [..., m] arrays (e.g. bootstrap replicates).
+
+    Peels fronts while keeping, per point, the count of remaining points that dominate it; a
+    front's removal subtracts its rows of the dominance matrix (one batched matrix product)."""
     D = dominates(h, u)
+    dominators = D.sum(-2, dtype=np.int32)
+    Df = D.astype(np.float32)
     shape = np.shape(h)
     ranks = np.zeros(shape, int)
     remaining = np.ones(shape, bool)
     front = 0
     while remaining.any():
         front += 1
-        dominated = (D & remaining[..., :, None]).any(-2)
-        new = remaining & ~dominated
+        new = remaining & (dominators == 0)
         ranks[new] = front
         remaining &= ~new
+        dominators = dominators - np.matmul(new[..., None, :].astype(np.float32), Df)[..., 0, :].astype(np.int32)
     return ranks
 
 
