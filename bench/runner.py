@@ -121,20 +121,29 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
     from bench.store import atomic_write_json, building_dir
 
     t0 = time.perf_counter()
-    out = defense.apply(ctx)
-    wall = round(time.perf_counter() - t0, 2)
-    # ru_maxrss is the process's peak so far: a true per-defense peak only for the first defense of a run
-    info = dict(out.info) | {"wall_s": wall, "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     with building_dir(root) as tmp:
-        if out.model is not None:
-            models.save_model(out.model, ctx.tokenizer(), tmp / "model")
-        if out.checkpoints:
-            from bench.store import atomic_write_bytes
+        # a fresh interpreter per defense: its peak RSS is the defense's own (not the run's so far),
+        # and a defense's memory is returned to the system when it ends
+        info, skipped, has_model = run_fresh(apply_and_save, name, params, dataclasses.replace(ctx, _loaded={}), str(tmp))
+        info = dict(info) | {"wall_s": round(time.perf_counter() - t0, 2)}
+        atomic_write_json(tmp / "info.json", {"info": info, "skipped": skipped, "params": defense.describe()})
+    return (root / "model" if has_model else None), info, skipped
 
-            for step, blob in out.checkpoints.items():
-                atomic_write_bytes(tmp / "checkpoints" / f"{step}.bin", blob)
-        atomic_write_json(tmp / "info.json", {"info": info, "skipped": out.skipped, "params": defense.describe()})
-    return (root / "model" if out.model is not None else out.model_path), info, out.skipped
+
+def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | None, bool]:
+    """Run in a fresh process by run_defense: apply, save the model and checkpoints under out."""
+    from bench.store import atomic_write_bytes
+    from defenses import DEFENSES
+
+    t0 = time.perf_counter()
+    result = DEFENSES.get(name)(**params).apply(ctx)
+    info = dict(result.info) | {"apply_s": round(time.perf_counter() - t0, 2),
+                                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if result.model is not None:
+        models.save_model(result.model, ctx.tokenizer(), Path(out) / "model")
+    for step, blob in (result.checkpoints or {}).items():
+        atomic_write_bytes(Path(out) / "checkpoints" / f"{step}.bin", blob)
+    return info, result.skipped, result.model is not None
 
 
 def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, cfg: RunConfig, clock: Clock) -> dict:
@@ -164,7 +173,8 @@ def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, 
         "inputs": inputs,
         "metrics": result["metrics"],
         "samples_file": f"{record_id}.samples.jsonl",
-        "cost": result["cost"] | {"defense_wall_s": info.get("wall_s", 0.0)},
+        # evaluation cost, plus the defense's own wall time and peak RSS (its fresh process)
+        "cost": result["cost"] | {"defense_wall_s": info.get("wall_s", 0.0)} | ({"defense_peak_rss_mb": info["peak_rss_mb"]} if "peak_rss_mb" in info else {}),
         "versions": records.versions(),
         "notes": tb.manifest.get("notes", []),
     }

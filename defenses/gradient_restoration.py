@@ -59,6 +59,9 @@ class GradientRestorationParams:
     n_benign: int = field(default=256, metadata={"help": "benign task prompts used (the first ones, no shuffle)"})
     n_harmful: int = field(default=256, metadata={"help": "at most this many calibration prompts"})
     seed: int = field(default=42, metadata={"help": "torch seed (the method itself is deterministic)"})
+    E: int = field(default=0, metadata={"help": "decoder layers probed; 0 = floor(2L/3) as in the paper"})
+    compute_dtype: str = field(default="float32", metadata={"help": "float32 (the released code) or bfloat16 (autocast: faster on "
+                                                                     "CPUs with AVX512-BF16 and on GPUs; gradients still accumulate in fp32)"})
     rate_denominator: str | None = field(default=None, metadata={"help": "all_layers | candidates (default from mode)"})
     grad_accumulation: str | None = field(default=None, metadata={"help": "cumulative | fresh (default from mode)"})
     batches: str | None = field(default=None, metadata={"help": "zip | all (default from mode)"})
@@ -77,6 +80,10 @@ class GradientRestorationParams:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.E < 0:
+            raise ValueError(f"E must be >= 0 (0 = floor(2L/3)), got {self.E}")
         if self.steps < 1 or self.save_step < 1 or self.batch_size < 1 or not 0 <= self.warmup_steps <= self.steps:
             raise ValueError("steps >= 1, save_step >= 1, batch_size >= 1 and 0 <= warmup_steps <= steps are required")
 
@@ -106,11 +113,12 @@ class TruncatedModel:
     put back for the utility probe and for the output.
     """
 
-    def __init__(self, model, E: int):
+    def __init__(self, model, E: int, compute_dtype: str = "float32"):
         import torch
 
         self.model = model
         self.E = E
+        self.autocast = getattr(torch, compute_dtype) if compute_dtype != "float32" else None
         self.stack = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.all_layers = models.decoder_layers(model)
         self.norm = models.final_norm(model)
@@ -141,9 +149,12 @@ class TruncatedModel:
         return _Full()
 
     def h(self, batch) -> "torch.Tensor":
+        import torch
+
         device = next(self.model.parameters()).device
-        out = self.stack(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
-        return out.last_hidden_state[:, -1, :]  # position -1 is the last real token under left padding
+        with torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            out = self.stack(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+        return out.last_hidden_state[:, -1, :].float()  # position -1 is the last real token under left padding
 
 
 def _set_layers(model, layers):
@@ -333,12 +344,14 @@ class GradientRestoration(Defense):
         # --- the aligned model first: d_h = mean h(theta_A, x) over D_h
         model = ctx.load("aligned")
         L = models.num_layers(model)
-        E = probe_layers(L)
+        E = p.E or probe_layers(L)
+        if E > L:
+            raise UserError(f"gradient_restoration: E={E} but the model has only {L} decoder layers")
         norms = models.norm_parameter_names(model)
         prefix = models.layers_prefix(model)
         N_all = sum(p_.numel() for n, p_ in model.named_parameters() if n.startswith(prefix))
-        upper = [n for n, _ in model.named_parameters() if (models.layer_index(n) or 0) >= E and n.startswith(prefix)]
-        tm = TruncatedModel(model, E)
+        upper = {n for n, _ in model.named_parameters() if (models.layer_index(n) or 0) >= E and n.startswith(prefix)}
+        tm = TruncatedModel(model, E, p.compute_dtype)
         for param in model.parameters():
             param.requires_grad_(False)
         harmful = batches_of(tok, D_h, p.batch_size)
@@ -347,26 +360,8 @@ class GradientRestoration(Defense):
         d_h = mean_direction(tm, harmful)
 
         # --- load theta_F into the same module; keep Delta_F for candidate tensors only
-        cands: list[Candidate] = []
-        with safe_open(str(_weights_file(ctx.finetuned)), "pt", device=str(ctx.device)) as st, tm.full():
-            keys = set(st.keys())
-            for name, param in model.named_parameters():  # the FULL model: upper layers get theta_F too
-                key = name if name in keys else None
-                if key is None:
-                    continue  # tied lm_head
-                F = st.get_tensor(key).to(param.dtype)
-                if F.shape != param.shape:
-                    raise UserError(f"aligned and fine-tuned models differ in shape at {name}: {tuple(param.shape)} vs {tuple(F.shape)}")
-                if name in upper:
-                    param.data.copy_(F)  # upper layers: theta_F, never changed
-                    continue
-                delta = F - param.data
-                param.data.copy_(F)
-                idx = models.layer_index(name)
-                is_candidate = name.startswith(prefix) and idx is not None and idx < E and name not in norms
-                if is_candidate:
-                    param.requires_grad_(True)
-                    cands.append(Candidate(name, param, delta, torch.zeros_like(param, dtype=torch.bool)))
+        with tm.full():
+            cands = _load_finetuned(model, _weights_file(ctx.finetuned), str(ctx.device), prefix, E, set(norms), upper)
         if not any(bool((c.delta != 0).any()) for c in cands):
             raise UserError("the fine-tuned model equals the aligned model in every candidate weight: nothing to restore")
         N_cand = sum(c.param.numel() for c in cands)
@@ -490,7 +485,7 @@ class GradientRestoration(Defense):
         chosen_step = choose_checkpoint(scores, fails_final)
         zero_grads()
         info = {
-            "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, "L": L, "E": E, "N": N, "N_all_layers": N_all,
+            "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, "compute_dtype": p.compute_dtype, "L": L, "E": E, "N": N, "N_all_layers": N_all,
             "N_candidates": N_cand, "k": k, "candidate_tensors": len(cands), "D_h": len(D_h), "D_b": len(D_b),
             "batches_per_pass": [len(harmful_used), len(benign_used)], "s0": s0, "min_score": min_score, "warmup_score": s_warm,
             "rollback_mode": rollback_mode, "checkpoint_scores": {str(k_): v for k_, v in scores.items()}, "chosen_step": chosen_step,
@@ -515,6 +510,35 @@ class GradientRestoration(Defense):
         info["restored"] = int(sum(int(m.sum()) for m in masks.values()))
         info["timing_s"] = {k_: round(v, 2) for k_, v in timing.items()} | {"total": round(time.perf_counter() - t_start, 2)}
         return DefenseOutput(model=model, info=info, checkpoints=checkpoints)
+
+
+def _load_finetuned(model, weights, device: str, prefix: str, E: int, norms: set, upper: set) -> list[Candidate]:
+    """theta := theta_F in place (the full model); returns the candidate tensors with Delta_F.
+
+    A function of its own so that the safetensors mapping of theta_F is released when it returns:
+    held for the run, its pages count in the process's RSS (about one more model)."""
+    import torch
+    from safetensors import safe_open
+
+    cands: list[Candidate] = []
+    with torch.no_grad(), safe_open(str(weights), "pt", device=device) as st:
+        keys = set(st.keys())
+        for name, param in model.named_parameters():  # the FULL model: upper layers get theta_F too
+            if name not in keys:
+                continue  # tied lm_head
+            F = st.get_tensor(name).to(param.dtype)
+            if F.shape != param.shape:
+                raise UserError(f"aligned and fine-tuned models differ in shape at {name}: {tuple(param.shape)} vs {tuple(F.shape)}")
+            if name in upper:
+                param.data.copy_(F)  # upper layers: theta_F, never changed
+                continue
+            delta = F - param.data
+            param.data.copy_(F)
+            idx = models.layer_index(name)
+            if name.startswith(prefix) and idx is not None and idx < E and name not in norms:
+                param.requires_grad_(True)
+                cands.append(Candidate(name, param, delta, torch.zeros_like(param, dtype=torch.bool)))
+    return cands
 
 
 def choose_checkpoint(scores: dict[int, float], fails) -> int | None:

@@ -324,3 +324,31 @@ def test_bad_inputs(tiny, tmp_path):
                           calibration_prompts=HARMFUL, benign_prompts=BENIGN, probe=ScriptedProbe([1.0]), progress=lambda m: None)
     with pytest.raises(UserError, match="num_hidden_layers"):
         cls().apply(diff)
+
+
+def test_E_override_restricts_candidates_to_the_first_E_layers(tiny):
+    out, masks = run_real(tiny, ScriptedProbe([1.0] * 9), steps=1, warmup_steps=1, save_step=1, E=1)
+    assert out.info["E"] == 1
+    assert {int(n.split(".layers.")[1].split(".")[0]) for n in masks[1]} == {0}
+    with pytest.raises(UserError, match="decoder layers"):
+        run_real(tiny, ScriptedProbe([1.0]), E=99)
+    with pytest.raises(UserError, match="compute_dtype"):
+        parse_params(GradientRestorationParams, {"compute_dtype": "float8"})
+
+
+def test_bfloat16_probe_tracks_float32_and_runs(tiny):
+    """compute_dtype=bfloat16 is autocast: h stays close to the fp32 h; the run records its dtype."""
+    tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
+    model = models.load_model(models.resolve(tiny["aligned"]))
+    E = probe_layers(model.config.num_hidden_layers)
+    batch = batches_of(tok, HARMFUL[:8], 8)[0]
+    with torch.no_grad():
+        tm = TruncatedModel(model, E)
+        h32 = tm.h(batch)
+        tm.autocast = torch.bfloat16
+        h16 = tm.h(batch)
+    assert h16.dtype == torch.float32
+    assert not torch.equal(h16, h32)  # bf16 arithmetic really ran
+    assert float((h16 - h32).norm() / h32.norm()) < 0.05
+    out, masks = run_real(tiny, ScriptedProbe([1.0] * 9), steps=2, warmup_steps=1, save_step=1, compute_dtype="bfloat16")
+    assert out.info["compute_dtype"] == "bfloat16" and sum(int(m.sum()) for m in masks[2].values()) > 0

@@ -33,7 +33,7 @@ def _prompts(n: int) -> tuple[list[str], list[str]]:
     return harmful, benign_prompts(max(n, 8), 7)[:n]
 
 
-def ours(aligned: str, finetuned: str, n_prompts: int, steps: int) -> dict:
+def ours(aligned: str, finetuned: str, n_prompts: int, steps: int, compute_dtype: str = "float32", E: int = 0) -> dict:
     import torch
 
     from bench import models
@@ -46,12 +46,22 @@ def ours(aligned: str, finetuned: str, n_prompts: int, steps: int) -> dict:
                          benign_prompts=benign, probe=lambda model, handle=None: 1.0, progress=lambda m: None)
     cls: type[GradientRestoration] = DEFENSES.get("gradient_restoration")
     t0 = time.perf_counter()
-    out = cls(steps=steps, warmup_steps=steps, save_step=steps, rollback=False).apply(ctx)
+    out = cls(steps=steps, warmup_steps=steps, save_step=steps, rollback=False, compute_dtype=compute_dtype, E=E).apply(ctx)
     wall = time.perf_counter() - t0
     t = out.info["timing_s"]
     return {"step_s": (t["gradient_s"] + t["selection_s"]) / steps, "gradient_s_per_step": t["gradient_s"] / steps,
             "selection_s_per_step": t["selection_s"] / steps, "wall_s": wall, "E": out.info["E"], "L": out.info["L"],
-            "k": out.info["k"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "k": out.info["k"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "mask": out.checkpoints[steps]}
+
+
+def _jaccard(blob_a: bytes, blob_b: bytes) -> float:
+    from defenses.gradient_restoration import unpack
+
+    a, b = unpack(blob_a), unpack(blob_b)
+    inter = sum(int((a[n] & b[n]).sum()) for n in a)
+    union = sum(int((a[n] | b[n]).sum()) for n in a)
+    return inter / union if union else 1.0
 
 
 def reference(aligned: str, finetuned: str, n_prompts: int, steps: int) -> dict:
@@ -144,7 +154,9 @@ def main() -> None:
     ap.add_argument("--random-llama", choices=["1b"], help="benchmark on a random Llama pair of this size instead")
     ap.add_argument("--prompts", type=int, default=64, help="calibration prompts")
     ap.add_argument("--steps", type=int, default=3, help="recovery steps timed")
+    ap.add_argument("--scaling", action="store_true", help="also time ours at E/4, E/2, E and at 1/4, 1/2, all of the prompts")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--write", action="store_true", help="replace this benchmark's section of BENCHMARKS.md")
     args = ap.parse_args()
     if args.random_llama:
         args.model, args.finetuned = random_llama_pair(Path("realign-home/cache/perf"), args.random_llama)
@@ -152,16 +164,56 @@ def main() -> None:
         ap.error("--model and --finetuned (or --random-llama) are required")
     ref = run_fresh(reference, args.model, args.finetuned, args.prompts, args.steps)
     new = run_fresh(ours, args.model, args.finetuned, args.prompts, args.steps)
+    bf16 = run_fresh(ours, args.model, args.finetuned, args.prompts, args.steps, "bfloat16")
     result = {
-        "model": args.random_llama or args.model, "prompts": args.prompts, "steps": args.steps, "E": new["E"], "L": new["L"],
-        "reference": ref, "ours": new,
+        "model": args.random_llama or Path(args.model).name, "prompts": args.prompts, "steps": args.steps, "E": new["E"], "L": new["L"],
+        "reference": ref, "ours": new, "ours_bf16": bf16,
         "step_time_ratio": new["step_s"] / ref["step_s"],
+        "step_time_ratio_bf16": bf16["step_s"] / ref["step_s"],
         "peak_memory_ratio": new["peak_rss_mb"] / ref["peak_rss_mb"],
+        "peak_memory_ratio_bf16": bf16["peak_rss_mb"] / ref["peak_rss_mb"],
         "own_work_over_gradient_pass": new["selection_s_per_step"] / new["gradient_s_per_step"],
+        "mask_jaccard_bf16_vs_fp32": _jaccard(new["mask"], bf16["mask"]),
     }
+    if args.scaling:
+        E = new["E"]
+        result["scaling_E"] = {e: run_fresh(ours, args.model, args.finetuned, args.prompts, 2, "float32", e)["gradient_s_per_step"]
+                               for e in sorted({max(1, E // 4), max(1, E // 2), E})}
+        result["scaling_prompts"] = {n: run_fresh(ours, args.model, args.finetuned, n, 2)["gradient_s_per_step"]
+                                     for n in sorted({max(8, args.prompts // 4), max(8, args.prompts // 2), args.prompts})}
+    for variant in ("ours", "ours_bf16"):
+        result[variant].pop("mask")
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.write:
+        from bench.perf import write_section
+
+        write_section(f"flagship_step-{result['model']}", _markdown(result))
+
+
+def _markdown(r: dict) -> str:
+    ref, o, b = r["reference"], r["ours"], r["ours_bf16"]
+    lines = [
+        f"Model `{r['model']}` (E = {r['E']} of {r['L']} layers), {r['prompts']} calibration prompts, batch 8, {r['steps']} plain steps, "
+        "each variant in its own fresh interpreter.",
+        "",
+        "| | reference (released code's shape) | ours, fp32 | ours, bf16 autocast |",
+        "|---|---|---|---|",
+        f"| step time (gradient + selection), s | {ref['step_s']:.2f} | {o['step_s']:.2f} | {b['step_s']:.2f} |",
+        f"| gradient pass per step, s | {ref['gradient_s_per_step']:.2f} | {o['gradient_s_per_step']:.2f} | {b['gradient_s_per_step']:.2f} |",
+        f"| selection + restore per step, s | {ref['selection_s_per_step']:.2f} | {o['selection_s_per_step']:.2f} | {b['selection_s_per_step']:.2f} |",
+        f"| peak RSS, MB | {ref['peak_rss_mb']:.0f} | {o['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |",
+        f"| step time / reference (target <= 0.33) | 1 | {r['step_time_ratio']:.2f} | {r['step_time_ratio_bf16']:.2f} |",
+        f"| peak RSS / reference (target <= 0.5) | 1 | {r['peak_memory_ratio']:.2f} | {r['peak_memory_ratio_bf16']:.2f} |",
+        f"| own work / gradient pass (target <= 0.3) | | {r['own_work_over_gradient_pass']:.2f} | |",
+        "",
+        f"Masks after {r['steps']} steps, bf16 against fp32: Jaccard {r['mask_jaccard_bf16_vs_fp32']:.3f}.",
+    ]
+    if "scaling_E" in r:
+        lines += ["", "Gradient pass per step (ours, fp32) against E: " + ", ".join(f"E={e}: {s:.2f} s" for e, s in r["scaling_E"].items()),
+                  "", "... and against calibration prompts: " + ", ".join(f"{n}: {s:.2f} s" for n, s in r["scaling_prompts"].items())]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--write", action="store_true", help="replace this benchmark's section of BENCHMARKS.md")
     args = ap.parse_args()
     if args.model is None:
         from bench.testbed.build import embedded_base
@@ -59,6 +60,15 @@ def main() -> None:
     print(json.dumps({"prompts": args.prompts, "tokens": args.tokens, "runs": runs}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))
+    if args.write:
+        from bench.perf import write_section
+
+        rows = [f"| {r['engine']} | {r['options']} | {r['start_s']} | {r['generate_s']} | {r['tok_per_s']} | {r['speedup_vs_transformers_fp32']} |"
+                for r in runs]
+        write_section("generation", "\n".join([
+            f"SmolLM2-135M-Instruct (the embedded base), {args.prompts} prompts x up to {args.tokens} new tokens, greedy; each engine in "
+            "its own fresh interpreter. Reference: transformers fp32, same run.", "",
+            "| engine | options | start s | generate s | new tok/s | speed vs reference |", "|---|---|---|---|---|---|", *rows]))
 
 
 if __name__ == "__main__":
