@@ -44,13 +44,17 @@ class RunConfig:
         return self.home / "runs" / self.name
 
 
+def _to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 class Clock:
     """Stage timer that prints one progress line per stage."""
 
     def __init__(self, log=None):
         self.t0 = time.perf_counter()
         self.stages: dict[str, float] = {}
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log or _to_stderr  # a module-level function: a defense's fresh process gets the clock pickled
 
     def say(self, msg: str) -> None:
         self.log(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}")

@@ -231,3 +231,17 @@ def test_real_public_data_through_the_data_dir(tiny, tmp_path):
     assert [s["prompt"] for s in out["realign_harmful"]["samples"]] == [r["prompt"] for r in evaluation[:4]]
     with pytest.raises(UserError, match="at least 2000"):
         beavertails_pairs(root, 2000)
+
+
+def test_benchmark_sections_replace_only_their_own_text(tmp_path):
+    from bench.perf import write_section
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nhand-written notes\n")
+    write_section("demo", "| a | 1 |", path)
+    write_section("other", "kept", path)
+    write_section("demo", "| a | 2 |", path)
+    text = path.read_text()
+    assert "hand-written notes" in text and "kept" in text
+    assert "| a | 2 |" in text and "| a | 1 |" not in text
+    assert text.count("<!-- bench:demo -->") == 1 and "CPU cores" in text
