@@ -174,7 +174,7 @@ def mean_direction(tm: TruncatedModel, batches: list[dict]) -> "torch.Tensor":
     total, count = None, 0
     with torch.no_grad():
         for b in batches:
-            h = tm.h(b).float()
+            h = tm.h(b)
             total = h.sum(0) if total is None else total + h.sum(0)
             count += h.shape[0]
     return total / count
@@ -186,7 +186,7 @@ def gradient_pass(tm: TruncatedModel, batches: list[dict], direction) -> float:
 
     total = 0.0
     for b in batches:
-        loss = -torch.nn.functional.cosine_similarity(tm.h(b).float().mean(0), direction, dim=0)
+        loss = -torch.nn.functional.cosine_similarity(tm.h(b).mean(0), direction, dim=0)
         loss.backward()
         total += float(loss.detach())
     return total
