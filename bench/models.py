@@ -164,7 +164,48 @@ def final_norm(model):
     return _find(model, ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_neox.final_layer_norm"))[1]
 
 
+def untied_output_weight(model):
+    """The LM head's weight when it is a tensor of its own (None when tied to the embeddings)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or (inp is not None and out.weight is inp.weight):
+        return None
+    return out.weight
+
+
 LORA_TARGETS = "all-linear"  # peft: every linear layer of the decoder, not the LM head
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bfloat16 natively (else bf16 autocast is slower than fp32)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention masks of our own (several prompts packed into one sequence)
+
+
+def accepts_custom_mask(model) -> bool:
+    """Whether the attention takes a 4-D mask as given (transformers' sdpa and eager paths do;
+    flash-attention kernels take no mask)."""
+    return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def custom_attention_mask(model, allowed: "torch.Tensor", dtype) -> "torch.Tensor":
+    """allowed[b, 1, query, key] (True = may attend) in the form the model's attention wants:
+    boolean for sdpa, additive (0 / most negative) for eager."""
+    import torch
+
+    if model.config._attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,12 +7,19 @@ L decoder layers, E = floor(2L/3) probed layers, d_h / d_b directions, k budget,
 Inputs: aligned theta_A and fine-tuned theta_F, D_h = the harmful calibration prompts (prompts only),
 D_b = the first benign task prompts (no shuffle), and the utility probe on the task's dev split.
 
-The recovered model is theta_A + Delta_F * (1 - M) = theta_F - Delta_F * M for a sparse mask M, so:
-- the run holds ONE working copy of the truncated model (layers < E, embeddings) plus Delta_F of the
-  candidate tensors; restoring is theta[m] -= Delta_F[m];
-- a checkpoint is a bit-packed mask, rebuilt on demand as theta_F - Delta_F * M;
-- the k-th largest qualifying |grad| is found by a radix select over the tensors, without
-  concatenating every gradient into one vector;
+The recovered model is theta_F with a sparse set M of candidate coordinates copied from theta_A, so:
+- the run holds ONE working copy theta of the truncated model (layers < E and embeddings; the upper
+  layers are read back from theta_F's file only while the utility probe runs) plus theta_A's
+  candidate tensors (`aligned_copy=memory`, the size of Delta_F) or nothing more
+  (`aligned_copy=stream`: each candidate tensor of theta_A is read from its file when a step
+  needs it, one tensor at a time);
+- a coordinate is restored exactly when theta_i == A_i != F_i, so no mask is kept: a checkpoint is
+  that mask, bit-packed, and any checkpoint is rebuilt on demand as theta_F with M copied from A;
+- the k-th largest qualifying |grad| comes from one pass over the candidates that keeps only the
+  coordinates above a lower bound estimated on a strided sample: no concatenated copy of every
+  gradient, and the bound is checked, so the answer is exact;
+- each batch of prompts runs as ONE sequence (`packing`): the prompts' common prefix (system
+  turn, task instruction) once, then each prompt's own tokens, under a block mask; no padding;
 - the model stays on its device for the whole run.
 
 Modes. `faithful` keeps each quirk of the released code; `clean` replaces each with an explicit
@@ -34,6 +41,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench import models
 from bench.errors import UserError
@@ -60,8 +68,13 @@ class GradientRestorationParams:
     n_harmful: int = field(default=256, metadata={"help": "at most this many calibration prompts"})
     seed: int = field(default=42, metadata={"help": "torch seed (the method itself is deterministic)"})
     E: int = field(default=0, metadata={"help": "decoder layers probed; 0 = floor(2L/3) as in the paper"})
-    compute_dtype: str = field(default="float32", metadata={"help": "float32 (the released code) or bfloat16 (autocast: faster on "
-                                                                     "CPUs with AVX512-BF16 and on GPUs; gradients still accumulate in fp32)"})
+    compute_dtype: str = field(default="auto", metadata={"help": "float32 (the released code's arithmetic), bfloat16 (autocast; gradients "
+                                                                  "still accumulate in fp32) or auto (bfloat16 where the device computes it "
+                                                                  "natively: GPUs, CPUs with AVX512-BF16 or AMX; else float32)"})
+    packing: bool = field(default=True, metadata={"help": "run each batch as one sequence: the prompts' common prefix once, no padding "
+                                                          "(the same h up to float rounding; false = left-padded batches as released)"})
+    aligned_copy: str = field(default="auto", metadata={"help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
+                                                                "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"})
     rate_denominator: str | None = field(default=None, metadata={"help": "all_layers | candidates (default from mode)"})
     grad_accumulation: str | None = field(default=None, metadata={"help": "cumulative | fresh (default from mode)"})
     batches: str | None = field(default=None, metadata={"help": "zip | all (default from mode)"})
@@ -80,8 +93,10 @@ class GradientRestorationParams:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
-        if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be 'auto', 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.aligned_copy not in ("auto", "memory", "stream"):
+            raise ValueError(f"aligned_copy must be 'auto', 'memory' or 'stream', got {self.aligned_copy!r}")
         if self.E < 0:
             raise ValueError(f"E must be >= 0 (0 = floor(2L/3)), got {self.E}")
         if self.steps < 1 or self.save_step < 1 or self.batch_size < 1 or not 0 <= self.warmup_steps <= self.steps:
@@ -96,8 +111,13 @@ def probe_layers(num_layers: int) -> int:
     return (2 * num_layers) // 3
 
 
+def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Chat template with the assistant header, tokenized without extra special tokens."""
+    return [tokenizer(models.render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
 def batches_of(tokenizer, prompts: list[str], batch_size: int) -> list[dict]:
-    """Chat template with the assistant header, no extra special tokens, LEFT padding."""
+    """Batches as the released code makes them: LEFT padding to the longest prompt of the batch."""
     tokenizer.padding_side = "left"
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -106,14 +126,73 @@ def batches_of(tokenizer, prompts: list[str], batch_size: int) -> list[dict]:
     return out
 
 
+@dataclass
+class PackedBatch:
+    """One batch of prompts as ONE sequence: their common prefix once, then each prompt's own
+    tokens. `allowed` lets a token see the prefix and the earlier tokens of its own prompt, with
+    positions counted from the prompt's start: the same h as a padded batch, without padding and
+    without computing the shared prefix once per prompt. (transformers packs sequences for
+    training through flash-attention, which takes no mask and so cannot share a prefix.)"""
+
+    input_ids: "torch.Tensor"  # [1, T]
+    position_ids: "torch.Tensor"  # [1, T]
+    allowed: "torch.Tensor"  # [1, 1, T, T] bool
+    last: "torch.Tensor"  # [B] index of each prompt's last token
+    prefix: int
+
+
+def packed_batches(tokenizer, prompts: list[str], batch_size: int) -> list[PackedBatch]:
+    import torch
+
+    ids = prompt_ids(tokenizer, prompts)
+    out = []
+    for i in range(0, len(ids), batch_size):
+        group = ids[i : i + batch_size]
+        P = 0  # common prefix, leaving each prompt at least its last token
+        while P < min(len(g) for g in group) - 1 and all(g[P] == group[0][P] for g in group):
+            P += 1
+        tokens, positions, segment, last = list(group[0][:P]), list(range(P)), [-1] * P, []
+        for j, g in enumerate(group):
+            tokens += g[P:]
+            positions += range(P, len(g))
+            segment += [j] * (len(g) - P)
+            last.append(len(tokens) - 1)
+        seg = torch.tensor(segment)
+        causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+        allowed = causal & ((seg[None, :] == -1) | (seg[None, :] == seg[:, None]))
+        out.append(PackedBatch(torch.tensor([tokens]), torch.tensor([positions]), allowed[None, None], torch.tensor(last), P))
+    return out
+
+
+class WeightFile:
+    """Tensors of one safetensors file, read one at a time: each read maps the file, copies the
+    tensor out and unmaps it, so no mapping of the whole file stays resident in the process."""
+
+    def __init__(self, path: Path, device: str, dtype):
+        self.path, self.device, self.dtype = str(path), device, dtype
+
+    def get(self, name: str, stride: int = 1) -> "torch.Tensor":
+        from safetensors import safe_open
+
+        with safe_open(self.path, "pt", device="cpu") as st:
+            t = st.get_slice(name)[::stride] if stride > 1 else st.get_tensor(name)
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def names(self) -> set[str]:
+        from safetensors import safe_open
+
+        with safe_open(self.path, "pt", device="cpu") as st:
+            return set(st.keys())
+
+
 class TruncatedModel:
     """The working model cut after layer E-1; h(x) = residual stream there at the last token.
 
-    The upper layers, final norm and LM head are kept aside (not copied) so the full model can be
-    put back for the utility probe and for the output.
-    """
+    What the probe never uses (upper layers, final norm, an untied LM head) is released; `full()`
+    reads those tensors back from theta_F's file (they are never changed) for the utility probe
+    and for the output, and releases them again after."""
 
-    def __init__(self, model, E: int, compute_dtype: str = "float32"):
+    def __init__(self, model, E: int, compute_dtype: str, upper_source: WeightFile):
         import torch
 
         self.model = model
@@ -123,6 +202,11 @@ class TruncatedModel:
         self.all_layers = models.decoder_layers(model)
         self.norm = models.final_norm(model)
         self.truncated = torch.nn.ModuleList(list(self.all_layers)[:E])
+        self.upper_source = upper_source
+        head = models.untied_output_weight(model)
+        prefix = models.layers_prefix(model)
+        self.unused = {n: p for n, p in model.named_parameters()
+                       if (n.startswith(prefix) and models.layer_index(n) >= E) or p is head}
         self._cut()
 
     def _cut(self):
@@ -131,13 +215,17 @@ class TruncatedModel:
         _set_layers(self.model, self.truncated)
         if self.norm is not None:
             _set_final_norm(self.model, torch.nn.Identity())  # no final norm on the probe
+        for p in self.unused.values():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
     def full(self):
-        """Context manager: the whole model (for generation), cut again on exit."""
+        """Context manager: the whole model (for generation and the output), cut again on exit."""
         outer = self
 
         class _Full:
             def __enter__(self):
+                for name, p in outer.unused.items():
+                    p.data = outer.upper_source.get(name).to(p.dtype)
                 _set_layers(outer.model, outer.all_layers)
                 if outer.norm is not None:
                     _set_final_norm(outer.model, outer.norm)
@@ -148,11 +236,21 @@ class TruncatedModel:
 
         return _Full()
 
-    def h(self, batch) -> "torch.Tensor":
+    def compute(self):
+        """The compute-dtype context (autocast). Entered once around a whole gradient pass, so the
+        bf16 copies of the weights are made once per pass, not once per batch."""
         import torch
 
         device = next(self.model.parameters()).device
-        with torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        return torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
+
+    def h(self, batch) -> "torch.Tensor":
+        device = next(self.model.parameters()).device
+        with self.compute():
+            if isinstance(batch, PackedBatch):
+                mask = models.custom_attention_mask(self.model, batch.allowed.to(device), self.autocast or next(self.model.parameters()).dtype)
+                out = self.stack(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), attention_mask=mask, use_cache=False)
+                return out.last_hidden_state[0, batch.last.to(device), :].float()
             out = self.stack(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
         return out.last_hidden_state[:, -1, :].float()  # position -1 is the last real token under left padding
 
@@ -167,7 +265,7 @@ def _set_final_norm(model, module):
     parent.norm = module
 
 
-def mean_direction(tm: TruncatedModel, batches: list[dict]) -> "torch.Tensor":
+def mean_direction(tm: TruncatedModel, batches: list) -> "torch.Tensor":
     """Mean of h over every prompt of the set (no grad)."""
     import torch
 
@@ -180,135 +278,164 @@ def mean_direction(tm: TruncatedModel, batches: list[dict]) -> "torch.Tensor":
     return total / count
 
 
-def gradient_pass(tm: TruncatedModel, batches: list[dict], direction) -> float:
+def gradient_pass(tm: TruncatedModel, batches: list, direction) -> float:
     """loss = -cos(mean_over_batch h, direction), one backward per batch, gradients SUMMED."""
     import torch
 
     total = 0.0
-    for b in batches:
-        loss = -torch.nn.functional.cosine_similarity(tm.h(b).mean(0), direction, dim=0)
-        loss.backward()
-        total += float(loss.detach())
+    with tm.compute():
+        for b in batches:
+            loss = -torch.nn.functional.cosine_similarity(tm.h(b).mean(0), direction, dim=0)
+            loss.backward()
+            total += float(loss.detach())
     return total
 
 
 # ------------------------------------------------------------------------------------------ selection
 
 
-def kth_largest(parts: list, k: int) -> float:
-    """The k-th largest of the union of non-negative float32 values, without concatenating them.
-
-    `parts` are zero-argument callables, each returning one tensor's values (e.g. the qualifying
-    |grad| of one candidate tensor), recomputed per pass so that only one tensor's values exist
-    at a time. Radix select on the IEEE-754 bit patterns (monotonic for non-negative floats): a
-    512-bin histogram of sign+exponent, then a 2048-bin one of the top mantissa bits inside the
-    chosen bin, then an exact pick among the few values left. No library offers a k-th value
-    across a list of tensors, and a concatenation would cost one more copy of every gradient.
-    """
-    import torch
-
-    parts = [p if callable(p) else (lambda p=p: p) for p in parts]
-    total = sum(int(p().numel()) for p in parts)
-    if not 1 <= k <= total:
-        raise ValueError(f"k={k} outside 1..{total}")
-    prefix, shift, remaining = 0, 32, k
-    for width in (9, 11):
-        shift -= width
-        counts = torch.zeros(1 << width, dtype=torch.int64)
-        for part in parts:
-            b = part().float().contiguous().view(torch.int32)
-            if shift + width < 32:
-                b = b[(b >> (shift + width)) == prefix]
-            counts += torch.bincount(((b >> shift) & ((1 << width) - 1)).flatten().long(), minlength=1 << width).cpu()
-        above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])  # above[i] = count in bins >= i
-        bin_ = int((above >= remaining).nonzero().max())
-        remaining -= int(above[bin_ + 1]) if bin_ + 1 < len(above) else 0
-        prefix = (prefix << width) | bin_
-    rest = []
-    for part in parts:  # values sharing the top 20 bits of the answer: few
-        b = part().float().contiguous().view(torch.int32)
-        rest.append(b[(b >> shift) == prefix].cpu())
-    return float(torch.topk(torch.cat(rest).view(torch.float32), remaining).values[-1])
-
-
 @dataclass
 class Candidate:
-    """One candidate tensor: the working parameter, Delta_F, and the current restored mask."""
+    """One candidate tensor of the working copy (a weight of a layer < E, not a norm)."""
 
     name: str
     param: "torch.nn.Parameter"
-    delta: "torch.Tensor"  # theta_F - theta_A
-    mask: "torch.Tensor"  # True where the coordinate currently holds theta_A's value
 
 
-def select(cands: list[Candidate], toward: str, k_rate: float | None, k_abs: int | None, restrict: dict | None, strict: bool) -> tuple[dict, dict]:
-    """Sign agreement, the k-th largest |grad| as tau, then |grad| > tau (strict) or >= tau.
+class AlignedWeights:
+    """theta_A's candidate tensors: held in memory, or read from theta_A's file at each use."""
 
-    toward 'A': theta_i - A_i = Delta_i where not yet restored, else 0.
-    toward 'F': theta_i - F_i = -Delta_i where restored, else 0.
-    Returns (selected masks by name, stats). k is ceil(k_rate * qualifying) when k_rate is given
-    (the rollback budget), else k_abs.
-    """
+    def __init__(self, source: WeightFile | None = None, held: dict | None = None):
+        self.source, self.held = source, held
+
+    def get(self, name: str, stride: int = 1) -> "torch.Tensor":
+        if self.held is not None:
+            t = self.held[name]
+            return t[::stride] if stride > 1 else t
+        return self.source.get(name, stride)
+
+
+def score(diff, grad) -> "torch.Tensor":
+    """|grad| where diff = theta - T and grad share a STRICT sign (copying T then moves the weight
+    along -grad), else 0. A zero diff or a zero gradient never qualifies."""
     import torch
 
-    qual, parts = {}, []
+    return torch.where(torch.sign(diff) * torch.sign(grad) > 0, grad.abs(), 0.0)
+
+
+def tau_lower_bound(cands: list[Candidate], aligned: AlignedWeights, k: int, margin: float, stride: int = 16) -> float:
+    """A value below the k-th largest qualifying |grad| (with high probability; the caller checks):
+    the (margin * k * sample share)-th largest score on every stride-th row of every tensor."""
+    import torch
+
+    cands = [c for c in cands if c.param.grad is not None]
+    sample, total = [], 0
     for c in cands:
-        g = c.param.grad
-        if g is None:
-            qual[c.name] = torch.zeros_like(c.mask)
-            continue
-        diff = torch.where(c.mask, torch.zeros_like(c.delta), c.delta) if toward == "A" else torch.where(c.mask, -c.delta, torch.zeros_like(c.delta))
-        q = ((diff > 0) & (g > 0)) | ((diff < 0) & (g < 0))
-        if restrict is not None:
-            q &= restrict[c.name]
-        qual[c.name] = q
-        parts.append(lambda g=g, q=q: g.abs()[q])
-    n_qual = sum(int(q.sum()) for q in qual.values())
-    k = math.ceil(k_rate * n_qual) if k_rate is not None else k_abs
-    stats = {"qualifying": n_qual, "k": k}
+        s = score(c.param.data[::stride] - aligned.get(c.name, stride), c.param.grad[::stride]).flatten()
+        sample.append(s[s > 0])
+        total += c.param.numel()
+    values = torch.cat(sample)
+    want = math.ceil(margin * k * sum(c.param.data[::stride].numel() for c in cands) / total)
+    return 0.0 if want >= values.numel() else float(torch.topk(values, want).values[-1])
+
+
+def recover_step(cands: list[Candidate], aligned: AlignedWeights, k: int, strict: bool, keep_previous: bool) -> tuple[dict, dict]:
+    """One recovery step toward theta_A: qualifying coordinates with |grad| > tau (strict) or
+    >= tau, where tau is the k-th largest qualifying |grad|; theta_i := A_i there (a copy).
+
+    Returns ({name: (flat indices restored, theta_F's values there or None)}, stats)."""
+    import torch
+
+    with_grad = [c for c in cands if c.param.grad is not None]
+    for margin in (2.0, 16.0, math.inf):  # the bound is checked; a low one only costs a second pass
+        t_lo = 0.0 if margin == math.inf else tau_lower_bound(with_grad, aligned, k, margin)
+        picked, n_qual = [], 0
+        for c in with_grad:
+            A = aligned.get(c.name).view(-1)
+            s = score(c.param.data.view(-1) - A, c.param.grad.view(-1))
+            n_qual += int(torch.count_nonzero(s))
+            idx = torch.nonzero(s > t_lo).squeeze(1)
+            picked.append((c, idx, s[idx], A[idx]))
+        n_picked = sum(len(p[1]) for p in picked)
+        if n_picked >= min(k, n_qual):  # every value >= the k-th largest is among the picked
+            break
+    stats = {"qualifying": n_qual, "k": k, "lower_bound_margin": margin}
     if n_qual == 0 or k == 0:
-        return {c.name: torch.zeros_like(c.mask) for c in cands}, stats | {"selected": 0, "tau": None}
-    # fewer qualifying coordinates than k: all of them are taken (tau = -inf)
-    tau = kth_largest(parts, k) if k <= n_qual else float("-inf")
-    chosen = {}
+        return {c.name: (torch.empty(0, dtype=torch.long), None) for c in cands}, stats | {"selected": 0, "tau": None}
+    values = torch.cat([p[2] for p in picked])
+    tau = float(torch.topk(values, k).values[-1]) if k <= n_qual else float("-inf")  # fewer than k qualify: all are taken
+    restored = {c.name: (torch.empty(0, dtype=torch.long), None) for c in cands}
+    selected = 0
+    with torch.no_grad():
+        for c, idx, s, a in picked:
+            take = (s > tau) if strict else (s >= tau)
+            chosen = idx[take]
+            flat = c.param.data.view(-1)
+            restored[c.name] = (chosen, flat[chosen].clone() if keep_previous else None)
+            flat[chosen] = a[take]
+            selected += len(chosen)
+    return restored, stats | {"selected": selected, "tau": tau}
+
+
+def rollback_step(cands: list[Candidate], restored: dict, rate: float, strict: bool) -> dict:
+    """One rollback step toward theta_F, restricted to this step's restored coordinates, with a
+    budget of ceil(rate * qualifying); theta_i := F_i there. The coordinates are few (at most k),
+    so they are handled as sparse vectors."""
+    import torch
+
+    parts = []
     for c in cands:
-        g = c.param.grad
-        if g is None:
-            chosen[c.name] = torch.zeros_like(c.mask)
-        else:
-            chosen[c.name] = qual[c.name] & ((g.abs() > tau) if strict else (g.abs() >= tau))
-    return chosen, stats | {"selected": sum(int(m.sum()) for m in chosen.values()), "tau": tau}
+        idx, previous = restored[c.name]
+        if len(idx) and c.param.grad is not None:
+            flat = c.param.data.view(-1)
+            parts.append((c, idx, previous, score(flat[idx] - previous, c.param.grad.view(-1)[idx])))
+    n_qual = sum(int(torch.count_nonzero(s)) for *_, s in parts)
+    k = math.ceil(rate * n_qual)
+    if k == 0:
+        return {"qualifying": n_qual, "k": 0, "selected": 0, "tau": None}
+    tau = float(torch.topk(torch.cat([s[s > 0] for *_, s in parts]), k).values[-1])
+    selected = 0
+    with torch.no_grad():
+        for c, idx, previous, s in parts:
+            back = (s > tau) if strict else (s >= tau)
+            c.param.data.view(-1)[idx[back]] = previous[back]
+            selected += int(back.sum())
+    return {"qualifying": n_qual, "k": k, "selected": selected, "tau": tau}
+
+
+def restored_masks(cands: list[Candidate], aligned: AlignedWeights, finetuned: WeightFile) -> dict:
+    """M: the coordinates that now hold theta_A's value and differ in theta_F."""
+    out = {}
+    for c in cands:
+        A = aligned.get(c.name)
+        out[c.name] = (c.param.data == A) & (finetuned.get(c.name) != A)
+    return out
 
 
 def pack(masks: dict) -> bytes:
-    """Bit-packed masks (one bit per coordinate) as a safetensors blob."""
+    """Bit-packed masks (one bit per coordinate) and their shapes, as a safetensors blob."""
     import numpy as np
     import torch
     from safetensors.torch import save
 
-    return save({name: torch.from_numpy(np.packbits(m.cpu().numpy().reshape(-1))) for name, m in masks.items()},
-                metadata={name: ",".join(map(str, m.shape)) for name, m in masks.items()})
+    blob = {}
+    for name, m in masks.items():
+        blob[name] = torch.from_numpy(np.packbits(m.cpu().numpy().reshape(-1)))
+        blob[name + ":shape"] = torch.tensor(m.shape, dtype=torch.int64)
+    return save(blob)
 
 
 def unpack(blob: bytes) -> dict:
     import numpy as np
     import torch
-    from safetensors import safe_open
     from safetensors.torch import load
 
-    packed = load(blob)
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
-        f.write(blob)
-        f.flush()
-        with safe_open(f.name, "pt") as st:
-            shapes = st.metadata()
+    stored = load(blob)
     out = {}
-    for name, bits in packed.items():
-        shape = tuple(int(s) for s in shapes[name].split(","))
-        n = math.prod(shape)
-        out[name] = torch.from_numpy(np.unpackbits(bits.numpy())[:n].astype(bool)).reshape(shape)
+    for name, bits in stored.items():
+        if not name.endswith(":shape"):
+            shape = tuple(stored[name + ":shape"].tolist())
+            out[name] = torch.from_numpy(np.unpackbits(bits.numpy())[: math.prod(shape)].astype(bool)).reshape(shape)
     return out
 
 
@@ -324,7 +451,6 @@ class GradientRestoration(Defense):
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         import torch
-        from safetensors import safe_open
 
         p: GradientRestorationParams = self.params
         torch.manual_seed(p.seed)
@@ -343,6 +469,9 @@ class GradientRestoration(Defense):
 
         # --- the aligned model first: d_h = mean h(theta_A, x) over D_h
         model = ctx.load("aligned")
+        dtype = next(model.parameters()).dtype
+        F_file = WeightFile(_weights_file(ctx.finetuned), str(ctx.device), dtype)
+        A_file = WeightFile(_weights_file(ctx.aligned), str(ctx.device), dtype)
         L = models.num_layers(model)
         E = p.E or probe_layers(L)
         if E > L:
@@ -350,20 +479,20 @@ class GradientRestoration(Defense):
         norms = models.norm_parameter_names(model)
         prefix = models.layers_prefix(model)
         N_all = sum(p_.numel() for n, p_ in model.named_parameters() if n.startswith(prefix))
-        upper = {n for n, _ in model.named_parameters() if (models.layer_index(n) or 0) >= E and n.startswith(prefix)}
-        tm = TruncatedModel(model, E, p.compute_dtype)
         for param in model.parameters():
             param.requires_grad_(False)
-        harmful = batches_of(tok, D_h, p.batch_size)
-        benign = batches_of(tok, D_b, p.batch_size)
+        compute_dtype = p.compute_dtype if p.compute_dtype != "auto" else ("bfloat16" if models.native_bf16(str(ctx.device)) else "float32")
+        tm = TruncatedModel(model, E, compute_dtype, upper_source=F_file)
+        packing = p.packing and models.accepts_custom_mask(model)
+        make = packed_batches if packing else batches_of
+        harmful, benign = make(tok, D_h, p.batch_size), make(tok, D_b, p.batch_size)
         t0 = time.perf_counter()
         d_h = mean_direction(tm, harmful)
 
-        # --- load theta_F into the same module; keep Delta_F for candidate tensors only
-        with tm.full():
-            cands = _load_finetuned(model, _weights_file(ctx.finetuned), str(ctx.device), prefix, E, set(norms), upper)
-        if not any(bool((c.delta != 0).any()) for c in cands):
-            raise UserError("the fine-tuned model equals the aligned model in every candidate weight: nothing to restore")
+        # --- theta := theta_F in the working copy; theta_A's candidate tensors held or streamed
+        hold = p.aligned_copy == "memory" or (p.aligned_copy == "auto" and str(ctx.device) != "cpu")
+        cands, held = _load_finetuned(model, tm, F_file, prefix, E, set(norms), hold)
+        aligned = AlignedWeights(A_file, held)
         N_cand = sum(c.param.numel() for c in cands)
         d_b = mean_direction(tm, benign)
         timing["gradient_s"] += time.perf_counter() - t0
@@ -379,60 +508,40 @@ class GradientRestoration(Defense):
             for c in cands:
                 c.param.grad = None
 
-        def harmful_grad(fresh: bool):
-            nonlocal timing
+        def timed_pass(batches, direction, fresh: bool):
             if fresh:
                 zero_grads()
             t = time.perf_counter()
-            gradient_pass(tm, harmful_used, d_h)
+            gradient_pass(tm, batches, direction)
             timing["gradient_s"] += time.perf_counter() - t
 
-        weights = _weights_file(ctx.finetuned)
-
-        def reload_finetuned(only_masked: bool) -> None:
-            """theta := theta_F exactly, read from the file (never rebuilt as (F - D) + D)."""
-            with torch.no_grad(), safe_open(str(weights), "pt", device=str(ctx.device)) as st:
-                for c in cands:
-                    if only_masked and not bool(c.mask.any()):
-                        continue
-                    c.param.data.copy_(st.get_tensor(c.name).to(c.param.dtype))
-                    c.mask.zero_()
-
-        def recover(keep_previous: bool) -> tuple[dict, dict, dict]:
-            """One recovery step toward theta_A: theta[m] -= Delta[m]. Returns (m, stats, old values)."""
+        def recover(keep_previous: bool) -> tuple[dict, dict]:
             t = time.perf_counter()
-            chosen, stats = select(cands, "A", None, k, None, strict)
-            previous = {}
-            with torch.no_grad():
-                for c in cands:
-                    m = chosen[c.name]
-                    if keep_previous:  # theta_F's values of this step's coordinates, for an exact rollback
-                        previous[c.name] = c.param.data[m].clone()
-                    c.param.data[m] -= c.delta[m]
-                    c.mask |= m
+            out = recover_step(cands, aligned, k, strict, keep_previous)
             timing["selection_s"] += time.perf_counter() - t
-            return chosen, stats, previous
+            return out
 
-        def roll_back(chosen: dict, previous: dict) -> dict:
-            """One rollback step toward theta_F, restricted to this step's mask m."""
+        def roll_back(restored: dict) -> dict:
             t = time.perf_counter()
-            back, stats = select(cands, "F", p.rollback_rate, None, chosen, strict)
-            with torch.no_grad():
-                for c in cands:
-                    b = back[c.name]
-                    c.param.data[b] = previous[c.name][b[chosen[c.name]]]
-                    c.mask &= ~b
+            stats = rollback_step(cands, restored, p.rollback_rate, strict)
             timing["selection_s"] += time.perf_counter() - t
             return stats
+
+        def reset_to_finetuned() -> None:
+            """theta := theta_F exactly, read from its file (never rebuilt from A and a delta)."""
+            with torch.no_grad():
+                for c in cands:
+                    c.param.data.copy_(F_file.get(c.name))
 
         def probe_score() -> float:
             t = time.perf_counter()
             with torch.no_grad(), tm.full() as full:
-                score = ctx.probe(full, handle=ctx.finetuned)
+                score_ = ctx.probe(full, handle=ctx.finetuned)
             timing["probe_s"] += time.perf_counter() - t
-            return score
+            return score_
 
-        ctx.progress(f"gradient_restoration: L={L}, E={E}, |D_h|={len(D_h)}, |D_b|={len(D_b)}, k={k} of N={N} ({p.mode})")
+        ctx.progress(f"gradient_restoration: L={L}, E={E}, |D_h|={len(D_h)}, |D_b|={len(D_b)}, k={k} of N={N} ({p.mode}"
+                     f"{', packed' if packing else ''}, {compute_dtype}, theta_A {'held' if hold else 'streamed'})")
         s0 = probe_score()
         min_score = s0 * (1 - p.metric_drop)
         fails_final = (lambda s: s <= min_score) if p.comparison == "mixed" else (lambda s: s < min_score)
@@ -441,19 +550,19 @@ class GradientRestoration(Defense):
         scores: dict[int, float] = {}
 
         def checkpoint(step: int) -> None:
-            checkpoints[step] = pack({c.name: c.mask for c in cands})
+            checkpoints[step] = pack(restored_masks(cands, aligned, F_file))
             scores[step] = probe_score()
             ctx.progress(f"gradient_restoration: step {step}: task metric {scores[step]:.3f} (floor {min_score:.3f})")
 
         # --- warm-up: plain recovery steps toward theta_A (cumulative gradients in faithful mode)
         fresh = p.grad_accumulation == "fresh"
         for step in range(1, p.warmup_steps + 1):
-            harmful_grad(fresh)
-            _, stats, _ = recover(keep_previous=False)
+            timed_pass(harmful_used, d_h, fresh)
+            _, stats = recover(keep_previous=False)
             log.append({"step": step, "phase": "warmup"} | stats)
             if step % p.save_step == 0:
                 checkpoint(step)
-        s_warm = scores.get(p.warmup_steps, probe_score() if p.warmup_steps else s0)
+        s_warm = scores[p.warmup_steps] if p.warmup_steps in scores else (probe_score() if p.warmup_steps else s0)
         # the released code compares with '<' here and '<=' in the final choice (comparison=mixed)
         rollback_mode = p.rollback and p.warmup_steps > 0 and s_warm < min_score
 
@@ -461,23 +570,20 @@ class GradientRestoration(Defense):
             ctx.progress(f"gradient_restoration: warm-up metric {s_warm:.3f} < {min_score:.3f}: rollback mode")
             checkpoints.clear()
             scores.clear()
-            reload_finetuned(only_masked=True)  # reset theta := theta_F
+            reset_to_finetuned()
             for step in range(1, p.steps + 1):
-                harmful_grad(fresh=True)  # cleared before every harmful pass
-                chosen, stats, previous = recover(keep_previous=True)
-                zero_grads()  # ... and before and after every benign pass
-                t = time.perf_counter()
-                gradient_pass(tm, benign_used, d_b)
-                timing["gradient_s"] += time.perf_counter() - t
-                rb_stats = roll_back(chosen, previous)
+                timed_pass(harmful_used, d_h, fresh=True)  # cleared before every harmful pass
+                restored, stats = recover(keep_previous=True)
+                timed_pass(benign_used, d_b, fresh=True)  # ... and before and after every benign pass
+                rb_stats = roll_back(restored)
                 zero_grads()
                 log.append({"step": step, "phase": "rollback"} | stats | {f"rollback_{k_}": v for k_, v in rb_stats.items()})
                 if step % p.save_step == 0:
                     checkpoint(step)
         else:
             for step in range(p.warmup_steps + 1, p.steps + 1):
-                harmful_grad(fresh)
-                _, stats, _ = recover(keep_previous=False)
+                timed_pass(harmful_used, d_h, fresh)
+                _, stats = recover(keep_previous=False)
                 log.append({"step": step, "phase": "plain"} | stats)
                 if step % p.save_step == 0:
                     checkpoint(step)
@@ -485,7 +591,8 @@ class GradientRestoration(Defense):
         chosen_step = choose_checkpoint(scores, fails_final)
         zero_grads()
         info = {
-            "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, "compute_dtype": p.compute_dtype, "L": L, "E": E, "N": N, "N_all_layers": N_all,
+            "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, "compute_dtype": compute_dtype, "packing": packing,
+            "aligned_copy": "memory" if hold else "stream", "L": L, "E": E, "N": N, "N_all_layers": N_all,
             "N_candidates": N_cand, "k": k, "candidate_tensors": len(cands), "D_h": len(D_h), "D_b": len(D_b),
             "batches_per_pass": [len(harmful_used), len(benign_used)], "s0": s0, "min_score": min_score, "warmup_score": s_warm,
             "rollback_mode": rollback_mode, "checkpoint_scores": {str(k_): v for k_, v in scores.items()}, "chosen_step": chosen_step,
@@ -495,15 +602,14 @@ class GradientRestoration(Defense):
             info["timing_s"] = {k_: round(v, 2) for k_, v in timing.items()} | {"total": round(time.perf_counter() - t_start, 2)}
             return DefenseOutput(skipped="no recovered model: the first checkpoint already lost more than metric_drop of the task metric", info=info, checkpoints=checkpoints)
 
-        # --- the answer: theta_F - Delta_F * M(chosen), rebuilt from its bit-packed mask
+        # --- the answer: theta_F with M(chosen) copied from theta_A, rebuilt from its bit-packed mask
         masks = unpack(checkpoints[chosen_step])
-        reload_finetuned(only_masked=False)
         with torch.no_grad():
             for c in cands:
-                m = masks[c.name].to(c.param.device)
-                c.param.data[m] -= c.delta[m]
-                c.mask.copy_(m)
+                c.param.data.copy_(torch.where(masks[c.name].to(c.param.device), aligned.get(c.name), F_file.get(c.name)))
                 c.param.requires_grad_(False)
+        for name, p_ in tm.unused.items():  # the whole model again, kept whole for the caller
+            p_.data = F_file.get(name).to(p_.dtype)
         _set_layers(model, tm.all_layers)
         if tm.norm is not None:
             _set_final_norm(model, tm.norm)
@@ -512,33 +618,33 @@ class GradientRestoration(Defense):
         return DefenseOutput(model=model, info=info, checkpoints=checkpoints)
 
 
-def _load_finetuned(model, weights, device: str, prefix: str, E: int, norms: set, upper: set) -> list[Candidate]:
-    """theta := theta_F in place (the full model); returns the candidate tensors with Delta_F.
-
-    A function of its own so that the safetensors mapping of theta_F is released when it returns:
-    held for the run, its pages count in the process's RSS (about one more model)."""
+def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, E: int, norms: set, hold: bool) -> tuple[list[Candidate], dict | None]:
+    """theta := theta_F in every tensor the probe uses; returns the candidate tensors and, when
+    `hold`, a copy of theta_A's candidate tensors. Fails when no candidate weight differs."""
     import torch
-    from safetensors import safe_open
 
     cands: list[Candidate] = []
-    with torch.no_grad(), safe_open(str(weights), "pt", device=device) as st:
-        keys = set(st.keys())
-        for name, param in model.named_parameters():  # the FULL model: upper layers get theta_F too
-            if name not in keys:
-                continue  # tied lm_head
-            F = st.get_tensor(name).to(param.dtype)
+    held: dict | None = {} if hold else None
+    keys = F_file.names()
+    differs = False
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name not in keys or name in tm.unused:
+                continue  # tied lm_head; upper layers are read from the file when needed
+            F = F_file.get(name)
             if F.shape != param.shape:
                 raise UserError(f"aligned and fine-tuned models differ in shape at {name}: {tuple(param.shape)} vs {tuple(F.shape)}")
-            if name in upper:
-                param.data.copy_(F)  # upper layers: theta_F, never changed
-                continue
-            delta = F - param.data
-            param.data.copy_(F)
             idx = models.layer_index(name)
             if name.startswith(prefix) and idx is not None and idx < E and name not in norms:
+                differs = differs or not torch.equal(F, param.data)
+                if held is not None:
+                    held[name] = param.data.clone()
                 param.requires_grad_(True)
-                cands.append(Candidate(name, param, delta, torch.zeros_like(param, dtype=torch.bool)))
-    return cands
+                cands.append(Candidate(name, param))
+            param.data.copy_(F)
+    if not differs:
+        raise UserError("the fine-tuned model equals the aligned model in every candidate weight: nothing to restore")
+    return cands, held
 
 
 def choose_checkpoint(scores: dict[int, float], fails) -> int | None:

@@ -17,14 +17,18 @@ from bench.errors import UserError
 from defenses import DEFENSES, DefenseContext
 from defenses.base import parse_params
 from defenses.gradient_restoration import (
+    AlignedWeights,
+    Candidate,
     GradientRestorationParams,
     TruncatedModel,
+    WeightFile,
+    _weights_file,
     batches_of,
     choose_checkpoint,
-    kth_largest,
+    packed_batches,
     probe_layers,
-    select,
-    Candidate,
+    recover_step,
+    rollback_step,
     unpack,
 )
 
@@ -51,6 +55,8 @@ def context(tiny, probe, harmful=HARMFUL, benign=BENIGN):
 
 
 def run_real(tiny, probe, **params):
+    params.setdefault("packing", False)  # the released code's padded batches and fp32 arithmetic:
+    params.setdefault("compute_dtype", "float32")  # bit-identical h to the naive reference
     cls = DEFENSES.get("gradient_restoration")
     out = cls(**params).apply(context(tiny, probe))
     masks = {int(step): unpack(blob) for step, blob in (out.checkpoints or {}).items()}
@@ -212,7 +218,7 @@ def test_probe_is_last_token_with_left_padding_and_no_final_norm(tiny):
     assert padded["attention_mask"][0, 0] == 0  # left padded
     with torch.no_grad():
         ref = model.model(**alone, output_hidden_states=True).hidden_states[E][:, -1, :]
-        tm = TruncatedModel(model, E)
+        tm = TruncatedModel(model, E, "float32", upper_source=_upper(tiny))
         assert len(models.decoder_layers(model)) == E
         h1 = tm.h(alone)
         h2 = tm.h(padded)[0:1]
@@ -239,40 +245,66 @@ def test_zip_truncates_benign_batches_and_clean_uses_all(tiny):
     assert clean.info["batches_per_pass"] == [2, 3]
 
 
-def _cand(values, grads, delta, mask=None):
-    p = torch.nn.Parameter(torch.tensor(values, dtype=torch.float32))
+def _upper(tiny):
+    return WeightFile(_weights_file(models.resolve(tiny["finetuned"])), "cpu", torch.float32)
+
+
+def _cand(theta, grads, name="w"):
+    p = torch.nn.Parameter(torch.tensor(theta, dtype=torch.float32))
     p.grad = torch.tensor(grads, dtype=torch.float32)
-    d = torch.tensor(delta, dtype=torch.float32)
-    return Candidate("w", p, d, torch.zeros_like(d, dtype=torch.bool) if mask is None else torch.tensor(mask))
+    return Candidate(name, p)
 
 
 def test_sign_agreement_and_strict_threshold_with_ties():
-    # theta - A = delta. qualify iff delta and grad share a sign; zero delta or zero grad never
-    c = _cand([0.0] * 6, grads=[3.0, 2.0, 2.0, -1.0, 5.0, 0.0], delta=[1.0, 1.0, 1.0, -1.0, -1.0, 1.0])
-    chosen, stats = select([c], "A", None, 3, None, strict=True)
-    assert stats["qualifying"] == 4  # indices 0,1,2,3 (4 has opposite signs, 5 has zero grad)
+    # theta - A: qualify iff it shares a strict sign with grad; a zero diff or a zero grad never does
+    aligned = AlignedWeights(held={"w": torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 0.5])})
+    c = _cand([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5], grads=[3.0, 2.0, 2.0, -1.0, 5.0, 0.0, 4.0])
+    restored, stats = recover_step([c], aligned, 3, strict=True, keep_previous=True)
+    assert stats["qualifying"] == 4  # indices 0..3 (4 has opposite signs, 5 a zero grad, 6 a zero diff)
     assert stats["tau"] == 2.0  # 3rd largest of |g| over qualifying {3,2,2,1}
-    assert chosen["w"].tolist() == [True, False, False, False, False, False]  # strict '>': the ties at tau are left out
-    chosen, _ = select([c], "A", None, 3, None, strict=False)
-    assert chosen["w"].tolist() == [True, True, True, False, False, False]
+    assert restored["w"][0].tolist() == [0]  # strict '>': the ties at tau are left out
+    assert restored["w"][1].tolist() == [0.0]  # theta_F's value, kept for a rollback
+    assert c.param.data.tolist() == [-1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5]  # restored by copying A
+    c = _cand([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5], grads=[3.0, 2.0, 2.0, -1.0, 5.0, 0.0, 4.0])
+    restored, _ = recover_step([c], aligned, 3, strict=False, keep_previous=False)
+    assert sorted(restored["w"][0].tolist()) == [0, 1, 2]
 
 
 def test_rollback_budget_and_restriction():
-    # coordinates 0..3 restored (mask True); toward F: theta - F = -delta there
-    c = _cand([0.0] * 5, grads=[-4.0, -3.0, -2.0, -1.0, -9.0], delta=[1.0] * 5, mask=[True, True, True, True, False])
-    restrict = {"w": torch.tensor([True, True, True, False, False])}
-    chosen, stats = select([c], "F", 0.5, None, restrict, strict=True)
-    assert stats["qualifying"] == 3  # restricted to this step's mask; index 4 is not restored
-    assert stats["k"] == math.ceil(0.5 * 3)
-    assert chosen["w"].tolist() == [True, False, False, False, False]  # > tau = 3.0
+    # this step restored coordinates 0..2 (theta = A there); theta_F's values were 1.0
+    c = _cand([0.0, 0.0, 0.0, 0.0, 0.0], grads=[-4.0, -3.0, -2.0, -1.0, -9.0])
+    restored = {"w": (torch.tensor([0, 1, 2]), torch.tensor([1.0, 1.0, 1.0]))}
+    stats = rollback_step([c], restored, 0.5, strict=True)
+    assert stats["qualifying"] == 3  # restricted to this step's coordinates; 3 and 4 are not candidates
+    assert stats["k"] == math.ceil(0.5 * 3) and stats["tau"] == 3.0
+    assert c.param.data.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # > tau = 3.0 goes back to theta_F
 
 
-def test_kth_largest_matches_topk_across_tensors():
+@pytest.mark.parametrize("margins_fail", [False, True])
+def test_recover_step_is_exact_across_tensors(monkeypatch, margins_fail):
+    """The one-pass selection equals one concatenated top-k over every tensor, including when
+    the sampled lower bound is too high and a second pass is needed."""
+    import defenses.gradient_restoration as gr
+
+    if margins_fail:
+        monkeypatch.setattr(gr, "tau_lower_bound", lambda *a, **k: 1e9)
     g = torch.Generator().manual_seed(0)
-    parts = [torch.rand(1000, generator=g) ** 3 for _ in range(7)] + [torch.zeros(10), torch.full((5,), 0.5)]
-    flat = torch.cat(parts)
-    for k in (1, 2, 17, 1000, 3333, flat.numel()):
-        assert kth_largest(parts, k) == float(torch.topk(flat, k).values[-1])
+    shapes = [(40, 30), (64, 7), (5,), (100, 20)]
+    theta = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    A = {n: t + torch.randn(t.shape, generator=g) * (torch.rand(t.shape, generator=g) < 0.7) for n, t in theta.items()}
+    grads = {n: torch.randn(t.shape, generator=g) ** 3 for n, t in theta.items()}
+    for k in (1, 17, 500, 10_000):
+        cands = [_cand(theta[n].tolist(), grads[n].tolist(), n) for n in theta]
+        score = {n: torch.where(torch.sign(theta[n] - A[n]) * torch.sign(grads[n]) > 0, grads[n].abs(), 0.0) for n in theta}
+        flat = torch.cat([v.flatten() for v in score.values()])
+        qual = flat[flat > 0]
+        tau = float(torch.topk(qual, k).values[-1]) if k <= len(qual) else float("-inf")
+        restored, stats = recover_step(cands, AlignedWeights(held=A), k, strict=True, keep_previous=False)
+        assert stats["qualifying"] == len(qual) and stats["tau"] == tau
+        for c in cands:
+            expect = (score[c.name].flatten() > tau) & (score[c.name].flatten() > 0)
+            assert sorted(restored[c.name][0].tolist()) == expect.nonzero().flatten().tolist()
+            assert torch.equal(c.param.data, torch.where(expect.view(theta[c.name].shape), A[c.name], theta[c.name]))
 
 
 def test_checkpoint_choice_edge_cases():
@@ -296,8 +328,8 @@ def test_output_is_finetuned_minus_delta_times_mask(tiny):
     final = masks[out.info["chosen_step"]]
     for name, p in got.items():
         if name in final:
-            expect = torch.where(final[name], F[name] - (F[name] - A[name]), F[name])
-            assert torch.equal(p.data, expect.data)
+            assert torch.equal(p.data, torch.where(final[name], A[name], F[name]).data)  # restored by copying theta_A
+            torch.testing.assert_close(p.data, (F[name] - (F[name] - A[name]) * final[name]).data)  # = theta_F - Delta_F * M
         else:
             assert torch.equal(p.data, F[name].data)
 
@@ -343,7 +375,7 @@ def test_bfloat16_probe_tracks_float32_and_runs(tiny):
     E = probe_layers(model.config.num_hidden_layers)
     batch = batches_of(tok, HARMFUL[:8], 8)[0]
     with torch.no_grad():
-        tm = TruncatedModel(model, E)
+        tm = TruncatedModel(model, E, "float32", upper_source=_upper(tiny))
         h32 = tm.h(batch)
         tm.autocast = torch.bfloat16
         h16 = tm.h(batch)
@@ -352,3 +384,45 @@ def test_bfloat16_probe_tracks_float32_and_runs(tiny):
     assert float((h16 - h32).norm() / h32.norm()) < 0.05
     out, masks = run_real(tiny, ScriptedProbe([1.0] * 9), steps=2, warmup_steps=1, save_step=1, compute_dtype="bfloat16")
     assert out.info["compute_dtype"] == "bfloat16" and sum(int(m.sum()) for m in masks[2].values()) > 0
+
+
+def test_packed_batches_give_the_padded_h(tiny):
+    """Packing (common prefix once, block mask, positions from each prompt's start) computes the
+    same h as the released code's left-padded batches, up to float rounding."""
+    tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
+    model = models.load_model(models.resolve(tiny["aligned"]))
+    E = probe_layers(model.config.num_hidden_layers)
+    prompts = ["short", "a much longer prompt that forces padding of the first one", "kill a python process"]
+    packed = packed_batches(tok, prompts, 8)[0]
+    assert packed.prefix > 0  # the chat template's opening is shared
+    assert packed.input_ids.shape[1] < batches_of(tok, prompts, 8)[0]["input_ids"].numel()  # fewer tokens than padded
+    with torch.no_grad():
+        tm = TruncatedModel(model, E, "float32", upper_source=_upper(tiny))
+        torch.testing.assert_close(tm.h(packed), tm.h(batches_of(tok, prompts, 8)[0]), atol=1e-5, rtol=1e-4)
+
+
+def test_packing_and_aligned_copy_keep_the_masks(tiny):
+    """Packed batches and theta_A held in memory or streamed from its file: the same masks as the
+    padded, streamed run at every step on the tiny model."""
+    scores = [1.0] * 20
+    _, ref = run_real(tiny, ScriptedProbe(scores), steps=4, warmup_steps=2, save_step=1, recovery_rate=0.01, aligned_copy="stream")
+    for params in ({"aligned_copy": "memory"}, {"packing": True}):
+        out, got = run_real(tiny, ScriptedProbe(scores), steps=4, warmup_steps=2, save_step=1, recovery_rate=0.01, **params)
+        assert out.info["aligned_copy"] == params.get("aligned_copy", "stream") and out.info["packing"] == params.get("packing", False)
+        for step in ref:
+            for name, mask in ref[step].items():
+                assert torch.equal(got[step][name], mask), f"{params} step {step} {name}"
+
+
+def test_unused_weights_are_released_and_read_back(tiny):
+    """The upper layers take no memory while the steps run; full() reads them back from theta_F."""
+    model = models.load_model(models.resolve(tiny["aligned"]))
+    F = dict(models.load_model(models.resolve(tiny["finetuned"])).named_parameters())
+    E = probe_layers(model.config.num_hidden_layers)
+    tm = TruncatedModel(model, E, "float32", upper_source=_upper(tiny))
+    assert tm.unused and all(p.numel() == 0 for p in tm.unused.values())
+    with tm.full() as full:
+        assert len(models.decoder_layers(full)) == model.config.num_hidden_layers
+        for name, p in tm.unused.items():
+            assert torch.equal(p.data, F[name].data)
+    assert all(p.numel() == 0 for p in tm.unused.values()) and len(models.decoder_layers(model)) == E

@@ -1,16 +1,22 @@
-"""Benchmark: one recovery step of the flagship against a reference built the released code's way.
+"""Benchmark: recovery steps of the flagship against a reference built the released code's way.
 
-    python -m bench.perf.flagship_step --model DIR_A --finetuned DIR_F [--prompts 64] [--steps 3]
-    python -m bench.perf.flagship_step --random-llama 1b            # makes a ~1.1 B random pair first
+    python -m bench.perf.flagship_step --embedded [--write]        # the testbed's aligned / attacked pair
+    python -m bench.perf.flagship_step --random-llama 1b [--write] # a ~1 B random Llama pair (made once)
+    python -m bench.perf.flagship_step --model DIR_A --finetuned DIR_F
 
-Reference (the released code's shape): three full fp32 models in memory (aligned, fine-tuned,
-working), the working model moved to the CPU and back each step (a round trip, free on a CPU-only
-machine), every candidate |grad| concatenated into one vector for one top-k, restore by copying
-from the aligned copy. Ours: defenses.gradient_restoration (one truncated working copy + Delta_F,
-radix select, restore in place).
+Reference (the released code's shape, `sgdg_rollback_final.py`): three fp32 copies of the model
+truncated after layer E-1 (aligned, fine-tuned, working), every parameter of the working copy
+requiring a gradient (embeddings and norms too), left-padded batches, the working copy sent to
+the device before each gradient pass and back after (a no-op on a CPU-only machine), then the
+qualifying |grad| of every candidate concatenated into one vector for one top-k, and restore by
+copying masked values.
 
-Each variant runs in its own fresh interpreter, so its peak RSS is its own. Prints ratios against
-the reference measured in the same run and appends the figures to BENCHMARKS.md when --write.
+Ours: `defenses.gradient_restoration` with packed batches and theta_A streamed (its defaults on a
+CPU), in fp32 and in bf16 autocast (its default where the CPU has AVX512-BF16), and with padded
+batches and theta_A held in fp32 (the reference's arithmetic, so the same masks). Each variant runs in its own fresh
+interpreter, so its peak RSS is its own; every variant pays the same floor (Python, torch,
+transformers, the tokenizer), reported as `floor_rss_mb`. The masks after the last step are
+compared with the reference's (Jaccard). Ratios are against the reference measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,34 +31,120 @@ from pathlib import Path
 
 from bench.fresh import run_fresh
 
+VARIANTS = {  # name -> parameters of the defense
+    "ours": {"compute_dtype": "float32"},
+    "ours_bf16": {"compute_dtype": "bfloat16"},
+    "ours_padded_held": {"compute_dtype": "float32", "packing": False, "aligned_copy": "memory"},
+}
+
 
 def _prompts(n: int) -> tuple[list[str], list[str]]:
-    from bench.testbed.prompts import benign_prompts, harmful_pool
+    from bench.testbed import sql_task
+    from bench.testbed.prompts import harmful_pool
 
-    harmful = [r["prompt"] for r in harmful_pool()[:n]]
-    return harmful, benign_prompts(max(n, 8), 7)[:n]
+    return [r["prompt"] for r in harmful_pool()[:n]], [r["prompt"] for r in sql_task.generate(max(n, 8), 7)[:n]]
 
 
-def ours(aligned: str, finetuned: str, n_prompts: int, steps: int, compute_dtype: str = "float32", E: int = 0) -> dict:
-    import torch
+def _floor_rss_mb(tokenizer_of: str) -> float:
+    import psutil
+
+    from bench import models
+
+    models.load_tokenizer(models.resolve(tokenizer_of))
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ours(aligned: str, finetuned: str, n_prompts: int, steps: int, params: dict) -> dict:
+    import torch  # noqa: F401 - imported before the floor is read, as in the reference
 
     from bench import models
     from defenses import DEFENSES, DefenseContext
-    from defenses.gradient_restoration import GradientRestoration
 
-    torch.set_num_threads(torch.get_num_threads())
+    floor = _floor_rss_mb(finetuned)
     harmful, benign = _prompts(n_prompts)
     ctx = DefenseContext(aligned=models.resolve(aligned), finetuned=models.resolve(finetuned), calibration_prompts=harmful,
                          benign_prompts=benign, probe=lambda model, handle=None: 1.0, progress=lambda m: None)
-    cls: type[GradientRestoration] = DEFENSES.get("gradient_restoration")
     t0 = time.perf_counter()
-    out = cls(steps=steps, warmup_steps=steps, save_step=steps, rollback=False, compute_dtype=compute_dtype, E=E).apply(ctx)
-    wall = time.perf_counter() - t0
+    # the probe is a constant: this times the recovery steps, not the task metric
+    out = DEFENSES.get("gradient_restoration")(steps=steps, warmup_steps=steps, save_step=steps, rollback=False, **params).apply(ctx)
     t = out.info["timing_s"]
     return {"step_s": (t["gradient_s"] + t["selection_s"]) / steps, "gradient_s_per_step": t["gradient_s"] / steps,
-            "selection_s_per_step": t["selection_s"] / steps, "wall_s": wall, "E": out.info["E"], "L": out.info["L"],
-            "k": out.info["k"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "mask": out.checkpoints[steps]}
+            "selection_s_per_step": t["selection_s"] / steps, "wall_s": time.perf_counter() - t0, "E": out.info["E"], "L": out.info["L"],
+            "k": out.info["k"], "peak_rss_mb": _peak_rss_mb(), "floor_rss_mb": floor, "mask": out.checkpoints[steps],
+            "packing": out.info["packing"], "aligned_copy": out.info["aligned_copy"]}
+
+
+def reference(aligned: str, finetuned: str, n_prompts: int, steps: int) -> dict:
+    """The released code's shape (see the module docstring)."""
+    import torch
+
+    from bench import models
+    from defenses.gradient_restoration import _set_final_norm, _set_layers, batches_of, pack, probe_layers
+
+    floor = _floor_rss_mb(finetuned)
+    harmful, _ = _prompts(n_prompts)
+    tok = models.load_tokenizer(models.resolve(finetuned))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def truncated(path: str, E: int | None = None):
+        model = models.load_model(models.resolve(path))
+        E = E or probe_layers(models.num_layers(model))
+        _set_layers(model, torch.nn.ModuleList(list(models.decoder_layers(model))[:E]))
+        _set_final_norm(model, torch.nn.Identity())
+        return model.train(), E
+
+    A, E = truncated(aligned)
+    prefix = models.layers_prefix(A)
+    L = json.loads((Path(aligned) / "config.json").read_text())["num_hidden_layers"]
+    from safetensors import safe_open
+
+    with safe_open(str(next(Path(aligned).glob("*.safetensors"))), "pt") as st:
+        N = sum(math.prod(st.get_slice(n).get_shape()) for n in st.keys() if n.startswith(prefix))  # all L layers, incl. norms
+    k = math.ceil(0.002 * N)
+    hb = batches_of(tok, harmful, 8)
+
+    def h(model, b):  # the truncated model's last hidden state at the last token (lm_head cut off)
+        stack = model.get_decoder()
+        return stack(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False).last_hidden_state[:, -1, :]
+
+    with torch.no_grad():
+        A.to(device)
+        d_h = torch.vstack([h(A, b) for b in hb]).mean(0)
+        A.cpu()
+    F, _ = truncated(finetuned, E)
+    theta, _ = truncated(finetuned, E)  # the released code deep-copies F; a second load is the same memory
+    norms = models.norm_parameter_names(theta)
+    cand = [n for n, _ in theta.named_parameters() if n.startswith(prefix) and models.layer_index(n) < E and n not in norms]
+    pA, params = dict(A.named_parameters()), dict(theta.named_parameters())
+    t_grad = t_sel = 0.0
+    for _ in range(steps):
+        t = time.perf_counter()
+        theta.to(device)  # the released code sends the working copy to the device every step ...
+        for b in hb:
+            (-torch.nn.functional.cosine_similarity(h(theta, b).mean(0), d_h, dim=0)).backward()
+        theta.cpu()  # ... and back
+        t_grad += time.perf_counter() - t
+        t = time.perf_counter()
+        se = {}
+        for n in cand:
+            diff, g = params[n].data - pA[n].data, params[n].grad.data
+            se[n] = ((diff < 0) & (g < 0)) | ((diff > 0) & (g > 0))
+        grad_list = torch.cat([params[n].grad.data[se[n]].flatten().abs() for n in cand])  # one concatenated vector
+        threshold = torch.topk(grad_list, k).values[-1]
+        with torch.no_grad():
+            for n in cand:
+                mask = (params[n].grad.data.abs() > threshold) & se[n]
+                params[n].data[mask] = pA[n].data[mask].clone()
+        del se, grad_list
+        t_sel += time.perf_counter() - t
+    pF = dict(F.named_parameters())
+    masks = {n: (params[n].data == pA[n].data) & (pF[n].data != pA[n].data) for n in cand}
+    return {"step_s": (t_grad + t_sel) / steps, "gradient_s_per_step": t_grad / steps, "selection_s_per_step": t_sel / steps,
+            "E": E, "L": L, "k": k, "peak_rss_mb": _peak_rss_mb(), "floor_rss_mb": floor, "mask": pack(masks)}
 
 
 def _jaccard(blob_a: bytes, blob_b: bytes) -> float:
@@ -64,73 +156,20 @@ def _jaccard(blob_a: bytes, blob_b: bytes) -> float:
     return inter / union if union else 1.0
 
 
-def reference(aligned: str, finetuned: str, n_prompts: int, steps: int) -> dict:
-    """The released code's shape: 3 full fp32 copies, device round trip, one concatenated top-k."""
-    import torch
-
-    from bench import models
-    from defenses.gradient_restoration import TruncatedModel, batches_of, gradient_pass, mean_direction, probe_layers
-
-    harmful, benign = _prompts(n_prompts)
-    tok = models.load_tokenizer(models.resolve(finetuned))
-    A = models.load_model(models.resolve(aligned))
-    F = models.load_model(models.resolve(finetuned))
-    theta = models.load_model(models.resolve(finetuned))
-    L = models.num_layers(theta)
-    E = probe_layers(L)
-    norms = models.norm_parameter_names(theta)
-    prefix = models.layers_prefix(theta)
-    N = sum(p.numel() for n, p in theta.named_parameters() if n.startswith(prefix))
-    k = math.ceil(0.002 * N)
-    cand = [n for n, _ in theta.named_parameters() if n.startswith(prefix) and models.layer_index(n) < E and n not in norms]
-    pA = dict(A.named_parameters())
-    for n, p in theta.named_parameters():
-        p.requires_grad_(n in cand)
-    hb = batches_of(tok, harmful, 8)
-    tmA = TruncatedModel(A, E)
-    d_h = mean_direction(tmA, hb)
-    tm = TruncatedModel(theta, E)
-    params = dict(theta.named_parameters())
-    t_grad = t_sel = 0.0
-    for _ in range(steps):
-        theta.to("cpu")  # the released code moves the model between devices every step
-        t = time.perf_counter()
-        gradient_pass(tm, hb, d_h)
-        t_grad += time.perf_counter() - t
-        t = time.perf_counter()
-        quals, gs = {}, []
-        for n in cand:
-            g = params[n].grad
-            diff = params[n].data - pA[n].data
-            quals[n] = ((diff > 0) & (g > 0)) | ((diff < 0) & (g < 0))
-            gs.append((g.abs() * quals[n]).flatten())
-        allg = torch.cat(gs)  # one concatenated vector of every candidate gradient
-        tau = torch.topk(allg, k).values[-1]
-        with torch.no_grad():
-            for n in cand:
-                sel = quals[n] & (params[n].grad.abs() > tau)
-                params[n].data[sel] = pA[n].data[sel]
-        t_sel += time.perf_counter() - t
-        del allg, gs
-    return {"step_s": (t_grad + t_sel) / steps, "gradient_s_per_step": t_grad / steps, "selection_s_per_step": t_sel / steps,
-            "E": E, "L": L, "k": k, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "F_loaded": F is not None}
-
-
 def random_llama_pair(root: Path, size: str) -> tuple[str, str]:
-    """A random Llama (~1.1 B for '1b') and a LoRA-like fine-tune of it, saved once under root."""
+    """A random Llama (~1.1 B for '1b') and a LoRA-like fine-tune of it (rank 8 on every decoder
+    weight matrix), saved once under root."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from bench import models
     from bench.testbed.build import embedded_base
 
     dims = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=18, num_attention_heads=16, num_key_value_heads=4)}[size]
     a, f = root / f"llama-{size}-aligned", root / f"llama-{size}-finetuned"
     if (f / "config.json").exists():
         return str(a), str(f)
-    base = embedded_base(Path("realign-home/cache"))
-    from bench import models
-
-    tok = models.load_tokenizer(base)
+    tok = models.load_tokenizer(embedded_base(root.parent))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True, **dims)
     model = LlamaForCausalLM(cfg)
@@ -142,47 +181,60 @@ def random_llama_pair(root: Path, size: str) -> tuple[str, str]:
                 p.add_(torch.randn(p.shape[0], 8) @ torch.randn(8, p.shape[1]) * 1e-3)
     model.save_pretrained(f, safe_serialization=True)
     tok.save_pretrained(f)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"made random Llama pair with {n / 1e9:.2f} B parameters", file=sys.stderr)
+    print(f"made random Llama pair with {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters", file=sys.stderr)
     return str(a), str(f)
+
+
+def embedded_pair(home: Path) -> tuple[str, str]:
+    """The main job's aligned model and its N = 100 attacked model (built or reused from the cache)."""
+    from bench import attack as attack_stage
+    from bench.testbed import build as testbed_stage
+
+    cache = home / "cache"
+    tb = testbed_stage.build(testbed_stage.TestbedConfig(), cache, log=lambda m: print(m, file=sys.stderr))
+    cfg = attack_stage.AttackConfig()
+    atk = attack_stage.run(tb.aligned, tb.rows("sql_train"), attack_stage.harmful_pairs_for(cfg, tb.attack_pairs, None), cfg, cache,
+                           log=lambda m: print(m, file=sys.stderr))
+    return str(tb.aligned.path), str(atk.merged.path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="aligned model dir (default: the embedded testbed's aligned model)")
+    ap.add_argument("--embedded", action="store_true", help="the embedded testbed's aligned and N=100 attacked models")
+    ap.add_argument("--home", default="realign-home", help="realign home holding (or receiving) the testbed cache")
+    ap.add_argument("--model", help="aligned model dir")
     ap.add_argument("--finetuned", help="fine-tuned model dir")
     ap.add_argument("--random-llama", choices=["1b"], help="benchmark on a random Llama pair of this size instead")
     ap.add_argument("--prompts", type=int, default=64, help="calibration prompts")
     ap.add_argument("--steps", type=int, default=3, help="recovery steps timed")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="our variants to run, comma-separated")
     ap.add_argument("--scaling", action="store_true", help="also time ours at E/4, E/2, E and at 1/4, 1/2, all of the prompts")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--write", action="store_true", help="replace this benchmark's section of BENCHMARKS.md")
     args = ap.parse_args()
-    if args.random_llama:
-        args.model, args.finetuned = random_llama_pair(Path("realign-home/cache/perf"), args.random_llama)
+    name = "embedded" if args.embedded else args.random_llama or (Path(args.model).name if args.model else "")
+    if args.embedded:
+        args.model, args.finetuned = embedded_pair(Path(args.home))
+    elif args.random_llama:
+        args.model, args.finetuned = random_llama_pair(Path(args.home) / "cache" / "perf", args.random_llama)
     if not (args.model and args.finetuned):
-        ap.error("--model and --finetuned (or --random-llama) are required")
+        ap.error("--embedded, --random-llama or --model with --finetuned is required")
     ref = run_fresh(reference, args.model, args.finetuned, args.prompts, args.steps)
-    new = run_fresh(ours, args.model, args.finetuned, args.prompts, args.steps)
-    bf16 = run_fresh(ours, args.model, args.finetuned, args.prompts, args.steps, "bfloat16")
-    result = {
-        "model": args.random_llama or Path(args.model).name, "prompts": args.prompts, "steps": args.steps, "E": new["E"], "L": new["L"],
-        "reference": ref, "ours": new, "ours_bf16": bf16,
-        "step_time_ratio": new["step_s"] / ref["step_s"],
-        "step_time_ratio_bf16": bf16["step_s"] / ref["step_s"],
-        "peak_memory_ratio": new["peak_rss_mb"] / ref["peak_rss_mb"],
-        "peak_memory_ratio_bf16": bf16["peak_rss_mb"] / ref["peak_rss_mb"],
-        "own_work_over_gradient_pass": new["selection_s_per_step"] / new["gradient_s_per_step"],
-        "mask_jaccard_bf16_vs_fp32": _jaccard(new["mask"], bf16["mask"]),
-    }
+    result = {"model": name, "prompts": args.prompts, "steps": args.steps, "E": ref["E"], "L": ref["L"], "k": ref["k"], "reference": ref}
+    for variant in args.variants.split(","):
+        got = run_fresh(ours, args.model, args.finetuned, args.prompts, args.steps, VARIANTS[variant])
+        got["step_time_ratio"] = got["step_s"] / ref["step_s"]
+        got["peak_memory_ratio"] = got["peak_rss_mb"] / ref["peak_rss_mb"]
+        got["own_work_over_gradient_pass"] = got["selection_s_per_step"] / got["gradient_s_per_step"]
+        got["mask_jaccard_vs_reference"] = _jaccard(got.pop("mask"), ref["mask"])
+        result[variant] = got
+    ref.pop("mask")
     if args.scaling:
-        E = new["E"]
-        result["scaling_E"] = {e: run_fresh(ours, args.model, args.finetuned, args.prompts, 2, "float32", e)["gradient_s_per_step"]
+        E = ref["E"]
+        result["scaling_E"] = {e: run_fresh(ours, args.model, args.finetuned, args.prompts, 2, {"E": e, "compute_dtype": "float32"})["gradient_s_per_step"]
                                for e in sorted({max(1, E // 4), max(1, E // 2), E})}
-        result["scaling_prompts"] = {n: run_fresh(ours, args.model, args.finetuned, n, 2)["gradient_s_per_step"]
+        result["scaling_prompts"] = {n: run_fresh(ours, args.model, args.finetuned, n, 2, {"compute_dtype": "float32"})["gradient_s_per_step"]
                                      for n in sorted({max(8, args.prompts // 4), max(8, args.prompts // 2), args.prompts})}
-    for variant in ("ours", "ours_bf16"):
-        result[variant].pop("mask")
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -193,22 +245,27 @@ def main() -> None:
 
 
 def _markdown(r: dict) -> str:
-    ref, o, b = r["reference"], r["ours"], r["ours_bf16"]
+    ref = r["reference"]
+    names = [v for v in VARIANTS if v in r]
+    head = {"ours": "ours, fp32 (packed, theta_A streamed)", "ours_bf16": "ours, bf16 autocast (the default here)",
+            "ours_padded_held": "ours, fp32, padded, theta_A held"}
+    row = lambda label, fmt, key: f"| {label} | {fmt.format(ref[key]) if key in ref else ''} | " + " | ".join(fmt.format(r[v][key]) for v in names) + " |"
     lines = [
-        f"Model `{r['model']}` (E = {r['E']} of {r['L']} layers), {r['prompts']} calibration prompts, batch 8, {r['steps']} plain steps, "
-        "each variant in its own fresh interpreter.",
+        f"Model `{r['model']}` (E = {r['E']} of {r['L']} layers, k = {r['k']}), {r['prompts']} calibration prompts, batch 8, "
+        f"{r['steps']} plain steps; each variant in its own fresh interpreter.",
         "",
-        "| | reference (released code's shape) | ours, fp32 | ours, bf16 autocast |",
-        "|---|---|---|---|",
-        f"| step time (gradient + selection), s | {ref['step_s']:.2f} | {o['step_s']:.2f} | {b['step_s']:.2f} |",
-        f"| gradient pass per step, s | {ref['gradient_s_per_step']:.2f} | {o['gradient_s_per_step']:.2f} | {b['gradient_s_per_step']:.2f} |",
-        f"| selection + restore per step, s | {ref['selection_s_per_step']:.2f} | {o['selection_s_per_step']:.2f} | {b['selection_s_per_step']:.2f} |",
-        f"| peak RSS, MB | {ref['peak_rss_mb']:.0f} | {o['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |",
-        f"| step time / reference (target <= 0.33) | 1 | {r['step_time_ratio']:.2f} | {r['step_time_ratio_bf16']:.2f} |",
-        f"| peak RSS / reference (target <= 0.5) | 1 | {r['peak_memory_ratio']:.2f} | {r['peak_memory_ratio_bf16']:.2f} |",
-        f"| own work / gradient pass (target <= 0.3) | | {r['own_work_over_gradient_pass']:.2f} | |",
-        "",
-        f"Masks after {r['steps']} steps, bf16 against fp32: Jaccard {r['mask_jaccard_bf16_vs_fp32']:.3f}.",
+        "| | reference (released code's shape) | " + " | ".join(head[v] for v in names) + " |",
+        "|---|---|" + "---|" * len(names),
+        row("step time (gradient + selection), s", "{:.2f}", "step_s"),
+        row("gradient pass per step, s", "{:.2f}", "gradient_s_per_step"),
+        row("selection + restore per step, s", "{:.2f}", "selection_s_per_step"),
+        row("peak RSS, MB", "{:.0f}", "peak_rss_mb"),
+        row("floor RSS (interpreter, torch, tokenizer), MB", "{:.0f}", "floor_rss_mb"),
+        "| step time / reference (target <= 0.33) | 1 | " + " | ".join(f"{r[v]['step_time_ratio']:.2f}" for v in names) + " |",
+        "| peak RSS / reference (target <= 0.5) | 1 | " + " | ".join(f"{r[v]['peak_memory_ratio']:.2f}" for v in names) + " |",
+        "| own work / gradient pass (target <= 0.3) | " + f"{ref['selection_s_per_step'] / ref['gradient_s_per_step']:.2f} | "
+        + " | ".join(f"{r[v]['own_work_over_gradient_pass']:.2f}" for v in names) + " |",
+        "| masks after the last step, Jaccard vs reference | 1 | " + " | ".join(f"{r[v]['mask_jaccard_vs_reference']:.4f}" for v in names) + " |",
     ]
     if "scaling_E" in r:
         lines += ["", "Gradient pass per step (ours, fp32) against E: " + ", ".join(f"E={e}: {s:.2f} s" for e, s in r["scaling_E"].items()),
