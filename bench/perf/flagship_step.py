@@ -157,15 +157,16 @@ def _jaccard(blob_a: bytes, blob_b: bytes) -> float:
 
 
 def random_llama_pair(root: Path, size: str) -> tuple[str, str]:
-    """A random Llama (~1.1 B for '1b') and a LoRA-like fine-tune of it (rank 8 on every decoder
-    weight matrix), saved once under root."""
+    """A random Llama with TinyLlama-1.1B's shape ('1b': 22 layers, hidden 2048, 1.09 B parameters
+    with the embedded tokenizer's vocabulary) and a LoRA-like fine-tune of it (rank 8 on every
+    decoder weight matrix), saved once under root."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench import models
     from bench.testbed.build import embedded_base
 
-    dims = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=18, num_attention_heads=16, num_key_value_heads=4)}[size]
+    dims = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)}[size]
     a, f = root / f"llama-{size}-aligned", root / f"llama-{size}-finetuned"
     if (f / "config.json").exists():
         return str(a), str(f)

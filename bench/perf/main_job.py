@@ -1,7 +1,7 @@
 """Benchmark: the main job on the embedded default, cold (nothing cached) and warm (everything cached).
 
     python -m bench.perf.main_job [--home DIR] [--write]          # cold run in a new folder, then warm
-    python -m bench.perf.main_job --home DIR --cold-done --write  # DIR already holds a cold run: warm only
+    python -m bench.perf.main_job --home DIR --cold-done --write  # DIR holds a cold run of this benchmark: warm only
 
 Runs `realign run` as a user would (a subprocess), reads the stage times the main job writes to
 runs/embedded-default/timings.json, and reports them against the issue's targets (cold <= 20 min,
@@ -36,12 +36,16 @@ def main() -> None:
     args = ap.parse_args()
     home = Path(args.home or tempfile.mkdtemp(prefix="realign-mainjob-"))
     try:
+        kept = home / "perf-main-job-cold.json"  # the warm run rewrites the run's timings.json: keep the cold ones
         if args.cold_done:
-            cold = json.loads((home / "runs" / "embedded-default" / "timings.json").read_text())
+            if not kept.exists():
+                ap.error(f"{kept} is missing: --cold-done needs a home where this benchmark ran cold")
+            cold = json.loads(kept.read_text())
         else:
             if (home / "cache").exists():
                 ap.error(f"{home} already has a cache, so a run there is not cold; pass an empty folder, or --cold-done")
             cold = _run(home)
+            kept.write_text(json.dumps(cold, indent=2))
         warm = _run(home)
     finally:
         if not args.home:
