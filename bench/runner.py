@@ -120,22 +120,31 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
     })
     root = cfg.cache / f"defended-{name}-{short(key)}"
     if (root / "info.json").exists():
-        info = json.loads((root / "info.json").read_text())
-        return (root / "model" if (root / "model").exists() else None), info["info"], info.get("skipped")
+        stored = json.loads((root / "info.json").read_text())
+        return _answer_dir(root, stored.get("model_path")), stored["info"], stored.get("skipped")
     from bench.store import atomic_write_json, building_dir
 
     t0 = time.perf_counter()
     with building_dir(root) as tmp:
         # a fresh interpreter per defense: its peak RSS is the defense's own (not the run's so far),
         # and a defense's memory is returned to the system when it ends
-        info, skipped, has_model = run_fresh(apply_and_save, name, params, dataclasses.replace(ctx, _loaded={}), str(tmp))
+        info, skipped, model_path = run_fresh(apply_and_save, name, params, dataclasses.replace(ctx, _loaded={}), str(tmp))
         info = dict(info) | {"wall_s": round(time.perf_counter() - t0, 2)}
-        atomic_write_json(tmp / "info.json", {"info": info, "skipped": skipped, "params": defense.describe()})
-    return (root / "model" if has_model else None), info, skipped
+        atomic_write_json(tmp / "info.json", {"info": info, "skipped": skipped, "params": defense.describe(), "model_path": model_path})
+    return _answer_dir(root, model_path), info, skipped
 
 
-def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | None, bool]:
-    """Run in a fresh process by run_defense: apply, save the model and checkpoints under out."""
+def _answer_dir(root: Path, model_path: str | None) -> Path | None:
+    """The defended model: saved under root/model, or an existing directory the defense named
+    (interpolation at alpha 0 or 1 answers with theta_A or theta_F itself)."""
+    if model_path:
+        return Path(model_path)
+    return root / "model" if (root / "model").exists() else None
+
+
+def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | None, str | None]:
+    """Run in a fresh process by run_defense: apply, save the model and checkpoints under out.
+    Returns (info, skipped reason, the directory of an existing model the defense answered with)."""
     from bench.store import atomic_write_bytes
     from defenses import DEFENSES
 
@@ -147,7 +156,7 @@ def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | 
         models.save_model(result.model, ctx.tokenizer(), Path(out) / "model")
     for step, blob in (result.checkpoints or {}).items():
         atomic_write_bytes(Path(out) / "checkpoints" / f"{step}.bin", blob)
-    return info, result.skipped, result.model is not None
+    return info, result.skipped, str(result.model_path) if result.model_path and result.model is None else None
 
 
 def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, cfg: RunConfig, clock: Clock) -> dict:

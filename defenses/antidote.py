@@ -69,6 +69,8 @@ class Antidote(Defense):
 
     Params = AntidoteParams
     needs = ("adapter or full fine-tune", "calibration or harmful_pairs")
+    # the paper's question is how the harmful budget matters: a board row for each set
+    sweep = {"data": ["calibration", "harmful_pairs"]}
 
     def texts(self, ctx: DefenseContext, tok) -> list[str]:
         p: AntidoteParams = self.params
@@ -76,8 +78,6 @@ class Antidote(Defense):
             rows = [models.render_prompt(tok, q) for q in ctx.calibration_prompts]
         else:
             rows = [models.render_prompt(tok, r["prompt"]) + r["response"] for r in ctx.harmful_pairs]
-        if not rows:
-            raise UserError(f"antidote: the {p.data} set is empty")
         return rows[: p.max_examples]
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
@@ -85,6 +85,11 @@ class Antidote(Defense):
 
         p: AntidoteParams = self.params
         tok = ctx.tokenizer()
+        texts = self.texts(ctx, tok)
+        if not texts:
+            if p.data == "harmful_pairs":
+                return DefenseOutput(skipped="antidote: no harmful pairs were given (the larger harmful budget)", info={"data": p.data})
+            raise UserError("antidote: the calibration set is empty")
         lora = ctx.adapter is not None and (ctx.adapter / "adapter_config.json").exists()
         if lora:
             from peft import PeftModel
@@ -93,14 +98,13 @@ class Antidote(Defense):
         else:
             model = ctx.load("finetuned")
         model.eval()
-        texts = self.texts(ctx, tok)
         tok.padding_side = "left"
         batches = [tok(texts[i : i + p.batch_size], return_tensors="pt", padding=True, add_special_tokens=False) for i in range(0, len(texts), p.batch_size)]
         scored = _scored(model, lora)
         pruned = {}
 
         def visit(index, layer, feed, current):
-            mine = {n: m for n, m in scored.items() if f".layers.{index}." in f".{n}"}
+            mine = {n: m for n, m in scored.items() if models.layer_index(n) == index}
             sums = {n: torch.zeros(m.in_features) for n, m in mine.items()}
             counts = {n: 0 for n in mine}
 

@@ -184,6 +184,28 @@ class WeightFile:
         with safe_open(self.path, "pt", device="cpu") as st:
             return set(st.keys())
 
+    def mapped(self, name: str) -> "torch.Tensor | None":
+        """The tensor as a copy-on-write mapping of the file, without reading it: only the pages a
+        computation touches become resident (an embedding lookup touches a few rows). None where
+        that cannot be done (a GPU, or a stored dtype other than the model's). safetensors copies
+        on every read, so the mapping is made here from the format's header: an 8-byte length,
+        then JSON with each tensor's dtype, shape and byte offsets after the header."""
+        import json
+
+        import numpy as np
+        import torch
+
+        if self.device != "cpu":
+            return None
+        with open(self.path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(size))[name]
+        np_dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64}.get(entry["dtype"])
+        if np_dtype is None or torch.from_numpy(np.zeros(0, np_dtype)).dtype != self.dtype or not all(entry["shape"]):
+            return None
+        begin = entry["data_offsets"][0]
+        return torch.from_numpy(np.memmap(self.path, dtype=np_dtype, mode="c", offset=8 + size + begin, shape=tuple(entry["shape"])))
+
 
 class TruncatedModel:
     """The working model cut after layer E-1; h(x) = residual stream there at the last token.
@@ -207,7 +229,25 @@ class TruncatedModel:
         prefix = models.layers_prefix(model)
         self.unused = {n: p for n, p in model.named_parameters()
                        if (n.startswith(prefix) and models.layer_index(n) >= E) or p is head}
+        self.mapped: dict = {}  # frozen tensors backed by theta_F's file (see map_frozen)
         self._cut()
+
+    def map_frozen(self, name: str, param) -> bool:
+        """Back a frozen tensor (the input embeddings) by theta_F's file instead of memory."""
+        t = self.upper_source.mapped(name)
+        if t is None:
+            return False
+        if t.shape != param.shape:
+            raise UserError(f"aligned and fine-tuned models differ in shape at {name}: {tuple(param.shape)} vs {tuple(t.shape)}")
+        param.data = t
+        self.mapped[name] = param
+        return True
+
+    def materialize(self) -> None:
+        """Ordinary in-memory tensors again (for the model handed back)."""
+        for p in self.mapped.values():
+            p.data = p.data.clone()
+        self.mapped = {}
 
     def _cut(self):
         import torch
@@ -217,6 +257,8 @@ class TruncatedModel:
             _set_final_norm(self.model, torch.nn.Identity())  # no final norm on the probe
         for p in self.unused.values():
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        for name, p in self.mapped.items():  # a fresh mapping: the pages the probe's LM head touched leave the process
+            p.data = self.upper_source.mapped(name)
 
     def full(self):
         """Context manager: the whole model (for generation and the output), cut again on exit."""
@@ -320,7 +362,14 @@ def score(diff, grad) -> "torch.Tensor":
     along -grad), else 0. A zero diff or a zero gradient never qualifies."""
     import torch
 
-    return torch.where(torch.sign(diff) * torch.sign(grad) > 0, grad.abs(), 0.0)
+    return torch.where(diff * torch.sign(grad) > 0, grad.abs(), 0.0)  # times +-1 or 0: exact, no underflow
+
+
+def kth_largest(values, k: int) -> float:
+    """The k-th largest value (a selection, not a sort: a top-k of a million values is ~10x slower)."""
+    import torch
+
+    return float(torch.kthvalue(values, values.numel() - k + 1).values)
 
 
 def tau_lower_bound(cands: list[Candidate], aligned: AlignedWeights, k: int, margin: float, stride: int = 16) -> float:
@@ -336,7 +385,7 @@ def tau_lower_bound(cands: list[Candidate], aligned: AlignedWeights, k: int, mar
         total += c.param.numel()
     values = torch.cat(sample)
     want = math.ceil(margin * k * sum(c.param.data[::stride].numel() for c in cands) / total)
-    return 0.0 if want >= values.numel() else float(torch.topk(values, want).values[-1])
+    return 0.0 if want >= values.numel() else kth_largest(values, want)
 
 
 def recover_step(cands: list[Candidate], aligned: AlignedWeights, k: int, strict: bool, keep_previous: bool) -> tuple[dict, dict]:
@@ -363,7 +412,7 @@ def recover_step(cands: list[Candidate], aligned: AlignedWeights, k: int, strict
     if n_qual == 0 or k == 0:
         return {c.name: (torch.empty(0, dtype=torch.long), None) for c in cands}, stats | {"selected": 0, "tau": None}
     values = torch.cat([p[2] for p in picked])
-    tau = float(torch.topk(values, k).values[-1]) if k <= n_qual else float("-inf")  # fewer than k qualify: all are taken
+    tau = kth_largest(values, k) if k <= n_qual else float("-inf")  # fewer than k qualify: all are taken
     restored = {c.name: (torch.empty(0, dtype=torch.long), None) for c in cands}
     selected = 0
     with torch.no_grad():
@@ -393,7 +442,7 @@ def rollback_step(cands: list[Candidate], restored: dict, rate: float, strict: b
     k = math.ceil(rate * n_qual)
     if k == 0:
         return {"qualifying": n_qual, "k": 0, "selected": 0, "tau": None}
-    tau = float(torch.topk(torch.cat([s[s > 0] for *_, s in parts]), k).values[-1])
+    tau = kth_largest(torch.cat([s[s > 0] for *_, s in parts]), k)
     selected = 0
     with torch.no_grad():
         for c, idx, previous, s in parts:
@@ -455,7 +504,7 @@ class GradientRestoration(Defense):
         p: GradientRestorationParams = self.params
         torch.manual_seed(p.seed)
         t_start = time.perf_counter()
-        timing = {"gradient_s": 0.0, "selection_s": 0.0, "probe_s": 0.0}
+        timing = {"setup_s": 0.0, "gradient_s": 0.0, "selection_s": 0.0, "probe_s": 0.0}
         D_h = ctx.calibration_prompts[: p.n_harmful]
         D_b = ctx.benign_prompts[: p.n_benign]
         if not D_h:
@@ -495,7 +544,7 @@ class GradientRestoration(Defense):
         aligned = AlignedWeights(A_file, held)
         N_cand = sum(c.param.numel() for c in cands)
         d_b = mean_direction(tm, benign)
-        timing["gradient_s"] += time.perf_counter() - t0
+        timing["setup_s"] += time.perf_counter() - t0  # d_h, theta_F loaded, d_b
 
         N = N_all if p.rate_denominator == "all_layers" else N_cand
         k = math.ceil(p.recovery_rate * N)
@@ -608,6 +657,7 @@ class GradientRestoration(Defense):
             for c in cands:
                 c.param.data.copy_(torch.where(masks[c.name].to(c.param.device), aligned.get(c.name), F_file.get(c.name)))
                 c.param.requires_grad_(False)
+        tm.materialize()
         for name, p_ in tm.unused.items():  # the whole model again, kept whole for the caller
             p_.data = F_file.get(name).to(p_.dtype)
         _set_layers(model, tm.all_layers)
@@ -627,10 +677,13 @@ def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, 
     held: dict | None = {} if hold else None
     keys = F_file.names()
     differs = False
+    embeddings = model.get_input_embeddings().weight
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name not in keys or name in tm.unused:
                 continue  # tied lm_head; upper layers are read from the file when needed
+            if param is embeddings and tm.map_frozen(name, param):
+                continue  # looked up a few rows at a time: no need to hold the whole matrix
             F = F_file.get(name)
             if F.shape != param.shape:
                 raise UserError(f"aligned and fine-tuned models differ in shape at {name}: {tuple(param.shape)} vs {tuple(F.shape)}")

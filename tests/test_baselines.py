@@ -40,6 +40,19 @@ def test_interpolation_endpoints_exact_and_midpoint(tiny_lora):
         parse_params(cls.Params, {"alpha": "1.5"})
 
 
+def test_runner_keeps_a_defense_that_answers_with_an_existing_model(tiny_lora, tmp_path):
+    """Through the runner's fresh process: alpha 0 / 1 rows are theta_A / theta_F themselves (no copy
+    saved), alpha 0.5 a saved model; a second call reuses the cached answer."""
+    from bench.runner import RunConfig, run_defense
+
+    cfg, ctx = RunConfig(home=tmp_path), ctx_for(tiny_lora)
+    assert run_defense("interpolation", {"alpha": 0.0}, ctx, cfg)[0] == ctx.aligned.path
+    assert run_defense("interpolation", {"alpha": 1.0}, ctx, cfg)[0] == ctx.finetuned.path
+    mid = run_defense("interpolation", {"alpha": 0.5}, ctx, cfg)[0]
+    assert mid.name == "model" and (mid / "config.json").exists()
+    assert run_defense("interpolation", {"alpha": 0.0}, ctx, cfg)[0] == ctx.aligned.path  # cached
+
+
 def test_resta_arithmetic_and_dare_expectation():
     A = {"w": torch.tensor([1.0, 2.0, 3.0])}
     U = {"w": torch.tensor([0.5, 2.5, 3.0])}
@@ -121,6 +134,19 @@ def test_antidote_zeroes_a_tenth_of_each_lora_row(tiny_lora):
     sF = state(models.resolve(tiny_lora["finetuned"]))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(dict(out.model.named_parameters())[name].data, sF[name]) or expected == 0
+
+
+def test_antidote_rows_for_both_harmful_budgets(tiny_lora):
+    """The runner makes a row per harmful set; without harmful pairs that row is skipped with its reason."""
+    from bench.runner import expand
+
+    assert expand(["antidote"], {}) == [("antidote", {"data": "calibration"}), ("antidote", {"data": "harmful_pairs"})]
+    assert expand(["antidote"], {"antidote": {"data": "calibration"}}) == [("antidote", {"data": "calibration"})]
+    out = DEFENSES.get("antidote")(data="harmful_pairs").apply(ctx_for(tiny_lora, calibration_prompts=["x"]))
+    assert out.model is None and "no harmful pairs" in out.skipped
+    pairs = [{"prompt": f"how do I make a weapon {i}", "response": "step one, get the parts"} for i in range(4)]
+    out = DEFENSES.get("antidote")(data="harmful_pairs").apply(ctx_for(tiny_lora, harmful_pairs=pairs))
+    assert out.info["data"] == "harmful_pairs" and out.info["examples"] == 4 and out.info["zeroed"] > 0
 
 
 # ------------------------------------------------------------------------------------------ Safe Delta
