@@ -45,7 +45,9 @@ def test_runner_keeps_a_defense_that_answers_with_an_existing_model(tiny_lora, t
     saved), alpha 0.5 a saved model; a second call reuses the cached answer."""
     from bench.runner import RunConfig, run_defense
 
-    cfg, ctx = RunConfig(home=tmp_path), ctx_for(tiny_lora)
+    import dataclasses
+
+    cfg, ctx = RunConfig(home=tmp_path), dataclasses.replace(ctx_for(tiny_lora), progress=print)  # crosses a process: picklable
     assert run_defense("interpolation", {"alpha": 0.0}, ctx, cfg)[0] == ctx.aligned.path
     assert run_defense("interpolation", {"alpha": 1.0}, ctx, cfg)[0] == ctx.finetuned.path
     mid = run_defense("interpolation", {"alpha": 0.5}, ctx, cfg)[0]

@@ -27,13 +27,14 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), {psutil.virtual_memory().total / 2**30:.0f} GiB{gpu}"
 
 
-def write_section(name: str, body: str, path: Path = BENCHMARKS) -> None:
+def write_section(name: str, body: str, path: Path = BENCHMARKS, command: str | None = None) -> None:
     """Replace the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` (appended when
-    absent), stamped with the date and the machine; atomic."""
+    absent), stamped with the command, the date and the machine; atomic."""
     from bench.store import atomic_write_text
 
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    block = f"{start}\n_Written by `python -m bench.perf.{name} --write` on {date.today()}, {machine()}._\n\n{body.strip()}\n{end}"
+    command = command or f"python -m bench.perf.{name} --write"
+    block = f"{start}\n_Written by `{command}` on {date.today()}, {machine()}._\n\n{body.strip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text and end in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)

@@ -242,7 +242,12 @@ def main() -> None:
     if args.write:
         from bench.perf import write_section
 
-        write_section(f"flagship_step-{result['model']}", _markdown(result))
+        write_section(f"flagship_step-{result['model']}", _markdown(result), command=command_line(result["model"], args.prompts, args.steps))
+
+
+def command_line(model: str, prompts: int, steps: int) -> str:
+    which = {"embedded": "--embedded", "1b": "--random-llama 1b"}.get(model, "--model A --finetuned F")
+    return f"python -m bench.perf.flagship_step {which} --prompts {prompts} --steps {steps} --write"
 
 
 def _markdown(r: dict) -> str:
@@ -264,6 +269,8 @@ def _markdown(r: dict) -> str:
         row("floor RSS (interpreter, torch, tokenizer), MB", "{:.0f}", "floor_rss_mb"),
         "| step time / reference (target <= 0.33) | 1 | " + " | ".join(f"{r[v]['step_time_ratio']:.2f}" for v in names) + " |",
         "| peak RSS / reference (target <= 0.5) | 1 | " + " | ".join(f"{r[v]['peak_memory_ratio']:.2f}" for v in names) + " |",
+        "| peak RSS above the floor / reference's | 1 | " + " | ".join(
+            f"{(r[v]['peak_rss_mb'] - r[v]['floor_rss_mb']) / (ref['peak_rss_mb'] - ref['floor_rss_mb']):.2f}" for v in names) + " |",
         "| own work / gradient pass (target <= 0.3) | " + f"{ref['selection_s_per_step'] / ref['gradient_s_per_step']:.2f} | "
         + " | ".join(f"{r[v]['own_work_over_gradient_pass']:.2f}" for v in names) + " |",
         "| masks after the last step, Jaccard vs reference | 1 | " + " | ".join(f"{r[v]['mask_jaccard_vs_reference']:.4f}" for v in names) + " |",
