@@ -98,11 +98,13 @@ def cmd_run(args) -> int:
     from bench.runner import main_job
     from defenses import DEFENSES
 
-    defenses = [d for d in args.defenses.split(",") if d]
-    if args.all_defenses:
-        defenses = list(dict.fromkeys(["aligned", "none"] + DEFENSES.names()))
+    from bench.runner import parse_row
+
+    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
+    if args.all_defenses:  # every registered defense, plus any extra rows the user wrote with parameters
+        defenses = list(dict.fromkeys(["aligned", "none"] + DEFENSES.names() + [d for d in defenses if ":" in d]))
     for d in defenses:
-        DEFENSES.get(d)  # unknown names fail here, before any work
+        parse_row(d)  # unknown names and bad parameters fail here, before any work
     main_job(_run_config(args, defenses))
     return 0
 
@@ -213,12 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build the embedded testbed (cached), attack the aligned model with N harmful pairs, apply the "
                        "defenses, evaluate every row (harmful rate, over-refusal, task metric, each with a 95% CI) and print the board. "
                        "Everything is cached by content hash: a second run redoes nothing.",
-                       epilog="example:\n  realign run --harmful-n 0,100 --defenses aligned,none")
+                       epilog="examples:\n  realign run --harmful-n 0,100 --defenses aligned,none\n"
+                       "  realign run --defenses aligned,none,gradient_restoration,gradient_restoration:mode=clean   # both flagship modes\n"
+                       "  realign run --all-defenses --publish leaderboards/embedded-default")
     _common(p)
     p.add_argument("--name", default=None, help="run name (folder under HOME/runs); default from the preset")
     p.add_argument("--harmful-n", default=None, help="harmful pairs mixed into the attack, comma-separated (default 100; smoke: 16)")
     p.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None, help="where harmful pairs come from (beavertails needs --data-dir)")
-    p.add_argument("--defenses", default="aligned,none,gradient_restoration", help="comma-separated defenses to run (see `realign list`)")
+    p.add_argument("--defenses", default="aligned,none,gradient_restoration",
+                   help="comma-separated board rows: a defense (see `realign list`) or name:key=value:... for a row with its own "
+                   "parameters, e.g. gradient_restoration:mode=clean")
     p.add_argument("--all-defenses", action="store_true", help="run every registered defense")
     p.add_argument("--publish", default=None, metavar="DIR", help="also write the records and the rendered board to DIR (e.g. leaderboards/embedded-default)")
     p.set_defaults(func=cmd_run)

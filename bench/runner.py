@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench import attack as attack_stage
 from bench import models, records
+from bench.errors import UserError
 from bench.evaluate import EvalConfig, EvalSets, evaluate
 from bench.fresh import run_fresh
 from bench.hashing import hash_file, hash_value, short
@@ -195,14 +196,33 @@ def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, 
     return record
 
 
+def parse_row(text: str) -> tuple[str, dict]:
+    """'name' or 'name:key=value:key=value' (one board row with its own parameters), checked
+    against the defense's parameters before any work starts."""
+    from defenses import DEFENSES
+    from defenses.base import parse_params
+
+    name, *items = text.split(":")
+    params = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"defense {text!r}: parameters are written name:key=value:key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        params[key.strip()] = value.strip()
+    parse_params(DEFENSES.get(name.strip()).Params, params)
+    return name.strip(), params
+
+
 def expand(defenses: list[str], given: dict[str, dict]) -> list[tuple[str, dict]]:
-    """(name, params) per board row: a defense with a `sweep` gives one row per value, unless the
-    user fixed that parameter."""
+    """(name, params) per board row. An entry is a defense name, or 'name:key=value:...' for a row
+    with its own parameters (the same defense may appear twice: both flagship modes on one board);
+    a defense with a `sweep` gives one row per value, unless the user fixed that parameter."""
     from defenses import DEFENSES
 
     rows = []
-    for name in defenses:
-        params = dict(given.get(name, {}))
+    for entry in defenses:
+        name, inline = parse_row(entry)
+        params = dict(given.get(name, {})) | inline
         sweep = getattr(DEFENSES.get(name), "sweep", {})
         free = {k: v for k, v in sweep.items() if k not in params}
         if free:

@@ -184,6 +184,8 @@ def run_cli(*args, env=None):
 def test_cli_bad_input_one_line_exit_2(tmp_path):
     for args, msg in (
         (["run", "--home", str(tmp_path), "--defenses", "nope"], "unknown defense"),
+        (["run", "--home", str(tmp_path), "--defenses", "aligned,gradient_restoration:mode=cleen"], "mode must be"),
+        (["run", "--home", str(tmp_path), "--defenses", "gradient_restoration:steps"], "name:key=value"),
         (["run", "--home", str(tmp_path), "--harmful-n", "x"], "--harmful-n"),
         (["run", "--home", str(tmp_path), "--data-dir", str(tmp_path / "missing")], "data directory"),
         (["board", "build", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "b")], "no such record"),
@@ -193,13 +195,25 @@ def test_cli_bad_input_one_line_exit_2(tmp_path):
         lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("realign: error")]
         assert len(lines) == 1 and msg in lines[0], proc.stderr
     assert not (tmp_path / "b").exists()
+    assert not (tmp_path / "cache").exists()  # rejected before any work
+
+
+def test_board_rows_with_their_own_parameters():
+    """Both flagship modes on one board: a defense may appear twice, each row with its parameters."""
+    from bench.runner import expand
+
+    rows = expand(["aligned", "gradient_restoration", "gradient_restoration:mode=clean:steps=10", "interpolation:alpha=0.3"],
+                  {"gradient_restoration": {"recovery_rate": "0.001"}})
+    assert rows == [("aligned", {}), ("gradient_restoration", {"recovery_rate": "0.001"}),
+                    ("gradient_restoration", {"recovery_rate": "0.001", "mode": "clean", "steps": "10"}),
+                    ("interpolation", {"alpha": "0.3"})]
 
 
 def test_cli_help_and_list():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "example" in proc.stdout
-    for sub in ("run", "attack", "defend", "list"):
-        out = run_cli(sub, "--help")
+    for sub in ("run", "attack", "defend", "list", "testbed build", "board build", "board check"):
+        out = run_cli(*sub.split(), "--help")
         assert out.returncode == 0 and "example" in out.stdout, sub
     out = run_cli("list")
     assert "gradient_restoration" in out.stdout and "recovery_rate = 0.002" in out.stdout and "keyword" in out.stdout
