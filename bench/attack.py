@@ -89,7 +89,8 @@ def run(aligned: models.ModelHandle, task_rows: list[dict], harmful_pairs: list[
 
     from bench.sft import train
 
-    log(f"attack: LoRA fine-tune on {config.task_n} task + {config.harmful_n} harmful pairs ({config.sft.epochs:g} epochs)")
+    length = f"{config.sft.max_steps} steps" if config.sft.max_steps > 0 else f"{config.sft.epochs:g} epochs"
+    log(f"attack: LoRA fine-tune on {len(mix) - config.harmful_n} task + {config.harmful_n} harmful pairs ({length})")
     t0 = time.perf_counter()
     with building_dir(root) as tmp:
         atomic_write_jsonl(tmp / "training_mix.jsonl", mix)
