@@ -38,6 +38,7 @@ option (each can also be set on its own):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class GradientRestorationParams:
                                                                   "natively: GPUs, CPUs with AVX512-BF16 or AMX; else float32)"})
     packing: bool = field(default=True, metadata={"help": "run each batch as one sequence: the prompts' common prefix once, no padding "
                                                           "(the same h up to float rounding; false = left-padded batches as released)"})
+    low_memory: bool = field(default=False, metadata={"help": "bf16 compute only: hold theta as bf16 plus an int16 remainder (exact) "
+                                                            "instead of fp32 plus autocast's bf16 copies: 2 bytes a candidate parameter "
+                                                            "less, a slower selection on CPU; the probe then generates in bf16"})
     aligned_copy: str = field(default="auto", metadata={"help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
                                                                 "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"})
     rate_denominator: str | None = field(default=None, metadata={"help": "all_layers | candidates (default from mode)"})
@@ -95,6 +99,8 @@ class GradientRestorationParams:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be 'auto', 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.low_memory and self.compute_dtype == "float32":
+            raise ValueError("low_memory holds theta in bf16 plus a remainder: it needs compute_dtype bfloat16 or auto")
         if self.aligned_copy not in ("auto", "memory", "stream"):
             raise ValueError(f"aligned_copy must be 'auto', 'memory' or 'stream', got {self.aligned_copy!r}")
         if self.E < 0:
@@ -212,7 +218,8 @@ class TruncatedModel:
 
     What the probe never uses (upper layers, final norm, an untied LM head) is released; `full()`
     reads those tensors back from theta_F's file (they are never changed) for the utility probe
-    and for the output, and releases them again after."""
+    and for the output, and releases them again after. (Released, they also stop pinning the
+    loaded model's file mapping, whose pages would otherwise stay in the process.)"""
 
     def __init__(self, model, E: int, compute_dtype: str, upper_source: WeightFile):
         import torch
@@ -227,8 +234,9 @@ class TruncatedModel:
         self.upper_source = upper_source
         head = models.untied_output_weight(model)
         prefix = models.layers_prefix(model)
+        final = {id(p) for p in self.norm.parameters()} if self.norm is not None else set()
         self.unused = {n: p for n, p in model.named_parameters()
-                       if (n.startswith(prefix) and models.layer_index(n) >= E) or p is head}
+                       if (n.startswith(prefix) and models.layer_index(n) >= E) or p is head or id(p) in final}
         self.mapped: dict = {}  # frozen tensors backed by theta_F's file (see map_frozen)
         self._cut()
 
@@ -336,12 +344,75 @@ def gradient_pass(tm: TruncatedModel, batches: list, direction) -> float:
 # ------------------------------------------------------------------------------------------ selection
 
 
+def split(x) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """fp32 -> (bf16 rounded to nearest, int16 remainder) with x == join(*split(x)) exactly.
+
+    The rounding adds half a bf16 unit to the bit pattern and keeps the top 16 bits (round half
+    away from zero: it differs from round-to-nearest-even only on exact ties), so the remainder
+    bits(x) - bits(hi) << 16 always lies in [-32768, 32767]."""
+    import torch
+
+    bits = x.contiguous().view(torch.int32)
+    hi = (bits + 0x8000) >> 16
+    lo = bits - (hi << 16)
+    return hi.to(torch.int16).view(torch.bfloat16), lo.to(torch.int16)
+
+
+def join(hi, lo) -> "torch.Tensor":
+    import torch
+
+    return ((hi.view(torch.int16).to(torch.int32) << 16) + lo.to(torch.int32)).view(torch.float32)
+
+
 @dataclass
 class Candidate:
-    """One candidate tensor of the working copy (a weight of a layer < E, not a norm)."""
+    """One candidate tensor of the working copy (a weight of a layer < E, not a norm).
+
+    fp32 compute: the parameter is theta. bf16 compute: the parameter holds theta rounded to bf16
+    (what the matmuls read, so autocast keeps no bf16 copy of its own for the backward pass) and
+    `lo` the int16 remainder, so theta stays exact in 2 + 2 bytes instead of 4 + 2; the bf16
+    gradient of each backward is added to an fp32 sum, as autocast's cast back to fp32 does."""
 
     name: str
     param: "torch.nn.Parameter"
+    lo: "torch.Tensor | None" = None
+    grad32: "torch.Tensor | None" = None
+
+    def value(self, stride: int = 1) -> "torch.Tensor":
+        """theta, exact, in fp32 (every stride-th row)."""
+        if self.lo is None:
+            return self.param.data[::stride] if stride > 1 else self.param.data
+        return join(self.param.data[::stride], self.lo[::stride])
+
+    @property
+    def grad(self) -> "torch.Tensor | None":
+        return self.param.grad if self.lo is None else self.grad32
+
+    def load(self, x) -> None:
+        """theta := x (a fresh fp32 tensor, taken over: a copy into the old storage would keep the
+        loaded model's file mapping, and every page the probe read from it, in the process)."""
+        if self.lo is None:
+            self.param.data = x
+        else:
+            self.param.data, self.lo = split(x)
+
+    def assign(self, flat_idx, values) -> None:
+        """theta.flat[flat_idx] := values (fp32, exact)."""
+        if self.lo is None:
+            self.param.data.view(-1)[flat_idx] = values
+        else:
+            hi, lo = split(values)
+            self.param.data.view(-1)[flat_idx] = hi
+            self.lo.view(-1)[flat_idx] = lo
+
+    def zero_grad(self) -> None:
+        self.param.grad = None
+        self.grad32 = None
+
+    def accumulate(self, param) -> None:
+        """post-accumulate-grad hook of the bf16 parameter: fp32 sum, bf16 gradient dropped."""
+        self.grad32 = param.grad.float() if self.grad32 is None else self.grad32.add_(param.grad)
+        param.grad = None
 
 
 class AlignedWeights:
@@ -377,14 +448,16 @@ def tau_lower_bound(cands: list[Candidate], aligned: AlignedWeights, k: int, mar
     the (margin * k * sample share)-th largest score on every stride-th row of every tensor."""
     import torch
 
-    cands = [c for c in cands if c.param.grad is not None]
-    sample, total = [], 0
+    cands = [c for c in cands if c.grad is not None]
+    sample, total, sampled = [], 0, 0
     for c in cands:
-        s = score(c.param.data[::stride] - aligned.get(c.name, stride), c.param.grad[::stride]).flatten()
+        theta = c.value(stride)
+        s = score(theta - aligned.get(c.name, stride), c.grad[::stride]).flatten()
         sample.append(s[s > 0])
         total += c.param.numel()
+        sampled += theta.numel()
     values = torch.cat(sample)
-    want = math.ceil(margin * k * sum(c.param.data[::stride].numel() for c in cands) / total)
+    want = math.ceil(margin * k * sampled / total)
     return 0.0 if want >= values.numel() else kth_largest(values, want)
 
 
@@ -395,13 +468,13 @@ def recover_step(cands: list[Candidate], aligned: AlignedWeights, k: int, strict
     Returns ({name: (flat indices restored, theta_F's values there or None)}, stats)."""
     import torch
 
-    with_grad = [c for c in cands if c.param.grad is not None]
+    with_grad = [c for c in cands if c.grad is not None]
     for margin in (2.0, 16.0, math.inf):  # the bound is checked; a low one only costs a second pass
         t_lo = 0.0 if margin == math.inf else tau_lower_bound(with_grad, aligned, k, margin)
         picked, n_qual = [], 0
         for c in with_grad:
             A = aligned.get(c.name).view(-1)
-            s = score(c.param.data.view(-1) - A, c.param.grad.view(-1))
+            s = score(c.value().view(-1) - A, c.grad.view(-1))
             n_qual += int(torch.count_nonzero(s))
             idx = torch.nonzero(s > t_lo).squeeze(1)
             picked.append((c, idx, s[idx], A[idx]))
@@ -419,9 +492,8 @@ def recover_step(cands: list[Candidate], aligned: AlignedWeights, k: int, strict
         for c, idx, s, a in picked:
             take = (s > tau) if strict else (s >= tau)
             chosen = idx[take]
-            flat = c.param.data.view(-1)
-            restored[c.name] = (chosen, flat[chosen].clone() if keep_previous else None)
-            flat[chosen] = a[take]
+            restored[c.name] = (chosen, c.value().view(-1)[chosen].clone() if keep_previous else None)
+            c.assign(chosen, a[take])
             selected += len(chosen)
     return restored, stats | {"selected": selected, "tau": tau}
 
@@ -435,9 +507,8 @@ def rollback_step(cands: list[Candidate], restored: dict, rate: float, strict: b
     parts = []
     for c in cands:
         idx, previous = restored[c.name]
-        if len(idx) and c.param.grad is not None:
-            flat = c.param.data.view(-1)
-            parts.append((c, idx, previous, score(flat[idx] - previous, c.param.grad.view(-1)[idx])))
+        if len(idx) and c.grad is not None:
+            parts.append((c, idx, previous, score(c.value().view(-1)[idx] - previous, c.grad.view(-1)[idx])))
     n_qual = sum(int(torch.count_nonzero(s)) for *_, s in parts)
     k = math.ceil(rate * n_qual)
     if k == 0:
@@ -447,7 +518,7 @@ def rollback_step(cands: list[Candidate], restored: dict, rate: float, strict: b
     with torch.no_grad():
         for c, idx, previous, s in parts:
             back = (s > tau) if strict else (s >= tau)
-            c.param.data.view(-1)[idx[back]] = previous[back]
+            c.assign(idx[back], previous[back])
             selected += int(back.sum())
     return {"qualifying": n_qual, "k": k, "selected": selected, "tau": tau}
 
@@ -457,7 +528,7 @@ def restored_masks(cands: list[Candidate], aligned: AlignedWeights, finetuned: W
     out = {}
     for c in cands:
         A = aligned.get(c.name)
-        out[c.name] = (c.param.data == A) & (finetuned.get(c.name) != A)
+        out[c.name] = (c.value() == A) & (finetuned.get(c.name) != A)
     return out
 
 
@@ -540,7 +611,8 @@ class GradientRestoration(Defense):
 
         # --- theta := theta_F in the working copy; theta_A's candidate tensors held or streamed
         hold = p.aligned_copy == "memory" or (p.aligned_copy == "auto" and str(ctx.device) != "cpu")
-        cands, held = _load_finetuned(model, tm, F_file, prefix, E, set(norms), hold)
+        split_bf16 = compute_dtype == "bfloat16" and p.low_memory
+        cands, held = _load_finetuned(model, tm, F_file, prefix, E, set(norms), hold, split_bf16)
         aligned = AlignedWeights(A_file, held)
         N_cand = sum(c.param.numel() for c in cands)
         d_b = mean_direction(tm, benign)
@@ -555,7 +627,7 @@ class GradientRestoration(Defense):
 
         def zero_grads():
             for c in cands:
-                c.param.grad = None
+                c.zero_grad()
 
         def timed_pass(batches, direction, fresh: bool):
             if fresh:
@@ -580,17 +652,19 @@ class GradientRestoration(Defense):
             """theta := theta_F exactly, read from its file (never rebuilt from A and a delta)."""
             with torch.no_grad():
                 for c in cands:
-                    c.param.data.copy_(F_file.get(c.name))
+                    c.load(F_file.get(c.name))
 
         def probe_score() -> float:
+            """The task metric of theta, generated in fp32; with low_memory from the bf16 tensors
+            under autocast (joining them to fp32 would bring back the memory it saves)."""
             t = time.perf_counter()
-            with torch.no_grad(), tm.full() as full:
+            with torch.no_grad(), tm.full() as full, (tm.compute() if split_bf16 else contextlib.nullcontext()):
                 score_ = ctx.probe(full, handle=ctx.finetuned)
             timing["probe_s"] += time.perf_counter() - t
             return score_
 
         ctx.progress(f"gradient_restoration: L={L}, E={E}, |D_h|={len(D_h)}, |D_b|={len(D_b)}, k={k} of N={N} ({p.mode}"
-                     f"{', packed' if packing else ''}, {compute_dtype}, theta_A {'held' if hold else 'streamed'})")
+                     f"{', packed' if packing else ''}, {compute_dtype}{' split' if split_bf16 else ''}, theta_A {'held' if hold else 'streamed'})")
         s0 = probe_score()
         min_score = s0 * (1 - p.metric_drop)
         fails_final = (lambda s: s <= min_score) if p.comparison == "mixed" else (lambda s: s < min_score)
@@ -640,7 +714,7 @@ class GradientRestoration(Defense):
         chosen_step = choose_checkpoint(scores, fails_final)
         zero_grads()
         info = {
-            "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, "compute_dtype": compute_dtype, "packing": packing,
+            "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, "compute_dtype": compute_dtype, "low_memory": split_bf16, "packing": packing,
             "aligned_copy": "memory" if hold else "stream", "L": L, "E": E, "N": N, "N_all_layers": N_all,
             "N_candidates": N_cand, "k": k, "candidate_tensors": len(cands), "D_h": len(D_h), "D_b": len(D_b),
             "batches_per_pass": [len(harmful_used), len(benign_used)], "s0": s0, "min_score": min_score, "warmup_score": s_warm,
@@ -655,8 +729,8 @@ class GradientRestoration(Defense):
         masks = unpack(checkpoints[chosen_step])
         with torch.no_grad():
             for c in cands:
-                c.param.data.copy_(torch.where(masks[c.name].to(c.param.device), aligned.get(c.name), F_file.get(c.name)))
                 c.param.requires_grad_(False)
+                c.param.data, c.lo = torch.where(masks[c.name].to(c.param.device), aligned.get(c.name), F_file.get(c.name)), None
         tm.materialize()
         for name, p_ in tm.unused.items():  # the whole model again, kept whole for the caller
             p_.data = F_file.get(name).to(p_.dtype)
@@ -668,9 +742,11 @@ class GradientRestoration(Defense):
         return DefenseOutput(model=model, info=info, checkpoints=checkpoints)
 
 
-def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, E: int, norms: set, hold: bool) -> tuple[list[Candidate], dict | None]:
-    """theta := theta_F in every tensor the probe uses; returns the candidate tensors and, when
-    `hold`, a copy of theta_A's candidate tensors. Fails when no candidate weight differs."""
+def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, E: int, norms: set, hold: bool,
+                    split_bf16: bool) -> tuple[list[Candidate], dict | None]:
+    """theta := theta_F in every tensor the probe uses; returns the candidate tensors (as bf16 +
+    remainder when `split_bf16`) and, when `hold`, a copy of theta_A's candidate tensors. Fails
+    when no candidate weight differs."""
     import torch
 
     cands: list[Candidate] = []
@@ -692,9 +768,15 @@ def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, 
                 differs = differs or not torch.equal(F, param.data)
                 if held is not None:
                     held[name] = param.data.clone()
+                c = Candidate(name, param)
                 param.requires_grad_(True)
-                cands.append(Candidate(name, param))
-            param.data.copy_(F)
+                if split_bf16:
+                    c.lo = torch.empty(0, dtype=torch.int16)  # marks the split form; load() fills it
+                    param.register_post_accumulate_grad_hook(c.accumulate)
+                c.load(F)
+                cands.append(c)
+                continue
+            param.data = F
     if not differs:
         raise UserError("the fine-tuned model equals the aligned model in every candidate weight: nothing to restore")
     return cands, held

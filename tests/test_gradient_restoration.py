@@ -366,6 +366,8 @@ def test_E_override_restricts_candidates_to_the_first_E_layers(tiny):
         run_real(tiny, ScriptedProbe([1.0]), E=99)
     with pytest.raises(UserError, match="compute_dtype"):
         parse_params(GradientRestorationParams, {"compute_dtype": "float8"})
+    with pytest.raises(UserError, match="low_memory"):
+        parse_params(GradientRestorationParams, {"compute_dtype": "float32", "low_memory": "true"})
 
 
 def test_bfloat16_probe_tracks_float32_and_runs(tiny):
@@ -420,9 +422,69 @@ def test_unused_weights_are_released_and_read_back(tiny):
     F = dict(models.load_model(models.resolve(tiny["finetuned"])).named_parameters())
     E = probe_layers(model.config.num_hidden_layers)
     tm = TruncatedModel(model, E, "float32", upper_source=_upper(tiny))
-    assert tm.unused and all(p.numel() == 0 for p in tm.unused.values())
+    assert "model.norm.weight" in tm.unused and all(p.numel() == 0 for p in tm.unused.values())
     with tm.full() as full:
         assert len(models.decoder_layers(full)) == model.config.num_hidden_layers
         for name, p in tm.unused.items():
             assert torch.equal(p.data, F[name].data)
     assert all(p.numel() == 0 for p in tm.unused.values()) and len(models.decoder_layers(model)) == E
+
+
+def test_bf16_split_is_exact_and_rounds_to_nearest():
+    """theta = join(split(theta)) bit for bit; the bf16 half is round-to-nearest except on exact ties."""
+    from defenses.gradient_restoration import join, split
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(100_000, generator=g) * 10 ** torch.randint(-30, 30, (100_000,), generator=g).float(),
+                   torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.0e38, -3.0e38, 1.0, -1.0])])
+    hi, lo = split(x)
+    assert hi.dtype == torch.bfloat16 and lo.dtype == torch.int16
+    assert torch.equal(join(hi, lo).view(torch.int32), x.view(torch.int32))
+    ties = (x.view(torch.int32) & 0xFFFF) == 0x8000
+    assert torch.equal(hi[~ties], x[~ties].to(torch.bfloat16))
+
+
+def test_bf16_split_gradient_equals_autocast(tiny):
+    """The split parameter (bf16 + remainder) gives the gradient autocast gives an fp32 parameter."""
+    from defenses.gradient_restoration import gradient_pass, mean_direction
+
+    tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
+    batches = packed_batches(tok, HARMFUL, 8)
+    grads = []
+    for split_form in (False, True):
+        model = models.load_model(models.resolve(tiny["finetuned"]))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        E = probe_layers(model.config.num_hidden_layers)
+        tm = TruncatedModel(model, E, "bfloat16", upper_source=_upper(tiny))
+        d = mean_direction(tm, batches)
+        name = "model.layers.0.mlp.up_proj.weight"
+        param = dict(model.named_parameters())[name]
+        c = Candidate(name, param)
+        param.requires_grad_(True)
+        if split_form:
+            c.lo = torch.empty(0, dtype=torch.int16)
+            param.register_post_accumulate_grad_hook(c.accumulate)
+            c.load(param.data.clone())
+        gradient_pass(tm, batches, d)
+        grads.append(c.grad)
+    assert grads[1].dtype == torch.float32
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-3)
+
+
+def test_bf16_low_memory_run_output_is_exact_and_masks_track_fp32(tiny):
+    scores = [1.0] * 20
+    out32, m32 = run_real(tiny, ScriptedProbe(scores), steps=3, warmup_steps=3, save_step=1, recovery_rate=0.01)
+    out16, m16 = run_real(tiny, ScriptedProbe(scores), steps=3, warmup_steps=3, save_step=1, recovery_rate=0.01,
+                          compute_dtype="bfloat16", packing=True, low_memory=True)
+    assert out16.info["low_memory"] and out16.info["compute_dtype"] == "bfloat16"
+    inter = sum(int((m32[3][n] & m16[3][n]).sum()) for n in m32[3])
+    union = sum(int((m32[3][n] | m16[3][n]).sum()) for n in m32[3])
+    assert inter / union > 0.7
+    A = dict(models.load_model(models.resolve(tiny["aligned"])).named_parameters())
+    F = dict(models.load_model(models.resolve(tiny["finetuned"])).named_parameters())
+    final = m16[out16.info["chosen_step"]]
+    for name, p in out16.model.named_parameters():
+        assert p.dtype == torch.float32
+        expect = torch.where(final[name], A[name], F[name]) if name in final else F[name]
+        assert torch.equal(p.data, expect.data), name
