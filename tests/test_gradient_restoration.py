@@ -170,8 +170,13 @@ def naive_run(tiny, probe_scores, steps, warmup, rate=0.002, rollback_rate=0.2, 
 # ------------------------------------------------------------------------------------------ tests
 
 
-def test_identical_masks_plain_mode(tiny):
-    """6 faithful plain steps (cumulative gradients): the real masks equal the naive ones at every step."""
+@pytest.mark.parametrize("chunk", [1 << 18, 1000])
+def test_identical_masks_plain_mode(tiny, monkeypatch, chunk):
+    """6 faithful plain steps (cumulative gradients): the real masks equal the naive ones at every
+    step, also when each tensor is scored in chunks smaller than itself."""
+    import defenses.gradient_restoration as gr
+
+    monkeypatch.setattr(gr, "CPU_CHUNK", chunk)
     scores = [1.0] * 20
     out, real = run_real(tiny, ScriptedProbe(scores), steps=6, warmup_steps=2, save_step=1, recovery_rate=0.01)
     ref = naive_run(tiny, scores, steps=6, warmup=2, rate=0.01)
@@ -280,14 +285,17 @@ def test_rollback_budget_and_restriction():
     assert c.param.data.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # > tau = 3.0 goes back to theta_F
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 7])
 @pytest.mark.parametrize("margins_fail", [False, True])
-def test_recover_step_is_exact_across_tensors(monkeypatch, margins_fail):
+def test_recover_step_is_exact_across_tensors(monkeypatch, margins_fail, chunk):
     """The one-pass selection equals one concatenated top-k over every tensor, including when
-    the sampled lower bound is too high and a second pass is needed."""
+    the sampled lower bound is too high and a second pass is needed, and when each tensor is
+    scored in chunks that cut across its rows."""
     import defenses.gradient_restoration as gr
 
     if margins_fail:
         monkeypatch.setattr(gr, "tau_lower_bound", lambda *a, **k: 1e9)
+    monkeypatch.setattr(gr, "CPU_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     shapes = [(40, 30), (64, 7), (5,), (100, 20)]
     theta = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
@@ -472,11 +480,17 @@ def test_bf16_split_gradient_equals_autocast(tiny):
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-3)
 
 
-def test_bf16_low_memory_run_output_is_exact_and_masks_track_fp32(tiny):
+def test_bf16_low_memory_run_output_is_exact_and_masks_track_fp32(tiny, monkeypatch):
+    import defenses.gradient_restoration as gr
+
     scores = [1.0] * 20
     out32, m32 = run_real(tiny, ScriptedProbe(scores), steps=3, warmup_steps=3, save_step=1, recovery_rate=0.01)
     out16, m16 = run_real(tiny, ScriptedProbe(scores), steps=3, warmup_steps=3, save_step=1, recovery_rate=0.01,
                           compute_dtype="bfloat16", packing=True, low_memory=True)
+    monkeypatch.setattr(gr, "CPU_CHUNK", 1000)  # joined and scored a chunk at a time: the same masks
+    _, m16_chunked = run_real(tiny, ScriptedProbe(scores), steps=3, warmup_steps=3, save_step=1, recovery_rate=0.01,
+                              compute_dtype="bfloat16", packing=True, low_memory=True)
+    assert all(torch.equal(m16[3][n], m16_chunked[3][n]) for n in m16[3])
     assert out16.info["low_memory"] and out16.info["compute_dtype"] == "bfloat16"
     inter = sum(int((m32[3][n] & m16[3][n]).sum()) for n in m32[3])
     union = sum(int((m32[3][n] | m16[3][n]).sum()) for n in m32[3])
@@ -488,3 +502,33 @@ def test_bf16_low_memory_run_output_is_exact_and_masks_track_fp32(tiny):
         assert p.dtype == torch.float32
         expect = torch.where(final[name], A[name], F[name]) if name in final else F[name]
         assert torch.equal(p.data, expect.data), name
+
+
+def test_weight_file_reads_what_safetensors_reads(tmp_path):
+    """WeightFile reads the format itself (see its docstring): whole tensors, every stride-th row,
+    bf16 storage, and a truncated file is one clear error."""
+    from safetensors.torch import load_file, save_file
+
+    from defenses.gradient_restoration import WeightFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(37, 5, generator=g), "b": torch.randn(7, generator=g), "c": torch.randn(3, 4, generator=g).bfloat16(),
+               "s": torch.tensor(2.5), "e": torch.zeros(0, 4)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    ref = load_file(str(path))
+    wf = WeightFile(path, "cpu", torch.float32)
+    assert wf.names() == set(tensors)
+    for name, t in ref.items():
+        assert torch.equal(wf.get(name), t.float()), name
+        if t.dim():
+            assert torch.equal(wf.get(name, stride=16), t.float()[::16]), name
+    mapped = wf.mapped("a")
+    assert torch.equal(mapped, ref["a"]) and wf.mapped("c") is None  # bf16 storage is read, not mapped
+    with pytest.raises(UserError, match="no tensor"):
+        wf.get("missing")
+    header = WeightFile(path, "cpu", torch.float32)._read_header()
+    last = max((n for n in header if n != "__metadata__"), key=lambda n: (header[n]["data_offsets"][1], -header[n]["data_offsets"][0]))
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(UserError, match="truncated"):
+        WeightFile(path, "cpu", torch.float32).get(last)

@@ -244,12 +244,13 @@ def main() -> None:
     if args.write:
         from bench.perf import write_section
 
-        write_section(f"flagship_step-{result['model']}", _markdown(result), command=command_line(result["model"], args.prompts, args.steps))
+        write_section(f"flagship_step-{result['model']}", _markdown(result),
+                      command=command_line(result["model"], args.prompts, args.steps, args.scaling))
 
 
-def command_line(model: str, prompts: int, steps: int) -> str:
+def command_line(model: str, prompts: int, steps: int, scaling: bool = False) -> str:
     which = {"embedded": "--embedded", "1b": "--random-llama 1b"}.get(model, "--model A --finetuned F")
-    return f"python -m bench.perf.flagship_step {which} --prompts {prompts} --steps {steps} --write"
+    return f"python -m bench.perf.flagship_step {which} --prompts {prompts} --steps {steps} --write" + (" --scaling" if scaling else "")
 
 
 def _markdown(r: dict) -> str:
