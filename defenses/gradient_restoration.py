@@ -39,6 +39,7 @@ option (each can also be set on its own):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -293,9 +294,14 @@ class TruncatedModel:
         return True
 
     def materialize(self) -> None:
-        """Ordinary in-memory tensors again (for the model handed back)."""
-        for p in self.mapped.values():
-            p.data = p.data.clone()
+        """Ordinary in-memory tensors again (for the model handed back), read from the file: a
+        clone of the mapping would make every page of it resident beside the copy (113 MB more at
+        the peak on the embedded model)."""
+        import torch
+
+        for name, p in self.mapped.items():
+            p.data = torch.empty(0, dtype=p.dtype)  # the mapping goes before the copy comes
+            p.data = self.upper_source.get(name).to(p.dtype)
         self.mapped = {}
 
     def _cut(self):
@@ -612,40 +618,85 @@ def rollback_step(cands: list[Candidate], restored: dict, rate: float, strict: b
     return {"qualifying": n_qual, "k": k, "selected": selected, "tau": tau}
 
 
-def restored_masks(cands: list[Candidate], aligned: AlignedWeights, finetuned: WeightFile) -> dict:
-    """M: the coordinates that now hold theta_A's value and differ in theta_F."""
-    out = {}
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None on other C libraries."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS. Freed tensors of a few MB stay in glibc's heap
+    once its mmap threshold has adapted upward, and allocation patterns like a checkpoint's (two
+    weight reads and a mask per tensor) then grow the process by ~3 MB a tensor: 400 MB over
+    one checkpoint of the embedded model; trimming after each tensor keeps it flat. No-op where
+    the C library is not glibc (or on a GPU, where these tensors are not on the C heap)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def restored_masks(cands: list[Candidate], aligned: AlignedWeights, finetuned: WeightFile):
+    """M, one tensor at a time: (name, the coordinates that now hold theta_A's value and differ
+    in theta_F). A generator, so that only one tensor's mask is unpacked bits at a time."""
+    import torch
+
     for c in cands:
-        A = aligned.get(c.name)
-        out[c.name] = (c.value() == A) & (finetuned.get(c.name) != A)
-    return out
+        A, F = aligned.get(c.name).view(-1), finetuned.get(c.name).view(-1)
+        mask = torch.empty(A.numel(), dtype=torch.bool, device=A.device)
+        chunk = CPU_CHUNK if A.device.type == "cpu" else max(A.numel(), 1)
+        for start in range(0, A.numel(), chunk):  # chunked as in scores_above: no tensor-sized temporaries
+            stop = min(start + chunk, A.numel())
+            torch.logical_and(c.flat_value(start, stop) == A[start:stop], F[start:stop] != A[start:stop], out=mask[start:stop])
+        del A, F
+        yield c.name, mask.view(c.param.shape)
+        return_freed_memory()
 
 
-def pack(masks: dict) -> bytes:
-    """Bit-packed masks (one bit per coordinate) and their shapes, as a safetensors blob."""
+def pack(masks, numels: dict[str, int] | None = None) -> bytes:
+    """Bit-packed masks (one bit per coordinate) and their shapes, as a safetensors blob; `masks`
+    is a dict or an iterable of (name, mask) pairs, packed as they come.
+
+    With `numels` (each mask's element count, known before the masks are made) the bits go into
+    one buffer allocated first: small long-lived arrays allocated between the large transient
+    tensors of each mask would split the heap's free space so that the next tensor does not fit
+    (this took 400 MB more at a checkpoint on the embedded model)."""
     import numpy as np
     import torch
     from safetensors.torch import save
 
-    blob = {}
-    for name, m in masks.items():
-        blob[name] = torch.from_numpy(np.packbits(m.cpu().numpy().reshape(-1)))
+    buffer = np.empty(sum((n + 7) // 8 for n in numels.values()), np.uint8) if numels else None
+    blob, offset = {}, 0
+    for name, m in (masks.items() if isinstance(masks, dict) else masks):
+        bits = np.packbits(m.cpu().numpy().reshape(-1))
+        if buffer is not None:
+            buffer[offset:offset + len(bits)] = bits
+            bits, offset = buffer[offset:offset + len(bits)], offset + len(bits)
+        blob[name] = torch.from_numpy(bits)
         blob[name + ":shape"] = torch.tensor(m.shape, dtype=torch.int64)
     return save(blob)
 
 
-def unpack(blob: bytes) -> dict:
+def unpacked(blob: bytes):
+    """(name, bool mask) pairs of a packed blob, one tensor at a time."""
     import numpy as np
     import torch
     from safetensors.torch import load
 
     stored = load(blob)
-    out = {}
     for name, bits in stored.items():
         if not name.endswith(":shape"):
             shape = tuple(stored[name + ":shape"].tolist())
-            out[name] = torch.from_numpy(np.unpackbits(bits.numpy())[: math.prod(shape)].astype(bool)).reshape(shape)
-    return out
+            yield name, torch.from_numpy(np.unpackbits(bits.numpy())[: math.prod(shape)].astype(bool)).reshape(shape)
+
+
+def unpack(blob: bytes) -> dict:
+    return dict(unpacked(blob))
 
 
 # ------------------------------------------------------------------------------------------ the defense
@@ -762,7 +813,7 @@ class GradientRestoration(Defense):
         scores: dict[int, float] = {}
 
         def checkpoint(step: int) -> None:
-            checkpoints[step] = pack(restored_masks(cands, aligned, F_file))
+            checkpoints[step] = pack(restored_masks(cands, aligned, F_file), {c.name: c.param.numel() for c in cands})
             scores[step] = probe_score()
             ctx.progress(f"gradient_restoration: step {step}: task metric {scores[step]:.3f} (floor {min_score:.3f})")
 
@@ -815,18 +866,22 @@ class GradientRestoration(Defense):
             return DefenseOutput(skipped="no recovered model: the first checkpoint already lost more than metric_drop of the task metric", info=info, checkpoints=checkpoints)
 
         # --- the answer: theta_F with M(chosen) copied from theta_A, rebuilt from its bit-packed mask
-        masks = unpack(checkpoints[chosen_step])
+        by_name = {c.name: c for c in cands}
+        restored = 0
         with torch.no_grad():
-            for c in cands:
+            for name, mask in unpacked(checkpoints[chosen_step]):  # one tensor's mask at a time
+                c = by_name[name]
                 c.param.requires_grad_(False)
-                c.param.data, c.lo = torch.where(masks[c.name].to(c.param.device), aligned.get(c.name), F_file.get(c.name)), None
+                c.param.data, c.lo = torch.where(mask.to(c.param.device), aligned.get(name), F_file.get(name)), None
+                restored += int(mask.sum())
+                return_freed_memory()
         tm.materialize()
         for name, p_ in tm.unused.items():  # the whole model again, kept whole for the caller
             p_.data = F_file.get(name).to(p_.dtype)
         _set_layers(model, tm.all_layers)
         if tm.norm is not None:
             _set_final_norm(model, tm.norm)
-        info["restored"] = int(sum(int(m.sum()) for m in masks.values()))
+        info["restored"] = restored
         info["timing_s"] = {k_: round(v, 2) for k_, v in timing.items()} | {"total": round(time.perf_counter() - t_start, 2)}
         return DefenseOutput(model=model, info=info, checkpoints=checkpoints)
 
