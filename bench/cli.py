@@ -95,10 +95,8 @@ def _run_config(args, defenses: list[str], defense_params: dict | None = None):
 
 
 def cmd_run(args) -> int:
-    from bench.runner import main_job
+    from bench.runner import main_job, parse_row
     from defenses import DEFENSES
-
-    from bench.runner import parse_row
 
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
     if args.all_defenses:  # every registered defense, plus any extra rows the user wrote with parameters

@@ -495,6 +495,9 @@ def score(diff, grad) -> "torch.Tensor":
     return grad.abs() * (torch.sign(diff) == torch.sign(grad))  # times 1 or 0: exact, no underflow
 
 
+CPU_CHUNK = 1 << 18  # elements scored at a time on a CPU (see scores_above)
+
+
 def scores_above(c: Candidate, A_flat, t_lo: float) -> tuple[int, "torch.Tensor", "torch.Tensor"]:
     """(number of qualifying coordinates of c, flat indices whose score > t_lo, those scores).
 
@@ -527,9 +530,6 @@ def scores_above(c: Candidate, A_flat, t_lo: float) -> tuple[int, "torch.Tensor"
     if len(idxs) <= 1:
         return (n_qual, idxs[0], vals[0]) if idxs else (0, torch.empty(0, dtype=torch.long), grad[:0])
     return n_qual, torch.cat(idxs), torch.cat(vals)
-
-
-CPU_CHUNK = 1 << 18
 
 
 def kth_largest(values, k: int) -> float:
@@ -644,40 +644,24 @@ def return_freed_memory() -> None:
 def restored_masks(cands: list[Candidate], aligned: AlignedWeights, finetuned: WeightFile):
     """M, one tensor at a time: (name, the coordinates that now hold theta_A's value and differ
     in theta_F). A generator, so that only one tensor's mask is unpacked bits at a time."""
-    import torch
-
     for c in cands:
-        A, F = aligned.get(c.name).view(-1), finetuned.get(c.name).view(-1)
-        mask = torch.empty(A.numel(), dtype=torch.bool, device=A.device)
-        chunk = CPU_CHUNK if A.device.type == "cpu" else max(A.numel(), 1)
-        for start in range(0, A.numel(), chunk):  # chunked as in scores_above: no tensor-sized temporaries
-            stop = min(start + chunk, A.numel())
-            torch.logical_and(c.flat_value(start, stop) == A[start:stop], F[start:stop] != A[start:stop], out=mask[start:stop])
-        del A, F
-        yield c.name, mask.view(c.param.shape)
+        A = aligned.get(c.name)
+        mask = (c.value() == A) & (finetuned.get(c.name) != A)
+        del A
+        yield c.name, mask
         return_freed_memory()
 
 
-def pack(masks, numels: dict[str, int] | None = None) -> bytes:
+def pack(masks) -> bytes:
     """Bit-packed masks (one bit per coordinate) and their shapes, as a safetensors blob; `masks`
-    is a dict or an iterable of (name, mask) pairs, packed as they come.
-
-    With `numels` (each mask's element count, known before the masks are made) the bits go into
-    one buffer allocated first: small long-lived arrays allocated between the large transient
-    tensors of each mask would split the heap's free space so that the next tensor does not fit
-    (this took 400 MB more at a checkpoint on the embedded model)."""
+    is a dict or an iterable of (name, mask) pairs, packed as they come."""
     import numpy as np
     import torch
     from safetensors.torch import save
 
-    buffer = np.empty(sum((n + 7) // 8 for n in numels.values()), np.uint8) if numels else None
-    blob, offset = {}, 0
+    blob = {}
     for name, m in (masks.items() if isinstance(masks, dict) else masks):
-        bits = np.packbits(m.cpu().numpy().reshape(-1))
-        if buffer is not None:
-            buffer[offset:offset + len(bits)] = bits
-            bits, offset = buffer[offset:offset + len(bits)], offset + len(bits)
-        blob[name] = torch.from_numpy(bits)
+        blob[name] = torch.from_numpy(np.packbits(m.cpu().numpy().reshape(-1)))
         blob[name + ":shape"] = torch.tensor(m.shape, dtype=torch.int64)
     return save(blob)
 
@@ -813,7 +797,7 @@ class GradientRestoration(Defense):
         scores: dict[int, float] = {}
 
         def checkpoint(step: int) -> None:
-            checkpoints[step] = pack(restored_masks(cands, aligned, F_file), {c.name: c.param.numel() for c in cands})
+            checkpoints[step] = pack(restored_masks(cands, aligned, F_file))
             scores[step] = probe_score()
             ctx.progress(f"gradient_restoration: step {step}: task metric {scores[step]:.3f} (floor {min_score:.3f})")
 
