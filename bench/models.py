@@ -198,6 +198,19 @@ def accepts_custom_mask(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
+def gradient_attention(model, device: str) -> str:
+    """The attention implementation to take gradients through on `device`. On a CPU, transformers'
+    eager path (two matmuls and a softmax) with a 4-D mask: its forward + backward is 30% faster
+    than torch's CPU flash kernel under a mask at the probe's shapes, 11% of the flagship's
+    whole gradient pass on the embedded model (bench.perf.flagship_step). Elsewhere the model's own."""
+    current = getattr(model.config, "_attn_implementation", None)
+    return "eager" if str(device) == "cpu" and current == "sdpa" else current
+
+
+def set_attention(model, implementation: str) -> None:
+    model.config._attn_implementation = implementation
+
+
 def custom_attention_mask(model, allowed: "torch.Tensor", dtype) -> "torch.Tensor":
     """allowed[b, 1, query, key] (True = may attend) in the form the model's attention wants:
     boolean for sdpa, additive (0 / most negative) for eager."""

@@ -75,9 +75,9 @@ class GradientRestorationParams:
                                                                   "natively: GPUs, CPUs with AVX512-BF16 or AMX; else float32)"})
     packing: bool = field(default=True, metadata={"help": "run each batch as one sequence: the prompts' common prefix once, no padding "
                                                           "(the same h up to float rounding; false = left-padded batches as released)"})
-    low_memory: bool = field(default=False, metadata={"help": "bf16 compute only: hold theta as bf16 plus an int16 remainder (exact) "
-                                                            "instead of fp32 plus autocast's bf16 copies: 2 bytes a candidate parameter "
-                                                            "less, a slower selection on CPU; the probe then generates in bf16"})
+    low_memory: bool = field(default=False, metadata={"help": "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) as int8 "
+                                                            "instead of fp32 plus autocast's bf16 copies: 3 bytes a candidate parameter "
+                                                            "less, the same masks; the probe then generates from the bf16 weights"})
     aligned_copy: str = field(default="auto", metadata={"help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
                                                                 "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"})
     rate_denominator: str | None = field(default=None, metadata={"help": "all_layers | candidates (default from mode)"})
@@ -101,7 +101,7 @@ class GradientRestorationParams:
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be 'auto', 'float32' or 'bfloat16', got {self.compute_dtype!r}")
         if self.low_memory and self.compute_dtype == "float32":
-            raise ValueError("low_memory holds theta in bf16 plus a remainder: it needs compute_dtype bfloat16 or auto")
+            raise ValueError("low_memory holds theta in bf16 (plus the sign of theta - theta_A): it needs compute_dtype bfloat16 or auto")
         if self.aligned_copy not in ("auto", "memory", "stream"):
             raise ValueError(f"aligned_copy must be 'auto', 'memory' or 'stream', got {self.aligned_copy!r}")
         if self.E < 0:
@@ -280,6 +280,8 @@ class TruncatedModel:
         self.unused = {n: p for n, p in model.named_parameters()
                        if (n.startswith(prefix) and models.layer_index(n) >= E) or p is head or id(p) in final}
         self.mapped: dict = {}  # frozen tensors backed by theta_F's file (see map_frozen)
+        self.generation_attention = model.config._attn_implementation
+        self.probe_attention = models.gradient_attention(model, str(next(model.parameters()).device))
         self._cut()
 
     def map_frozen(self, name: str, param) -> bool:
@@ -308,6 +310,7 @@ class TruncatedModel:
         import torch
 
         _set_layers(self.model, self.truncated)
+        models.set_attention(self.model, self.probe_attention)
         if self.norm is not None:
             _set_final_norm(self.model, torch.nn.Identity())  # no final norm on the probe
         for p in self.unused.values():
@@ -324,6 +327,7 @@ class TruncatedModel:
                 for name, p in outer.unused.items():
                     p.data = outer.upper_source.get(name).to(p.dtype)
                 _set_layers(outer.model, outer.all_layers)
+                models.set_attention(outer.model, outer.generation_attention)
                 if outer.norm is not None:
                     _set_final_norm(outer.model, outer.norm)
                 return outer.model
@@ -391,78 +395,83 @@ def gradient_pass(tm: TruncatedModel, batches: list, direction) -> float:
 # ------------------------------------------------------------------------------------------ selection
 
 
-def split(x) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """fp32 -> (bf16 rounded to nearest, int16 remainder) with x == join(*split(x)) exactly.
-
-    The rounding adds half a bf16 unit to the bit pattern and keeps the top 16 bits (round half
-    away from zero: it differs from round-to-nearest-even only on exact ties), so the remainder
-    bits(x) - bits(hi) << 16 always lies in [-32768, 32767]."""
-    import torch
-
-    bits = x.contiguous().view(torch.int32)
-    hi = (bits + 0x8000) >> 16
-    lo = bits - (hi << 16)
-    return hi.to(torch.int16).view(torch.bfloat16), lo.to(torch.int16)
-
-
-def join(hi, lo) -> "torch.Tensor":
-    import torch
-
-    return ((hi.view(torch.int16).to(torch.int32) << 16) + lo.to(torch.int32)).view(torch.float32)
-
-
 @dataclass
 class Candidate:
-    """One candidate tensor of the working copy (a weight of a layer < E, not a norm).
-
-    fp32 compute: the parameter is theta. bf16 compute: the parameter holds theta rounded to bf16
-    (what the matmuls read, so autocast keeps no bf16 copy of its own for the backward pass) and
-    `lo` the int16 remainder, so theta stays exact in 2 + 2 bytes instead of 4 + 2; the bf16
-    gradient of each backward is added to an fp32 sum, as autocast's cast back to fp32 does."""
+    """One candidate tensor of the working copy (a weight of a layer < E, not a norm), with theta
+    held exactly in fp32: the parameter itself. The selection asks a candidate only for
+    sign(theta - theta_A) and to copy values in or back, so another representation of theta
+    (SignedCandidate) can answer the same questions."""
 
     name: str
     param: "torch.nn.Parameter"
-    lo: "torch.Tensor | None" = None
-    grad32: "torch.Tensor | None" = None
-
-    def value(self, stride: int = 1) -> "torch.Tensor":
-        """theta, exact, in fp32 (every stride-th row)."""
-        if self.lo is None:
-            return self.param.data[::stride] if stride > 1 else self.param.data
-        return join(self.param.data[::stride], self.lo[::stride])
-
-    def flat_value(self, start: int, stop: int) -> "torch.Tensor":
-        """theta.flat[start:stop], exact, in fp32 (a view where theta is fp32)."""
-        if self.lo is None:
-            return self.param.data.view(-1)[start:stop]
-        return join(self.param.data.view(-1)[start:stop], self.lo.view(-1)[start:stop])
-
-    def value_at(self, flat_idx) -> "torch.Tensor":
-        """theta.flat[flat_idx], exact, in fp32."""
-        if self.lo is None:
-            return self.param.data.view(-1)[flat_idx]
-        return join(self.param.data.view(-1)[flat_idx], self.lo.view(-1)[flat_idx])
+    needs_aligned = True  # the sign of theta - theta_A is computed from theta_A's values
 
     @property
     def grad(self) -> "torch.Tensor | None":
-        return self.param.grad if self.lo is None else self.grad32
+        return self.param.grad
 
-    def load(self, x) -> None:
-        """theta := x (a fresh fp32 tensor, taken over: a copy into the old storage would keep the
+    def zero_grad(self) -> None:
+        self.param.grad = None
+
+    def load(self, F, A) -> None:
+        """theta := F (a fresh fp32 tensor, taken over: a copy into the old storage would keep the
         loaded model's file mapping, and every page the probe read from it, in the process)."""
-        if self.lo is None:
-            self.param.data = x
-        else:
-            self.param.data, self.lo = split(x)
+        self.param.data = F
 
-    def assign(self, flat_idx, values) -> None:
-        """theta.flat[flat_idx] := values (fp32, exact)."""
-        if self.lo is None:
-            self.param.data.view(-1)[flat_idx] = values
-        else:
-            hi, lo = split(values)
-            self.param.data.view(-1)[flat_idx] = hi
-            self.lo.view(-1)[flat_idx] = lo
+    def diff_sign(self, A_flat, start: int, stop: int, out) -> "torch.Tensor":
+        """sign(theta - theta_A) over theta.flat[start:stop] into out (A_flat: theta_A, flat)."""
+        import torch
+
+        return torch.sub(self.param.data.view(-1)[start:stop], A_flat[start:stop], out=out).sign_()
+
+    def diff_sign_rows(self, aligned: "AlignedWeights", stride: int) -> "torch.Tensor":
+        """sign(theta - theta_A) on every stride-th row."""
+        import torch
+
+        return torch.sign(self.param.data[::stride] - aligned.get(self.name, stride))
+
+    def state_at(self, idx):
+        """What theta holds at flat indices idx, to put back by a rollback: the values."""
+        return self.param.data.view(-1)[idx]
+
+    def sign_from(self, idx, previous) -> "torch.Tensor":
+        """sign(theta - previous) at flat indices idx."""
+        import torch
+
+        return torch.sign(self.param.data.view(-1)[idx] - previous)
+
+    def take_aligned(self, idx, A_values) -> None:
+        """theta.flat[idx] := theta_A's values there (a copy)."""
+        self.param.data.view(-1)[idx] = A_values
+
+    def put_back(self, idx, previous, keep) -> None:
+        """theta.flat[idx[keep]] := what state_at(idx) returned there."""
+        self.param.data.view(-1)[idx[keep]] = previous[keep]
+
+    def restored_mask(self, A, F) -> "torch.Tensor":
+        """The coordinates that hold theta_A's value and differ in theta_F."""
+        return (self.param.data == A) & (F != A)
+
+
+@dataclass
+class SignedCandidate(Candidate):
+    """A candidate for bf16 compute that never holds theta itself (`low_memory`).
+
+    theta is, coordinate by coordinate, always theta_F or theta_A (a restore copies A, a rollback
+    copies back what was there), so the selection needs only s = sign(theta - theta_A): int8,
+    0 exactly where theta == theta_A. The parameter holds theta rounded to bf16 (round to
+    nearest even, as autocast rounds), which is what the matmuls read, so autocast keeps no bf16
+    copy of its own for the backward pass: 2 + 1 bytes a parameter instead of 4 + 2. The output
+    is rebuilt from the masks and the two files, so it is exact. The bf16 gradient of each
+    backward is added to an fp32 sum, as autocast's cast back to an fp32 parameter does."""
+
+    sign: "torch.Tensor | None" = None
+    grad32: "torch.Tensor | None" = None
+    needs_aligned = False
+
+    @property
+    def grad(self) -> "torch.Tensor | None":
+        return self.grad32
 
     def zero_grad(self) -> None:
         self.param.grad = None
@@ -472,6 +481,39 @@ class Candidate:
         """post-accumulate-grad hook of the bf16 parameter: fp32 sum, bf16 gradient dropped."""
         self.grad32 = param.grad.float() if self.grad32 is None else self.grad32.add_(param.grad)
         param.grad = None
+
+    def load(self, F, A) -> None:
+        import torch
+
+        self.param.data = F.to(torch.bfloat16)
+        self.sign = torch.sign(F - A).to(torch.int8)
+
+    def diff_sign(self, A_flat, start: int, stop: int, out) -> "torch.Tensor":
+        return out.copy_(self.sign.view(-1)[start:stop])
+
+    def diff_sign_rows(self, aligned: "AlignedWeights", stride: int) -> "torch.Tensor":
+        return self.sign[::stride]
+
+    def state_at(self, idx):
+        return self.param.data.view(-1)[idx], self.sign.view(-1)[idx]
+
+    def sign_from(self, idx, previous) -> "torch.Tensor":
+        """At coordinates that now hold theta_A (the only ones a rollback asks about):
+        sign(A - previous) = -sign(previous - A)."""
+        return -previous[1]
+
+    def take_aligned(self, idx, A_values) -> None:
+        import torch
+
+        self.param.data.view(-1)[idx] = A_values.to(torch.bfloat16)
+        self.sign.view(-1)[idx] = 0
+
+    def put_back(self, idx, previous, keep) -> None:
+        self.param.data.view(-1)[idx[keep]] = previous[0][keep]
+        self.sign.view(-1)[idx[keep]] = previous[1][keep]
+
+    def restored_mask(self, A, F) -> "torch.Tensor":
+        return (self.sign == 0) & (F != A)
 
 
 class AlignedWeights:
@@ -519,7 +561,7 @@ def scores_above(c: Candidate, A_flat, t_lo: float) -> tuple[int, "torch.Tensor"
         stop = min(start + chunk, n)
         m = stop - start
         d_, g_, s_, q_ = sign_d[:m], sign_g[:m], s[:m], q[:m]
-        torch.sub(c.flat_value(start, stop), A_flat[start:stop], out=d_).sign_()
+        c.diff_sign(A_flat, start, stop, d_)
         torch.sign(grad[start:stop], out=g_)
         torch.eq(d_, g_, out=q_)
         torch.abs(grad[start:stop], out=s_).mul_(q_)
@@ -547,11 +589,10 @@ def tau_lower_bound(cands: list[Candidate], aligned: AlignedWeights, k: int, mar
     cands = [c for c in cands if c.grad is not None]
     sample, total, sampled = [], 0, 0
     for c in cands:
-        theta = c.value(stride)
-        s = score(theta - aligned.get(c.name, stride), c.grad[::stride]).flatten()
+        s = score(c.diff_sign_rows(aligned, stride), c.grad[::stride]).flatten()
         sample.append(s[s > 0])
         total += c.param.numel()
-        sampled += theta.numel()
+        sampled += s.numel()
     values = torch.cat(sample)
     want = math.ceil(margin * k * sampled / total)
     return 0.0 if want >= values.numel() else kth_largest(values, want)
@@ -569,10 +610,10 @@ def recover_step(cands: list[Candidate], aligned: AlignedWeights, k: int, strict
         t_lo = 0.0 if margin == math.inf else tau_lower_bound(with_grad, aligned, k, margin)
         picked, n_qual = [], 0
         for c in with_grad:
-            A = aligned.get(c.name).view(-1)
+            A = aligned.get(c.name).view(-1) if c.needs_aligned else None
             n, idx, s = scores_above(c, A, t_lo)
             n_qual += n
-            picked.append((c, idx, s, A[idx]))
+            picked.append((c, idx, s, None if A is None else A[idx]))
         n_picked = sum(len(p[1]) for p in picked)
         if n_picked >= min(k, n_qual):  # every value >= the k-th largest is among the picked
             break
@@ -587,8 +628,10 @@ def recover_step(cands: list[Candidate], aligned: AlignedWeights, k: int, strict
         for c, idx, s, a in picked:
             take = (s > tau) if strict else (s >= tau)
             chosen = idx[take]
-            restored[c.name] = (chosen, c.value_at(chosen) if keep_previous else None)
-            c.assign(chosen, a[take])
+            if not len(chosen):
+                continue
+            restored[c.name] = (chosen, c.state_at(chosen) if keep_previous else None)
+            c.take_aligned(chosen, a[take] if a is not None else aligned.get(c.name).view(-1)[chosen])
             selected += len(chosen)
     return restored, stats | {"selected": selected, "tau": tau}
 
@@ -603,7 +646,7 @@ def rollback_step(cands: list[Candidate], restored: dict, rate: float, strict: b
     for c in cands:
         idx, previous = restored[c.name]
         if len(idx) and c.grad is not None:
-            parts.append((c, idx, previous, score(c.value_at(idx) - previous, c.grad.view(-1)[idx])))
+            parts.append((c, idx, previous, score(c.sign_from(idx, previous), c.grad.view(-1)[idx])))
     n_qual = sum(int(torch.count_nonzero(s)) for *_, s in parts)
     k = math.ceil(rate * n_qual)
     if k == 0:
@@ -613,7 +656,7 @@ def rollback_step(cands: list[Candidate], restored: dict, rate: float, strict: b
     with torch.no_grad():
         for c, idx, previous, s in parts:
             back = (s > tau) if strict else (s >= tau)
-            c.assign(idx[back], previous[back])
+            c.put_back(idx, previous, back)
             selected += int(back.sum())
     return {"qualifying": n_qual, "k": k, "selected": selected, "tau": tau}
 
@@ -645,9 +688,7 @@ def restored_masks(cands: list[Candidate], aligned: AlignedWeights, finetuned: W
     """M, one tensor at a time: (name, the coordinates that now hold theta_A's value and differ
     in theta_F). A generator, so that only one tensor's mask is unpacked bits at a time."""
     for c in cands:
-        A = aligned.get(c.name)
-        mask = (c.value() == A) & (finetuned.get(c.name) != A)
-        del A
+        mask = c.restored_mask(aligned.get(c.name), finetuned.get(c.name))
         yield c.name, mask
         return_freed_memory()
 
@@ -735,8 +776,8 @@ class GradientRestoration(Defense):
 
         # --- theta := theta_F in the working copy; theta_A's candidate tensors held or streamed
         hold = p.aligned_copy == "memory" or (p.aligned_copy == "auto" and str(ctx.device) != "cpu")
-        split_bf16 = compute_dtype == "bfloat16" and p.low_memory
-        cands, held = _load_finetuned(model, tm, F_file, prefix, E, set(norms), hold, split_bf16)
+        low_memory = compute_dtype == "bfloat16" and p.low_memory
+        cands, held = _load_finetuned(model, tm, F_file, prefix, E, set(norms), hold, low_memory)
         aligned = AlignedWeights(A_file, held)
         N_cand = sum(c.param.numel() for c in cands)
         d_b = mean_direction(tm, benign)
@@ -776,19 +817,19 @@ class GradientRestoration(Defense):
             """theta := theta_F exactly, read from its file (never rebuilt from A and a delta)."""
             with torch.no_grad():
                 for c in cands:
-                    c.load(F_file.get(c.name))
+                    c.load(F_file.get(c.name), aligned.get(c.name) if not c.needs_aligned else None)
 
         def probe_score() -> float:
-            """The task metric of theta, generated in fp32; with low_memory from the bf16 tensors
-            under autocast (joining them to fp32 would bring back the memory it saves)."""
+            """The task metric of theta, generated in fp32; with low_memory from the bf16 weights
+            under autocast (theta itself is not held)."""
             t = time.perf_counter()
-            with torch.no_grad(), tm.full() as full, (tm.compute() if split_bf16 else contextlib.nullcontext()):
+            with torch.no_grad(), tm.full() as full, (tm.compute() if low_memory else contextlib.nullcontext()):
                 score_ = ctx.probe(full, handle=ctx.finetuned)
             timing["probe_s"] += time.perf_counter() - t
             return score_
 
         ctx.progress(f"gradient_restoration: L={L}, E={E}, |D_h|={len(D_h)}, |D_b|={len(D_b)}, k={k} of N={N} ({p.mode}"
-                     f"{', packed' if packing else ''}, {compute_dtype}{' split' if split_bf16 else ''}, theta_A {'held' if hold else 'streamed'})")
+                     f"{', packed' if packing else ''}, {compute_dtype}{' low_memory' if low_memory else ''}, theta_A {'held' if hold else 'streamed'})")
         s0 = probe_score()
         min_score = s0 * (1 - p.metric_drop)
         fails_final = (lambda s: s <= min_score) if p.comparison == "mixed" else (lambda s: s < min_score)
@@ -838,7 +879,7 @@ class GradientRestoration(Defense):
         chosen_step = choose_checkpoint(scores, fails_final)
         zero_grads()
         info = {
-            "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, "compute_dtype": compute_dtype, "low_memory": split_bf16, "packing": packing,
+            "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, "compute_dtype": compute_dtype, "low_memory": low_memory, "packing": packing,
             "aligned_copy": "memory" if hold else "stream", "L": L, "E": E, "N": N, "N_all_layers": N_all,
             "N_candidates": N_cand, "k": k, "candidate_tensors": len(cands), "D_h": len(D_h), "D_b": len(D_b),
             "batches_per_pass": [len(harmful_used), len(benign_used)], "s0": s0, "min_score": min_score, "warmup_score": s_warm,
@@ -856,13 +897,14 @@ class GradientRestoration(Defense):
             for name, mask in unpacked(checkpoints[chosen_step]):  # one tensor's mask at a time
                 c = by_name[name]
                 c.param.requires_grad_(False)
-                c.param.data, c.lo = torch.where(mask.to(c.param.device), aligned.get(name), F_file.get(name)), None
+                c.param.data = torch.where(mask.to(c.param.device), aligned.get(name), F_file.get(name))
                 restored += int(mask.sum())
                 return_freed_memory()
         tm.materialize()
         for name, p_ in tm.unused.items():  # the whole model again, kept whole for the caller
             p_.data = F_file.get(name).to(p_.dtype)
         _set_layers(model, tm.all_layers)
+        models.set_attention(model, tm.generation_attention)
         if tm.norm is not None:
             _set_final_norm(model, tm.norm)
         info["restored"] = restored
@@ -871,9 +913,9 @@ class GradientRestoration(Defense):
 
 
 def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, E: int, norms: set, hold: bool,
-                    split_bf16: bool) -> tuple[list[Candidate], dict | None]:
-    """theta := theta_F in every tensor the probe uses; returns the candidate tensors (as bf16 +
-    remainder when `split_bf16`) and, when `hold`, a copy of theta_A's candidate tensors. Fails
+                    low_memory: bool) -> tuple[list[Candidate], dict | None]:
+    """theta := theta_F in every tensor the probe uses; returns the candidate tensors (bf16 + the
+    sign of theta - theta_A when `low_memory`) and, when `hold`, a copy of theta_A's candidate tensors. Fails
     when no candidate weight differs."""
     import torch
 
@@ -896,12 +938,11 @@ def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, 
                 differs = differs or not torch.equal(F, param.data)
                 if held is not None:
                     held[name] = param.data.clone()
-                c = Candidate(name, param)
+                c = SignedCandidate(name, param) if low_memory else Candidate(name, param)
                 param.requires_grad_(True)
-                if split_bf16:
-                    c.lo = torch.empty(0, dtype=torch.int16)  # marks the split form; load() fills it
+                if low_memory:
                     param.register_post_accumulate_grad_hook(c.accumulate)
-                c.load(F)
+                c.load(F, param.data)  # param.data is still theta_A's value here
                 cands.append(c)
                 continue
             param.data = F

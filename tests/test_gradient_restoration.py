@@ -20,6 +20,7 @@ from defenses.gradient_restoration import (
     AlignedWeights,
     Candidate,
     GradientRestorationParams,
+    SignedCandidate,
     TruncatedModel,
     WeightFile,
     _weights_file,
@@ -275,6 +276,31 @@ def test_sign_agreement_and_strict_threshold_with_ties():
     assert sorted(restored["w"][0].tolist()) == [0, 1, 2]
 
 
+def test_signed_form_restores_and_rolls_back_like_fp32():
+    """The low_memory candidate answers every question of a restore and a rollback as the fp32
+    one does: the same coordinates restored, the same ones rolled back, the same theta (bf16)."""
+    g = torch.Generator().manual_seed(1)
+    F = torch.randn(50, 8, generator=g)
+    A = F + torch.randn(50, 8, generator=g) * (torch.rand(50, 8, generator=g) < 0.8)
+    harm, benign = torch.randn(50, 8, generator=g), torch.randn(50, 8, generator=g)
+    fp32 = _cand(F.tolist(), harm.tolist())
+    signed = _signed(F, A, harm)
+    aligned = AlignedWeights(held={"w": A})
+    got = []
+    for c in (fp32, signed):
+        restored, stats = recover_step([c], aligned, 60, strict=True, keep_previous=True)
+        if c is fp32:
+            c.param.grad = benign.clone()
+        else:
+            c.grad32 = benign.clone()
+        rb = rollback_step([c], restored, 0.2, strict=True)
+        got.append((restored["w"][0].tolist(), stats, rb))
+    assert got[0] == got[1] and got[0][2]["selected"] > 0
+    assert torch.equal(signed.param.data, fp32.param.data.bfloat16())
+    assert torch.equal(signed.sign, torch.sign(fp32.param.data - A).to(torch.int8))
+    assert torch.equal(signed.restored_mask(A, F), fp32.restored_mask(A, F))
+
+
 def test_rollback_budget_and_restriction():
     # this step restored coordinates 0..2 (theta = A there); theta_F's values were 1.0
     c = _cand([0.0, 0.0, 0.0, 0.0, 0.0], grads=[-4.0, -3.0, -2.0, -1.0, -9.0])
@@ -285,12 +311,23 @@ def test_rollback_budget_and_restriction():
     assert c.param.data.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # > tau = 3.0 goes back to theta_F
 
 
+def _signed(theta, A, grads, name="w"):
+    """The low_memory form of a candidate: bf16 theta, sign(theta - A), an fp32 gradient sum."""
+    theta, A = torch.as_tensor(theta, dtype=torch.float32), torch.as_tensor(A, dtype=torch.float32)
+    c = SignedCandidate(name, torch.nn.Parameter(theta.clone()))
+    c.load(theta, A)
+    c.grad32 = torch.as_tensor(grads, dtype=torch.float32)
+    return c
+
+
+@pytest.mark.parametrize("form", ["fp32", "signed"])
 @pytest.mark.parametrize("chunk", [1 << 18, 7])
 @pytest.mark.parametrize("margins_fail", [False, True])
-def test_recover_step_is_exact_across_tensors(monkeypatch, margins_fail, chunk):
+def test_recover_step_is_exact_across_tensors(monkeypatch, margins_fail, chunk, form):
     """The one-pass selection equals one concatenated top-k over every tensor, including when
     the sampled lower bound is too high and a second pass is needed, and when each tensor is
-    scored in chunks that cut across its rows."""
+    scored in chunks that cut across its rows; the low_memory form (theta not held, only the
+    sign of theta - A) selects the same coordinates."""
     import defenses.gradient_restoration as gr
 
     if margins_fail:
@@ -302,7 +339,10 @@ def test_recover_step_is_exact_across_tensors(monkeypatch, margins_fail, chunk):
     A = {n: t + torch.randn(t.shape, generator=g) * (torch.rand(t.shape, generator=g) < 0.7) for n, t in theta.items()}
     grads = {n: torch.randn(t.shape, generator=g) ** 3 for n, t in theta.items()}
     for k in (1, 17, 500, 10_000):
-        cands = [_cand(theta[n].tolist(), grads[n].tolist(), n) for n in theta]
+        if form == "fp32":
+            cands = [_cand(theta[n].tolist(), grads[n].tolist(), n) for n in theta]
+        else:
+            cands = [_signed(theta[n], A[n], grads[n], n) for n in theta]
         score = {n: torch.where(torch.sign(theta[n] - A[n]) * torch.sign(grads[n]) > 0, grads[n].abs(), 0.0) for n in theta}
         flat = torch.cat([v.flatten() for v in score.values()])
         qual = flat[flat > 0]
@@ -312,7 +352,11 @@ def test_recover_step_is_exact_across_tensors(monkeypatch, margins_fail, chunk):
         for c in cands:
             expect = (score[c.name].flatten() > tau) & (score[c.name].flatten() > 0)
             assert sorted(restored[c.name][0].tolist()) == expect.nonzero().flatten().tolist()
-            assert torch.equal(c.param.data, torch.where(expect.view(theta[c.name].shape), A[c.name], theta[c.name]))
+            now = torch.where(expect.view(theta[c.name].shape), A[c.name], theta[c.name])
+            if form == "fp32":
+                assert torch.equal(c.param.data, now)
+            else:
+                assert torch.equal(c.param.data, now.bfloat16()) and torch.equal(c.sign, torch.sign(now - A[c.name]).to(torch.int8))
 
 
 def test_checkpoint_choice_edge_cases():
@@ -408,7 +452,10 @@ def test_packed_batches_give_the_padded_h(tiny):
     assert packed.input_ids.shape[1] < batches_of(tok, prompts, 8)[0]["input_ids"].numel()  # fewer tokens than padded
     with torch.no_grad():
         tm = TruncatedModel(model, E, "float32", upper_source=_upper(tiny))
-        torch.testing.assert_close(tm.h(packed), tm.h(batches_of(tok, prompts, 8)[0]), atol=1e-5, rtol=1e-4)
+        h = tm.h(packed)
+        torch.testing.assert_close(h, tm.h(batches_of(tok, prompts, 8)[0]), atol=1e-5, rtol=1e-4)
+        models.set_attention(model, "sdpa")  # and the same h as sdpa attention
+        torch.testing.assert_close(h, tm.h(packed), atol=1e-5, rtol=1e-4)
 
 
 def test_packing_and_aligned_copy_keep_the_masks(tiny):
@@ -431,29 +478,17 @@ def test_unused_weights_are_released_and_read_back(tiny):
     E = probe_layers(model.config.num_hidden_layers)
     tm = TruncatedModel(model, E, "float32", upper_source=_upper(tiny))
     assert "model.norm.weight" in tm.unused and all(p.numel() == 0 for p in tm.unused.values())
+    assert model.config._attn_implementation == "eager"  # gradients through eager attention on a CPU
     with tm.full() as full:
         assert len(models.decoder_layers(full)) == model.config.num_hidden_layers
+        assert full.config._attn_implementation == "sdpa"  # generation with the model's own
         for name, p in tm.unused.items():
             assert torch.equal(p.data, F[name].data)
     assert all(p.numel() == 0 for p in tm.unused.values()) and len(models.decoder_layers(model)) == E
 
 
-def test_bf16_split_is_exact_and_rounds_to_nearest():
-    """theta = join(split(theta)) bit for bit; the bf16 half is round-to-nearest except on exact ties."""
-    from defenses.gradient_restoration import join, split
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(100_000, generator=g) * 10 ** torch.randint(-30, 30, (100_000,), generator=g).float(),
-                   torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.0e38, -3.0e38, 1.0, -1.0])])
-    hi, lo = split(x)
-    assert hi.dtype == torch.bfloat16 and lo.dtype == torch.int16
-    assert torch.equal(join(hi, lo).view(torch.int32), x.view(torch.int32))
-    ties = (x.view(torch.int32) & 0xFFFF) == 0x8000
-    assert torch.equal(hi[~ties], x[~ties].to(torch.bfloat16))
-
-
-def test_bf16_split_gradient_equals_autocast(tiny):
-    """The split parameter (bf16 + remainder) gives the gradient autocast gives an fp32 parameter."""
+def test_bf16_signed_gradient_equals_autocast(tiny):
+    """The low_memory parameter (bf16, theta not held) gives the gradient autocast gives an fp32 parameter."""
     from defenses.gradient_restoration import gradient_pass, mean_direction
 
     tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
@@ -468,12 +503,12 @@ def test_bf16_split_gradient_equals_autocast(tiny):
         d = mean_direction(tm, batches)
         name = "model.layers.0.mlp.up_proj.weight"
         param = dict(model.named_parameters())[name]
-        c = Candidate(name, param)
+        c = SignedCandidate(name, param) if split_form else Candidate(name, param)
         param.requires_grad_(True)
         if split_form:
-            c.lo = torch.empty(0, dtype=torch.int16)
             param.register_post_accumulate_grad_hook(c.accumulate)
-            c.load(param.data.clone())
+            c.load(param.data.clone(), param.data.clone())
+            assert c.param.dtype == torch.bfloat16 and not c.sign.any()
         gradient_pass(tm, batches, d)
         grads.append(c.grad)
     assert grads[1].dtype == torch.float32
