@@ -881,7 +881,8 @@ class GradientRestoration(Defense):
         info = {
             "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, "compute_dtype": compute_dtype, "low_memory": low_memory, "packing": packing,
             "aligned_copy": "memory" if hold else "stream", "L": L, "E": E, "N": N, "N_all_layers": N_all,
-            "N_candidates": N_cand, "k": k, "candidate_tensors": len(cands), "D_h": len(D_h), "D_b": len(D_b),
+            "N_candidates": N_cand, "k": k, "candidate_tensors": len(cands),
+            "unchanged_candidate_tensors": sum(not c.param.requires_grad for c in cands), "D_h": len(D_h), "D_b": len(D_b),
             "batches_per_pass": [len(harmful_used), len(benign_used)], "s0": s0, "min_score": min_score, "warmup_score": s_warm,
             "rollback_mode": rollback_mode, "checkpoint_scores": {str(k_): v for k_, v in scores.items()}, "chosen_step": chosen_step,
             "steps": log,
@@ -935,12 +936,16 @@ def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, 
                 raise UserError(f"aligned and fine-tuned models differ in shape at {name}: {tuple(param.shape)} vs {tuple(F.shape)}")
             idx = models.layer_index(name)
             if name.startswith(prefix) and idx is not None and idx < E and name not in norms:
-                differs = differs or not torch.equal(F, param.data)
+                changed = not torch.equal(F, param.data)
+                differs = differs or changed
                 if held is not None:
                     held[name] = param.data.clone()
                 c = SignedCandidate(name, param) if low_memory else Candidate(name, param)
-                param.requires_grad_(True)
-                if low_memory:
+                # theta_A == theta_F in the whole tensor (a LoRA that does not target it): theta - theta_A
+                # is 0 there and stays 0, so no coordinate can ever qualify; its gradient would never
+                # be read, so it is not taken (no weight-gradient product, no gradient sum).
+                param.requires_grad_(changed)
+                if low_memory and changed:
                     param.register_post_accumulate_grad_hook(c.accumulate)
                 c.load(F, param.data)  # param.data is still theta_A's value here
                 cands.append(c)

@@ -45,8 +45,9 @@ def make_llama(out: Path, tok, layers: int = 6, seed: int = 0, hidden: int = 32,
     return model
 
 
-def lora_like_finetune(aligned: Path, out: Path, seed: int = 1, rank: int = 2, scale: float = 0.05, layers_only=None):
-    """theta_F = theta_A + B A on every linear weight of the decoder (what a merged LoRA looks like)."""
+def lora_like_finetune(aligned: Path, out: Path, seed: int = 1, rank: int = 2, scale: float = 0.05, targets=None):
+    """theta_F = theta_A + B A on every linear weight of the decoder (what a merged LoRA looks like),
+    or only on those whose name contains one of `targets`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,7 +55,7 @@ def lora_like_finetune(aligned: Path, out: Path, seed: int = 1, rank: int = 2, s
     model = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".layers." in name and p.dim() == 2 and "norm" not in name:
+            if ".layers." in name and p.dim() == 2 and "norm" not in name and (targets is None or any(t in name for t in targets)):
                 b = torch.randn(p.shape[0], rank) * scale
                 a = torch.randn(rank, p.shape[1]) * scale
                 p.add_(b @ a)

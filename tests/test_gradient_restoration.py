@@ -203,6 +203,28 @@ def test_identical_masks_rollback_mode(tiny):
     assert all(r > 0 for r in rolled)
 
 
+def test_tensors_the_finetune_left_unchanged_take_no_gradient_and_keep_the_masks(tiny, tmp_path):
+    """A LoRA on q_proj and v_proj only: every other candidate tensor has theta_F == theta_A, can
+    never qualify, and is skipped in the backward pass; the masks still equal the naive
+    reference's (which takes every gradient) at every step, in fp32 and in the low_memory form."""
+    from tests.conftest import lora_like_finetune
+
+    pair = {"aligned": tiny["aligned"], "finetuned": lora_like_finetune(tiny["aligned"], tmp_path / "qv", targets=("q_proj", "v_proj"))}
+    scores = [1.0] * 20
+    out, real = run_real(pair, ScriptedProbe(scores), steps=4, warmup_steps=2, save_step=1, recovery_rate=0.01)
+    ref = naive_run(pair, scores, steps=4, warmup=2, rate=0.01)
+    per_layer = 7  # q k v o gate up down
+    assert out.info["unchanged_candidate_tensors"] == out.info["candidate_tensors"] * (per_layer - 2) // per_layer
+    for step in ref:
+        for name, mask in ref[step].items():
+            assert torch.equal(real[step][name], mask), f"step {step} {name}"
+            assert not mask.any() or "q_proj" in name or "v_proj" in name
+    assert sum(int(m.sum()) for m in real[4].values()) > 0
+    low, _ = run_real(pair, ScriptedProbe(scores), steps=2, warmup_steps=2, save_step=1, recovery_rate=0.01,
+                      compute_dtype="bfloat16", low_memory=True)
+    assert low.info["unchanged_candidate_tensors"] == out.info["unchanged_candidate_tensors"] and low.model is not None
+
+
 def test_same_seed_same_masks(tiny):
     a = run_real(tiny, ScriptedProbe([1.0] * 9), steps=4, warmup_steps=2, save_step=2)[1]
     b = run_real(tiny, ScriptedProbe([1.0] * 9), steps=4, warmup_steps=2, save_step=2)[1]
