@@ -77,7 +77,7 @@ class GradientRestorationParams:
                                                           "(the same h up to float rounding; false = left-padded batches as released)"})
     low_memory: bool = field(default=False, metadata={"help": "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) as int8 "
                                                             "instead of fp32 plus autocast's bf16 copies: 3 bytes a candidate parameter "
-                                                            "less, the same masks; the probe then generates from the bf16 weights"})
+                                                            "less; the probe then generates from the bf16 weights"})
     aligned_copy: str = field(default="auto", metadata={"help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
                                                                 "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"})
     rate_denominator: str | None = field(default=None, metadata={"help": "all_layers | candidates (default from mode)"})
