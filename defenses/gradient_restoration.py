@@ -318,19 +318,24 @@ class TruncatedModel:
         for name, p in self.mapped.items():  # a fresh mapping: the pages the probe's LM head touched leave the process
             p.data = self.upper_source.mapped(name)
 
+    def whole(self):
+        """The whole model again: the upper layers, final norm and head read back from theta_F's
+        file, the model's own attention for generation."""
+        for name, p in self.unused.items():
+            p.data = self.upper_source.get(name).to(p.dtype)
+        _set_layers(self.model, self.all_layers)
+        models.set_attention(self.model, self.generation_attention)
+        if self.norm is not None:
+            _set_final_norm(self.model, self.norm)
+        return self.model
+
     def full(self):
         """Context manager: the whole model (for generation and the output), cut again on exit."""
         outer = self
 
         class _Full:
             def __enter__(self):
-                for name, p in outer.unused.items():
-                    p.data = outer.upper_source.get(name).to(p.dtype)
-                _set_layers(outer.model, outer.all_layers)
-                models.set_attention(outer.model, outer.generation_attention)
-                if outer.norm is not None:
-                    _set_final_norm(outer.model, outer.norm)
-                return outer.model
+                return outer.whole()
 
             def __exit__(self, *exc):
                 outer._cut()
@@ -404,7 +409,7 @@ class Candidate:
 
     name: str
     param: "torch.nn.Parameter"
-    needs_aligned = True  # the sign of theta - theta_A is computed from theta_A's values
+    needs_aligned = True  # scoring computes the sign of theta - theta_A from theta_A's values
 
     @property
     def grad(self) -> "torch.Tensor | None":
@@ -817,7 +822,7 @@ class GradientRestoration(Defense):
             """theta := theta_F exactly, read from its file (never rebuilt from A and a delta)."""
             with torch.no_grad():
                 for c in cands:
-                    c.load(F_file.get(c.name), aligned.get(c.name) if not c.needs_aligned else None)
+                    c.load(F_file.get(c.name), aligned.get(c.name))
 
         def probe_score() -> float:
             """The task metric of theta, generated in fp32; with low_memory from the bf16 weights
@@ -902,12 +907,7 @@ class GradientRestoration(Defense):
                 restored += int(mask.sum())
                 return_freed_memory()
         tm.materialize()
-        for name, p_ in tm.unused.items():  # the whole model again, kept whole for the caller
-            p_.data = F_file.get(name).to(p_.dtype)
-        _set_layers(model, tm.all_layers)
-        models.set_attention(model, tm.generation_attention)
-        if tm.norm is not None:
-            _set_final_norm(model, tm.norm)
+        tm.whole()  # kept whole for the caller
         info["restored"] = restored
         info["timing_s"] = {k_: round(v, 2) for k_, v in timing.items()} | {"total": round(time.perf_counter() - t_start, 2)}
         return DefenseOutput(model=model, info=info, checkpoints=checkpoints)
