@@ -78,6 +78,11 @@ class GradientRestorationParams:
     low_memory: bool = field(default=False, metadata={"help": "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) as int8 "
                                                             "instead of fp32 plus autocast's bf16 copies: 3 bytes a candidate parameter "
                                                             "less; the probe then generates from the bf16 weights"})
+    block_attention: bool = field(default=False, metadata={"help": "packed batches only: attention block by block (the prefix on itself, "
+                                                                   "each prompt on the prefix and itself) instead of a T x T mask; saves "
+                                                                   "the T x T scores a gradient pass keeps (all but ~1/8 of them at 8 "
+                                                                   "prompts), at ~8% of the step on the embedded model on a CPU "
+                                                                   "(Llama-family models; others keep the mask)"})
     aligned_copy: str = field(default="auto", metadata={"help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
                                                                 "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"})
     rate_denominator: str | None = field(default=None, metadata={"help": "all_layers | candidates (default from mode)"})
@@ -146,6 +151,7 @@ class PackedBatch:
     allowed: "torch.Tensor"  # [1, 1, T, T] bool
     last: "torch.Tensor"  # [B] index of each prompt's last token
     prefix: int
+    layout: models.PackedLayout  # the same structure for models.packed_attention
 
 
 def packed_batches(tokenizer, prompts: list[str], batch_size: int) -> list[PackedBatch]:
@@ -167,7 +173,8 @@ def packed_batches(tokenizer, prompts: list[str], batch_size: int) -> list[Packe
         seg = torch.tensor(segment)
         causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
         allowed = causal & ((seg[None, :] == -1) | (seg[None, :] == seg[:, None]))
-        out.append(PackedBatch(torch.tensor([tokens]), torch.tensor([positions]), allowed[None, None], torch.tensor(last), P))
+        out.append(PackedBatch(torch.tensor([tokens]), torch.tensor([positions]), allowed[None, None], torch.tensor(last), P,
+                               models.PackedLayout.of(P, [len(g) - P for g in group])))
     return out
 
 
@@ -206,43 +213,37 @@ class WeightFile:
             raise UserError(f"{self.path} has no tensor {name!r}: the aligned and fine-tuned models differ in architecture") from None
 
     def get(self, name: str, stride: int = 1) -> "torch.Tensor":
+        """The whole tensor, or every stride-th row of it."""
+        shape = self._entry(name)["shape"]
+        return self._read(name, range(0, shape[0], stride) if stride > 1 and shape else None)
+
+    def rows(self, name: str, index: list[int]) -> "torch.Tensor":
+        """Rows `index` of a tensor: an embedding's few used rows without the whole matrix."""
+        return self._read(name, index)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._entry(name)["shape"])
+
+    def names(self) -> set[str]:
+        return {n for n in self._read_header() if n != "__metadata__"}
+
+    def _read(self, name: str, rows) -> "torch.Tensor":
         import torch
 
         entry = self._entry(name)
         if entry["dtype"] not in self.DTYPES:
             raise UserError(f"{self.path}: tensor {name} is stored as {entry['dtype']}; expected one of {', '.join(self.DTYPES)}")
         shape, (begin, end) = list(entry["shape"]), entry["data_offsets"]
-        rows = range(0, shape[0], stride) if stride > 1 and shape else None
         out = torch.empty(shape if rows is None else [len(rows)] + shape[1:], dtype=getattr(torch, self.DTYPES[entry["dtype"]]))
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
-        whole = rows is None
         row = (end - begin) // max(shape[0], 1) if shape else end - begin
-        if buf.nbytes != (end - begin if whole else len(rows) * row):
+        if buf.nbytes != (end - begin if rows is None else len(rows) * row):
             raise UserError(f"{self.path} is corrupt at tensor {name}: its offsets do not match its shape; re-save the model")
         with open(self.path, "rb", buffering=0) as f:
-            for i, r in enumerate([0] if whole else rows):
+            for i, r in enumerate([0] if rows is None else rows):
                 f.seek(self._data_start + begin + r * row)
-                _read_exactly(f, buf if whole else buf[i * row:(i + 1) * row], self.path)
+                _read_exactly(f, buf if rows is None else buf[i * row:(i + 1) * row], self.path)
         return out.to(device=self.device, dtype=self.dtype)
-
-    def names(self) -> set[str]:
-        return {n for n in self._read_header() if n != "__metadata__"}
-
-    def mapped(self, name: str) -> "torch.Tensor | None":
-        """The tensor as a copy-on-write mapping of the file, without reading it: only the pages a
-        computation touches become resident (an embedding lookup touches a few rows). None where
-        that cannot be done (a GPU, or a stored dtype other than the model's)."""
-        import numpy as np
-        import torch
-
-        if self.device != "cpu":
-            return None
-        entry = self._entry(name)
-        np_dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64}.get(entry["dtype"])
-        if np_dtype is None or torch.from_numpy(np.zeros(0, np_dtype)).dtype != self.dtype or not all(entry["shape"]):
-            return None
-        begin = entry["data_offsets"][0]
-        return torch.from_numpy(np.memmap(self.path, dtype=np_dtype, mode="c", offset=self._data_start + begin, shape=tuple(entry["shape"])))
 
 
 def _read_exactly(f, buf: memoryview, path: str) -> None:
@@ -274,37 +275,52 @@ class TruncatedModel:
         self.norm = models.final_norm(model)
         self.truncated = torch.nn.ModuleList(list(self.all_layers)[:E])
         self.upper_source = upper_source
-        head = models.untied_output_weight(model)
+        head = self.head = models.untied_output_weight(model)
         prefix = models.layers_prefix(model)
         final = {id(p) for p in self.norm.parameters()} if self.norm is not None else set()
         self.unused = {n: p for n, p in model.named_parameters()
                        if (n.startswith(prefix) and models.layer_index(n) >= E) or p is head or id(p) in final}
-        self.mapped: dict = {}  # frozen tensors backed by theta_F's file (see map_frozen)
+        self.dtypes = {n: p.dtype for n, p in self.unused.items()}
+        self.compact: dict = {}  # name -> (parameter, the rows of the probe's vocabulary) (see use_vocabulary)
+        self.remap = None  # token id -> row of the compact embedding
         self.generation_attention = model.config._attn_implementation
         self.probe_attention = models.gradient_attention(model, str(next(model.parameters()).device))
+        self.packed_attention = False  # block attention for packed batches (set by the defense; models.packed_attention)
         self._cut()
 
-    def map_frozen(self, name: str, param) -> bool:
-        """Back a frozen tensor (the input embeddings) by theta_F's file instead of memory."""
-        t = self.upper_source.mapped(name)
-        if t is None:
-            return False
-        if t.shape != param.shape:
-            raise UserError(f"aligned and fine-tuned models differ in shape at {name}: {tuple(param.shape)} vs {tuple(t.shape)}")
-        param.data = t
-        self.mapped[name] = param
-        return True
-
-    def materialize(self) -> None:
-        """Ordinary in-memory tensors again (for the model handed back), read from the file: a
-        clone of the mapping would make every page of it resident beside the copy (113 MB more at
-        the peak on the embedded model)."""
+    def use_vocabulary(self, name: str, param, token_ids: list[int]) -> None:
+        """The probe sees only the tokens of its own prompts, so the input embeddings (frozen) are
+        held as theta_F's rows of those tokens alone, read from its file, and the token ids are
+        mapped to those rows in h(). Why not a mapping of the file: the kernel maps the pages
+        around each touched page of a cached file into the process too (fault-around), and 2,000
+        token rows then made 93 MB of the embedded model's 113 MB matrix resident."""
         import torch
 
-        for name, p in self.mapped.items():
-            p.data = torch.empty(0, dtype=p.dtype)  # the mapping goes before the copy comes
+        full = self.upper_source.shape(name)
+        if full != tuple(param.shape):
+            raise UserError(f"aligned and fine-tuned models differ in shape at {name}: {tuple(param.shape)} vs {full}")
+        self.compact[name] = (param, self.upper_source.rows(name, token_ids))
+        self.remap = torch.full((full[0],), -1, dtype=torch.long)
+        self.remap[torch.tensor(token_ids)] = torch.arange(len(token_ids))
+        param.data = self.compact[name][1]
+
+    def input_ids(self, ids: "torch.Tensor") -> "torch.Tensor":
+        """Token ids as the truncated model's embedding wants them (rows of the compact one)."""
+        if self.remap is None:
+            return ids
+        rows = self.remap[ids]
+        if bool((rows < 0).any()):
+            raise ValueError("a token outside the probe's vocabulary: use_vocabulary was given too few ids")
+        return rows
+
+    def materialize(self) -> None:
+        """Ordinary whole tensors again (for the model handed back), read from theta_F's file."""
+        import torch
+
+        for name, (p, _) in self.compact.items():
+            p.data = torch.empty(0, dtype=p.dtype)
             p.data = self.upper_source.get(name).to(p.dtype)
-        self.mapped = {}
+        self.compact, self.remap = {}, None
 
     def _cut(self):
         import torch
@@ -313,15 +329,21 @@ class TruncatedModel:
         models.set_attention(self.model, self.probe_attention)
         if self.norm is not None:
             _set_final_norm(self.model, torch.nn.Identity())  # no final norm on the probe
-        for p in self.unused.values():
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        for name, p in self.mapped.items():  # a fresh mapping: the pages the probe's LM head touched leave the process
-            p.data = self.upper_source.mapped(name)
-
-    def whole(self):
-        """The whole model again: the upper layers, final norm and head read back from theta_F's
-        file, the model's own attention for generation."""
         for name, p in self.unused.items():
+            p.data = torch.empty(0, dtype=self.dtypes[name], device=p.device)
+        for p, rows in self.compact.values():
+            p.data = rows
+
+    def whole(self, matrices_dtype=None):
+        """The whole model again: the upper layers, final norm, head and whole input embeddings read
+        back from theta_F's file, the model's own attention for generation. `matrices_dtype`
+        (bf16 for a probe under bf16 autocast) holds the upper layers' weight matrices in that
+        dtype: autocast rounds an fp32 matrix to the same bf16 values for every matmul, so the
+        generation is the same, in half the memory."""
+        for name, p in self.unused.items():
+            t = self.upper_source.get(name)
+            p.data = t.to(matrices_dtype) if matrices_dtype is not None and t.dim() == 2 and p is not self.head else t.to(self.dtypes[name])
+        for name, (p, _) in self.compact.items():
             p.data = self.upper_source.get(name).to(p.dtype)
         _set_layers(self.model, self.all_layers)
         models.set_attention(self.model, self.generation_attention)
@@ -329,13 +351,13 @@ class TruncatedModel:
             _set_final_norm(self.model, self.norm)
         return self.model
 
-    def full(self):
-        """Context manager: the whole model (for generation and the output), cut again on exit."""
+    def full(self, matrices_dtype=None):
+        """Context manager: the whole model (for generation), cut again on exit."""
         outer = self
 
         class _Full:
             def __enter__(self):
-                return outer.whole()
+                return outer.whole(matrices_dtype)
 
             def __exit__(self, *exc):
                 outer._cut()
@@ -354,10 +376,19 @@ class TruncatedModel:
         device = next(self.model.parameters()).device
         with self.compute():
             if isinstance(batch, PackedBatch):
-                mask = models.custom_attention_mask(self.model, batch.allowed.to(device), self.autocast or next(self.model.parameters()).dtype)
-                out = self.stack(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), attention_mask=mask, use_cache=False)
+                ids, positions = self.input_ids(batch.input_ids).to(device), batch.position_ids.to(device)
+                if self.packed_attention:  # block by block, no T x T mask (models.packed_attention)
+                    models.set_attention(self.model, models.PACKED_ATTENTION)
+                    try:
+                        out = self.stack(input_ids=ids, position_ids=positions, packed_layout=batch.layout.to(device), use_cache=False)
+                    finally:
+                        models.set_attention(self.model, self.probe_attention)
+                else:
+                    mask = models.custom_attention_mask(self.model, batch.allowed.to(device), self.autocast or next(self.model.parameters()).dtype)
+                    out = self.stack(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
                 return out.last_hidden_state[0, batch.last.to(device), :].float()
-            out = self.stack(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+            out = self.stack(input_ids=self.input_ids(batch["input_ids"]).to(device), attention_mask=batch["attention_mask"].to(device),
+                             use_cache=False)
         return out.last_hidden_state[:, -1, :].float()  # position -1 is the last real token under left padding
 
 
@@ -409,6 +440,7 @@ class Candidate:
 
     name: str
     param: "torch.nn.Parameter"
+    grad_buffer: "torch.Tensor | None" = None  # where the gradient sum lives (a view of a FlatBuffer), if given
     needs_aligned = True  # scoring computes the sign of theta - theta_A from theta_A's values
 
     @property
@@ -418,10 +450,31 @@ class Candidate:
     def zero_grad(self) -> None:
         self.param.grad = None
 
-    def load(self, F, A) -> None:
-        """theta := F (a fresh fp32 tensor, taken over: a copy into the old storage would keep the
-        loaded model's file mapping, and every page the probe read from it, in the process)."""
-        self.param.data = F
+    def accumulate(self, param) -> None:
+        """post-accumulate-grad hook: the first gradient of a pass (autograd's own new tensor) is
+        copied into grad_buffer once, which autograd then adds the next ones to in place (the
+        same additions as without the buffer)."""
+        if param.grad is not self.grad_buffer:
+            self.grad_buffer.copy_(param.grad)
+            param.grad = self.grad_buffer
+
+    def load(self, F, A, storage: "torch.Tensor | None" = None) -> None:
+        """theta := F. Into `storage` (a view of a FlatBuffer) when given; else F, a fresh fp32
+        tensor, is taken over (a copy into the old storage would keep the loaded model's file
+        mapping, and every page the probe read from it, in the process)."""
+        self.param.data = storage.copy_(F) if storage is not None else F
+
+    def storage(self) -> "torch.Tensor":
+        """Where theta lives now (for a load into the same memory)."""
+        return self.param.data
+
+    def release(self) -> None:
+        """Drop theta and its gradient (before the output is built from the masks)."""
+        import torch
+
+        self.zero_grad()
+        self.grad_buffer = None
+        self.param.data = torch.empty(0, dtype=self.param.dtype, device=self.param.device)
 
     def diff_sign(self, A_flat, start: int, stop: int, out) -> "torch.Tensor":
         """sign(theta - theta_A) over theta.flat[start:stop] into out (A_flat: theta_A, flat)."""
@@ -458,19 +511,97 @@ class Candidate:
         return (self.param.data == A) & (F != A)
 
 
+class PackedSigns:
+    """Values in {-1, 0, +1} at 2 bits each, four to a byte (code 0 = 0, 1 = +1, 2 = -1; value j
+    of a byte in bits 2j, 2j+1): the sign of theta - theta_A of every candidate coordinate in a
+    quarter of int8's memory (18 MB instead of 71 on the embedded model). Read a chunk at a time
+    through a 256-entry table (one lookup per byte gives its four values); written at a few
+    coordinates per step (a restore, a rollback). torch has no 2-bit dtype, hence by hand."""
+
+    CODES = (0.0, 1.0, -1.0, 0.0)
+
+    def __init__(self, data: "torch.Tensor", numel: int):
+        self.data, self.numel = data, numel  # data: uint8 [ceil(numel / 4)]
+
+    @staticmethod
+    def nbytes(numel: int) -> int:
+        return (numel + 3) // 4
+
+    @classmethod
+    @functools.cache
+    def table(cls, device: str) -> "torch.Tensor":
+        """[256, 4] float32: the four values of each byte."""
+        import torch
+
+        b = torch.arange(256)
+        return torch.tensor(cls.CODES)[torch.stack([(b >> (2 * j)) & 3 for j in range(4)], dim=1)].to(device)
+
+    @classmethod
+    def encode(cls, signs: "torch.Tensor", out: "torch.Tensor | None" = None) -> "PackedSigns":
+        import torch
+
+        flat = signs.reshape(-1)
+        n = flat.numel()
+        codes = torch.zeros(cls.nbytes(n) * 4, dtype=torch.uint8, device=flat.device)
+        codes[:n] = (flat > 0).to(torch.uint8) + 2 * (flat < 0).to(torch.uint8)
+        codes = codes.view(-1, 4)
+        packed = codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
+        return cls(out.copy_(packed) if out is not None else packed, n)
+
+    def decode(self, start: int, stop: int, out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """The values at flat positions [start, stop) as float32 (into out when given)."""
+        import torch
+
+        table = self.table(str(self.data.device))
+        b0, b1 = start // 4, (stop + 3) // 4
+        idx = self.data[b0:b1].long()
+        if out is not None and start % 4 == 0 and (stop - start) % 4 == 0:
+            return torch.index_select(table, 0, idx, out=out.view(-1, 4)).view(-1)
+        values = table[idx].view(-1)[start - 4 * b0: stop - 4 * b0]
+        return out.copy_(values) if out is not None else values
+
+    def rows(self, shape: tuple, stride: int) -> "torch.Tensor":
+        """Every stride-th row of the values laid out as `shape`."""
+        row = math.prod(shape[1:])
+        if row % 4:
+            return self.decode(0, self.numel).view(shape)[::stride]
+        table = self.table(str(self.data.device))
+        return table[self.data.view(shape[0], row // 4)[::stride].long()].view(-1, *shape[1:])
+
+    def at(self, idx: "torch.Tensor") -> "torch.Tensor":
+        """The values at flat indices idx (float32)."""
+        codes = (self.data[idx >> 2].long() >> (2 * (idx & 3))) & 3
+        return self.table(str(self.data.device))[codes, 0]  # row c of the table starts with code c's value
+
+    def set(self, idx: "torch.Tensor", values) -> None:
+        """values (a number or one per index) at flat indices idx (distinct)."""
+        import torch
+
+        if not len(idx):
+            return
+        values = torch.as_tensor(values, dtype=torch.float32, device=idx.device).expand(idx.shape)
+        shift = 2 * (idx & 3)
+        code = ((values > 0).long() + 2 * (values < 0).long()) << shift
+        byte, which = torch.unique(idx >> 2, return_inverse=True)  # several indices may share a byte
+        clear = torch.zeros(len(byte), dtype=torch.long, device=idx.device).index_add_(0, which, 3 << shift)
+        put = torch.zeros(len(byte), dtype=torch.long, device=idx.device).index_add_(0, which, code)
+        self.data[byte] = ((self.data[byte].long() & ~clear) | put).to(torch.uint8)
+
+
 @dataclass
 class SignedCandidate(Candidate):
     """A candidate for bf16 compute that never holds theta itself (`low_memory`).
 
     theta is, coordinate by coordinate, always theta_F or theta_A (a restore copies A, a rollback
-    copies back what was there), so the selection needs only s = sign(theta - theta_A): int8,
-    0 exactly where theta == theta_A. The parameter holds theta rounded to bf16 (round to
-    nearest even, as autocast rounds), which is what the matmuls read, so autocast keeps no bf16
-    copy of its own for the backward pass: 2 + 1 bytes a parameter instead of 4 + 2. The output
-    is rebuilt from the masks and the two files, so it is exact. The bf16 gradient of each
-    backward is added to an fp32 sum, as autocast's cast back to an fp32 parameter does."""
+    copies back what was there), so the selection needs only s = sign(theta - theta_A), held as
+    PackedSigns (2 bits), 0 exactly where theta == theta_A. The parameter holds theta rounded to
+    bf16 (round to nearest even, as autocast rounds), which is what the matmuls read, so autocast
+    keeps no bf16 copy of its own for the backward pass: 2 + 1/4 bytes a parameter instead of
+    4 + 2. The output is rebuilt from the masks and the two files, so it is exact. The bf16
+    gradient of each backward is added to an fp32 sum, as autocast's cast back to an fp32
+    parameter does."""
 
-    sign: "torch.Tensor | None" = None
+    signs: "PackedSigns | None" = None
     grad32: "torch.Tensor | None" = None
     needs_aligned = False
 
@@ -478,29 +609,48 @@ class SignedCandidate(Candidate):
     def grad(self) -> "torch.Tensor | None":
         return self.grad32
 
+    @property
+    def sign(self) -> "torch.Tensor":
+        """s as an int8 tensor of theta's shape (decoded whole: for checks, not the steps)."""
+        import torch
+
+        return self.signs.decode(0, self.signs.numel).view(self.param.shape).to(torch.int8)
+
     def zero_grad(self) -> None:
         self.param.grad = None
         self.grad32 = None
 
     def accumulate(self, param) -> None:
-        """post-accumulate-grad hook of the bf16 parameter: fp32 sum, bf16 gradient dropped."""
-        self.grad32 = param.grad.float() if self.grad32 is None else self.grad32.add_(param.grad)
+        """post-accumulate-grad hook of the bf16 parameter: fp32 sum (in grad_buffer when given),
+        bf16 gradient dropped."""
+        if self.grad32 is None:
+            self.grad32 = param.grad.float() if self.grad_buffer is None else self.grad_buffer.copy_(param.grad)
+        else:
+            self.grad32.add_(param.grad)
         param.grad = None
 
-    def load(self, F, A) -> None:
+    def load(self, F, A, storage: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> None:
+        """theta := F as bf16, s := sign(F - A); into storage = (bf16 view, uint8 view) when given."""
         import torch
 
-        self.param.data = F.to(torch.bfloat16)
-        self.sign = torch.sign(F - A).to(torch.int8)
+        self.param.data = F.to(torch.bfloat16) if storage is None else storage[0].copy_(F)
+        self.signs = PackedSigns.encode(torch.sign(F - A), None if storage is None else storage[1])
+
+    def storage(self) -> "tuple[torch.Tensor, torch.Tensor]":
+        return self.param.data, self.signs.data
+
+    def release(self) -> None:
+        super().release()
+        self.signs = None
 
     def diff_sign(self, A_flat, start: int, stop: int, out) -> "torch.Tensor":
-        return out.copy_(self.sign.view(-1)[start:stop])
+        return self.signs.decode(start, stop, out)
 
     def diff_sign_rows(self, aligned: "AlignedWeights", stride: int) -> "torch.Tensor":
-        return self.sign[::stride]
+        return self.signs.rows(tuple(self.param.shape), stride)
 
     def state_at(self, idx):
-        return self.param.data.view(-1)[idx], self.sign.view(-1)[idx]
+        return self.param.data.view(-1)[idx], self.signs.at(idx)
 
     def sign_from(self, idx, previous) -> "torch.Tensor":
         """At coordinates that now hold theta_A (the only ones a rollback asks about):
@@ -511,11 +661,11 @@ class SignedCandidate(Candidate):
         import torch
 
         self.param.data.view(-1)[idx] = A_values.to(torch.bfloat16)
-        self.sign.view(-1)[idx] = 0
+        self.signs.set(idx, 0.0)
 
     def put_back(self, idx, previous, keep) -> None:
         self.param.data.view(-1)[idx[keep]] = previous[0][keep]
-        self.sign.view(-1)[idx[keep]] = previous[1][keep]
+        self.signs.set(idx[keep], previous[1][keep])
 
     def restored_mask(self, A, F) -> "torch.Tensor":
         return (self.sign == 0) & (F != A)
@@ -774,6 +924,7 @@ class GradientRestoration(Defense):
         compute_dtype = p.compute_dtype if p.compute_dtype != "auto" else ("bfloat16" if models.native_bf16(str(ctx.device)) else "float32")
         tm = TruncatedModel(model, E, compute_dtype, upper_source=F_file)
         packing = p.packing and models.accepts_custom_mask(model)
+        tm.packed_attention = packing and p.block_attention and models.packed_attention_available(model)
         make = packed_batches if packing else batches_of
         harmful, benign = make(tok, D_h, p.batch_size), make(tok, D_b, p.batch_size)
         t0 = time.perf_counter()
@@ -782,7 +933,8 @@ class GradientRestoration(Defense):
         # --- theta := theta_F in the working copy; theta_A's candidate tensors held or streamed
         hold = p.aligned_copy == "memory" or (p.aligned_copy == "auto" and str(ctx.device) != "cpu")
         low_memory = compute_dtype == "bfloat16" and p.low_memory
-        cands, held = _load_finetuned(model, tm, F_file, prefix, E, set(norms), hold, low_memory)
+        vocabulary = sorted({int(t) for b in harmful + benign for t in (b.input_ids if packing else b["input_ids"]).flatten()})
+        cands, held = _load_finetuned(model, tm, F_file, prefix, E, set(norms), hold, low_memory, vocabulary)
         aligned = AlignedWeights(A_file, held)
         N_cand = sum(c.param.numel() for c in cands)
         d_b = mean_direction(tm, benign)
@@ -822,19 +974,19 @@ class GradientRestoration(Defense):
             """theta := theta_F exactly, read from its file (never rebuilt from A and a delta)."""
             with torch.no_grad():
                 for c in cands:
-                    c.load(F_file.get(c.name), aligned.get(c.name))
+                    c.load(F_file.get(c.name), aligned.get(c.name), c.storage())
 
         def probe_score() -> float:
             """The task metric of theta, generated in fp32; with low_memory from the bf16 weights
             under autocast (theta itself is not held)."""
             t = time.perf_counter()
-            with torch.no_grad(), tm.full() as full, (tm.compute() if low_memory else contextlib.nullcontext()):
+            with torch.no_grad(), tm.full(torch.bfloat16 if low_memory else None) as full, (tm.compute() if low_memory else contextlib.nullcontext()):
                 score_ = ctx.probe(full, handle=ctx.finetuned)
             timing["probe_s"] += time.perf_counter() - t
             return score_
 
         ctx.progress(f"gradient_restoration: L={L}, E={E}, |D_h|={len(D_h)}, |D_b|={len(D_b)}, k={k} of N={N} ({p.mode}"
-                     f"{', packed' if packing else ''}, {compute_dtype}{' low_memory' if low_memory else ''}, theta_A {'held' if hold else 'streamed'})")
+                     f"{', packed' if packing else ''}{', block attention' if tm.packed_attention else ''}, {compute_dtype}{' low_memory' if low_memory else ''}, theta_A {'held' if hold else 'streamed'})")
         s0 = probe_score()
         min_score = s0 * (1 - p.metric_drop)
         fails_final = (lambda s: s <= min_score) if p.comparison == "mixed" else (lambda s: s < min_score)
@@ -882,10 +1034,9 @@ class GradientRestoration(Defense):
                     checkpoint(step)
 
         chosen_step = choose_checkpoint(scores, fails_final)
-        zero_grads()
         info = {
             "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, "compute_dtype": compute_dtype, "low_memory": low_memory, "packing": packing,
-            "aligned_copy": "memory" if hold else "stream", "L": L, "E": E, "N": N, "N_all_layers": N_all,
+            "aligned_copy": "memory" if hold else "stream", "block_attention": tm.packed_attention, "L": L, "E": E, "N": N, "N_all_layers": N_all,
             "N_candidates": N_cand, "k": k, "candidate_tensors": len(cands),
             "unchanged_candidate_tensors": sum(not c.param.requires_grad for c in cands), "D_h": len(D_h), "D_b": len(D_b),
             "batches_per_pass": [len(harmful_used), len(benign_used)], "s0": s0, "min_score": min_score, "warmup_score": s_warm,
@@ -899,6 +1050,8 @@ class GradientRestoration(Defense):
         # --- the answer: theta_F with M(chosen) copied from theta_A, rebuilt from its bit-packed mask
         by_name = {c.name: c for c in cands}
         restored = 0
+        for c in cands:  # theta (and its signs) go first: their FlatBuffers are freed whole
+            c.release()
         with torch.no_grad():
             for name, mask in unpacked(checkpoints[chosen_step]):  # one tensor's mask at a time
                 c = by_name[name]
@@ -913,46 +1066,83 @@ class GradientRestoration(Defense):
         return DefenseOutput(model=model, info=info, checkpoints=checkpoints)
 
 
+class FlatBuffer:
+    """Tensors of the given shapes as views of ONE allocation of `dtype`.
+
+    Why: the run's long-lived state (theta, the gradient sums, the signs) made tensor by tensor
+    lands in the C heap between the activations and loaded weights that come and go, and a heap
+    cannot hand back what lies under a live chunk: measured on the embedded model, ~300 MB of the
+    gradient pass's peak was such freed-but-held heap. One allocation per kind is mapped by the
+    C library on its own, outside the heap, and freed pages of the heap are reused."""
+
+    def __init__(self, shapes: dict, dtype, device):
+        import torch
+
+        self.flat = torch.empty(sum(math.prod(s) for s in shapes.values()), dtype=dtype, device=device)
+        self.views, start = {}, 0
+        for name, shape in shapes.items():
+            n = math.prod(shape)
+            self.views[name] = self.flat[start:start + n].view(shape)
+            start += n
+
+    def __getitem__(self, name: str) -> "torch.Tensor":
+        return self.views[name]
+
+
 def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, E: int, norms: set, hold: bool,
-                    low_memory: bool) -> tuple[list[Candidate], dict | None]:
+                    low_memory: bool, vocabulary: list[int]) -> tuple[list[Candidate], dict | None]:
     """theta := theta_F in every tensor the probe uses; returns the candidate tensors (bf16 + the
-    sign of theta - theta_A when `low_memory`) and, when `hold`, a copy of theta_A's candidate tensors. Fails
-    when no candidate weight differs."""
+    sign of theta - theta_A when `low_memory`) and, when `hold`, a copy of theta_A's candidate
+    tensors. theta, the signs, theta_A's copy and the gradient sums each live in one FlatBuffer;
+    the input embeddings are theta_F's rows of `vocabulary`, the token ids of the probe's batches.
+    Fails when no candidate weight differs."""
     import torch
 
+    keys = F_file.names()
+    is_candidate = lambda n: n.startswith(prefix) and (i := models.layer_index(n)) is not None and i < E and n not in norms
+    shapes = {n: p.shape for n, p in model.named_parameters() if n in keys and n not in tm.unused and is_candidate(n)}
+    device = next(model.parameters()).device
+    if low_memory:
+        theta16 = FlatBuffer(shapes, torch.bfloat16, device)
+        signs = FlatBuffer({n: (PackedSigns.nbytes(math.prod(sh)),) for n, sh in shapes.items()}, torch.uint8, device)
+        storage = lambda n: (theta16[n], signs[n])
+    else:
+        theta32 = FlatBuffer(shapes, torch.float32, device)
+        storage = lambda n: theta32[n]
+    held_flat = FlatBuffer(shapes, torch.float32, device) if hold else None
     cands: list[Candidate] = []
     held: dict | None = {} if hold else None
-    keys = F_file.names()
-    differs = False
     embeddings = model.get_input_embeddings().weight
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name not in keys or name in tm.unused:
                 continue  # tied lm_head; upper layers are read from the file when needed
-            if param is embeddings and tm.map_frozen(name, param):
-                continue  # looked up a few rows at a time: no need to hold the whole matrix
+            if param is embeddings:
+                tm.use_vocabulary(name, param, vocabulary)
+                continue
             F = F_file.get(name)
             if F.shape != param.shape:
                 raise UserError(f"aligned and fine-tuned models differ in shape at {name}: {tuple(param.shape)} vs {tuple(F.shape)}")
-            idx = models.layer_index(name)
-            if name.startswith(prefix) and idx is not None and idx < E and name not in norms:
-                changed = not torch.equal(F, param.data)
-                differs = differs or changed
-                if held is not None:
-                    held[name] = param.data.clone()
-                c = SignedCandidate(name, param) if low_memory else Candidate(name, param)
-                # theta_A == theta_F in the whole tensor (a LoRA that does not target it): theta - theta_A
-                # is 0 there and stays 0, so no coordinate can ever qualify; its gradient would never
-                # be read, so it is not taken (no weight-gradient product, no gradient sum).
-                param.requires_grad_(changed)
-                if low_memory and changed:
-                    param.register_post_accumulate_grad_hook(c.accumulate)
-                c.load(F, param.data)  # param.data is still theta_A's value here
-                cands.append(c)
+            if name not in shapes:
+                param.data = F
                 continue
-            param.data = F
-    if not differs:
+            if held is not None:
+                held[name] = held_flat[name].copy_(param.data)
+            c = SignedCandidate(name, param) if low_memory else Candidate(name, param)
+            # theta_A == theta_F in the whole tensor (a LoRA that does not target it): theta - theta_A
+            # is 0 there and stays 0, so no coordinate can ever qualify; its gradient would never
+            # be read, so it is not taken (no weight-gradient product, no gradient sum).
+            param.requires_grad_(not torch.equal(F, param.data))
+            c.load(F, param.data, storage(name))  # param.data is still theta_A's value here
+            del F
+            cands.append(c)
+    changed = [c for c in cands if c.param.requires_grad]
+    if not changed:
         raise UserError("the fine-tuned model equals the aligned model in every candidate weight: nothing to restore")
+    sums = FlatBuffer({c.name: c.param.shape for c in changed}, torch.float32, device)
+    for c in changed:
+        c.grad_buffer = sums[c.name]
+        c.param.register_post_accumulate_grad_hook(c.accumulate)
     return cands, held
 
 

@@ -481,13 +481,14 @@ def test_packed_batches_give_the_padded_h(tiny):
 
 
 def test_packing_and_aligned_copy_keep_the_masks(tiny):
-    """Packed batches and theta_A held in memory or streamed from its file: the same masks as the
-    padded, streamed run at every step on the tiny model."""
+    """Packed batches (under the block mask or with block attention) and theta_A held in memory or
+    streamed from its file: the same masks as the padded, streamed run at every step on the tiny model."""
     scores = [1.0] * 20
     _, ref = run_real(tiny, ScriptedProbe(scores), steps=4, warmup_steps=2, save_step=1, recovery_rate=0.01, aligned_copy="stream")
-    for params in ({"aligned_copy": "memory"}, {"packing": True}):
+    for params in ({"aligned_copy": "memory"}, {"packing": True}, {"packing": True, "block_attention": True}):
         out, got = run_real(tiny, ScriptedProbe(scores), steps=4, warmup_steps=2, save_step=1, recovery_rate=0.01, **params)
         assert out.info["aligned_copy"] == params.get("aligned_copy", "stream") and out.info["packing"] == params.get("packing", False)
+        assert out.info["block_attention"] == params.get("block_attention", False)
         for step in ref:
             for name, mask in ref[step].items():
                 assert torch.equal(got[step][name], mask), f"{params} step {step} {name}"
@@ -563,7 +564,7 @@ def test_bf16_low_memory_run_output_is_exact_and_masks_track_fp32(tiny, monkeypa
 
 def test_weight_file_reads_what_safetensors_reads(tmp_path):
     """WeightFile reads the format itself (see its docstring): whole tensors, every stride-th row,
-    bf16 storage, and a truncated file is one clear error."""
+    chosen rows, bf16 storage, and a truncated file is one clear error."""
     from safetensors.torch import load_file, save_file
 
     from defenses.gradient_restoration import WeightFile
@@ -580,8 +581,8 @@ def test_weight_file_reads_what_safetensors_reads(tmp_path):
         assert torch.equal(wf.get(name), t.float()), name
         if t.dim():
             assert torch.equal(wf.get(name, stride=16), t.float()[::16]), name
-    mapped = wf.mapped("a")
-    assert torch.equal(mapped, ref["a"]) and wf.mapped("c") is None  # bf16 storage is read, not mapped
+    assert torch.equal(wf.rows("a", [0, 3, 36]), ref["a"][[0, 3, 36]]) and wf.shape("a") == (37, 5)
+    assert torch.equal(wf.rows("c", [2]), ref["c"][[2]].float())
     with pytest.raises(UserError, match="no tensor"):
         wf.get("missing")
     header = WeightFile(path, "cpu", torch.float32)._read_header()
@@ -589,3 +590,95 @@ def test_weight_file_reads_what_safetensors_reads(tmp_path):
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(UserError, match="truncated"):
         WeightFile(path, "cpu", torch.float32).get(last)
+
+
+def test_packed_signs_read_and_write_like_int8():
+    """PackedSigns (2 bits a value) answers every read and write as an int8 tensor would: whole,
+    by chunks that start anywhere, at indices, by strided rows, with several writes in one byte."""
+    from defenses.gradient_restoration import PackedSigns
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 3, 4, 7, 100, 1001):
+        s = torch.randint(-1, 2, (n,), generator=g).float()
+        p = PackedSigns.encode(s)
+        assert p.data.numel() == PackedSigns.nbytes(n) == math.ceil(n / 4)
+        for a in range(0, n, 3):
+            for b in {a + 1, min(n, a + 9), n}:
+                assert torch.equal(p.decode(a, b), s[a:b]), (n, a, b)
+        idx = torch.randperm(n, generator=g)[: max(1, n // 3)]
+        assert torch.equal(p.at(idx), s[idx])
+        values = torch.randint(-1, 2, (len(idx),), generator=g).float()
+        p.set(idx, values)
+        s[idx] = values
+        assert torch.equal(p.decode(0, n), s)
+        p.set(idx, 0.0)
+        s[idx] = 0
+        assert torch.equal(p.decode(0, n), s)
+    for shape in ((12, 8), (12, 7)):  # rows of a multiple of 4 values are read from their bytes
+        s = torch.randint(-1, 2, shape, generator=g).float()
+        assert torch.equal(PackedSigns.encode(s).rows(shape, 5), s[::5])
+    out = torch.empty(8)
+    assert torch.equal(PackedSigns.encode(s).decode(4, 12, out), s.view(-1)[4:12]) and torch.equal(out, s.view(-1)[4:12])
+
+
+def test_packed_attention_equals_the_block_mask(tiny):
+    """models.packed_attention (each prompt on the prefix and itself, block by block) gives the h
+    and the gradients of eager attention under the T x T block mask, in fp32 and in bf16."""
+    from defenses.gradient_restoration import mean_direction
+
+    tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
+    prompts = ["short", "a much longer prompt that forces padding of the first one", "kill a python process", "x"]
+    batch = packed_batches(tok, prompts, 8)[0]
+    model = models.load_model(models.resolve(tiny["finetuned"]))
+    assert models.packed_attention_available(model) and model.config.num_key_value_heads < model.config.num_attention_heads
+    for p in model.parameters():
+        p.requires_grad_(False)
+    w = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    w.requires_grad_(True)
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
+        tm = TruncatedModel(model, probe_layers(model.config.num_hidden_layers), dtype, upper_source=_upper(tiny))
+        d = mean_direction(tm, [batch])
+        got = {}
+        for packed in (True, False):
+            tm.packed_attention = packed
+            w.grad = None
+            h = tm.h(batch)
+            (-torch.nn.functional.cosine_similarity(h.mean(0), d + 1, dim=0)).backward()
+            got[packed] = (h.detach(), w.grad.clone())
+        torch.testing.assert_close(got[True][0], got[False][0], atol=tol, rtol=tol)
+        torch.testing.assert_close(got[True][1], got[False][1], atol=tol, rtol=tol)
+
+
+def test_probe_vocabulary_and_bf16_upper_layers(tiny):
+    """The truncated model holds only its prompts' rows of the input embeddings (and gives the
+    same h as with the whole matrix); whole() puts the whole matrix back, and with a bf16
+    `matrices_dtype` holds the upper layers' matrices in bf16 with the same autocast logits."""
+    tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
+    batch = packed_batches(tok, HARMFUL[:8], 8)[0]
+    model = models.load_model(models.resolve(tiny["finetuned"]))
+    F = dict(models.load_model(models.resolve(tiny["finetuned"])).named_parameters())
+    tm = TruncatedModel(model, probe_layers(model.config.num_hidden_layers), "bfloat16", upper_source=_upper(tiny))
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        h_whole = tm.h(batch)
+        vocab = sorted(set(batch.input_ids.flatten().tolist()))
+        tm.use_vocabulary("model.embed_tokens.weight", emb, vocab)
+        assert emb.shape[0] == len(vocab) < model.config.vocab_size
+        assert torch.equal(tm.h(batch), h_whole)
+        outside = next(i for i in range(model.config.vocab_size) if i not in vocab)
+        with pytest.raises(ValueError, match="vocabulary"):
+            tm.input_ids(torch.tensor([[vocab[0], outside]]))
+        ids = torch.tensor([[1, 5, 7, 9]])
+        logits = {}
+        for dtype in (None, torch.bfloat16):
+            with tm.full(dtype) as full, tm.compute():
+                assert torch.equal(emb.data, F["model.embed_tokens.weight"].data)
+                up = dict(full.named_parameters())[f"model.layers.{model.config.num_hidden_layers - 1}.mlp.up_proj.weight"]
+                assert up.dtype == (dtype or torch.float32)
+                logits[dtype] = full(input_ids=ids).logits
+            assert emb.shape[0] == len(vocab) and all(p.numel() == 0 for p in tm.unused.values())
+        assert torch.equal(logits[None], logits[torch.bfloat16])
+        tm.materialize()
+        whole = tm.whole()
+        assert all(p.dtype == torch.float32 for p in whole.parameters())
+        assert torch.equal(emb.data, F["model.embed_tokens.weight"].data)

@@ -13,7 +13,8 @@ copying masked values.
 
 Ours: `defenses.gradient_restoration` with packed batches and theta_A streamed (its defaults on a
 CPU), in fp32, in bf16 autocast (its default where the CPU has AVX512-BF16), in bf16 with
-`low_memory` (theta as bf16 + int16 remainder), and with padded batches and theta_A held in fp32
+`low_memory` (theta as bf16 + the 2-bit sign of theta - theta_A), the same with `block_attention`,
+and with padded batches and theta_A held in fp32
 (the reference's arithmetic, so the same masks). Each variant runs in its own fresh
 interpreter, so its peak RSS is its own; every variant pays the same floor (Python, torch,
 transformers, the tokenizer), reported as `floor_rss_mb`. The masks after the last step are
@@ -36,6 +37,7 @@ VARIANTS = {  # name -> parameters of the defense
     "ours": {"compute_dtype": "float32"},
     "ours_bf16": {"compute_dtype": "bfloat16"},
     "ours_bf16_low_memory": {"compute_dtype": "bfloat16", "low_memory": True},
+    "ours_bf16_low_memory_blocks": {"compute_dtype": "bfloat16", "low_memory": True, "block_attention": True},
     "ours_padded_held": {"compute_dtype": "float32", "packing": False, "aligned_copy": "memory"},
 }
 
@@ -257,7 +259,8 @@ def _markdown(r: dict) -> str:
     ref = r["reference"]
     names = [v for v in VARIANTS if v in r]
     head = {"ours": "ours, fp32 (packed, theta_A streamed)", "ours_bf16": "ours, bf16 autocast (the default here)",
-            "ours_bf16_low_memory": "ours, bf16, low_memory", "ours_padded_held": "ours, fp32, padded, theta_A held"}
+            "ours_bf16_low_memory": "ours, bf16, low_memory", "ours_bf16_low_memory_blocks": "ours, bf16, low_memory, block attention",
+            "ours_padded_held": "ours, fp32, padded, theta_A held"}
     row = lambda label, fmt, key: f"| {label} | {fmt.format(ref[key]) if key in ref else ''} | " + " | ".join(fmt.format(r[v][key]) for v in names) + " |"
     lines = [
         f"Model `{r['model']}` (E = {r['E']} of {r['L']} layers, k = {r['k']}), {r['prompts']} calibration prompts, batch 8, "
