@@ -247,12 +247,13 @@ def main() -> None:
         from bench.perf import write_section
 
         write_section(f"flagship_step-{result['model']}", _markdown(result),
-                      command=command_line(result["model"], args.prompts, args.steps, args.scaling))
+                      command=command_line(result["model"], args.prompts, args.steps, args.scaling, args.variants))
 
 
-def command_line(model: str, prompts: int, steps: int, scaling: bool = False) -> str:
+def command_line(model: str, prompts: int, steps: int, scaling: bool = False, variants: str = ",".join(VARIANTS)) -> str:
     which = {"embedded": "--embedded", "1b": "--random-llama 1b"}.get(model, "--model A --finetuned F")
-    return f"python -m bench.perf.flagship_step {which} --prompts {prompts} --steps {steps} --write" + (" --scaling" if scaling else "")
+    return (f"python -m bench.perf.flagship_step {which} --prompts {prompts} --steps {steps} --write" + (" --scaling" if scaling else "")
+            + (f" --variants {variants}" if variants != ",".join(VARIANTS) else ""))
 
 
 def _markdown(r: dict) -> str:
