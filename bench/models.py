@@ -9,7 +9,6 @@ embedded default; `trust_remote_code` stays off unless the user passes `--trust-
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -296,68 +295,6 @@ def packed_attention_available(model) -> bool:
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
     return True
-
-
-def _swiglu_function():
-    import torch
-
-    class SwiGLU(torch.autograd.Function):
-        """down(silu(gate(x)) * up(x)) with x cast to the weights' dtype ONCE and only x, gate(x)
-        and up(x) kept for the backward pass (silu(gate(x)) and the product are recomputed there:
-        two elementwise ops). The same ops in the same dtypes as autocast's path through
-        transformers' LlamaMLP, which keeps one cast of x per projection, silu(gate(x)) and the
-        product as well: 3.3 -> 1.6 MB a layer at 226 tokens on the embedded model."""
-
-        @staticmethod
-        def forward(ctx, x, w_gate, w_up, w_down):
-            x16 = x.to(w_gate.dtype)
-            g, u = x16 @ w_gate.t(), x16 @ w_up.t()
-            ctx.save_for_backward(x16, g, u, w_gate, w_up, w_down)
-            ctx.x_dtype = x.dtype
-            return (torch.nn.functional.silu(g) * u) @ w_down.t()
-
-        @staticmethod
-        def backward(ctx, grad_y):
-            x16, g, u, w_gate, w_up, w_down = ctx.saved_tensors
-            s = torch.nn.functional.silu(g)
-            a = s * u
-            flat = lambda t: t.reshape(-1, t.shape[-1])
-            grad_y = grad_y.to(w_down.dtype)
-            grad_a = grad_y @ w_down
-            grad_u, grad_g = grad_a * s, torch.ops.aten.silu_backward(grad_a * u, g)
-            need = ctx.needs_input_grad
-            gw_down = flat(grad_y).t() @ flat(a) if need[3] else None
-            gw_up = flat(grad_u).t() @ flat(x16) if need[2] else None
-            gw_gate = flat(grad_g).t() @ flat(x16) if need[1] else None
-            grad_x = (grad_g @ w_gate).to(ctx.x_dtype) + (grad_u @ w_up).to(ctx.x_dtype) if need[0] else None
-            return grad_x, gw_gate, gw_up, gw_down
-
-    return SwiGLU
-
-
-_SWIGLU = None
-
-
-def lean_mlp_available(model) -> bool:
-    """Whether `lean_mlp` computes this family's MLP (Llama: down(silu(gate(x)) * up(x)), no bias)."""
-    cfg = model.config
-    return getattr(cfg, "model_type", None) in _PLAIN_ATTENTION and cfg.hidden_act == "silu" and not getattr(cfg, "mlp_bias", False)
-
-
-@contextlib.contextmanager
-def lean_mlp(layers):
-    """Within: the MLPs of `layers` run as one autograd function that keeps less for the backward
-    pass (see SwiGLU above); for bf16 weights under autocast, where the arithmetic is the same."""
-    global _SWIGLU
-    _SWIGLU = _SWIGLU or _swiglu_function()
-    mlps = [layer.mlp for layer in layers]
-    for m in mlps:
-        m.forward = lambda x, m=m: _SWIGLU.apply(x, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
-    try:
-        yield
-    finally:
-        for m in mlps:
-            del m.forward
 
 
 def set_attention(model, implementation: str) -> None:

@@ -286,7 +286,6 @@ class TruncatedModel:
         self.generation_attention = model.config._attn_implementation
         self.probe_attention = models.gradient_attention(model, str(next(model.parameters()).device))
         self.packed_attention = False  # block attention for packed batches (set by the defense; models.packed_attention)
-        self.lean_mlp = False  # MLPs as models.lean_mlp (set by the defense for bf16 weights)
         self._cut()
 
     def use_vocabulary(self, name: str, param, token_ids: list[int]) -> None:
@@ -375,7 +374,7 @@ class TruncatedModel:
 
     def h(self, batch) -> "torch.Tensor":
         device = next(self.model.parameters()).device
-        with self.compute(), (models.lean_mlp(self.truncated) if self.lean_mlp else contextlib.nullcontext()):
+        with self.compute():
             if isinstance(batch, PackedBatch):
                 ids, positions = self.input_ids(batch.input_ids).to(device), batch.position_ids.to(device)
                 if self.packed_attention:  # block by block, no T x T mask (models.packed_attention)
@@ -936,7 +935,6 @@ class GradientRestoration(Defense):
         low_memory = compute_dtype == "bfloat16" and p.low_memory
         vocabulary = sorted({int(t) for b in harmful + benign for t in (b.input_ids if packing else b["input_ids"]).flatten()})
         cands, held = _load_finetuned(model, tm, F_file, prefix, E, set(norms), hold, low_memory, vocabulary)
-        tm.lean_mlp = low_memory and models.lean_mlp_available(model)  # bf16 weights from here on
         aligned = AlignedWeights(A_file, held)
         N_cand = sum(c.param.numel() for c in cands)
         d_b = mean_direction(tm, benign)

@@ -682,36 +682,3 @@ def test_probe_vocabulary_and_bf16_upper_layers(tiny):
         whole = tm.whole()
         assert all(p.dtype == torch.float32 for p in whole.parameters())
         assert torch.equal(emb.data, F["model.embed_tokens.weight"].data)
-
-
-def test_lean_mlp_gives_autocast_gradients(tiny):
-    """models.lean_mlp (one cast of x, silu and the product recomputed in the backward pass) gives
-    the h and the weight gradients of transformers' MLP under bf16 autocast with bf16 weights."""
-    from defenses.gradient_restoration import mean_direction
-
-    tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
-    batch = packed_batches(tok, HARMFUL[:8], 8)[0]
-    model = models.load_model(models.resolve(tiny["finetuned"]))
-    assert models.lean_mlp_available(model)
-    for name, p in model.named_parameters():
-        p.requires_grad_(False)
-        if ".layers." in name and p.dim() == 2:
-            p.data = p.data.bfloat16()
-    weights = [p for n, p in model.named_parameters() if ".layers.0." in n and p.dim() == 2]
-    for w in weights:
-        w.requires_grad_(True)
-    tm = TruncatedModel(model, probe_layers(model.config.num_hidden_layers), "bfloat16", upper_source=_upper(tiny))
-    d = mean_direction(tm, [batch])
-    got = {}
-    for lean in (False, True):
-        tm.lean_mlp = lean
-        for w in weights:
-            w.grad = None
-        with tm.compute():
-            h = tm.h(batch)
-            (-torch.nn.functional.cosine_similarity(h.mean(0), d + 1, dim=0)).backward()
-        got[lean] = (h.detach(), [w.grad.clone() for w in weights])
-    assert not hasattr(model.model.layers[0].mlp, "forward") or "forward" not in vars(model.model.layers[0].mlp)  # put back
-    torch.testing.assert_close(got[True][0], got[False][0], atol=1e-5, rtol=1e-5)
-    for a, b in zip(got[True][1], got[False][1]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
