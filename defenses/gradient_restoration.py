@@ -81,7 +81,7 @@ class GradientRestorationParams:
     block_attention: bool = field(default=False, metadata={"help": "packed batches only: attention block by block (the prefix on itself, "
                                                                    "each prompt on the prefix and itself) instead of a T x T mask; saves "
                                                                    "the T x T scores a gradient pass keeps (all but ~1/8 of them at 8 "
-                                                                   "prompts), at ~8% of the step on the embedded model on a CPU "
+                                                                   "prompts), at 4-8% of the step on the embedded model on a CPU "
                                                                    "(Llama-family models; others keep the mask)"})
     aligned_copy: str = field(default="auto", metadata={"help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
                                                                 "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"})
