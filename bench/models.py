@@ -289,15 +289,14 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
 
 def packed_attention_available(model) -> bool:
     """Whether `packed_attention` computes this family's attention (see _PLAIN_ATTENTION)."""
-    if getattr(model.config, "model_type", None) not in _PLAIN_ATTENTION:
-        return False
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-    return True
+    return getattr(model.config, "model_type", None) in _PLAIN_ATTENTION
 
 
 def set_attention(model, implementation: str) -> None:
+    if implementation == PACKED_ATTENTION:  # ours: transformers looks attention functions up by name
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
     model.config._attn_implementation = implementation
 
 

@@ -75,8 +75,8 @@ class GradientRestorationParams:
                                                                   "natively: GPUs, CPUs with AVX512-BF16 or AMX; else float32)"})
     packing: bool = field(default=True, metadata={"help": "run each batch as one sequence: the prompts' common prefix once, no padding "
                                                           "(the same h up to float rounding; false = left-padded batches as released)"})
-    low_memory: bool = field(default=False, metadata={"help": "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) as int8 "
-                                                            "instead of fp32 plus autocast's bf16 copies: 3 bytes a candidate parameter "
+    low_memory: bool = field(default=False, metadata={"help": "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) at 2 bits "
+                                                            "instead of fp32 plus autocast's bf16 copies: 3.75 bytes a candidate parameter "
                                                             "less; the probe then generates from the bf16 weights"})
     block_attention: bool = field(default=False, metadata={"help": "packed batches only: attention block by block (the prefix on itself, "
                                                                    "each prompt on the prefix and itself) instead of a T x T mask; saves "
