@@ -9,6 +9,7 @@ embedded default; `trust_remote_code` stays off unless the user passes `--trust-
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -212,6 +213,51 @@ def gradient_attention(model, device: str) -> str:
 # tested against the 4-D mask path on tiny random models. Others take the 4-D mask path.
 _PLAIN_ATTENTION = ("llama",)
 PACKED_ATTENTION = "realign_packed"
+MASKED_ATTENTION = "realign_masked"
+
+
+@functools.cache
+def softmax_values():
+    """The autograd function softmax(scores, fp32).to(v's dtype) @ v that keeps only the scores
+    and v for its backward and computes the softmax again there: the same operations, forward
+    and backward, as autograd runs through transformers' eager attention (softmax in fp32, cast,
+    matmul; `_softmax_backward_data` on the fp32 probabilities), so the same gradients, without
+    the fp32 probabilities and their bf16 copy that autograd keeps (2.8 MB a layer at T = 226;
+    the recomputed softmax is ~1% of a gradient pass). Made on first use: torch is imported late."""
+    import torch
+
+    class SoftmaxValues(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, scores, v):
+            ctx.save_for_backward(scores, v)
+            return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+
+        @staticmethod
+        def backward(ctx, dout):
+            scores, v = ctx.saved_tensors
+            p = torch.softmax(scores, dim=-1, dtype=torch.float32)
+            dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), dout)
+            dp = torch.matmul(dout, v.transpose(-1, -2)).to(torch.float32)
+            return torch._softmax_backward_data(dp, p, -1, torch.float32).to(scores.dtype), dv
+
+    return SoftmaxValues
+
+
+def masked_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention under a 4-D additive mask, for a gradient pass: the query
+    heads of each key/value head in one matmul against that head's keys (no repeat_kv copies of
+    keys and values, which the backward would keep), the softmax through `softmax_values`.
+    query [B, H, T, d]; key, value [B, Hkv, Tk, d]; mask [B, 1, T, Tk]; returns [B, T, H, d]."""
+    if dropout:
+        raise ValueError("masked_attention has no dropout (it serves gradient passes of a model in eval mode)")
+    B, H, T, d = query.shape
+    Hkv, Tk = key.shape[1], key.shape[2]
+    g = H // Hkv
+    scores = query.reshape(B, Hkv, g * T, d).matmul(key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = (scores.view(B, H, T, Tk) + attention_mask).view(B, Hkv, g * T, Tk)
+    out = softmax_values().apply(scores, value)  # [B, Hkv, g * T, d]
+    return out.view(B, H, T, d).transpose(1, 2).contiguous(), None
 
 
 @dataclass
@@ -270,7 +316,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
         scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # one plain batched matmul per key/value head
         B, _, _, Lk = scores.shape
         scores = scores.view(B, Hkv, g, -1, Lk).masked_fill(~allowed, torch.finfo(scores.dtype).min).view(B, Hkv, -1, Lk)
-        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)  # [B, Hkv, g * Lq, d]
+        return softmax_values().apply(scores, v)  # [B, Hkv, g * Lq, d]
 
     q, k, v = query[0].view(Hkv, g, T, d), key[0], value[0]
     parts = []
@@ -287,16 +333,16 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     return torch.cat(parts, dim=1).transpose(0, 1)[None].contiguous(), None
 
 
-def packed_attention_available(model) -> bool:
-    """Whether `packed_attention` computes this family's attention (see _PLAIN_ATTENTION)."""
+def plain_attention(model) -> bool:
+    """Whether `packed_attention` and `masked_attention` compute this family's attention (see _PLAIN_ATTENTION)."""
     return getattr(model.config, "model_type", None) in _PLAIN_ATTENTION
 
 
 def set_attention(model, implementation: str) -> None:
-    if implementation == PACKED_ATTENTION:  # ours: transformers looks attention functions up by name
+    if implementation in (PACKED_ATTENTION, MASKED_ATTENTION):  # ours: transformers looks attention functions up by name
         from transformers import AttentionInterface
 
-        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+        AttentionInterface.register(implementation, packed_attention if implementation == PACKED_ATTENTION else masked_attention)
     model.config._attn_implementation = implementation
 
 

@@ -285,6 +285,8 @@ class TruncatedModel:
         self.remap = None  # token id -> row of the compact embedding
         self.generation_attention = model.config._attn_implementation
         self.probe_attention = models.gradient_attention(model, str(next(model.parameters()).device))
+        # a packed batch's 4-D mask: our lean eager attention where it computes the family's (models.masked_attention)
+        self.mask_attention = models.MASKED_ATTENTION if self.probe_attention == "eager" and models.plain_attention(model) else self.probe_attention
         self.packed_attention = False  # block attention for packed batches (set by the defense; models.packed_attention)
         self._cut()
 
@@ -377,15 +379,16 @@ class TruncatedModel:
         with self.compute():
             if isinstance(batch, PackedBatch):
                 ids, positions = self.input_ids(batch.input_ids).to(device), batch.position_ids.to(device)
-                if self.packed_attention:  # block by block, no T x T mask (models.packed_attention)
-                    models.set_attention(self.model, models.PACKED_ATTENTION)
-                    try:
-                        out = self.stack(input_ids=ids, position_ids=positions, packed_layout=batch.layout.to(device), use_cache=False)
-                    finally:
-                        models.set_attention(self.model, self.probe_attention)
-                else:
-                    mask = models.custom_attention_mask(self.model, batch.allowed.to(device), self.autocast or next(self.model.parameters()).dtype)
-                    out = self.stack(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False)
+                models.set_attention(self.model, models.PACKED_ATTENTION if self.packed_attention else self.mask_attention)
+                try:
+                    if self.packed_attention:  # block by block, no T x T mask (models.packed_attention)
+                        extra = {"packed_layout": batch.layout.to(device)}
+                    else:
+                        extra = {"attention_mask": models.custom_attention_mask(self.model, batch.allowed.to(device),
+                                                                                self.autocast or next(self.model.parameters()).dtype)}
+                    out = self.stack(input_ids=ids, position_ids=positions, use_cache=False, **extra)
+                finally:
+                    models.set_attention(self.model, self.probe_attention)
                 return out.last_hidden_state[0, batch.last.to(device), :].float()
             out = self.stack(input_ids=self.input_ids(batch["input_ids"]).to(device), attention_mask=batch["attention_mask"].to(device),
                              use_cache=False)
@@ -603,6 +606,7 @@ class SignedCandidate(Candidate):
 
     signs: "PackedSigns | None" = None
     grad32: "torch.Tensor | None" = None
+    module: "torch.nn.Linear | None" = None  # where the gradient is summed in the backward itself, if set
     needs_aligned = False
 
     @property
@@ -621,13 +625,17 @@ class SignedCandidate(Candidate):
         self.grad32 = None
 
     def accumulate(self, param) -> None:
-        """post-accumulate-grad hook of the bf16 parameter: fp32 sum (in grad_buffer when given),
-        bf16 gradient dropped."""
-        if self.grad32 is None:
-            self.grad32 = param.grad.float() if self.grad_buffer is None else self.grad_buffer.copy_(param.grad)
-        else:
-            self.grad32.add_(param.grad)
+        """post-accumulate-grad hook of the bf16 parameter: fp32 sum, bf16 gradient dropped."""
+        self.add_gradient(param.grad)
         param.grad = None
+
+    def add_gradient(self, g) -> None:
+        """Add one backward's bf16 gradient to the fp32 sum (in grad_buffer when given). Called by
+        the hook above, or by the parameter's summed linear (`module`, see defenses.summed_linear)."""
+        if self.grad32 is None:
+            self.grad32 = g.float() if self.grad_buffer is None else self.grad_buffer.copy_(g)
+        else:
+            self.grad32.add_(g)
 
     def load(self, F, A, storage: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> None:
         """theta := F as bf16, s := sign(F - A); into storage = (bf16 view, uint8 view) when given."""
@@ -686,10 +694,11 @@ class AlignedWeights:
 
 def score(diff, grad) -> "torch.Tensor":
     """|grad| where diff = theta - T and grad share a STRICT sign (copying T then moves the weight
-    along -grad), else 0. A zero diff or a zero gradient never qualifies (0 == 0 keeps |0| = 0)."""
+    along -grad), else 0. A zero diff or a zero gradient never qualifies. sign(diff) * grad is
+    exactly |grad| where the signs agree and <= 0 elsewhere, so its positive part is the score."""
     import torch
 
-    return grad.abs() * (torch.sign(diff) == torch.sign(grad))  # times 1 or 0: exact, no underflow
+    return torch.mul(torch.sign(diff), grad).clamp_min_(0.0)
 
 
 CPU_CHUNK = 1 << 18  # elements scored at a time on a CPU (see scores_above)
@@ -709,17 +718,15 @@ def scores_above(c: Candidate, A_flat, t_lo: float) -> tuple[int, "torch.Tensor"
     grad = c.grad.view(-1)
     n = grad.numel()
     chunk = min(CPU_CHUNK, n) if grad.device.type == "cpu" else n
-    sign_d, sign_g, s = (torch.empty(chunk, device=grad.device) for _ in range(3))
+    sign_d, s = (torch.empty(chunk, device=grad.device) for _ in range(2))
     q = torch.empty(chunk, dtype=torch.bool, device=grad.device)
     n_qual, idxs, vals = 0, [], []
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         m = stop - start
-        d_, g_, s_, q_ = sign_d[:m], sign_g[:m], s[:m], q[:m]
+        d_, s_, q_ = sign_d[:m], s[:m], q[:m]
         c.diff_sign(A_flat, start, stop, d_)
-        torch.sign(grad[start:stop], out=g_)
-        torch.eq(d_, g_, out=q_)
-        torch.abs(grad[start:stop], out=s_).mul_(q_)
+        torch.mul(d_, grad[start:stop], out=s_)  # |grad| where the signs agree, <= 0 elsewhere (see score); t_lo >= 0
         n_qual += int(torch.count_nonzero(torch.gt(s_, 0.0, out=q_)))
         idx = torch.nonzero(torch.gt(s_, t_lo, out=q_)).squeeze(1)
         idxs.append(idx + start)
@@ -892,6 +899,8 @@ class GradientRestoration(Defense):
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         import torch
 
+        from defenses import summed_linear
+
         p: GradientRestorationParams = self.params
         torch.manual_seed(p.seed)
         t_start = time.perf_counter()
@@ -924,7 +933,7 @@ class GradientRestoration(Defense):
         compute_dtype = p.compute_dtype if p.compute_dtype != "auto" else ("bfloat16" if models.native_bf16(str(ctx.device)) else "float32")
         tm = TruncatedModel(model, E, compute_dtype, upper_source=F_file)
         packing = p.packing and models.accepts_custom_mask(model)
-        tm.packed_attention = packing and p.block_attention and models.packed_attention_available(model)
+        tm.packed_attention = packing and p.block_attention and models.plain_attention(model)
         make = packed_batches if packing else batches_of
         harmful, benign = make(tok, D_h, p.batch_size), make(tok, D_b, p.batch_size)
         t0 = time.perf_counter()
@@ -951,11 +960,14 @@ class GradientRestoration(Defense):
             for c in cands:
                 c.zero_grad()
 
+        routes = {c.module: c.add_gradient for c in cands if getattr(c, "module", None) is not None}
+
         def timed_pass(batches, direction, fresh: bool):
             if fresh:
                 zero_grads()
             t = time.perf_counter()
-            gradient_pass(tm, batches, direction)
+            with summed_linear.installed(routes):
+                gradient_pass(tm, batches, direction)
             timing["gradient_s"] += time.perf_counter() - t
 
         def recover(keep_previous: bool) -> tuple[dict, dict]:
@@ -1098,6 +1110,8 @@ def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, 
     Fails when no candidate weight differs."""
     import torch
 
+    from defenses import summed_linear
+
     keys = F_file.names()
     is_candidate = lambda n: n.startswith(prefix) and (i := models.layer_index(n)) is not None and i < E and n not in norms
     shapes = {n: p.shape for n, p in model.named_parameters() if n in keys and n not in tm.unused and is_candidate(n)}
@@ -1142,7 +1156,11 @@ def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, 
     sums = FlatBuffer({c.name: c.param.shape for c in changed}, torch.float32, device)
     for c in changed:
         c.grad_buffer = sums[c.name]
-        c.param.register_post_accumulate_grad_hook(c.accumulate)
+        module = model.get_submodule(c.name.rpartition(".")[0])
+        if low_memory and getattr(module, "weight", None) is c.param and summed_linear.supports(module):
+            c.module = module  # its gradient is added to the sum in the backward (gradient_pass, routes)
+        else:
+            c.param.register_post_accumulate_grad_hook(c.accumulate)
     return cands, held
 
 

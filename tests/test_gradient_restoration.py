@@ -511,31 +511,46 @@ def test_unused_weights_are_released_and_read_back(tiny):
 
 
 def test_bf16_signed_gradient_equals_autocast(tiny):
-    """The low_memory parameter (bf16, theta not held) gives the gradient autocast gives an fp32 parameter."""
+    """The low_memory parameter (bf16, theta not held) gives the gradient autocast gives an fp32
+    parameter: summed by a post-accumulate hook, or in the backward of its summed linear (then
+    with the cast of q, k and v's common input made once)."""
+    from defenses import summed_linear
     from defenses.gradient_restoration import gradient_pass, mean_direction
 
     tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
     batches = packed_batches(tok, HARMFUL, 8)
-    grads = []
-    for split_form in (False, True):
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    grads = {}
+    for form in ("autocast", "hook", "summed"):
         model = models.load_model(models.resolve(tiny["finetuned"]))
         for p in model.parameters():
             p.requires_grad_(False)
         E = probe_layers(model.config.num_hidden_layers)
         tm = TruncatedModel(model, E, "bfloat16", upper_source=_upper(tiny))
         d = mean_direction(tm, batches)
-        name = "model.layers.0.mlp.up_proj.weight"
-        param = dict(model.named_parameters())[name]
-        c = SignedCandidate(name, param) if split_form else Candidate(name, param)
-        param.requires_grad_(True)
-        if split_form:
-            param.register_post_accumulate_grad_hook(c.accumulate)
-            c.load(param.data.clone(), param.data.clone())
-            assert c.param.dtype == torch.bfloat16 and not c.sign.any()
-        gradient_pass(tm, batches, d)
-        grads.append(c.grad)
-    assert grads[1].dtype == torch.float32
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-3)
+        cands, routes = [], {}
+        for name in names:
+            param = dict(model.named_parameters())[name]
+            c = Candidate(name, param) if form == "autocast" else SignedCandidate(name, param)
+            param.requires_grad_(True)
+            if form != "autocast":
+                c.load(param.data.clone(), param.data.clone())
+                assert c.param.dtype == torch.bfloat16 and not c.sign.any()
+            if form == "hook":
+                param.register_post_accumulate_grad_hook(c.accumulate)
+            if form == "summed":
+                module = model.get_submodule(name.rpartition(".")[0])
+                assert summed_linear.supports(module)
+                routes[module] = c.add_gradient
+            cands.append(c)
+        with summed_linear.installed(routes):
+            gradient_pass(tm, batches, d)
+        assert all(type(m).forward is m.forward.__func__ for m in routes)  # the class's own forward again
+        grads[form] = [c.grad for c in cands]
+    for form in ("hook", "summed"):
+        for got, want in zip(grads[form], grads["autocast"]):
+            assert got.dtype == torch.float32 and got.abs().sum() > 0
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-3)
 
 
 def test_bf16_low_memory_run_output_is_exact_and_masks_track_fp32(tiny, monkeypatch):
@@ -630,7 +645,7 @@ def test_packed_attention_equals_the_block_mask(tiny):
     prompts = ["short", "a much longer prompt that forces padding of the first one", "kill a python process", "x"]
     batch = packed_batches(tok, prompts, 8)[0]
     model = models.load_model(models.resolve(tiny["finetuned"]))
-    assert models.packed_attention_available(model) and model.config.num_key_value_heads < model.config.num_attention_heads
+    assert models.plain_attention(model) and model.config.num_key_value_heads < model.config.num_attention_heads
     for p in model.parameters():
         p.requires_grad_(False)
     w = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
@@ -647,6 +662,37 @@ def test_packed_attention_equals_the_block_mask(tiny):
             got[packed] = (h.detach(), w.grad.clone())
         torch.testing.assert_close(got[True][0], got[False][0], atol=tol, rtol=tol)
         torch.testing.assert_close(got[True][1], got[False][1], atol=tol, rtol=tol)
+
+
+def test_masked_attention_equals_eager(tiny):
+    """models.masked_attention (grouped query heads, softmax recomputed in the backward) gives the
+    h and the gradients of transformers' eager attention under the same 4-D mask, up to float
+    rounding (the grouped matmuls sum in another order), and keeps less for the backward."""
+    from defenses.gradient_restoration import mean_direction
+
+    tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
+    batch = packed_batches(tok, ["short", "a much longer prompt that forces padding of the first one", "kill a python process"], 8)[0]
+    model = models.load_model(models.resolve(tiny["finetuned"]))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    w = dict(model.named_parameters())["model.layers.0.self_attn.k_proj.weight"]
+    w.requires_grad_(True)
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
+        tm = TruncatedModel(model, probe_layers(model.config.num_hidden_layers), dtype, upper_source=_upper(tiny))
+        assert tm.mask_attention == models.MASKED_ATTENTION
+        d = mean_direction(tm, [batch])
+        got, kept = {}, {}
+        for attention in (models.MASKED_ATTENTION, "eager"):
+            tm.mask_attention = attention
+            w.grad = None
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+                h = tm.h(batch)
+            (-torch.nn.functional.cosine_similarity(h.mean(0), d + 1, dim=0)).backward()
+            got[attention], kept[attention] = (h.detach(), w.grad.clone()), sum(saved)
+        for ours, eager in zip(got[models.MASKED_ATTENTION], got["eager"]):
+            torch.testing.assert_close(ours, eager, atol=tol, rtol=tol)
+        assert kept[models.MASKED_ATTENTION] < kept["eager"]
 
 
 def test_probe_vocabulary_and_bf16_upper_layers(tiny):
