@@ -161,6 +161,19 @@ def norm_parameter_names(model) -> set[str]:
     return names
 
 
+def swiglu_parts(mlp) -> tuple | None:
+    """(gate, up, down) linears of a gated-SiLU MLP, down(silu(gate(x)) * up(x)), as Llama-family
+    MLPs compute it (LlamaMLP.forward); None for any other kind of module."""
+    import torch
+
+    parts = tuple(getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    act = type(getattr(mlp, "act_fn", None)).__name__  # torch's SiLU or transformers' SiLUActivation (F.silu)
+    if type(mlp).__name__ in ("LlamaMLP", "MistralMLP", "Qwen2MLP") and act in ("SiLU", "SiLUActivation") \
+            and all(isinstance(m, torch.nn.Linear) for m in parts):
+        return parts
+    return None
+
+
 def final_norm(model):
     return _find(model, ("model.norm", "model.final_layernorm", "transformer.ln_f", "gpt_neox.final_layer_norm"))[1]
 

@@ -461,6 +461,15 @@ class Candidate:
             self.grad_buffer.copy_(param.grad)
             param.grad = self.grad_buffer
 
+    def detach_sum(self) -> None:
+        """Forget the gradient sum's memory (GradientSums.spill keeps its values)."""
+        self.param.grad = self.grad_buffer = None
+
+    def attach_sum(self, buffer, has_sum: bool) -> None:
+        """The gradient sum lives in `buffer` again; it holds one if has_sum."""
+        self.grad_buffer = buffer
+        self.param.grad = buffer if has_sum else None
+
     def load(self, F, A, storage: "torch.Tensor | None" = None) -> None:
         """theta := F. Into `storage` (a view of a FlatBuffer) when given; else F, a fresh fp32
         tensor, is taken over (a copy into the old storage would keep the loaded model's file
@@ -636,6 +645,13 @@ class SignedCandidate(Candidate):
             self.grad32 = g.float() if self.grad_buffer is None else self.grad_buffer.copy_(g)
         else:
             self.grad32.add_(g)
+
+    def detach_sum(self) -> None:
+        self.grad32 = self.grad_buffer = None
+
+    def attach_sum(self, buffer, has_sum: bool) -> None:
+        self.grad_buffer = buffer
+        self.grad32 = buffer if has_sum else None
 
     def load(self, F, A, storage: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> None:
         """theta := F as bf16, s := sign(F - A); into storage = (bf16 view, uint8 view) when given."""
@@ -943,7 +959,8 @@ class GradientRestoration(Defense):
         hold = p.aligned_copy == "memory" or (p.aligned_copy == "auto" and str(ctx.device) != "cpu")
         low_memory = compute_dtype == "bfloat16" and p.low_memory
         vocabulary = sorted({int(t) for b in harmful + benign for t in (b.input_ids if packing else b["input_ids"]).flatten()})
-        cands, held = _load_finetuned(model, tm, F_file, prefix, E, set(norms), hold, low_memory, vocabulary)
+        cands, held, sums = _load_finetuned(model, tm, F_file, prefix, E, set(norms), hold, low_memory, vocabulary)
+        spill = str(ctx.device) == "cpu"  # the sums leave memory while the probe generates (GradientSums)
         aligned = AlignedWeights(A_file, held)
         N_cand = sum(c.param.numel() for c in cands)
         d_b = mean_direction(tm, benign)
@@ -961,12 +978,14 @@ class GradientRestoration(Defense):
                 c.zero_grad()
 
         routes = {c.module: c.add_gradient for c in cands if getattr(c, "module", None) is not None}
+        mlps = {m: parts for m in tm.truncated.modules() if (parts := models.swiglu_parts(m)) and all(p_ in routes for p_ in parts)}
 
         def timed_pass(batches, direction, fresh: bool):
+            t = time.perf_counter()
+            sums.restore()
             if fresh:
                 zero_grads()
-            t = time.perf_counter()
-            with summed_linear.installed(routes):
+            with summed_linear.installed(routes, mlps):
                 gradient_pass(tm, batches, direction)
             timing["gradient_s"] += time.perf_counter() - t
 
@@ -992,6 +1011,8 @@ class GradientRestoration(Defense):
             """The task metric of theta, generated in fp32; with low_memory from the bf16 weights
             under autocast (theta itself is not held)."""
             t = time.perf_counter()
+            if spill:
+                sums.spill(ctx.cache_dir)
             with torch.no_grad(), tm.full(torch.bfloat16 if low_memory else None) as full, (tm.compute() if low_memory else contextlib.nullcontext()):
                 score_ = ctx.probe(full, handle=ctx.finetuned)
             timing["probe_s"] += time.perf_counter() - t
@@ -1062,6 +1083,7 @@ class GradientRestoration(Defense):
         # --- the answer: theta_F with M(chosen) copied from theta_A, rebuilt from its bit-packed mask
         by_name = {c.name: c for c in cands}
         restored = 0
+        sums.free()
         for c in cands:  # theta (and its signs) go first: their FlatBuffers are freed whole
             c.release()
         with torch.no_grad():
@@ -1101,11 +1123,61 @@ class FlatBuffer:
         return self.views[name]
 
 
+class GradientSums:
+    """The fp32 gradient sums of the changed candidates, in one FlatBuffer.
+
+    `spill()` writes them to an unnamed temporary file and frees their memory while the utility
+    probe generates; the next gradient pass reads them back first (`restore()`). Why: they are 4
+    bytes a candidate parameter (284 MB on the embedded model) and the probe's whole model comes
+    on top of them, which made the probe the run's peak. Sums that are all cleared (rollback
+    mode clears them after every step) are freed without a write."""
+
+    def __init__(self, cands: list, device):
+        self.cands, self.device = cands, device
+        self.file, self.has_sum = None, set()
+        self._allocate()
+
+    def _allocate(self) -> None:
+        import torch
+
+        self.buffer = FlatBuffer({c.name: c.param.shape for c in self.cands}, torch.float32, self.device)
+        for c in self.cands:
+            c.grad_buffer = self.buffer[c.name]
+
+    def spill(self, directory) -> None:
+        import tempfile
+
+        if self.buffer is None:
+            return
+        self.has_sum = {c.name for c in self.cands if c.grad is not None}
+        if self.has_sum:
+            self.file = tempfile.TemporaryFile(dir=directory if Path(directory).is_dir() else None)
+            self.file.write(memoryview(self.buffer.flat.numpy()).cast("B"))
+        self.free()
+
+    def restore(self) -> None:
+        if self.buffer is not None:
+            return
+        self._allocate()
+        if self.file is not None:
+            self.file.seek(0)
+            _read_exactly(self.file, memoryview(self.buffer.flat.numpy()).cast("B"), "the spilled gradient sums")
+            self.file.close()
+            self.file = None
+        for c in self.cands:
+            c.attach_sum(self.buffer[c.name], c.name in self.has_sum)
+
+    def free(self) -> None:
+        for c in self.cands:
+            c.detach_sum()
+        self.buffer = None
+
+
 def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, E: int, norms: set, hold: bool,
-                    low_memory: bool, vocabulary: list[int]) -> tuple[list[Candidate], dict | None]:
+                    low_memory: bool, vocabulary: list[int]) -> tuple[list[Candidate], dict | None, GradientSums]:
     """theta := theta_F in every tensor the probe uses; returns the candidate tensors (bf16 + the
-    sign of theta - theta_A when `low_memory`) and, when `hold`, a copy of theta_A's candidate
-    tensors. theta, the signs, theta_A's copy and the gradient sums each live in one FlatBuffer;
+    sign of theta - theta_A when `low_memory`), when `hold` a copy of theta_A's candidate
+    tensors, and the gradient sums. theta, the signs, theta_A's copy and the gradient sums each live in one FlatBuffer;
     the input embeddings are theta_F's rows of `vocabulary`, the token ids of the probe's batches.
     Fails when no candidate weight differs."""
     import torch
@@ -1153,15 +1225,14 @@ def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, 
     changed = [c for c in cands if c.param.requires_grad]
     if not changed:
         raise UserError("the fine-tuned model equals the aligned model in every candidate weight: nothing to restore")
-    sums = FlatBuffer({c.name: c.param.shape for c in changed}, torch.float32, device)
+    sums = GradientSums(changed, device)
     for c in changed:
-        c.grad_buffer = sums[c.name]
         module = model.get_submodule(c.name.rpartition(".")[0])
         if low_memory and getattr(module, "weight", None) is c.param and summed_linear.supports(module):
             c.module = module  # its gradient is added to the sum in the backward (gradient_pass, routes)
         else:
             c.param.register_post_accumulate_grad_hook(c.accumulate)
-    return cands, held
+    return cands, held, sums
 
 
 def choose_checkpoint(scores: dict[int, float], fails) -> int | None:

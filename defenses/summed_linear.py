@@ -34,6 +34,37 @@ class _SummedLinear(torch.autograd.Function):
         return dx, None, None, None  # the weight's gradient is in the sum: autograd gets none
 
 
+class _SummedSwiGLU(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) in bf16, as a Llama-family MLP computes it under autocast, with
+    the three weight gradients added to their sums in the backward. It keeps x (bf16), gate(x)
+    and up(x) for the backward and computes silu and the product again there: autograd through
+    the module would also keep silu(gate(x)) and the product (1.4 MB a layer at T = 226). The
+    backward runs the operations autograd runs (silu_backward, the two products, the matmuls)."""
+
+    @staticmethod
+    def forward(ctx, x, x16, w_gate, w_up, w_down, adds):
+        F = torch.nn.functional
+        g, u = F.linear(x16, w_gate), F.linear(x16, w_up)
+        ctx.save_for_backward(x16, g, u, w_gate, w_up, w_down)
+        ctx.x_dtype, ctx.adds = x.dtype, adds
+        return F.linear(F.silu(g) * u, w_down)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x16, g, u, w_gate, w_up, w_down = ctx.saved_tensors
+        add_gate, add_up, add_down = ctx.adds
+        flat = lambda t: t.reshape(-1, t.shape[-1])
+        a = torch.nn.functional.silu(g)
+        add_down(flat(dy).t().mm(flat(a * u)))
+        dp = dy.matmul(w_down)
+        du = dp * a
+        dg = torch.ops.aten.silu_backward(dp * u, g)
+        add_up(flat(du).t().mm(flat(x16)))
+        add_gate(flat(dg).t().mm(flat(x16)))
+        dx = dg.matmul(w_gate).to(ctx.x_dtype) + du.matmul(w_up).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return dx, None, None, None, None, None
+
+
 class _CastOnce:
     """x cast to the weights' dtype, shared by consecutive linears that read the same x (q, k and
     v read one normed hidden state, gate and up another): one bf16 copy kept for their backward
@@ -63,15 +94,28 @@ def supports(module) -> bool:
     return isinstance(module, torch.nn.Linear) and module.bias is None and module.weight.dtype == torch.bfloat16
 
 
+def swiglu_forward(gate, up, down, adds: tuple, cast: _CastOnce):
+    """A forward for a gated-SiLU MLP (models.swiglu_parts) whose three weight gradients go to adds."""
+
+    def forward(x):
+        return _SummedSwiGLU.apply(x, cast(x, gate.weight.dtype), gate.weight, up.weight, down.weight, adds)
+
+    return forward
+
+
 @contextlib.contextmanager
-def installed(routes: dict):
-    """Within: each module of `routes` ({module: add_gradient}) runs as a summed linear."""
+def installed(routes: dict, mlps: dict | None = None):
+    """Within: each module of `routes` ({linear: add_gradient}) runs as a summed linear, and each
+    of `mlps` ({mlp: its (gate, up, down) linears}, all three in routes) as one summed MLP."""
     cast = _CastOnce()
-    for module, add_gradient in routes.items():
-        module.forward = summed_forward(module, add_gradient, cast)
+    mlps = mlps or {}
+    forwards = {module: summed_forward(module, add, cast) for module, add in routes.items()}
+    forwards |= {mlp: swiglu_forward(*parts, tuple(routes[m] for m in parts), cast) for mlp, parts in mlps.items()}
+    for module, forward in forwards.items():
+        module.forward = forward
     try:
         yield
     finally:
-        for module in routes:
+        for module in forwards:
             del module.forward  # back to the class's own forward
         cast.__init__()
