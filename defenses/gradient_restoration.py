@@ -76,8 +76,11 @@ class GradientRestorationParams:
     packing: bool = field(default=True, metadata={"help": "run each batch as one sequence: the prompts' common prefix once, no padding "
                                                           "(the same h up to float rounding; false = left-padded batches as released)"})
     low_memory: bool = field(default=False, metadata={"help": "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) at 2 bits "
-                                                            "instead of fp32 plus autocast's bf16 copies: 3.75 bytes a candidate parameter "
-                                                            "less; the probe then generates from the bf16 weights"})
+                                                            "instead of fp32 plus autocast's bf16 copies (3.75 bytes a candidate parameter "
+                                                            "less), keep less for each backward (Llama-family layers) and add each batch's "
+                                                            "weight gradients to the fp32 sums in fp32 (MKL, where torch has it); the "
+                                                            "gradient sums leave memory while the probe generates, which then uses the "
+                                                            "bf16 weights"})
     block_attention: bool = field(default=False, metadata={"help": "packed batches only: attention block by block (the prefix on itself, "
                                                                    "each prompt on the prefix and itself) instead of a T x T mask; saves "
                                                                    "the T x T scores a gradient pass keeps (all but ~1/8 of them at 8 "
@@ -609,9 +612,10 @@ class SignedCandidate(Candidate):
     PackedSigns (2 bits), 0 exactly where theta == theta_A. The parameter holds theta rounded to
     bf16 (round to nearest even, as autocast rounds), which is what the matmuls read, so autocast
     keeps no bf16 copy of its own for the backward pass: 2 + 1/4 bytes a parameter instead of
-    4 + 2. The output is rebuilt from the masks and the two files, so it is exact. The bf16
-    gradient of each backward is added to an fp32 sum, as autocast's cast back to an fp32
-    parameter does."""
+    4 + 2. The output is rebuilt from the masks and the two files, so it is exact. Each
+    backward's weight gradient is added to an fp32 sum: through the parameter's summed linear
+    (add_product: MKL's bf16 gemm accumulating in fp32, so not rounded to bf16 first), or as the
+    bf16 gradient a hook sees, as autocast's cast back to an fp32 parameter adds it."""
 
     signs: "PackedSigns | None" = None
     grad32: "torch.Tensor | None" = None
@@ -639,12 +643,23 @@ class SignedCandidate(Candidate):
         param.grad = None
 
     def add_gradient(self, g) -> None:
-        """Add one backward's bf16 gradient to the fp32 sum (in grad_buffer when given). Called by
-        the hook above, or by the parameter's summed linear (`module`, see defenses.summed_linear)."""
+        """Add one backward's bf16 gradient to the fp32 sum (in grad_buffer when given)."""
         if self.grad32 is None:
             self.grad32 = g.float() if self.grad_buffer is None else self.grad_buffer.copy_(g)
         else:
             self.grad32.add_(g)
+
+    def add_product(self, dy, x) -> None:
+        """Add the weight gradient dy^T x of one backward to the fp32 sum: called by the parameter's
+        summed linear (`module`, defenses.summed_linear). Where MKL's bf16 gemm is there, its
+        products go into the sum in fp32, with no bf16 rounding of each batch's gradient (closer
+        to fp32 than autocast's sum, and ~2x faster); else as add_gradient(bf16 dy^T x)."""
+        from defenses import summed_linear
+
+        if self.grad_buffer is not None and summed_linear.add_product(self.grad_buffer, dy, x, accumulate=self.grad32 is not None):
+            self.grad32 = self.grad_buffer
+        else:
+            self.add_gradient(dy.t().mm(x))
 
     def detach_sum(self) -> None:
         self.grad32 = self.grad_buffer = None
@@ -977,7 +992,7 @@ class GradientRestoration(Defense):
             for c in cands:
                 c.zero_grad()
 
-        routes = {c.module: c.add_gradient for c in cands if getattr(c, "module", None) is not None}
+        routes = {c.module: c.add_product for c in cands if getattr(c, "module", None) is not None}
         mlps = {m: parts for m in tm.truncated.modules() if (parts := models.swiglu_parts(m)) and all(p_ in routes for p_ in parts)}
 
         def timed_pass(batches, direction, fresh: bool):

@@ -1,35 +1,74 @@
-"""A bf16 linear layer whose backward adds its weight gradient straight into an fp32 sum.
+"""A bf16 linear layer (and a gated-SiLU MLP) whose backward adds its weight gradients straight
+into fp32 sums.
 
 Why by hand: autograd computes a Linear's weight gradient as the transpose of X^T dY, so the
 gradient it hands to AccumulateGrad is a transposed view, which AccumulateGrad copies into a
-fresh contiguous tensor before a hook can add it to the fp32 sum. On the embedded model that copy
-and the add, both from main memory, were ~30% of a low_memory gradient pass (torch.profiler:
-~0.75 s of 2.4 s). Here dY^T X is computed in (out, in) order and added to the sum while it is
-still in the cache; nothing else changes: the same bf16 matmuls (x cast to bf16 as autocast
-casts it, dX = dY W cast back to x's dtype, as autocast's cast backward does) and one fp32 add of
-each batch's bf16 weight gradient, as before. PyTorch's CPU matmul cannot write bf16 products
-into an fp32 output (`out_dtype` is CUDA-only), which would have fused the add too.
+fresh contiguous tensor before a hook can add it to the fp32 sum. Here the backward hands the two
+factors (dY, X) to the owner of the sum, which adds dY^T X in one call of MKL's bf16 gemm with
+fp32 accumulation where torch carries it (`add_product`), else as a bf16 matmul plus an fp32 add.
+Everything else is what autograd runs through the module under autocast: the same bf16 matmuls
+(x cast to bf16 as autocast casts it, dX = dY W cast back to x's dtype, as autocast's cast
+backward does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
 
 import torch
 
 
+@functools.cache
+def _mkl_gemm_bf16():
+    """MKL's cblas_gemm_bf16bf16f32 (C = alpha op(A) op(B) + beta C, A and B bf16, C fp32), which
+    x86 builds of torch carry inside libtorch_cpu; None where it is not there. Why by hand: torch's
+    CPU matmul has no bf16 x bf16 -> fp32 form (`out_dtype` is CUDA-only), and this one adds a
+    batch's weight gradient into the fp32 sum in the same call, accumulating in fp32: ~2x faster on
+    the embedded model's shapes than a bf16 matmul plus an fp32 add, and without rounding each
+    batch's gradient to bf16 first (bench.perf.flagship_step; tests)."""
+    try:
+        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).cblas_gemm_bf16bf16f32
+    except (OSError, AttributeError):
+        return None
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                        ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    return fn
+
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
+_INT_MAX = 2**31 - 1  # MKL_INT of the LP64 interface
+
+
+def add_product(out, dy, x, accumulate: bool) -> bool:
+    """out (fp32 [m, n]) := dy^T x (+ out if accumulate), dy [k, m] and x [k, n] bf16, by MKL in
+    fp32. False (nothing done) where MKL's kernel is missing or the tensors do not suit it."""
+    fn = _mkl_gemm_bf16()
+    if fn is None or out.device.type != "cpu" or out.dtype != torch.float32 or dy.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 \
+            or not out.is_contiguous() or max(out.numel(), dy.numel(), x.numel()) > _INT_MAX:
+        return False
+    dy, x = dy.contiguous(), x.contiguous()
+    (k, m), n = dy.shape, x.shape[1]
+    if out.shape != (m, n) or x.shape[0] != k:
+        raise ValueError(f"add_product: out {tuple(out.shape)}, dy {tuple(dy.shape)}, x {tuple(x.shape)} do not fit")
+    fn(_ROW_MAJOR, _TRANS, _NO_TRANS, m, n, k, 1.0, dy.data_ptr(), m, x.data_ptr(), n, 1.0 if accumulate else 0.0, out.data_ptr(), n)
+    return True
+
+
 class _SummedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x16, weight, add_gradient):
+    def forward(ctx, x, x16, weight, add_to_sum):
         ctx.save_for_backward(x16, weight)
-        ctx.x_dtype, ctx.add_gradient = x.dtype, add_gradient
+        ctx.x_dtype, ctx.add_to_sum = x.dtype, add_to_sum
         return torch.nn.functional.linear(x16, weight)
 
     @staticmethod
     def backward(ctx, dy):
         x16, weight = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        ctx.add_gradient(dy2.t().mm(x16.reshape(-1, x16.shape[-1])))
+        ctx.add_to_sum(dy.reshape(-1, dy.shape[-1]), x16.reshape(-1, x16.shape[-1]))  # dW = dy^T x
         dx = dy.matmul(weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return dx, None, None, None  # the weight's gradient is in the sum: autograd gets none
 
@@ -55,12 +94,12 @@ class _SummedSwiGLU(torch.autograd.Function):
         add_gate, add_up, add_down = ctx.adds
         flat = lambda t: t.reshape(-1, t.shape[-1])
         a = torch.nn.functional.silu(g)
-        add_down(flat(dy).t().mm(flat(a * u)))
+        add_down(flat(dy), flat(a * u))
         dp = dy.matmul(w_down)
         du = dp * a
         dg = torch.ops.aten.silu_backward(dp * u, g)
-        add_up(flat(du).t().mm(flat(x16)))
-        add_gate(flat(dg).t().mm(flat(x16)))
+        add_up(flat(du), flat(x16))
+        add_gate(flat(dg), flat(x16))
         dx = dg.matmul(w_gate).to(ctx.x_dtype) + du.matmul(w_up).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         return dx, None, None, None, None, None
 
@@ -80,11 +119,12 @@ class _CastOnce:
         return self.x16
 
 
-def summed_forward(module: torch.nn.Linear, add_gradient, cast: _CastOnce):
-    """A forward for `module` (bias-free, bf16 weight) that calls add_gradient(dW) in backward."""
+def summed_forward(module: torch.nn.Linear, add_to_sum, cast: _CastOnce):
+    """A forward for `module` (bias-free, bf16 weight) whose backward calls add_to_sum(dy, x), the
+    two factors of the weight gradient dy^T x (flattened to [tokens, features])."""
 
     def forward(x):
-        return _SummedLinear.apply(x, cast(x, module.weight.dtype), module.weight, add_gradient)
+        return _SummedLinear.apply(x, cast(x, module.weight.dtype), module.weight, add_to_sum)
 
     return forward
 
@@ -105,7 +145,7 @@ def swiglu_forward(gate, up, down, adds: tuple, cast: _CastOnce):
 
 @contextlib.contextmanager
 def installed(routes: dict, mlps: dict | None = None):
-    """Within: each module of `routes` ({linear: add_gradient}) runs as a summed linear, and each
+    """Within: each module of `routes` ({linear: add_to_sum}) runs as a summed linear, and each
     of `mlps` ({mlp: its (gate, up, down) linears}, all three in routes) as one summed MLP."""
     cast = _CastOnce()
     mlps = mlps or {}
