@@ -514,15 +514,16 @@ def test_bf16_signed_gradient_equals_autocast(tiny):
     """The low_memory parameter (bf16, theta not held) gives the gradient autocast gives an fp32
     parameter when a post-accumulate hook sums it; summed in the backward of its summed linear
     (q, k and v's common input cast once, MKL adding each batch's products in fp32) it is
-    closer still to the fp32 gradient."""
+    closer still to the fp32 gradient, and the MLP run as one summed function gives the same."""
     from defenses import summed_linear
     from defenses.gradient_restoration import PackedSigns, gradient_pass, mean_direction
 
     tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
     batches = packed_batches(tok, HARMFUL, 8)
-    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    names = [f"model.layers.0.mlp.{m}_proj.weight" for m in ("gate", "up", "down")] + \
+        ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
     grads = {}
-    for form in ("fp32", "autocast", "hook", "summed"):
+    for form in ("fp32", "autocast", "hook", "summed", "summed_mlp"):
         model = models.load_model(models.resolve(tiny["finetuned"]))
         for p in model.parameters():
             p.requires_grad_(False)
@@ -534,21 +535,23 @@ def test_bf16_signed_gradient_equals_autocast(tiny):
             param = dict(model.named_parameters())[name]
             c = Candidate(name, param) if form in ("fp32", "autocast") else SignedCandidate(name, param)
             param.requires_grad_(True)
-            if form in ("hook", "summed"):
+            if form in ("hook", "summed", "summed_mlp"):
                 c.load(param.data.clone(), param.data.clone(), (torch.empty_like(param.data, dtype=torch.bfloat16),
                                                                 torch.empty(PackedSigns.nbytes(param.numel()), dtype=torch.uint8)))
                 c.grad_buffer = torch.empty(param.shape)
                 assert c.param.dtype == torch.bfloat16 and not c.sign.any()
             if form == "hook":
                 param.register_post_accumulate_grad_hook(c.accumulate)
-            if form == "summed":
+            if form.startswith("summed"):
                 module = model.get_submodule(name.rpartition(".")[0])
                 assert summed_linear.supports(module)
                 routes[module] = c.add_product
             cands.append(c)
-        with summed_linear.installed(routes):
+        mlp = model.get_submodule("model.layers.0.mlp")
+        mlps = {mlp: models.swiglu_parts(mlp)} if form == "summed_mlp" else {}
+        with summed_linear.installed(routes, mlps):
             gradient_pass(tm, batches, d)
-        assert all(type(m).forward is m.forward.__func__ for m in routes)  # the class's own forward again
+        assert all(type(m).forward is m.forward.__func__ for m in [*routes, *mlps])  # the class's own forward again
         grads[form] = [c.grad for c in cands]
     for hook, auto in zip(grads["hook"], grads["autocast"]):
         torch.testing.assert_close(hook, auto, atol=1e-6, rtol=1e-3)
@@ -557,6 +560,8 @@ def test_bf16_signed_gradient_equals_autocast(tiny):
         assert float((summed - auto).norm() / auto.norm()) < 0.1  # both bf16 arithmetic (~2-7% off fp32 here): rounding apart
         if summed_linear._mkl_gemm_bf16() is not None:
             assert (summed - exact).norm() < (auto - exact).norm()
+    for whole_mlp, summed in zip(grads["summed_mlp"], grads["summed"]):  # the MLP as one function: the same arithmetic
+        torch.testing.assert_close(whole_mlp, summed, atol=1e-8, rtol=1e-5)
 
 
 def test_add_product_is_the_fp32_product_of_the_bf16_factors():
@@ -600,6 +605,33 @@ def test_bf16_low_memory_run_output_is_exact_and_masks_track_fp32(tiny, monkeypa
         assert p.dtype == torch.float32
         expect = torch.where(final[name], A[name], F[name]) if name in final else F[name]
         assert torch.equal(p.data, expect.data), name
+
+
+def test_gradient_sums_spill_and_restore(tmp_path):
+    """GradientSums.spill frees the sums' memory and keeps their values in an unnamed file;
+    restore() gives every candidate its sum back (and no sum to one that had none)."""
+    from defenses.gradient_restoration import GradientSums
+
+    g = torch.Generator().manual_seed(0)
+    cands = [Candidate(f"w{i}", torch.nn.Parameter(torch.zeros(5, 3))) for i in range(3)]
+    sums = GradientSums(cands, "cpu")
+    for c in cands[:2]:
+        c.param.grad = torch.randn(5, 3, generator=g)
+        c.accumulate(c.param)  # into its view of the FlatBuffer
+    want = {c.name: c.grad.clone() for c in cands[:2]}
+    sums.spill(tmp_path)
+    assert sums.buffer is None and all(c.grad is None and c.grad_buffer is None for c in cands)
+    assert list(tmp_path.iterdir()) == []  # unnamed
+    sums.restore()
+    for c in cands[:2]:
+        assert torch.equal(c.grad, want[c.name]) and c.grad.data_ptr() == c.grad_buffer.data_ptr()
+    assert cands[2].grad is None and cands[2].grad_buffer is not None
+    for c in cands:
+        c.zero_grad()
+    sums.spill(tmp_path)  # nothing to keep: freed, no file
+    assert sums.file is None
+    sums.restore()
+    assert all(c.grad is None for c in cands)
 
 
 def test_weight_file_reads_what_safetensors_reads(tmp_path):
