@@ -693,63 +693,64 @@ def test_packed_signs_read_and_write_like_int8():
     assert torch.equal(PackedSigns.encode(s).decode(4, 12, out), s.view(-1)[4:12]) and torch.equal(out, s.view(-1)[4:12])
 
 
-def test_packed_attention_equals_the_block_mask(tiny):
-    """models.packed_attention (each prompt on the prefix and itself, block by block) gives the h
-    and the gradients of eager attention under the T x T block mask, in fp32 and in bf16."""
+def _h_and_gradient_under(tiny, weight: str, settings: dict) -> dict:
+    """{dtype: {setting: (h, weight's gradient, bytes kept for the backward)}} of one packed
+    batch, in fp32 and bf16, each setting a function that configures the TruncatedModel."""
     from defenses.gradient_restoration import mean_direction
 
     tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
-    prompts = ["short", "a much longer prompt that forces padding of the first one", "kill a python process", "x"]
-    batch = packed_batches(tok, prompts, 8)[0]
+    batch = packed_batches(tok, ["short", "a much longer prompt that forces padding of the first one", "kill a python process", "x"], 8)[0]
     model = models.load_model(models.resolve(tiny["finetuned"]))
     assert models.plain_attention(model) and model.config.num_key_value_heads < model.config.num_attention_heads
     for p in model.parameters():
         p.requires_grad_(False)
-    w = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    w = dict(model.named_parameters())[weight]
     w.requires_grad_(True)
-    for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
+    out = {}
+    for dtype in ("float32", "bfloat16"):
         tm = TruncatedModel(model, probe_layers(model.config.num_hidden_layers), dtype, upper_source=_upper(tiny))
+        assert tm.mask_attention == models.MASKED_ATTENTION and not tm.packed_attention  # the defaults
         d = mean_direction(tm, [batch])
-        got = {}
-        for packed in (True, False):
-            tm.packed_attention = packed
-            w.grad = None
-            h = tm.h(batch)
+        out[dtype] = {}
+        for name, configure in settings.items():
+            configure(tm)
+            w.grad, saved = None, []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+                h = tm.h(batch)
             (-torch.nn.functional.cosine_similarity(h.mean(0), d + 1, dim=0)).backward()
-            got[packed] = (h.detach(), w.grad.clone())
-        torch.testing.assert_close(got[True][0], got[False][0], atol=tol, rtol=tol)
-        torch.testing.assert_close(got[True][1], got[False][1], atol=tol, rtol=tol)
+            out[dtype][name] = (h.detach(), w.grad.clone(), sum(saved))
+    return out
+
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+
+
+def test_packed_attention_equals_the_block_mask(tiny):
+    """models.packed_attention (each prompt on the prefix and itself, block by block) gives the h
+    and the gradients of eager attention under the T x T block mask, in fp32 and in bf16."""
+    def blocks(tm):
+        tm.packed_attention = True
+
+    def mask(tm):
+        tm.packed_attention, tm.mask_attention = False, "eager"
+
+    for dtype, got in _h_and_gradient_under(tiny, "model.layers.0.self_attn.q_proj.weight", {"blocks": blocks, "mask": mask}).items():
+        for ours, eager in zip(got["blocks"][:2], got["mask"][:2]):
+            torch.testing.assert_close(ours, eager, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 def test_masked_attention_equals_eager(tiny):
     """models.masked_attention (grouped query heads, softmax recomputed in the backward) gives the
     h and the gradients of transformers' eager attention under the same 4-D mask, up to float
     rounding (the grouped matmuls sum in another order), and keeps less for the backward."""
-    from defenses.gradient_restoration import mean_direction
+    def attention(name):
+        return lambda tm: setattr(tm, "mask_attention", name)
 
-    tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
-    batch = packed_batches(tok, ["short", "a much longer prompt that forces padding of the first one", "kill a python process"], 8)[0]
-    model = models.load_model(models.resolve(tiny["finetuned"]))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    w = dict(model.named_parameters())["model.layers.0.self_attn.k_proj.weight"]
-    w.requires_grad_(True)
-    for dtype, tol in (("float32", 1e-5), ("bfloat16", 2e-2)):
-        tm = TruncatedModel(model, probe_layers(model.config.num_hidden_layers), dtype, upper_source=_upper(tiny))
-        assert tm.mask_attention == models.MASKED_ATTENTION
-        d = mean_direction(tm, [batch])
-        got, kept = {}, {}
-        for attention in (models.MASKED_ATTENTION, "eager"):
-            tm.mask_attention = attention
-            w.grad = None
-            saved = []
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t):
-                h = tm.h(batch)
-            (-torch.nn.functional.cosine_similarity(h.mean(0), d + 1, dim=0)).backward()
-            got[attention], kept[attention] = (h.detach(), w.grad.clone()), sum(saved)
-        for ours, eager in zip(got[models.MASKED_ATTENTION], got["eager"]):
-            torch.testing.assert_close(ours, eager, atol=tol, rtol=tol)
-        assert kept[models.MASKED_ATTENTION] < kept["eager"]
+    settings = {"ours": attention(models.MASKED_ATTENTION), "eager": attention("eager")}
+    for dtype, got in _h_and_gradient_under(tiny, "model.layers.0.self_attn.k_proj.weight", settings).items():
+        for ours, eager in zip(got["ours"][:2], got["eager"][:2]):
+            torch.testing.assert_close(ours, eager, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+        assert got["ours"][2] < got["eager"][2]
 
 
 def test_probe_vocabulary_and_bf16_upper_layers(tiny):
