@@ -82,10 +82,10 @@ class GradientRestorationParams:
                                                             "gradient sums leave memory while the probe generates, which then uses the "
                                                             "bf16 weights"})
     block_attention: bool = field(default=False, metadata={"help": "packed batches only: attention block by block (the prefix on itself, "
-                                                                   "each prompt on the prefix and itself) instead of a T x T mask; saves "
-                                                                   "the T x T scores a gradient pass keeps (all but ~1/8 of them at 8 "
-                                                                   "prompts), at 4-8% of the step on the embedded model on a CPU "
-                                                                   "(Llama-family models; others keep the mask)"})
+                                                                   "each prompt on the prefix and itself) instead of under a T x T mask; "
+                                                                   "keeps ~1/8 of the T x T scores for the backward pass at 8 prompts, "
+                                                                   "which pays off for long prompts; ~8% of the step on the embedded "
+                                                                   "model on a CPU (Llama-family models; others keep the mask)"})
     aligned_copy: str = field(default="auto", metadata={"help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
                                                                 "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"})
     rate_denominator: str | None = field(default=None, metadata={"help": "all_layers | candidates (default from mode)"})
