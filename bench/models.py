@@ -222,8 +222,9 @@ def gradient_attention(model, device: str) -> str:
 
 
 # Families whose attention is plain softmax(q k^T * scaling) v with grouped key/value heads (no
-# soft-capping, no sliding window, no sinks): the packed attention below computes exactly that,
-# tested against the 4-D mask path on tiny random models. Others take the 4-D mask path.
+# soft-capping, no sliding window, no sinks): the packed and masked attentions below compute
+# exactly that, tested against transformers' eager attention on tiny random models. Others take
+# transformers' own attention under the 4-D mask.
 _PLAIN_ATTENTION = ("llama",)
 PACKED_ATTENTION = "realign_packed"
 MASKED_ATTENTION = "realign_masked"
@@ -313,8 +314,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     on itself, each prompt on the prefix and itself, instead of a T x T score matrix under a block
     mask. The same arithmetic as transformers' eager attention (scores in the query's dtype,
     softmax in fp32, cast back) on the allowed keys only: with 8 prompts of ~25 tokens after a
-    ~25-token prefix, about a sixth of the scores, and the saved softmax of a gradient pass with
-    it (52 MB -> 6 MB a batch on the embedded model). query [1, H, T, d]; key, value
+    ~25-token prefix, about a sixth of the scores, and of what a gradient pass keeps of them
+    (`softmax_values` keeps the scores). query [1, H, T, d]; key, value
     [1, Hkv, T, d]; returns [1, T, H, d] as transformers' attention functions do."""
     import torch
 
@@ -351,11 +352,14 @@ def plain_attention(model) -> bool:
     return getattr(model.config, "model_type", None) in _PLAIN_ATTENTION
 
 
+_OUR_ATTENTION = {PACKED_ATTENTION: packed_attention, MASKED_ATTENTION: masked_attention}
+
+
 def set_attention(model, implementation: str) -> None:
-    if implementation in (PACKED_ATTENTION, MASKED_ATTENTION):  # ours: transformers looks attention functions up by name
+    if implementation in _OUR_ATTENTION:  # transformers looks attention functions up by name
         from transformers import AttentionInterface
 
-        AttentionInterface.register(implementation, packed_attention if implementation == PACKED_ATTENTION else masked_attention)
+        AttentionInterface.register(implementation, _OUR_ATTENTION[implementation])
     model.config._attn_implementation = implementation
 
 

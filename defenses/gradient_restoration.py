@@ -447,6 +447,7 @@ class Candidate:
     name: str
     param: "torch.nn.Parameter"
     grad_buffer: "torch.Tensor | None" = None  # where the gradient sum lives (a view of a FlatBuffer), if given
+    module: "torch.nn.Linear | None" = None  # a summed linear adds the gradient in its backward (low_memory), if set
     needs_aligned = True  # scoring computes the sign of theta - theta_A from theta_A's values
 
     @property
@@ -465,8 +466,9 @@ class Candidate:
             param.grad = self.grad_buffer
 
     def detach_sum(self) -> None:
-        """Forget the gradient sum's memory (GradientSums.spill keeps its values)."""
-        self.param.grad = self.grad_buffer = None
+        """Forget the gradient sum and its memory (GradientSums.spill keeps its values)."""
+        self.zero_grad()
+        self.grad_buffer = None
 
     def attach_sum(self, buffer, has_sum: bool) -> None:
         """The gradient sum lives in `buffer` again; it holds one if has_sum."""
@@ -487,8 +489,7 @@ class Candidate:
         """Drop theta and its gradient (before the output is built from the masks)."""
         import torch
 
-        self.zero_grad()
-        self.grad_buffer = None
+        self.detach_sum()
         self.param.data = torch.empty(0, dtype=self.param.dtype, device=self.param.device)
 
     def diff_sign(self, A_flat, start: int, stop: int, out) -> "torch.Tensor":
@@ -619,7 +620,6 @@ class SignedCandidate(Candidate):
 
     signs: "PackedSigns | None" = None
     grad32: "torch.Tensor | None" = None
-    module: "torch.nn.Linear | None" = None  # where the gradient is summed in the backward itself, if set
     needs_aligned = False
 
     @property
@@ -660,9 +660,6 @@ class SignedCandidate(Candidate):
             self.grad32 = self.grad_buffer
         else:
             self.add_gradient(dy.t().mm(x))
-
-    def detach_sum(self) -> None:
-        self.grad32 = self.grad_buffer = None
 
     def attach_sum(self, buffer, has_sum: bool) -> None:
         self.grad_buffer = buffer
@@ -993,7 +990,7 @@ class GradientRestoration(Defense):
             for c in cands:
                 c.zero_grad()
 
-        routes = {c.module: c.add_product for c in cands if getattr(c, "module", None) is not None}
+        routes = {c.module: c.add_product for c in cands if c.module is not None}
         mlps = {m: parts for m in tm.truncated.modules() if (parts := models.swiglu_parts(m)) and all(p_ in routes for p_ in parts)}
 
         def timed_pass(batches, direction, fresh: bool):
