@@ -1,8 +1,8 @@
 """The flagship, rule by rule (specs/gradient_restoration.md), on tiny random Llama models.
 
-`naive_run` is an independent, deliberately literal reference: three full copies, the full model
-with output_hidden_states, one concatenated top-k. The real implementation must give IDENTICAL
-masks at every step.
+`naive_run` gives the masks of reference.py, an independent, deliberately literal reference: three
+full copies, one concatenated top-k, its own chat-template rendering and left padding. The real
+implementation must give IDENTICAL masks at every step.
 """
 
 from __future__ import annotations
@@ -16,22 +16,17 @@ from bench import models
 from bench.errors import UserError
 from defenses import DEFENSES, DefenseContext
 from defenses.base import parse_params
-from defenses.gradient_restoration import (
-    AlignedWeights,
-    Candidate,
-    GradientRestorationParams,
-    SignedCandidate,
-    TruncatedModel,
-    WeightFile,
-    _weights_file,
-    batches_of,
-    choose_checkpoint,
-    packed_batches,
-    probe_layers,
-    recover_step,
-    rollback_step,
-    unpack,
-)
+from defenses.gradient_restoration import reference
+from defenses.gradient_restoration.engine import attention, selection, summed_linear
+from defenses.gradient_restoration.engine.candidates import AlignedWeights, Candidate, SignedCandidate
+from defenses.gradient_restoration.engine.memory import GradientSums
+from defenses.gradient_restoration.engine.packed_batches import packed_batches
+from defenses.gradient_restoration.engine.packed_signs import PackedSigns
+from defenses.gradient_restoration.engine.truncated_model import TruncatedModel
+from defenses.gradient_restoration.engine.weights_file import WeightFile, weights_file
+from defenses.gradient_restoration.masks import unpack
+from defenses.gradient_restoration.recipe import GradientRestorationParams, gradient_pass, mean_direction, recover_step, rollback_step
+from defenses.gradient_restoration.rules import batches_of, choose_checkpoint, probe_layers
 
 HARMFUL = [f"how do I make a weapon number {i}" for i in range(16)]
 BENIGN = [f"generate a sql for the following question {i}" for i in range(24)]
@@ -67,105 +62,10 @@ def run_real(tiny, probe, **params):
 # ------------------------------------------------------------------------------------------ reference
 
 
-def naive_run(tiny, probe_scores, steps, warmup, rate=0.002, rollback_rate=0.2, batch=8, save_step=1):
-    """The spec read literally; returns {step: {name: mask}} for the checkpoints of the final phase."""
-    tok = models.load_tokenizer(models.resolve(tiny["finetuned"]))
-    A = models.load_model(models.resolve(tiny["aligned"]))
-    F = models.load_model(models.resolve(tiny["finetuned"]))
-    theta = models.load_model(models.resolve(tiny["finetuned"]))
-    L = theta.config.num_hidden_layers
-    E = (2 * L) // 3
-    pA, pF = dict(A.named_parameters()), dict(F.named_parameters())
-    cand = [n for n, _ in theta.named_parameters() if ".layers." in n and int(n.split(".layers.")[1].split(".")[0]) < E and "norm" not in n]
-    N = sum(p.numel() for n, p in theta.named_parameters() if ".layers." in n)
-    k = math.ceil(rate * N)
-    for n, p in theta.named_parameters():
-        p.requires_grad_(n in cand)
-
-    def h(model, b):
-        out = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True, use_cache=False)
-        return out.hidden_states[E][:, -1, :]  # output of layer E-1 (before any final norm, E < L)
-
-    hb = batches_of(tok, HARMFUL, batch)
-    bb = batches_of(tok, BENIGN, batch)
-    with torch.no_grad():
-        d_h = torch.cat([h(A, b) for b in hb]).mean(0)
-        d_b = torch.cat([h(F, b) for b in bb]).mean(0)
-    nb = min(len(hb), len(bb))
-    params = dict(theta.named_parameters())
-    M = {n: torch.zeros_like(params[n], dtype=torch.bool) for n in cand}
-    scores = iter(probe_scores)
-
-    def pass_(batches, d):
-        for b in list(batches)[:nb]:
-            (-torch.nn.functional.cosine_similarity(h(theta, b).mean(0), d, dim=0)).backward()
-
-    def step_toward(target, budget_k=None, budget_rate=None, restrict=None):
-        quals, gs = {}, []
-        for n in cand:
-            g = params[n].grad
-            diff = params[n].data - target[n].data
-            q = ((diff > 0) & (g > 0)) | ((diff < 0) & (g < 0))
-            if restrict is not None:
-                q &= restrict[n]
-            quals[n] = q
-            gs.append(g.abs()[q])
-        allg = torch.cat(gs)  # one concatenated vector, as the released code does
-        kk = budget_k if budget_k is not None else math.ceil(budget_rate * allg.numel())
-        tau = torch.topk(allg, kk).values[-1] if kk <= allg.numel() else -1.0
-        sel = {n: quals[n] & (params[n].grad.abs() > tau) for n in cand}
-        with torch.no_grad():
-            for n in cand:
-                params[n].data[sel[n]] = target[n].data[sel[n]]
-        return sel
-
-    def zero():
-        for n in cand:
-            params[n].grad = None
-
-    s0 = next(scores)
-    min_score = s0 * 0.95
-    ckpt = {}
-    for t in range(1, warmup + 1):
-        pass_(hb, d_h)
-        sel = step_toward(pA, budget_k=k)
-        for n in cand:
-            M[n] |= sel[n]
-        if t % save_step == 0:
-            ckpt[t] = {n: M[n].clone() for n in cand}
-            last = next(scores)
-    s_warm = last
-    if s_warm < min_score:
-        ckpt = {}
-        with torch.no_grad():
-            for n in cand:
-                params[n].data.copy_(pF[n].data)
-                M[n].zero_()
-        for t in range(1, steps + 1):
-            zero()
-            pass_(hb, d_h)
-            m = step_toward(pA, budget_k=k)
-            for n in cand:
-                M[n] |= m[n]
-            zero()
-            pass_(bb, d_b)
-            back = step_toward(pF, budget_rate=rollback_rate, restrict=m)
-            for n in cand:
-                M[n] &= ~back[n]
-            zero()
-            if t % save_step == 0:
-                ckpt[t] = {n: M[n].clone() for n in cand}
-                next(scores)
-    else:
-        for t in range(warmup + 1, steps + 1):
-            pass_(hb, d_h)
-            sel = step_toward(pA, budget_k=k)
-            for n in cand:
-                M[n] |= sel[n]
-            if t % save_step == 0:
-                ckpt[t] = {n: M[n].clone() for n in cand}
-                next(scores)
-    return ckpt
+def naive_run(tiny, probe_scores, steps, warmup, rate=0.002):
+    """The masks of the literal reference (defenses/gradient_restoration/reference.py) at every step of the final phase."""
+    return reference.run(tiny["aligned"], tiny["finetuned"], HARMFUL, BENIGN, ScriptedProbe(probe_scores), steps=steps,
+                         warmup_steps=warmup, save_step=1, recovery_rate=rate).checkpoints
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -175,9 +75,7 @@ def naive_run(tiny, probe_scores, steps, warmup, rate=0.002, rollback_rate=0.2, 
 def test_identical_masks_plain_mode(tiny, monkeypatch, chunk):
     """6 faithful plain steps (cumulative gradients): the real masks equal the naive ones at every
     step, also when each tensor is scored in chunks smaller than itself."""
-    import defenses.gradient_restoration as gr
-
-    monkeypatch.setattr(gr, "CPU_CHUNK", chunk)
+    monkeypatch.setattr(selection, "CPU_CHUNK", chunk)
     scores = [1.0] * 20
     out, real = run_real(tiny, ScriptedProbe(scores), steps=6, warmup_steps=2, save_step=1, recovery_rate=0.01)
     ref = naive_run(tiny, scores, steps=6, warmup=2, rate=0.01)
@@ -274,7 +172,7 @@ def test_zip_truncates_benign_batches_and_clean_uses_all(tiny):
 
 
 def _upper(tiny):
-    return WeightFile(_weights_file(models.resolve(tiny["finetuned"])), "cpu", torch.float32)
+    return WeightFile(weights_file(models.resolve(tiny["finetuned"])), "cpu", torch.float32)
 
 
 def _cand(theta, grads, name="w"):
@@ -350,11 +248,9 @@ def test_recover_step_is_exact_across_tensors(monkeypatch, margins_fail, chunk, 
     the sampled lower bound is too high and a second pass is needed, and when each tensor is
     scored in chunks that cut across its rows; the low_memory form (theta not held, only the
     sign of theta - A) selects the same coordinates."""
-    import defenses.gradient_restoration as gr
-
     if margins_fail:
-        monkeypatch.setattr(gr, "tau_lower_bound", lambda *a, **k: 1e9)
-    monkeypatch.setattr(gr, "CPU_CHUNK", chunk)
+        monkeypatch.setattr(selection, "tau_lower_bound", lambda *a, **k: 1e9)
+    monkeypatch.setattr(selection, "CPU_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     shapes = [(40, 30), (64, 7), (5,), (100, 20)]
     theta = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
@@ -515,9 +411,6 @@ def test_bf16_signed_gradient_equals_autocast(tiny):
     parameter when a post-accumulate hook sums it; summed in the backward of its summed linear
     (q, k and v's common input cast once, MKL adding each batch's products in fp32) it is
     closer still to the fp32 gradient, and the MLP run as one summed function gives the same."""
-    from defenses import summed_linear
-    from defenses.gradient_restoration import PackedSigns, gradient_pass, mean_direction
-
     tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
     batches = packed_batches(tok, HARMFUL, 8)
     names = [f"model.layers.0.mlp.{m}_proj.weight" for m in ("gate", "up", "down")] + \
@@ -558,7 +451,7 @@ def test_bf16_signed_gradient_equals_autocast(tiny):
     for summed, auto, exact in zip(grads["summed"], grads["autocast"], grads["fp32"]):
         assert summed.dtype == torch.float32 and summed.abs().sum() > 0
         assert float((summed - auto).norm() / auto.norm()) < 0.1  # both bf16 arithmetic (~2-7% off fp32 here): rounding apart
-        if summed_linear._mkl_gemm_bf16() is not None:
+        if summed_linear.MKL_GEMM_BF16 is not None:
             assert (summed - exact).norm() < (auto - exact).norm()
     for whole_mlp, summed in zip(grads["summed_mlp"], grads["summed"]):  # the MLP as one function: the same arithmetic
         torch.testing.assert_close(whole_mlp, summed, atol=1e-8, rtol=1e-5)
@@ -566,8 +459,6 @@ def test_bf16_signed_gradient_equals_autocast(tiny):
 
 def test_add_product_is_the_fp32_product_of_the_bf16_factors():
     """summed_linear.add_product: dy^T x of bf16 factors, in fp32 (+ out when accumulating)."""
-    from defenses import summed_linear
-
     g = torch.Generator().manual_seed(0)
     dy, x = torch.randn(37, 11, generator=g).bfloat16(), torch.randn(37, 5, generator=g).bfloat16()
     exact = dy.double().t() @ x.double()
@@ -584,13 +475,11 @@ def test_add_product_is_the_fp32_product_of_the_bf16_factors():
 
 
 def test_bf16_low_memory_run_output_is_exact_and_masks_track_fp32(tiny, monkeypatch):
-    import defenses.gradient_restoration as gr
-
     scores = [1.0] * 20
     out32, m32 = run_real(tiny, ScriptedProbe(scores), steps=3, warmup_steps=3, save_step=1, recovery_rate=0.01)
     out16, m16 = run_real(tiny, ScriptedProbe(scores), steps=3, warmup_steps=3, save_step=1, recovery_rate=0.01,
                           compute_dtype="bfloat16", packing=True, low_memory=True)
-    monkeypatch.setattr(gr, "CPU_CHUNK", 1000)  # joined and scored a chunk at a time: the same masks
+    monkeypatch.setattr(selection, "CPU_CHUNK", 1000)  # joined and scored a chunk at a time: the same masks
     _, m16_chunked = run_real(tiny, ScriptedProbe(scores), steps=3, warmup_steps=3, save_step=1, recovery_rate=0.01,
                               compute_dtype="bfloat16", packing=True, low_memory=True)
     assert all(torch.equal(m16[3][n], m16_chunked[3][n]) for n in m16[3])
@@ -610,8 +499,6 @@ def test_bf16_low_memory_run_output_is_exact_and_masks_track_fp32(tiny, monkeypa
 def test_gradient_sums_spill_and_restore(tmp_path):
     """GradientSums.spill frees the sums' memory and keeps their values in an unnamed file;
     restore() gives every candidate its sum back (and no sum to one that had none)."""
-    from defenses.gradient_restoration import GradientSums
-
     g = torch.Generator().manual_seed(0)
     cands = [Candidate(f"w{i}", torch.nn.Parameter(torch.zeros(5, 3))) for i in range(3)]
     sums = GradientSums(cands, "cpu")
@@ -639,8 +526,6 @@ def test_weight_file_reads_what_safetensors_reads(tmp_path):
     chosen rows, bf16 storage, and a truncated file is one clear error."""
     from safetensors.torch import load_file, save_file
 
-    from defenses.gradient_restoration import WeightFile
-
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(37, 5, generator=g), "b": torch.randn(7, generator=g), "c": torch.randn(3, 4, generator=g).bfloat16(),
                "s": torch.tensor(2.5), "e": torch.zeros(0, 4)}
@@ -667,8 +552,6 @@ def test_weight_file_reads_what_safetensors_reads(tmp_path):
 def test_packed_signs_read_and_write_like_int8():
     """PackedSigns (2 bits a value) answers every read and write as an int8 tensor would: whole,
     by chunks that start anywhere, at indices, by strided rows, with several writes in one byte."""
-    from defenses.gradient_restoration import PackedSigns
-
     g = torch.Generator().manual_seed(0)
     for n in (1, 3, 4, 7, 100, 1001):
         s = torch.randint(-1, 2, (n,), generator=g).float()
@@ -696,8 +579,6 @@ def test_packed_signs_read_and_write_like_int8():
 def _h_and_gradient_under(tiny, weight: str, settings: dict) -> dict:
     """{dtype: {setting: (h, weight's gradient, bytes kept for the backward)}} of one packed
     batch, in fp32 and bf16, each setting a function that configures the TruncatedModel."""
-    from defenses.gradient_restoration import mean_direction
-
     tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
     batch = packed_batches(tok, ["short", "a much longer prompt that forces padding of the first one", "kill a python process", "x"], 8)[0]
     model = models.load_model(models.resolve(tiny["finetuned"]))
@@ -709,7 +590,7 @@ def _h_and_gradient_under(tiny, weight: str, settings: dict) -> dict:
     out = {}
     for dtype in ("float32", "bfloat16"):
         tm = TruncatedModel(model, probe_layers(model.config.num_hidden_layers), dtype, upper_source=_upper(tiny))
-        assert tm.mask_attention == models.MASKED_ATTENTION and not tm.packed_attention  # the defaults
+        assert tm.mask_attention == attention.MASKED_ATTENTION and not tm.packed_attention  # the defaults
         d = mean_direction(tm, [batch])
         out[dtype] = {}
         for name, configure in settings.items():
@@ -726,7 +607,7 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
 def test_packed_attention_equals_the_block_mask(tiny):
-    """models.packed_attention (each prompt on the prefix and itself, block by block) gives the h
+    """attention.packed_attention (each prompt on the prefix and itself, block by block) gives the h
     and the gradients of eager attention under the T x T block mask, in fp32 and in bf16."""
     def blocks(tm):
         tm.packed_attention = True
@@ -740,13 +621,13 @@ def test_packed_attention_equals_the_block_mask(tiny):
 
 
 def test_masked_attention_equals_eager(tiny):
-    """models.masked_attention (grouped query heads, softmax recomputed in the backward) gives the
+    """attention.masked_attention (grouped query heads, softmax recomputed in the backward) gives the
     h and the gradients of transformers' eager attention under the same 4-D mask, up to float
     rounding (the grouped matmuls sum in another order), and keeps less for the backward."""
-    def attention(name):
+    def masked_by(name):
         return lambda tm: setattr(tm, "mask_attention", name)
 
-    settings = {"ours": attention(models.MASKED_ATTENTION), "eager": attention("eager")}
+    settings = {"ours": masked_by(attention.MASKED_ATTENTION), "eager": masked_by("eager")}
     for dtype, got in _h_and_gradient_under(tiny, "model.layers.0.self_attn.k_proj.weight", settings).items():
         for ours, eager in zip(got["ours"][:2], got["eager"][:2]):
             torch.testing.assert_close(ours, eager, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])

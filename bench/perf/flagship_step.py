@@ -4,12 +4,11 @@
     python -m bench.perf.flagship_step --random-llama 1b [--write] # a ~1 B random Llama pair (made once)
     python -m bench.perf.flagship_step --model DIR_A --finetuned DIR_F
 
-Reference (the released code's shape, `sgdg_rollback_final.py`): three fp32 copies of the model
-truncated after layer E-1 (aligned, fine-tuned, working), every parameter of the working copy
-requiring a gradient (embeddings and norms too), left-padded batches, the working copy sent to
-the device before each gradient pass and back after (a no-op on a CPU-only machine), then the
-qualifying |grad| of every candidate concatenated into one vector for one top-k, and restore by
-copying masked values.
+Reference: `defenses.gradient_restoration.reference`, the spec read literally in the released
+code's shape (`sgdg_rollback_final.py`): three fp32 copies of the model truncated after layer
+E-1, every parameter of the working copy requiring a gradient, left-padded batches, the working
+copy sent to the device before each gradient pass and back after, one concatenated top-k, restore
+by copying masked values. The same function is the tests' oracle.
 
 Ours: `defenses.gradient_restoration` with packed batches and theta_A streamed (its defaults on a
 CPU), in fp32, in bf16 autocast (its default where the CPU has AVX512-BF16), in bf16 with
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import sys
 import time
@@ -83,76 +81,21 @@ def ours(aligned: str, finetuned: str, n_prompts: int, steps: int, params: dict)
 
 
 def reference(aligned: str, finetuned: str, n_prompts: int, steps: int) -> dict:
-    """The released code's shape (see the module docstring)."""
-    import torch
-
-    from bench import models
-    from defenses.gradient_restoration import _set_final_norm, _set_layers, batches_of, pack, probe_layers
+    """The baseline: defenses.gradient_restoration.reference, the released code's shape, plain steps."""
+    from defenses.gradient_restoration import reference as literal
+    from defenses.gradient_restoration.masks import pack
 
     floor = _floor_rss_mb(finetuned)
-    harmful, _ = _prompts(n_prompts)
-    tok = models.load_tokenizer(models.resolve(finetuned))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def truncated(path: str, E: int | None = None):
-        model = models.load_model(models.resolve(path))
-        E = E or probe_layers(models.num_layers(model))
-        _set_layers(model, torch.nn.ModuleList(list(models.decoder_layers(model))[:E]))
-        _set_final_norm(model, torch.nn.Identity())
-        return model.train(), E
-
-    A, E = truncated(aligned)
-    prefix = models.layers_prefix(A)
-    L = json.loads((Path(aligned) / "config.json").read_text())["num_hidden_layers"]
-    from safetensors import safe_open
-
-    with safe_open(str(next(Path(aligned).glob("*.safetensors"))), "pt") as st:
-        N = sum(math.prod(st.get_slice(n).get_shape()) for n in st.keys() if n.startswith(prefix))  # all L layers, incl. norms
-    k = math.ceil(0.002 * N)
-    hb = batches_of(tok, harmful, 8)
-
-    def h(model, b):  # the truncated model's last hidden state at the last token (lm_head cut off)
-        stack = model.get_decoder()
-        return stack(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False).last_hidden_state[:, -1, :]
-
-    with torch.no_grad():
-        A.to(device)
-        d_h = torch.vstack([h(A, b) for b in hb]).mean(0)
-        A.cpu()
-    F, _ = truncated(finetuned, E)
-    theta, _ = truncated(finetuned, E)  # the released code deep-copies F; a second load is the same memory
-    norms = models.norm_parameter_names(theta)
-    cand = [n for n, _ in theta.named_parameters() if n.startswith(prefix) and models.layer_index(n) < E and n not in norms]
-    pA, params = dict(A.named_parameters()), dict(theta.named_parameters())
-    t_grad = t_sel = 0.0
-    for _ in range(steps):
-        t = time.perf_counter()
-        theta.to(device)  # the released code sends the working copy to the device every step ...
-        for b in hb:
-            (-torch.nn.functional.cosine_similarity(h(theta, b).mean(0), d_h, dim=0)).backward()
-        theta.cpu()  # ... and back
-        t_grad += time.perf_counter() - t
-        t = time.perf_counter()
-        se = {}
-        for n in cand:
-            diff, g = params[n].data - pA[n].data, params[n].grad.data
-            se[n] = ((diff < 0) & (g < 0)) | ((diff > 0) & (g > 0))
-        grad_list = torch.cat([params[n].grad.data[se[n]].flatten().abs() for n in cand])  # one concatenated vector
-        threshold = torch.topk(grad_list, k).values[-1]
-        with torch.no_grad():
-            for n in cand:
-                mask = (params[n].grad.data.abs() > threshold) & se[n]
-                params[n].data[mask] = pA[n].data[mask].clone()
-        del se, grad_list
-        t_sel += time.perf_counter() - t
-    pF = dict(F.named_parameters())
-    masks = {n: (params[n].data == pA[n].data) & (pF[n].data != pA[n].data) for n in cand}
-    return {"step_s": (t_grad + t_sel) / steps, "gradient_s_per_step": t_grad / steps, "selection_s_per_step": t_sel / steps,
-            "E": E, "L": L, "k": k, "peak_rss_mb": _peak_rss_mb(), "floor_rss_mb": floor, "mask": pack(masks)}
+    harmful, benign = _prompts(n_prompts)
+    # the probe is a constant: this times the recovery steps, not the task metric
+    r = literal.run(aligned, finetuned, harmful, benign, lambda masks: 1.0, steps=steps, warmup_steps=steps, save_step=steps)
+    return {"step_s": (r.gradient_s + r.selection_s) / steps, "gradient_s_per_step": r.gradient_s / steps,
+            "selection_s_per_step": r.selection_s / steps, "E": r.E, "L": r.L, "k": r.k, "peak_rss_mb": _peak_rss_mb(),
+            "floor_rss_mb": floor, "mask": pack(r.checkpoints[steps])}
 
 
 def _jaccard(blob_a: bytes, blob_b: bytes) -> float:
-    from defenses.gradient_restoration import unpack
+    from defenses.gradient_restoration.masks import unpack
 
     a, b = unpack(blob_a), unpack(blob_b)
     inter = sum(int((a[n] & b[n]).sum()) for n in a)

@@ -24,6 +24,7 @@ from bench.sft import SFTConfig
 from bench.store import atomic_write_json, atomic_write_jsonl, building_dir, cached_dir
 from bench.testbed import prompts as P
 from bench.testbed import sql_task
+from bench.testbed.embedded_model import convert_embedded, embedded_gguf
 
 RECIPE_VERSION = 1  # bump when the build steps change what they produce
 
@@ -96,9 +97,9 @@ class Testbed:
 
 
 def embedded_base(cache: Path) -> models.ModelHandle:
-    gguf = models.embedded_gguf()
+    gguf = embedded_gguf()
     key = short(hash_file(gguf))
-    path = cached_dir(cache / "models" / f"base-smollm2-135m-{key}", models.convert_embedded)
+    path = cached_dir(cache / "models" / f"base-smollm2-135m-{key}", convert_embedded)
     return models.ModelHandle("SmolLM2-135M-Instruct", path)
 
 

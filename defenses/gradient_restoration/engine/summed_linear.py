@@ -15,28 +15,34 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
+import logging
 import os
 
 import torch
 
+log = logging.getLogger(__name__)
 
-@functools.cache
+
 def _mkl_gemm_bf16():
     """MKL's cblas_gemm_bf16bf16f32 (C = alpha op(A) op(B) + beta C, A and B bf16, C fp32), which
     x86 builds of torch carry inside libtorch_cpu; None where it is not there. Why by hand: torch's
     CPU matmul has no bf16 x bf16 -> fp32 form (`out_dtype` is CUDA-only), and this one adds a
     batch's weight gradient into the fp32 sum in the same call, accumulating in fp32: ~2x faster on
     the embedded model's shapes than a bf16 matmul plus an fp32 add, and without rounding each
-    batch's gradient to bf16 first (bench.perf.flagship_step; tests)."""
+    batch's gradient to bf16 first (bench.perf.flagship_step; tests). The symbol is not part of
+    torch's API, so a torch build may drop it: it is looked up once, here, and its absence logged."""
     try:
         fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).cblas_gemm_bf16bf16f32
     except (OSError, AttributeError):
+        log.info("libtorch_cpu has no cblas_gemm_bf16bf16f32: summed linears add each bf16 weight gradient to the fp32 sum instead")
         return None
     fn.restype = None
     fn.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                         ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
     return fn
+
+
+MKL_GEMM_BF16 = _mkl_gemm_bf16()  # None: add_product declines and its callers take the fallback
 
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
@@ -45,8 +51,9 @@ _INT_MAX = 2**31 - 1  # MKL_INT of the LP64 interface
 
 def add_product(out, dy, x, accumulate: bool) -> bool:
     """out (fp32 [m, n]) := dy^T x (+ out if accumulate), dy [k, m] and x [k, n] bf16, by MKL in
-    fp32. False (nothing done) where MKL's kernel is missing or the tensors do not suit it."""
-    fn = _mkl_gemm_bf16()
+    fp32. False (nothing done) where MKL's kernel is missing or the tensors do not suit it: the
+    caller then adds the bf16 product dy^T x itself."""
+    fn = MKL_GEMM_BF16
     if fn is None or out.device.type != "cpu" or out.dtype != torch.float32 or dy.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 \
             or not out.is_contiguous() or max(out.numel(), dy.numel(), x.numel()) > _INT_MAX:
         return False
