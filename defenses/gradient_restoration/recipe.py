@@ -1,30 +1,21 @@
 """Gradient-guided weight restoration with rollback (Yang, Tao, Chen, Xu, IEEE S&P 2025,
 "Alleviating the Fear of Losing Alignment in LLM Fine-tuning", arXiv 2504.09757), as a recipe.
 
-Reads top to bottom like the spec (shared specs/gradient_restoration.md), in its order and with
-its names: L decoder layers, E probed layers, d_h / d_b directions, k budget, tau threshold; each
-rule is tagged `# spec: <section>`. The pure rules are in rules.py, theta (the working copy) and
-what makes it fast and small in engine/ (see SpeedOptions), the literal reference in reference.py.
+In the spec's order, with its names (L, E, d_h, d_b, k, tau), each rule tagged `# spec: <section>`.
 
-Modes. `faithful` keeps each quirk of the released code; `clean` replaces each with an explicit
-option (each can also be set on its own):
-  rate_denominator  faithful "all_layers": k counts every parameter of all L layers incl. norms;
-                    clean "candidates": k counts the candidate parameters only.
-  grad_accumulation faithful "cumulative" in plain mode (never zeroed; fresh in rollback mode);
-                    clean "fresh": zeroed before every pass in both modes.
-  batches           faithful "zip": both passes use min(|D_h|, |D_b|) / batch batches;
-                    clean "all": each pass uses all of its own set.
-  ties              faithful "strict": select |grad| > tau (ties at tau left out, k-1 chosen);
-                    clean "inclusive": select |grad| >= tau (k chosen unless values tie).
-  comparison        faithful "mixed": warm-up fails if s < min_score, a checkpoint fails if
-                    s <= min_score; clean "strict": both fail only when s < min_score.
+Modes: `faithful` keeps each quirk of the released code (spec: Known quirks), `clean` fixes
+each; each can also be set on its own (faithful / clean):
+  rate_denominator   all_layers: k counts all L layers incl. norms / candidates: the candidates only
+  grad_accumulation  cumulative in plain mode (fresh in rollback mode) / fresh: zeroed before every pass
+  batches            zip: both passes cut to min(|D_h|, |D_b|) / all: each pass all of its own set
+  ties               strict: |grad| > tau, ties left out (k-1 chosen) / inclusive: |grad| >= tau
+  comparison         mixed: warm-up fails if s < min_score, a checkpoint if s <= / strict: < in both
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 
 from bench.errors import UserError
@@ -69,9 +60,8 @@ class AlgorithmOptions:
             elif getattr(self, name) not in CHOICES[name]:
                 raise ValueError(f"{name} must be one of {sorted(CHOICES[name])}, got {getattr(self, name)!r}")
         for name in ("recovery_rate", "rollback_rate", "metric_drop"):
-            value = getattr(self, name)
-            if not 0 < value <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.E < 0:
             raise ValueError(f"E must be >= 0 (0 = floor(2L/3)), got {self.E}")
         if self.steps < 1 or self.save_step < 1 or self.batch_size < 1 or not 0 <= self.warmup_steps <= self.steps:
@@ -82,36 +72,28 @@ class AlgorithmOptions:
 class SpeedOptions:
     """Switches for time and memory only (the engine's); the algorithm is the same under each.
 
-    Features:
-      compute_dtype    bfloat16 autocast: faster where the device computes bf16 natively, and the
-                       masks then differ from fp32's by rounding; float32 is the released
-                       arithmetic (reference.py's masks, bit for bit, with packing off).
-      packing          one sequence per batch, the shared prefix once: fewer tokens to run; h
-                       equal up to float rounding. Off: the released left-padded batches.
-      low_memory       theta as bf16 + a 2-bit sign (3.75 bytes a candidate parameter less) and
-                       summed linears: smallest and fastest in bf16; the probe generates from bf16.
-      block_attention  a packed batch's attention block by block: keeps ~1/8 of the T x T scores
-                       for the backward: pays off for long prompts, costs time on short ones.
-      aligned_copy     theta_A held (fastest, the size of Delta_F more memory) or streamed from
-                       its file each step (least memory, one read per tensor a step).
+    Features (each help says more; measured figures are in BENCHMARKS.md):
+      compute_dtype    bfloat16: faster where the device computes it natively, masks then off fp32's by rounding
+      packing          one sequence per batch, the shared prefix once: fewer tokens; h equal up to rounding
+      low_memory       theta as bf16 + a 2-bit sign, summed linears: 3.75 bytes a candidate less; bf16 probe
+      block_attention  a packed batch's attention block by block: less kept for long prompts, slower for short
+      aligned_copy     theta_A held (fastest, the size of Delta_F more) or streamed from its file (least memory)
     """
 
-    compute_dtype: str = field(default="auto", metadata={"help": "float32 (the released code's arithmetic), bfloat16 (autocast; gradients "
-                                                                  "still accumulate in fp32) or auto (bfloat16 where the device computes it "
-                                                                  "natively: GPUs, CPUs with AVX512-BF16 or AMX; else float32)"})
+    compute_dtype: str = field(default="auto", metadata={"help": (
+        "float32 (the released code's arithmetic), bfloat16 (autocast; gradients still accumulate in fp32) or auto (bfloat16 where "
+        "the device computes it natively: GPUs, CPUs with AVX512-BF16 or AMX; else float32)")})
     packing: bool = field(default=True, metadata={"help": "run each batch as one sequence: the prompts' common prefix once, no padding "
                                                           "(the same h up to float rounding; false = left-padded batches as released)"})
-    low_memory: bool = field(default=False, metadata={"help": "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) at 2 bits "
-                                                            "instead of fp32 plus autocast's bf16 copies (3.75 bytes a candidate parameter "
-                                                            "less), keep less for each backward (Llama-family layers) and add each batch's "
-                                                            "weight gradients to the fp32 sums in fp32 (MKL, where torch has it); the "
-                                                            "gradient sums leave memory while the probe generates, which then uses the "
-                                                            "bf16 weights"})
-    block_attention: bool = field(default=False, metadata={"help": "packed batches only: attention block by block (the prefix on itself, "
-                                                                   "each prompt on the prefix and itself) instead of under a T x T mask; "
-                                                                   "keeps ~1/8 of the T x T scores for the backward pass at 8 prompts, "
-                                                                   "which pays off for long prompts; ~8% of the step on the embedded "
-                                                                   "model on a CPU (Llama-family models; others keep the mask)"})
+    low_memory: bool = field(default=False, metadata={"help": (
+        "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) at 2 bits instead of fp32 plus autocast's bf16 copies "
+        "(3.75 bytes a candidate parameter less), keep less for each backward (Llama-family layers) and add each batch's weight "
+        "gradients to the fp32 sums in fp32 (MKL, where torch has it); the gradient sums leave memory while the probe generates, "
+        "which then uses the bf16 weights")})
+    block_attention: bool = field(default=False, metadata={"help": (
+        "packed batches only: attention block by block (the prefix on itself, each prompt on the prefix and itself) instead of under "
+        "a T x T mask; keeps ~1/8 of the T x T scores for the backward pass at 8 prompts, which pays off for long prompts; ~8% of "
+        "the step on the embedded model on a CPU (Llama-family models; others keep the mask)")})
     aligned_copy: str = field(default="auto", metadata={"help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
                                                                 "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"})
 
@@ -126,8 +108,7 @@ class SpeedOptions:
 
 @dataclass
 class GradientRestorationParams(SpeedOptions, AlgorithmOptions):
-    """Both kinds of parameter as one flat dataclass, so that `--param low_memory=true` and
-    `realign list` read it as they read every defense's (defenses.base); `.speed` is the nested view."""
+    """Both kinds as one flat dataclass (`--param low_memory=true`, `realign list`); `.speed` is the nested view."""
 
     def __post_init__(self):
         AlgorithmOptions.__post_init__(self)
@@ -142,34 +123,27 @@ def mean_direction(model, batches: list):
     """spec: Probe. The mean of h over every prompt of the set, no grad (d_h on theta_A, d_b on theta_F)."""
     import torch
 
-    total, count = None, 0
+    total, count = 0, 0
     with torch.no_grad():
         for b in batches:
             h = model.h(b)
-            total = h.sum(0) if total is None else total + h.sum(0)
-            count += h.shape[0]
+            total, count = total + h.sum(0), count + h.shape[0]
     return total / count
 
 
-def gradient_pass(model, batches: list, direction) -> float:
+def gradient_pass(model, batches: list, direction) -> None:
     """spec: Gradient pass. loss = -cos(mean_over_batch h, direction), one backward per batch,
     gradients SUMMED over batches (no averaging, no zero_grad between batches)."""
     import torch
 
-    total = 0.0
     with model.compute():
         for b in batches:
-            loss = -torch.nn.functional.cosine_similarity(model.h(b).mean(0), direction, dim=0)
-            loss.backward()
-            total += float(loss.detach())
-    return total
+            (-torch.nn.functional.cosine_similarity(model.h(b).mean(0), direction, dim=0)).backward()
 
 
 def recover_step(cands: list, aligned, k: int, strict: bool, keep_previous: bool) -> tuple[dict, dict]:
-    """spec: Candidates, budget, selection, restore. One recovery step toward theta_A: qualifying
-    coordinates with |grad| > tau (strict) or >= tau, tau the k-th largest qualifying |grad|;
-    theta_i := A_i there (a copy). Returns ({name: (flat indices restored, what theta held there
-    or None)}, stats)."""
+    """spec: Candidates, budget, selection, restore. One recovery step toward theta_A. Returns
+    ({name: (flat indices restored, what theta held there or None)}, stats)."""
     import torch
 
     from defenses.gradient_restoration.engine.selection import candidates_for_top_k
@@ -234,7 +208,6 @@ class GradientRestoration(Defense):
 
         p: GradientRestorationParams = self.params
         torch.manual_seed(p.seed)
-        t_start = time.perf_counter()
         # spec: Inputs. D_h: harmful prompts only; D_b: the first benign task prompts, no shuffle
         D_h, D_b = ctx.calibration_prompts[: p.n_harmful], ctx.benign_prompts[: p.n_benign]
         if not D_h:
@@ -244,10 +217,7 @@ class GradientRestoration(Defense):
         if ctx.probe is None:
             raise UserError("gradient_restoration needs a utility probe (the task metric on a dev split)")
         theta = WorkingCopy(ctx, p.speed)  # theta_A for now
-        L = theta.L
-        E = p.E or probe_layers(L)  # spec: Probe, E = floor(2L/3)
-        if E > L:
-            raise UserError(f"gradient_restoration: E={E} but the model has only {L} decoder layers")
+        L, E = theta.L, p.E or probe_layers(theta.L)  # spec: Probe, E = floor(2L/3)
         theta.cut_after(E)  # spec: Probe, only layers 0..E-1 are run
         harmful, benign = theta.batches(D_h, p.batch_size), theta.batches(D_b, p.batch_size)
         with theta.timed("setup_s"):
@@ -259,9 +229,8 @@ class GradientRestoration(Defense):
         N = theta.N_all_layers if p.rate_denominator == "all_layers" else theta.N_candidates
         k = math.ceil(p.recovery_rate * N)
         # spec: Gradient pass. zip(harmful batches, benign batches) cuts both to the shorter (faithful quirk)
-        n_batches = min(len(harmful), len(benign))
-        harmful_used = harmful[:n_batches] if p.batches == "zip" else harmful
-        benign_used = benign[:n_batches] if p.batches == "zip" else benign
+        n_batches = min(len(harmful), len(benign)) if p.batches == "zip" else None
+        harmful, benign = harmful[:n_batches], benign[:n_batches]
         strict = p.ties == "strict"
 
         def gradients(batches, direction, fresh: bool) -> None:
@@ -277,63 +246,52 @@ class GradientRestoration(Defense):
         min_score = s0 * (1 - p.metric_drop)
         # spec: Final model, a checkpoint fails at <= min_score (faithful "mixed"; clean: <)
         fails_final = (lambda s: s <= min_score) if p.comparison == "mixed" else (lambda s: s < min_score)
-        log: list[dict] = []
-        checkpoints: dict[int, bytes] = {}
-        scores: dict[int, float] = {}
+        log, checkpoints, scores = [], {}, {}  # the steps' stats; step -> bit-packed M; step -> task metric
 
         def checkpoint(step: int) -> None:  # spec: Schedule, checkpoint every save_step steps
+            if step % p.save_step:
+                return
             checkpoints[step] = theta.masks()
             scores[step] = theta.score(ctx.probe)
             ctx.progress(f"gradient_restoration: step {step}: task metric {scores[step]:.3f} (floor {min_score:.3f})")
 
-        # spec: Schedule, warmup_steps plain recovery steps toward theta_A (faithful: cumulative gradients)
-        fresh = p.grad_accumulation == "fresh"
-        for step in range(1, p.warmup_steps + 1):
-            gradients(harmful_used, d_h, fresh)
-            log.append({"step": step, "phase": "warmup"} | recover(keep_previous=False)[1])
-            if step % p.save_step == 0:
-                checkpoint(step)
+        def plain_step(step: int, phase: str) -> None:  # faithful: cumulative gradients (never zeroed)
+            gradients(harmful, d_h, fresh=p.grad_accumulation == "fresh")
+            log.append({"step": step, "phase": phase} | recover(keep_previous=False)[1])
+            checkpoint(step)
+
+        for step in range(1, p.warmup_steps + 1):  # spec: Schedule, warmup_steps recovery steps toward theta_A
+            plain_step(step, "warmup")
         s_warm = scores[p.warmup_steps] if p.warmup_steps in scores else (theta.score(ctx.probe) if p.warmup_steps else s0)
         # spec: Schedule, rollback mode iff s < min_score (strict '<' here, '<=' in the final choice)
         rollback_mode = p.rollback and p.warmup_steps > 0 and s_warm < min_score
-
         if rollback_mode:
             ctx.progress(f"gradient_restoration: warm-up metric {s_warm:.3f} < {min_score:.3f}: rollback mode")
-            checkpoints.clear()
-            scores.clear()
+            checkpoints, scores = {}, {}
             theta.reset_to_finetuned()  # spec: Schedule, theta := theta_F and `steps` fresh steps
             for step in range(1, p.steps + 1):
-                gradients(harmful_used, d_h, fresh=True)  # cleared before every harmful pass
+                gradients(harmful, d_h, fresh=True)  # cleared before every harmful pass
                 restored, stats = recover(keep_previous=True)  # mask m
-                gradients(benign_used, d_b, fresh=True)  # ... and before and after every benign pass
+                gradients(benign, d_b, fresh=True)  # ... and before and after every benign pass
                 with theta.timed("selection_s"):
                     rb_stats = rollback_step(theta.candidates, restored, p.rollback_rate, strict)
                 theta.zero_grads()
                 log.append({"step": step, "phase": "rollback"} | stats | {f"rollback_{k_}": v for k_, v in rb_stats.items()})
-                if step % p.save_step == 0:
-                    checkpoint(step)
+                checkpoint(step)
         else:  # spec: Schedule, continue plain recovery steps up to `steps` (still cumulative)
             for step in range(p.warmup_steps + 1, p.steps + 1):
-                gradients(harmful_used, d_h, fresh)
-                log.append({"step": step, "phase": "plain"} | recover(keep_previous=False)[1])
-                if step % p.save_step == 0:
-                    checkpoint(step)
+                plain_step(step, "plain")
 
         chosen_step = choose_checkpoint(scores, fails_final)  # spec: Final model
         info = {
-            "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, **theta.info(), "L": L, "E": E, "N": N,
-            "N_all_layers": theta.N_all_layers, "N_candidates": theta.N_candidates, "k": k, "candidate_tensors": len(theta.candidates),
-            "unchanged_candidate_tensors": sum(not c.param.requires_grad for c in theta.candidates), "D_h": len(D_h), "D_b": len(D_b),
-            "batches_per_pass": [len(harmful_used), len(benign_used)], "s0": s0, "min_score": min_score, "warmup_score": s_warm,
+            "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, **theta.info(), "L": L, "E": E, "N": N, "k": k,
+            **theta.candidate_info(), "D_h": len(D_h), "D_b": len(D_b), "batches_per_pass": [len(harmful), len(benign)], "s0": s0, "min_score": min_score, "warmup_score": s_warm,
             "rollback_mode": rollback_mode, "checkpoint_scores": {str(k_): v for k_, v in scores.items()}, "chosen_step": chosen_step,
             "steps": log,
         }
-        timing = lambda: {k_: round(v, 2) for k_, v in theta.timing.items()} | {"total": round(time.perf_counter() - t_start, 2)}
-        if chosen_step is None:
-            info["timing_s"] = timing()
-            return DefenseOutput(skipped="no recovered model: the first checkpoint already lost more than metric_drop of the task metric",
-                                 info=info, checkpoints=checkpoints)
-        # spec: Equivalent view, the answer is theta_F with M(chosen) copied from theta_A, rebuilt from its mask
-        model, info["restored"] = theta.rebuild(checkpoints[chosen_step])
-        info["timing_s"] = timing()
-        return DefenseOutput(model=model, info=info, checkpoints=checkpoints)
+        model = None
+        if chosen_step is not None:  # spec: Equivalent view, theta_F with M(chosen) copied from theta_A, from its mask
+            model, info["restored"] = theta.rebuild(checkpoints[chosen_step])
+        info["timing_s"] = theta.timings()
+        skipped = None if model is not None else "no recovered model: the first checkpoint already lost more than metric_drop of the task metric"
+        return DefenseOutput(model=model, info=info, checkpoints=checkpoints, skipped=skipped)

@@ -40,6 +40,7 @@ class WorkingCopy:
     `load_finetuned`. The model stays on its device for the whole run."""
 
     def __init__(self, ctx: DefenseContext, speed: "SpeedOptions"):
+        self.t_start = time.perf_counter()
         check_compatible(ctx)
         self.ctx, self.speed, self.device = ctx, speed, str(ctx.device)
         self.timing = {"setup_s": 0.0, "gradient_s": 0.0, "selection_s": 0.0, "probe_s": 0.0}
@@ -61,6 +62,8 @@ class WorkingCopy:
 
     def cut_after(self, E: int) -> None:
         """Only layers 0..E-1 run from now on (TruncatedModel)."""
+        if E > self.L:
+            raise UserError(f"gradient_restoration: E={E} but the model has only {self.L} decoder layers")
         self.E = E
         self.norms = models.norm_parameter_names(self.whole_model)  # before the cut: the upper layers' norms too
         self.model = TruncatedModel(self.whole_model, E, self.compute_dtype, upper_source=self.F_file)
@@ -77,6 +80,10 @@ class WorkingCopy:
             yield
         finally:
             self.timing[key] += time.perf_counter() - t
+
+    def timings(self) -> dict:
+        """Seconds spent in each part so far, and in all."""
+        return {k: round(v, 2) for k, v in self.timing.items()} | {"total": round(time.perf_counter() - self.t_start, 2)}
 
     def load_finetuned(self, batches: list) -> None:
         """theta := theta_F; the candidates, theta_A's copy (held or streamed) and the gradient sums."""
@@ -143,6 +150,10 @@ class WorkingCopy:
     def describe(self) -> str:
         return (f"{', packed' if self.packing else ''}{', block attention' if self.model.packed_attention else ''}, {self.compute_dtype}"
                 f"{' low_memory' if self.low_memory else ''}, theta_A {'held' if self.hold else 'streamed'}")
+
+    def candidate_info(self) -> dict:
+        return {"N_all_layers": self.N_all_layers, "N_candidates": self.N_candidates, "candidate_tensors": len(self.candidates),
+                "unchanged_candidate_tensors": sum(not c.param.requires_grad for c in self.candidates)}
 
     def info(self) -> dict:
         return {"compute_dtype": self.compute_dtype, "low_memory": self.low_memory, "packing": self.packing,
