@@ -1,6 +1,6 @@
 """The flagship, rule by rule (specs/gradient_restoration.md), on tiny random Llama models.
 
-`naive_run` gives the masks of reference.py, an independent, deliberately literal reference: three
+`reference_masks` gives the masks of reference.py, an independent, deliberately literal reference: three
 full copies, one concatenated top-k, its own chat-template rendering and left padding. The real
 implementation must give IDENTICAL masks at every step.
 """
@@ -62,7 +62,7 @@ def run_real(tiny, probe, **params):
 # ------------------------------------------------------------------------------------------ reference
 
 
-def naive_run(tiny, probe_scores, steps, warmup, rate=0.002):
+def reference_masks(tiny, probe_scores, steps, warmup, rate=0.002):
     """The masks of the literal reference (defenses/gradient_restoration/reference.py) at every step of the final phase."""
     return reference.run(tiny["aligned"], tiny["finetuned"], HARMFUL, BENIGN, ScriptedProbe(probe_scores), steps=steps,
                          warmup_steps=warmup, save_step=1, recovery_rate=rate).checkpoints
@@ -78,7 +78,7 @@ def test_identical_masks_plain_mode(tiny, monkeypatch, chunk):
     monkeypatch.setattr(selection, "CPU_CHUNK", chunk)
     scores = [1.0] * 20
     out, real = run_real(tiny, ScriptedProbe(scores), steps=6, warmup_steps=2, save_step=1, recovery_rate=0.01)
-    ref = naive_run(tiny, scores, steps=6, warmup=2, rate=0.01)
+    ref = reference_masks(tiny, scores, steps=6, warmup=2, rate=0.01)
     assert not out.info["rollback_mode"]
     assert sorted(real) == sorted(ref) == [1, 2, 3, 4, 5, 6]
     for step in ref:
@@ -91,7 +91,7 @@ def test_identical_masks_rollback_mode(tiny):
     """Warm-up loses utility -> rollback mode; 6 steps with rollback match the naive reference."""
     scores = [1.0, 1.0, 0.5] + [1.0] * 20  # s0, warm-up step 1, warm-up step 2 (fails: rollback)
     out, real = run_real(tiny, ScriptedProbe(scores), steps=6, warmup_steps=2, save_step=1, recovery_rate=0.01)
-    ref = naive_run(tiny, scores, steps=6, warmup=2, rate=0.01)
+    ref = reference_masks(tiny, scores, steps=6, warmup=2, rate=0.01)
     assert out.info["rollback_mode"]
     assert sorted(real) == sorted(ref) == [1, 2, 3, 4, 5, 6]
     for step in ref:
@@ -110,7 +110,7 @@ def test_tensors_the_finetune_left_unchanged_take_no_gradient_and_keep_the_masks
     pair = {"aligned": tiny["aligned"], "finetuned": lora_like_finetune(tiny["aligned"], tmp_path / "qv", targets=("q_proj", "v_proj"))}
     scores = [1.0] * 20
     out, real = run_real(pair, ScriptedProbe(scores), steps=4, warmup_steps=2, save_step=1, recovery_rate=0.01)
-    ref = naive_run(pair, scores, steps=4, warmup=2, rate=0.01)
+    ref = reference_masks(pair, scores, steps=4, warmup=2, rate=0.01)
     per_layer = 7  # q k v o gate up down
     assert out.info["unchanged_candidate_tensors"] == out.info["candidate_tensors"] * (per_layer - 2) // per_layer
     for step in ref:

@@ -80,20 +80,22 @@ class SpeedOptions:
       aligned_copy     theta_A held (fastest, the size of Delta_F more) or streamed from its file (least memory)
     """
 
-    compute_dtype: str = field(default="auto", metadata={"help": (
-        "float32 (the released code's arithmetic), bfloat16 (autocast; gradients still accumulate in fp32) or auto (bfloat16 where "
-        "the device computes it natively: GPUs, CPUs with AVX512-BF16 or AMX; else float32)")})
+    compute_dtype: str = field(default="auto", metadata={"help": "float32 (the released code's arithmetic), bfloat16 (autocast; gradients "
+                                                                  "still accumulate in fp32) or auto (bfloat16 where the device computes it "
+                                                                  "natively: GPUs, CPUs with AVX512-BF16 or AMX; else float32)"})
     packing: bool = field(default=True, metadata={"help": "run each batch as one sequence: the prompts' common prefix once, no padding "
                                                           "(the same h up to float rounding; false = left-padded batches as released)"})
-    low_memory: bool = field(default=False, metadata={"help": (
-        "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) at 2 bits instead of fp32 plus autocast's bf16 copies "
-        "(3.75 bytes a candidate parameter less), keep less for each backward (Llama-family layers) and add each batch's weight "
-        "gradients to the fp32 sums in fp32 (MKL, where torch has it); the gradient sums leave memory while the probe generates, "
-        "which then uses the bf16 weights")})
-    block_attention: bool = field(default=False, metadata={"help": (
-        "packed batches only: attention block by block (the prefix on itself, each prompt on the prefix and itself) instead of under "
-        "a T x T mask; keeps ~1/8 of the T x T scores for the backward pass at 8 prompts, which pays off for long prompts; ~8% of "
-        "the step on the embedded model on a CPU (Llama-family models; others keep the mask)")})
+    low_memory: bool = field(default=False, metadata={"help": "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) at 2 bits "
+                                                            "instead of fp32 plus autocast's bf16 copies (3.75 bytes a candidate parameter "
+                                                            "less), keep less for each backward (Llama-family layers) and add each batch's "
+                                                            "weight gradients to the fp32 sums in fp32 (MKL, where torch has it); the "
+                                                            "gradient sums leave memory while the probe generates, which then uses the "
+                                                            "bf16 weights"})
+    block_attention: bool = field(default=False, metadata={"help": "packed batches only: attention block by block (the prefix on itself, "
+                                                                   "each prompt on the prefix and itself) instead of under a T x T mask; "
+                                                                   "keeps ~1/8 of the T x T scores for the backward pass at 8 prompts, "
+                                                                   "which pays off for long prompts; ~8% of the step on the embedded "
+                                                                   "model on a CPU (Llama-family models; others keep the mask)"})
     aligned_copy: str = field(default="auto", metadata={"help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
                                                                 "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"})
 
