@@ -151,28 +151,28 @@ def recover_step(cands: list, aligned, k: int, strict: bool, keep_previous: bool
     from defenses.gradient_restoration.engine.selection import candidates_for_top_k
 
     restored = {c.name: (torch.empty(0, dtype=torch.long), None) for c in cands}
-    n_qual, picked, margin = candidates_for_top_k(cands, aligned, k)  # spec: Sign agreement, every |grad| that can reach tau
+    n_qual, picked, margin = candidates_for_top_k(cands, aligned, k)  # spec: Candidates, sign agreement, every |grad| that can reach tau
     stats = {"qualifying": n_qual, "k": k, "lower_bound_margin": margin}
     if n_qual == 0 or k == 0:
         return restored, stats | {"selected": 0, "tau": None}
-    # spec: Threshold tau = k-th largest qualifying |grad| (fewer than k qualify: all are taken)
+    # spec: Candidates, threshold tau = k-th largest qualifying |grad| (fewer than k qualify: all are taken)
     tau = kth_largest(torch.cat([s for _, _, s, _ in picked]), k) if k <= n_qual else float("-inf")
     selected = 0
     with torch.no_grad():
         for c, idx, s, a in picked:
-            take = (s > tau) if strict else (s >= tau)  # spec: STRICT > leaves the ties at tau out (faithful quirk)
+            take = (s > tau) if strict else (s >= tau)  # spec: Candidates, STRICT > leaves the ties out (faithful quirk)
             chosen = idx[take]
             if not len(chosen):
                 continue
             restored[c.name] = (chosen, c.state_at(chosen) if keep_previous else None)
-            # spec: Restore, theta_i := A_i (a copy, not a gradient step)
+            # spec: Candidates, restore: theta_i := A_i (a copy, not a gradient step)
             c.take_aligned(chosen, a[take] if a is not None else aligned.get(c.name).view(-1)[chosen])
             selected += len(chosen)
     return restored, stats | {"selected": selected, "tau": tau}
 
 
 def rollback_step(cands: list, restored: dict, rate: float, strict: bool) -> dict:
-    """spec: Schedule (rollback mode). One rollback step toward theta_F, restricted to this step's
+    """spec: Schedule, rollback mode. One rollback step toward theta_F, restricted to this step's
     restored coordinates, budget ceil(rate * qualifying); theta_i := F_i there. The coordinates
     are few (at most k), so they are handled as sparse vectors."""
     import torch
@@ -180,7 +180,7 @@ def rollback_step(cands: list, restored: dict, rate: float, strict: bool) -> dic
     parts = []
     for c in cands:
         idx, previous = restored[c.name]
-        if len(idx) and c.grad is not None:  # spec: Sign agreement toward theta_F, restricted to m
+        if len(idx) and c.grad is not None:  # spec: Candidates, sign agreement toward theta_F, restricted to m
             parts.append((c, idx, previous, score(c.sign_from(idx, previous), c.grad.view(-1)[idx])))
     n_qual = sum(int(torch.count_nonzero(s)) for *_, s in parts)
     k = math.ceil(rate * n_qual)
@@ -227,7 +227,7 @@ class GradientRestoration(Defense):
             theta.load_finetuned(harmful + benign)  # theta := theta_F
             d_b = mean_direction(theta.model, benign)  # spec: Probe, d_b = mean h(theta_F, x) over D_b
 
-        # spec: Candidates, budget. k = ceil(recovery_rate * N); faithful N counts all L layers incl. norms
+        # spec: Candidates, budget k = ceil(recovery_rate * N); faithful N counts all L layers incl. norms
         N = theta.N_all_layers if p.rate_denominator == "all_layers" else theta.N_candidates
         k = math.ceil(p.recovery_rate * N)
         # spec: Gradient pass. zip(harmful batches, benign batches) cuts both to the shorter (faithful quirk)
@@ -246,8 +246,6 @@ class GradientRestoration(Defense):
         ctx.progress(f"gradient_restoration: L={L}, E={E}, |D_h|={len(D_h)}, |D_b|={len(D_b)}, k={k} of N={N} ({p.mode}{theta.describe()})")
         s0 = theta.score(ctx.probe)  # spec: Schedule, s0 = task metric of theta_F
         min_score = s0 * (1 - p.metric_drop)
-        # spec: Final model, a checkpoint fails at <= min_score (faithful "mixed"; clean: <)
-        fails_final = (lambda s: s <= min_score) if p.comparison == "mixed" else (lambda s: s < min_score)
         log, checkpoints, scores = [], {}, {}  # the steps' stats; step -> bit-packed M; step -> task metric
 
         def checkpoint(step: int) -> None:  # spec: Schedule, checkpoint every save_step steps
@@ -284,16 +282,18 @@ class GradientRestoration(Defense):
             for step in range(p.warmup_steps + 1, p.steps + 1):
                 plain_step(step, "plain")
 
-        chosen_step = choose_checkpoint(scores, fails_final)  # spec: Final model
+        # spec: Schedule, final model: a checkpoint fails at <= min_score (faithful "mixed"; clean: <)
+        chosen_step = choose_checkpoint(scores, (lambda s: s <= min_score) if p.comparison == "mixed" else (lambda s: s < min_score))
         info = {
             "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, **theta.info(), "L": L, "E": E, "N": N, "k": k,
-            **theta.candidate_info(), "D_h": len(D_h), "D_b": len(D_b), "batches_per_pass": [len(harmful), len(benign)], "s0": s0, "min_score": min_score, "warmup_score": s_warm,
-            "rollback_mode": rollback_mode, "checkpoint_scores": {str(k_): v for k_, v in scores.items()}, "chosen_step": chosen_step,
-            "steps": log,
+            **theta.candidate_info(), "D_h": len(D_h), "D_b": len(D_b), "batches_per_pass": [len(harmful), len(benign)], "s0": s0,
+            "min_score": min_score, "warmup_score": s_warm, "rollback_mode": rollback_mode,
+            "checkpoint_scores": {str(k_): v for k_, v in scores.items()}, "chosen_step": chosen_step, "steps": log,
         }
         model = None
         if chosen_step is not None:  # spec: Equivalent view, theta_F with M(chosen) copied from theta_A, from its mask
             model, info["restored"] = theta.rebuild(checkpoints[chosen_step])
         info["timing_s"] = theta.timings()
-        skipped = None if model is not None else "no recovered model: the first checkpoint already lost more than metric_drop of the task metric"
+        skipped = None if model is not None else \
+            "no recovered model: the first checkpoint already lost more than metric_drop of the task metric"
         return DefenseOutput(model=model, info=info, checkpoints=checkpoints, skipped=skipped)

@@ -62,7 +62,7 @@ def run(aligned: str | Path, finetuned: str | Path, harmful: list[str], benign: 
     L = models.num_layers(A)
     E = (2 * L) // 3  # spec: Probe
     prefix = models.layers_prefix(A)
-    N = sum(p.numel() for n, p in A.named_parameters() if n.startswith(prefix))  # spec: all L layers, norms included
+    N = sum(p.numel() for n, p in A.named_parameters() if n.startswith(prefix))  # spec: Candidates, N counts all L layers, norms included
     k = math.ceil(recovery_rate * N)
 
     def truncated(model):  # spec: Probe, layers 0..E-1 only, no final norm
@@ -100,7 +100,7 @@ def run(aligned: str | Path, finetuned: str | Path, harmful: list[str], benign: 
         theta.cpu()
         timing["gradient"] += time.perf_counter() - t
 
-    def step_toward(target, budget_k=None, budget_rate=None, restrict=None):  # spec: selection, restore
+    def step_toward(target, budget_k=None, budget_rate=None, restrict=None):  # spec: Candidates, selection and restore
         t = time.perf_counter()
         quals, gs = {}, []
         for n in cand:
@@ -161,7 +161,7 @@ def run(aligned: str | Path, finetuned: str | Path, harmful: list[str], benign: 
             if t % save_step == 0:
                 ckpt[t] = M()
                 scores[t] = probe(ckpt[t])
-    chosen = None  # spec: Final model, the checkpoint before the first with metric <= min_score
+    chosen = None  # spec: Schedule, final model, the checkpoint before the first with metric <= min_score
     for t in sorted(scores):
         if scores[t] <= min_score:
             break

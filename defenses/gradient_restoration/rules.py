@@ -26,7 +26,7 @@ def batches_of(tokenizer, prompts: list[str], batch_size: int) -> list[dict]:
 
 
 def score(diff, grad):
-    """spec: Sign agreement. |grad| where diff = theta - T and grad share a STRICT sign (copying T
+    """spec: Candidates, sign agreement. |grad| where diff = theta - T and grad share a STRICT sign (copying T
     then moves the weight along -grad), else 0; a zero diff or a zero gradient never qualifies.
     sign(diff) * grad is exactly |grad| where the signs agree and <= 0 elsewhere, so its positive
     part is the score."""
@@ -36,7 +36,7 @@ def score(diff, grad):
 
 
 def kth_largest(values, k: int) -> float:
-    """spec: Threshold tau. The k-th largest value (a selection, not a sort: a top-k of a million
+    """spec: Candidates, threshold tau. The k-th largest value (a selection, not a sort: a top-k of a million
     values is ~10x slower)."""
     import torch
 
@@ -44,7 +44,7 @@ def kth_largest(values, k: int) -> float:
 
 
 def choose_checkpoint(scores: dict[int, float], fails) -> int | None:
-    """spec: Final model. Checkpoints in step order; stop at the first that fails; answer the one
+    """spec: Schedule, final model. Checkpoints in step order; stop at the first that fails; answer the one
     before it. None fails -> the last; the first fails -> None (no recovered model)."""
     previous = None
     for step in sorted(scores):
