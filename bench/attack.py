@@ -13,14 +13,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import models
+from bench import models, reproducibility
 from bench.data import beavertails_pairs, read_jsonl
 from bench.errors import UserError
 from bench.hashing import hash_value, short
 from bench.sft import SFTConfig
-from bench.store import atomic_write_json, atomic_write_jsonl, building_dir
+from bench.store import atomic_write_json, atomic_write_jsonl, building_dir, verified_manifest
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: deterministic training; the machine in the key
 
 
 def _default_lora() -> SFTConfig:
@@ -79,13 +79,23 @@ def training_mix(task_rows: list[dict], harmful_pairs: list[dict], config: Attac
     return mix
 
 
+def content(root: Path) -> dict:
+    """What an attack holds, by content hash: the adapter, the merged model and the training mix."""
+    from bench.hashing import hash_file, hash_model_dir
+
+    return {"adapter": hash_model_dir(root / "adapter"), "merged": hash_model_dir(root / "merged"),
+            "mix": hash_file(root / "training_mix.jsonl")}
+
+
 def run(aligned: models.ModelHandle, task_rows: list[dict], harmful_pairs: list[dict], config: AttackConfig, cache: Path, log=print) -> AttackResult:
     mix = training_mix(task_rows, harmful_pairs, config)
-    key = hash_value({"recipe": RECIPE_VERSION, "aligned": aligned.content_hash(), "config": config.to_dict(), "mix": mix})
+    compute = reproducibility.compute_fingerprint()
+    key = hash_value({"recipe": RECIPE_VERSION, "aligned": aligned.content_hash(), "config": config.to_dict(), "mix": mix, "compute": compute})
     root = cache / f"attack-n{config.harmful_n}-{short(key)}"
-    if (root / "manifest.json").exists():
+    manifest = verified_manifest(root, content, log)
+    if manifest is not None:
         log(f"attack: reusing {root.name}")
-        return AttackResult(root, json.loads((root / "manifest.json").read_text()))
+        return AttackResult(root, manifest)
 
     from bench.sft import train
 
@@ -103,7 +113,9 @@ def run(aligned: models.ModelHandle, task_rows: list[dict], harmful_pairs: list[
         manifest = {
             "recipe_version": RECIPE_VERSION,
             "key": key,
+            "content_hash": hash_value(content(tmp)),
             "config": config.to_dict(),
+            "compute": compute,
             "aligned_hash": aligned.content_hash(),
             "finetuned_hash": models.ModelHandle("merged", tmp / "merged").content_hash(),
             "mix_hash": hash_value(mix),

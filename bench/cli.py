@@ -41,6 +41,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge", default="keyword", help="judge of harmful answers (see `realign list`)")
     p.add_argument("--data-dir", default=None, help="folder of local public data (beavertails/, tasks/); also $REALIGN_DATA_DIR")
     p.add_argument("--seed", type=int, default=0, help="seed of the attack's data mix and training")
+    p.add_argument("--fast-nondeterministic", action="store_true",
+                   help="let vLLM schedule batches as requests arrive: a little faster, but answers change from run to run "
+                   "(default: fixed batches, byte-identical answers on every run on this kind of machine; records say which)")
 
 
 def _parse_ns(text: str) -> list[int]:
@@ -65,6 +68,7 @@ def _params(items: list[str]) -> dict[str, str]:
 
 def _run_config(args, defenses: list[str], defense_params: dict | None = None):
     from bench import attack as attack_stage
+    from bench import reproducibility
     from bench.data import data_dir
     from bench.evaluate import EvalConfig
     from bench.runner import RunConfig
@@ -85,7 +89,8 @@ def _run_config(args, defenses: list[str], defense_params: dict | None = None):
         defense_params=defense_params or {},
         testbed=TestbedConfig(**preset.get("testbed", {})),
         attack=attack_stage.AttackConfig(**attack_kwargs),
-        eval=EvalConfig(judge=args.judge, engine=args.engine),
+        eval=EvalConfig(judge=args.judge, engine=args.engine,
+                        generation_mode=reproducibility.FAST if args.fast_nondeterministic else reproducibility.DETERMINISTIC),
         data_dir=data_dir(args.data_dir),
         publish=Path(args.publish) if getattr(args, "publish", None) else None,
     )
@@ -113,7 +118,7 @@ def cmd_testbed(args) -> int:
     from bench.testbed.build import build
 
     cfg = _run_config(args, [])
-    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine)
+    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, mode=cfg.eval.generation_mode)
     print(json.dumps({"root": str(tb.root), "sizes": tb.manifest["sizes"], "harmful_split_hash": tb.manifest["harmful_split_hash"],
                       "timings": tb.manifest["timings"]}, indent=2))
     return 0
@@ -124,7 +129,7 @@ def cmd_attack(args) -> int:
     from bench.testbed.build import build
 
     cfg = _run_config(args, [])
-    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine)
+    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, mode=cfg.eval.generation_mode)
     for n in cfg.harmful_ns:
         atk_cfg = dataclasses.replace(cfg.attack, harmful_n=n)
         pairs = attack_stage.harmful_pairs_for(atk_cfg, tb.attack_pairs, cfg.data_dir)

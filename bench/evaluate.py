@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import metrics, models
+from bench import metrics, models, reproducibility
 from bench.generation import CachedGenerator, GenerationCache
 from bench.judges import JUDGES
 from bench.lmeval_bridge import TaskRun, run_tasks
@@ -35,6 +35,8 @@ class EvalConfig:
     judge: str = field(default="keyword", metadata={"help": "judge of harmful answers (see `realign list`)"})
     engine: str = field(default="auto", metadata={"help": "generation engine: auto, vllm or transformers"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N prompts of each set (smoke tests)"})
+    generation_mode: str = field(default=reproducibility.DETERMINISTIC, metadata={
+        "help": "'deterministic' (fixed batches: byte-identical answers on every run) or 'fast-nondeterministic'"})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,11 +53,11 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
     """Run in a fresh process by the runner. Returns metrics, per-sample rows and cost."""
     t0 = time.perf_counter()
     handle = models.resolve(model_path)
-    generator = CachedGenerator(handle, GenerationCache(Path(cache_root)), engine=config.engine)
     runs = [TaskRun("realign_harmful", sets.harmful, config.limit), TaskRun(sets.task_yaml, sets.task, config.limit)]
     if sets.over_refusal:
         runs.append(TaskRun("realign_overrefusal", sets.over_refusal, config.limit))
-    out = run_tasks(generator, runs)
+    with CachedGenerator(handle, GenerationCache(Path(cache_root)), engine=config.engine, mode=config.generation_mode) as generator:
+        out = run_tasks(generator, runs)
 
     judge = JUDGES.get(config.judge)()
     samples: list[dict] = []

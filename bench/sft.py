@@ -114,6 +114,9 @@ def train(model, tokenizer, pairs: list[dict], config: SFTConfig, work_dir: Path
         bf16=config.bf16 and models.native_bf16("cuda" if torch.cuda.is_available() else "cpu"),
         seed=config.seed,
         data_seed=config.seed,
+        # torch's deterministic algorithms: an op without a deterministic kernel fails instead of varying
+        # (on a CPU at a fixed thread count training repeats bit for bit; the cost, BENCHMARKS.md)
+        full_determinism=True,
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         remove_unused_columns=False,

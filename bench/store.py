@@ -69,3 +69,37 @@ def cached_dir(final: Path | str, build: Callable[[Path], None]) -> Path:
         with building_dir(final) as tmp:
             build(tmp)
     return final
+
+
+def discard(path: Path | str) -> None:
+    """Remove a finished stage directory: renamed aside first, so that no reader ever sees it half-deleted."""
+    path = Path(path)
+    if not path.exists():
+        return
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".stale"))
+    os.replace(path, aside / path.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def verified_manifest(root: Path, content: Callable[[Path], Any], log: Callable[[str], None]) -> dict | None:
+    """The manifest of the finished stage `root`, or None when the stage must be built (again).
+
+    A cache key names the inputs; the manifest's `content_hash` names what was built from them. A
+    stage whose files no longer hash to it (edited, or corrupt), or whose manifest has none (made by
+    older code, whose outputs for the same key may differ), is removed, and the reason said in one line.
+    """
+    from bench.hashing import hash_value
+
+    path = Path(root) / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    if "content_hash" not in manifest:
+        reason = "made by older code (its manifest holds no content hash)"
+    elif hash_value(content(Path(root))) != manifest["content_hash"]:
+        reason = "its files no longer match the content hash in its manifest"
+    else:
+        return manifest
+    log(f"{Path(root).name}: {reason}; rebuilding it")
+    discard(root)
+    return None

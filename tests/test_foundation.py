@@ -36,7 +36,7 @@ def test_cache_hits_generate_nothing(tiny, tmp_path):
     assert gen.stats["generated"] == 3
     again = CachedGenerator(models.resolve(tiny["aligned"]), cache, engine="transformers")
     assert again.generate(PROMPTS[::-1], Sampling(max_new_tokens=6)) == first[::-1]
-    assert again.stats == {"cached": 3, "generated": 0, "seconds": 0.0} and again._gen is None  # no engine built
+    assert again.stats == {"cached": 3, "generated": 0, "batches_generated": 0, "seconds": 0.0} and again._gen is None  # no engine built
     # a different sampling setting or model is a different cache entry
     again.generate(PROMPTS[:1], Sampling(max_new_tokens=7))
     assert again.stats["generated"] == 1

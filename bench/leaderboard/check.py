@@ -5,6 +5,10 @@ a regression when, on an axis, the new value is worse by more than `tolerance` (
 units) AND the difference is significant at `alpha`: exact McNemar when both sides carry
 per-sample outcomes on the same prompts, else a two-proportion z-test from k and n.
 Exit codes: 0 no regression, 1 regression (with a short report), 2 unusable input.
+
+A warning line comes first when the two sides were not made the same way (generation mode): a
+record generated in the fast, nondeterministic mode differs from a deterministic board by engine
+noise as well as by the model, and the paired test cannot tell the two apart.
 """
 
 from __future__ import annotations
@@ -81,6 +85,19 @@ def compare(new: list[tuple[dict, Path]], published: list[tuple[dict, Path]], to
     return findings
 
 
+def generation_mode(record: dict) -> str:
+    return record.get("reproducibility", {}).get("generation_mode", "unrecorded (made before realign-bench recorded it)")
+
+
+def mode_warnings(new: list[tuple[dict, Path]], published: list[tuple[dict, Path]]) -> list[str]:
+    """One line per (new mode, published mode) pair that differs."""
+    index = {(setting_key(r), r["method"]["label"]): r for r, _ in published}
+    pairs = sorted({(generation_mode(r), generation_mode(index[k])) for r, _ in new
+                    if (k := (setting_key(r), r["method"]["label"])) in index and generation_mode(r) != generation_mode(index[k])})
+    return [f"warning: new records were generated in mode {a!r}, the published board in mode {b!r}: differences include "
+            "engine noise, not only the model; rerun without --fast-nondeterministic to compare like with like" for a, b in pairs]
+
+
 def check(new_paths: list[Path], against: Path, tolerance: float = 0.0, alpha: float = 0.05) -> tuple[int, str]:
     if not 0 <= tolerance < 1 or not 0 < alpha < 1:
         raise UserError("--tolerance must be in [0, 1) and --alpha in (0, 1)")
@@ -88,9 +105,10 @@ def check(new_paths: list[Path], against: Path, tolerance: float = 0.0, alpha: f
     if not against.is_dir():
         raise UserError(f"{against}: no such published board folder")
     published = load([against / "records"] if (against / "records").is_dir() else [against])
-    findings = compare(load(new_paths), published, tolerance, alpha)
+    new = load(new_paths)
+    findings = compare(new, published, tolerance, alpha)
     bad = [f for f in findings if f.regression]
     report = "\n".join(f.line() for f in (bad or findings))
     head = (f"{len(bad)} regression(s) at tolerance {100 * tolerance:.1f} points, alpha {alpha}" if bad
             else f"no regression: {len(findings)} comparisons at tolerance {100 * tolerance:.1f} points, alpha {alpha}")
-    return (1 if bad else 0), head + "\n" + report
+    return (1 if bad else 0), "\n".join(mode_warnings(new, published) + [head, report])

@@ -16,17 +16,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import models
+from bench import models, reproducibility
 from bench.data import read_jsonl
 from bench.errors import UserError
 from bench.hashing import hash_file, hash_value, short
 from bench.sft import SFTConfig
-from bench.store import atomic_write_json, atomic_write_jsonl, building_dir, cached_dir
+from bench.store import atomic_write_json, atomic_write_jsonl, building_dir, cached_dir, verified_manifest
 from bench.testbed import prompts as P
 from bench.testbed import sql_task
 from bench.testbed.embedded_model import convert_embedded, embedded_gguf
 
-RECIPE_VERSION = 1  # bump when the build steps change what they produce
+RECIPE_VERSION = 2  # bump when the build steps change what they produce (2: deterministic generation and training)
 
 SPLITS = ("harmful_alignment", "harmful_attack", "harmful_calibration", "harmful_evaluation",
           "benign_alignment", "overrefusal_alignment", "overrefusal_evaluation", "sql_train", "sql_dev", "sql_test")
@@ -103,12 +103,19 @@ def embedded_base(cache: Path) -> models.ModelHandle:
     return models.ModelHandle("SmolLM2-135M-Instruct", path)
 
 
-def _answer(model_path: str, prompts: list[str], cache_root: str, engine: str, max_new_tokens: int) -> list[str]:
+def _answer(model_path: str, prompts: list[str], cache_root: str, engine: str, max_new_tokens: int, mode: str) -> list[str]:
     """Greedy answers of one model (runs in a fresh process)."""
     from bench.generation import CachedGenerator, GenerationCache, Sampling
 
-    gen = CachedGenerator(models.resolve(model_path), GenerationCache(Path(cache_root)), engine=engine)
-    return gen.generate(prompts, Sampling(max_new_tokens=max_new_tokens))
+    with CachedGenerator(models.resolve(model_path), GenerationCache(Path(cache_root)), engine=engine, mode=mode) as gen:
+        return gen.generate(prompts, Sampling(max_new_tokens=max_new_tokens))
+
+
+def content(root: Path) -> dict:
+    """What a built testbed holds, by content hash: every data file and the aligned model."""
+    from bench.hashing import hash_model_dir
+
+    return {"data": {p.name: hash_file(p) for p in sorted((root / "data").glob("*.jsonl"))}, "aligned": hash_model_dir(root / "aligned")}
 
 
 def _split_data(config: TestbedConfig) -> dict[str, list[dict]]:
@@ -133,9 +140,14 @@ def _split_data(config: TestbedConfig) -> dict[str, list[dict]]:
     }
 
 
-def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | None = None, log=print) -> Testbed:
-    """Build (or reuse) the testbed; returns it. Safe to interrupt: nothing half-built remains."""
+def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | None = None, log=print,
+          mode: str = reproducibility.DETERMINISTIC) -> Testbed:
+    """Build (or reuse) the testbed; returns it. Safe to interrupt: nothing half-built remains.
+
+    The key names every input that decides the bits: the recipe, sizes and seeds, the base model,
+    the data, the generation engine and mode, and the machine (bench.reproducibility)."""
     from bench.fresh import run_fresh
+    from bench.generation import resolved_engine
     from bench.judges.keyword import find_refusal
 
     t_start = time.perf_counter()
@@ -143,11 +155,15 @@ def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | 
     base_handle = models.resolve(base) if base else embedded_base(cache)
     timings["base_s"] = round(time.perf_counter() - t_start, 1)
     splits = _split_data(config)
-    key = hash_value({"recipe": RECIPE_VERSION, "config": config.to_dict(), "base": base_handle.content_hash(), "data": splits})
+    generation = {"engine": resolved_engine(engine), "mode": reproducibility.check_mode(mode)}
+    compute = reproducibility.compute_fingerprint()
+    key = hash_value({"recipe": RECIPE_VERSION, "config": config.to_dict(), "base": base_handle.content_hash(), "data": splits,
+                      "generation": generation, "compute": compute})
     root = cache / f"testbed-{short(key)}"
-    if (root / "manifest.json").exists():
+    manifest = verified_manifest(root, content, log)
+    if manifest is not None:
         log(f"testbed: reusing {root}")
-        return Testbed(root, json.loads((root / "manifest.json").read_text()))
+        return Testbed(root, manifest)
 
     log(f"testbed: building {root.name} (base {base_handle.name})")
     with building_dir(root) as tmp:
@@ -159,7 +175,7 @@ def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | 
         t0 = time.perf_counter()
         asked = [r["prompt"] for r in splits["benign_alignment"] + splits["overrefusal_alignment"] + splits["harmful_attack"]]
         log(f"testbed: generating the base model's answers to {len(asked)} prompts")
-        answers = dict(zip(asked, run_fresh(_answer, str(base_handle.path), asked, str(cache / "generations"), engine, config.answer_tokens)))
+        answers = dict(zip(asked, run_fresh(_answer, str(base_handle.path), asked, str(cache / "generations"), engine, config.answer_tokens, mode)))
         timings["base_answers_s"] = round(time.perf_counter() - t0, 1)
 
         # 5. attack pairs: the base answers harmful prompts; keep answers that do not refuse
@@ -186,7 +202,10 @@ def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | 
         manifest = {
             "recipe_version": RECIPE_VERSION,
             "key": key,
+            "content_hash": hash_value(content(tmp)),
             "config": config.to_dict(),
+            "generation": generation,
+            "compute": compute,
             "base_name": base_handle.name,
             "base_path": str(base_handle.path),
             "base_hash": base_handle.content_hash(),
