@@ -174,7 +174,8 @@ class VLLMGenerator(Generator):
     engine = "vllm"
 
     def __init__(self, handle, dtype="bfloat16", trust_remote_code=False, tensor_parallel_size: int = 1, max_model_len: int = 2048,
-                 enforce_eager: bool | None = None, mode: str = reproducibility.DETERMINISTIC):
+                 enforce_eager: bool | None = None, mode: str = reproducibility.DETERMINISTIC, engine_options: dict | None = None):
+        """engine_options go to vllm.LLM as they are (max_num_seqs, gpu_memory_utilization, ...)."""
         super().__init__(handle, dtype, trust_remote_code, mode)
         import torch
 
@@ -197,6 +198,7 @@ class VLLMGenerator(Generator):
             tensor_parallel_size=tensor_parallel_size,
             trust_remote_code=trust_remote_code,
             enforce_eager=enforce_eager,
+            **(engine_options or {}),
         )
 
     def _generate(self, prompts, sampling):
@@ -267,6 +269,7 @@ def make_generator(handle: models.ModelHandle, engine: str = "auto", dtype: str 
     kwargs.pop("tensor_parallel_size", None)
     kwargs.pop("max_model_len", None)
     kwargs.pop("enforce_eager", None)
+    kwargs.pop("engine_options", None)
     return TransformersGenerator(handle, dtype or default_dtype("transformers"), **kwargs)
 
 

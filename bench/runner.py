@@ -120,10 +120,11 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
         "seed": ctx.seed, "compute": reproducibility.compute_fingerprint(),
     })
     root = cfg.cache / f"defended-{name}-{short(key)}"
-    if (root / "info.json").exists():
-        stored = json.loads((root / "info.json").read_text())
+    from bench.store import atomic_write_json, building_dir, verified_manifest
+
+    stored = verified_manifest(root, defended_content, _to_stderr, name="info.json")
+    if stored is not None:
         return _answer_dir(root, stored.get("model_path")), stored["info"], stored.get("skipped")
-    from bench.store import atomic_write_json, building_dir
 
     t0 = time.perf_counter()
     with building_dir(root) as tmp:
@@ -131,8 +132,17 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
         # and a defense's memory is returned to the system when it ends
         info, skipped, model_path = run_fresh(apply_and_save, name, params, dataclasses.replace(ctx, _loaded={}), str(tmp))
         info = dict(info) | {"wall_s": round(time.perf_counter() - t0, 2)}
-        atomic_write_json(tmp / "info.json", {"info": info, "skipped": skipped, "params": defense.describe(), "model_path": model_path})
+        atomic_write_json(tmp / "info.json", {"info": info, "skipped": skipped, "params": defense.describe(), "model_path": model_path,
+                                              "content_hash": hash_value(defended_content(tmp))})
     return _answer_dir(root, model_path), info, skipped
+
+
+def defended_content(root: Path) -> dict:
+    """What a defense stage holds, by content hash: its model (if it saved one) and checkpoints."""
+    from bench.hashing import hash_model_dir
+
+    return {"model": hash_model_dir(root / "model") if (root / "model").exists() else None,
+            "checkpoints": {p.name: hash_file(p) for p in sorted((root / "checkpoints").glob("*.bin"))}}
 
 
 def _answer_dir(root: Path, model_path: str | None) -> Path | None:
@@ -191,6 +201,7 @@ def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, 
         "cost": result["cost"] | {"defense_wall_s": info.get("wall_s", 0.0)} | ({"defense_peak_rss_mb": info["peak_rss_mb"]} if "peak_rss_mb" in info else {}),
         "versions": records.versions(),
         "reproducibility": {"generation_mode": cfg.eval.generation_mode, "compute": reproducibility.compute_fingerprint()},
+        "code": records.code_version(),
         "notes": tb.manifest.get("notes", []),
     }
     records.write(record, result["samples"], cfg.run_dir / "records")

@@ -29,6 +29,8 @@ class SFTConfig:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     seed: int = field(default=0, metadata={"help": "seed of data order and initialisation"})
+    deterministic: bool = field(default=True, metadata={"help": "torch's deterministic algorithms (the Trainer's full_determinism): an op "
+                                                                 "without a deterministic kernel fails instead of varying"})
 
     def __post_init__(self):
         if self.method not in ("lora", "full"):
@@ -114,9 +116,9 @@ def train(model, tokenizer, pairs: list[dict], config: SFTConfig, work_dir: Path
         bf16=config.bf16 and models.native_bf16("cuda" if torch.cuda.is_available() else "cpu"),
         seed=config.seed,
         data_seed=config.seed,
-        # torch's deterministic algorithms: an op without a deterministic kernel fails instead of varying
-        # (on a CPU at a fixed thread count training repeats bit for bit; the cost, BENCHMARKS.md)
-        full_determinism=True,
+        # on a CPU at a fixed thread count training repeats bit for bit either way; the switch makes
+        # it fail loudly where it would not (GPU kernels); the cost is in BENCHMARKS.md
+        full_determinism=config.deterministic,
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         remove_unused_columns=False,

@@ -81,7 +81,7 @@ def discard(path: Path | str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def verified_manifest(root: Path, content: Callable[[Path], Any], log: Callable[[str], None]) -> dict | None:
+def verified_manifest(root: Path, content: Callable[[Path], Any], log: Callable[[str], None], name: str = "manifest.json") -> dict | None:
     """The manifest of the finished stage `root`, or None when the stage must be built (again).
 
     A cache key names the inputs; the manifest's `content_hash` names what was built from them. A
@@ -90,7 +90,7 @@ def verified_manifest(root: Path, content: Callable[[Path], Any], log: Callable[
     """
     from bench.hashing import hash_value
 
-    path = Path(root) / "manifest.json"
+    path = Path(root) / name
     if not path.exists():
         return None
     manifest = json.loads(path.read_text())

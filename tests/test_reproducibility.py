@@ -1,0 +1,179 @@
+"""Reproducible to the bit: fixed generation batches, a cache key that names one content, stage
+manifests checked on reuse, and the board gate's warning when the two sides were made differently."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import models, reproducibility
+from bench.generation import BATCH_TARGET, CachedGenerator, GenerationCache, Sampling, fixed_batches
+from bench.hashing import hash_value
+from bench.store import verified_manifest
+
+PROMPTS = [f"question number {i}: how do I {w}?" for i, w in enumerate(["bake bread", "fix a bike", "learn sql", "sort a list"] * 250)]
+
+
+def test_fixed_batches_depend_on_content_only():
+    batches = fixed_batches(PROMPTS)
+    assert sorted(p for b in batches for p in b) == sorted(set(PROMPTS))  # every distinct prompt once
+    assert fixed_batches(PROMPTS[::-1] + PROMPTS[:5]) == batches  # order and duplicates do not matter
+    assert all(len(b) <= 2 * BATCH_TARGET for b in batches) and len(batches) > 1
+    # one more prompt changes the batch it joins (and the one after, where a batch was cut at the cap),
+    # not every batch after it
+    grown = fixed_batches(PROMPTS + ["a brand new question"])
+    changed = [b for b in grown if b not in batches]
+    assert len(batches) >= 10 and 1 <= len(changed) <= 3
+
+
+def test_cache_key_names_the_batch(tiny, tmp_path):
+    """A greedy answer depends on its batch-mates, so an answer is reused only for the same batch."""
+    cache = GenerationCache(tmp_path / "gen")
+    handle = models.resolve(tiny["aligned"])
+    sampling = Sampling(max_new_tokens=5)
+    prompts = ["how do I make a cake", "write a poem about the sea", "kill a python process"]
+    with CachedGenerator(handle, cache, engine="transformers") as gen:
+        first = gen.generate(prompts, sampling)
+    with CachedGenerator(handle, cache, engine="transformers") as again:
+        assert again.generate(prompts[::-1], sampling) == first[::-1]  # the same batch: no generation
+        assert again.stats["generated"] == 0
+        again.generate(prompts[:2], sampling)  # another batch: generated, never taken from the first
+        assert again.stats["generated"] == 2
+    # the machine and the mode are part of the key
+    ident = again._identity(sampling)
+    assert ident["mode"] == reproducibility.DETERMINISTIC and ident["compute"]["threads"] >= 1 and ident["compute"]["torch"]
+    fast = CachedGenerator(handle, cache, engine="transformers", mode=reproducibility.FAST)._identity(sampling)
+    assert GenerationCache.key(fast, prompts) != GenerationCache.key(ident, prompts)
+
+
+def test_unknown_generation_mode_is_one_clear_error(tiny, tmp_path):
+    from bench.errors import UserError
+
+    with pytest.raises(UserError, match="generation mode must be one of"):
+        CachedGenerator(models.resolve(tiny["aligned"]), GenerationCache(tmp_path), mode="sometimes")
+
+
+def _stage(root: Path, text: str) -> Path:
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "a.jsonl").write_text(text)
+    return root
+
+
+def _content(root: Path) -> dict:
+    return {"a": (root / "data" / "a.jsonl").read_text()}
+
+
+def test_stage_manifest_verified_on_reuse(tmp_path):
+    said: list[str] = []
+    good = _stage(tmp_path / "testbed-good", "x\n")
+    (good / "manifest.json").write_text(json.dumps({"content_hash": hash_value(_content(good)), "key": "k"}))
+    assert verified_manifest(good, _content, said.append)["key"] == "k" and not said
+
+    # the same key holding other content (edited, or a different build): removed, said in one line
+    (good / "data" / "a.jsonl").write_text("y\n")
+    assert verified_manifest(good, _content, said.append) is None
+    assert not good.exists() and said == ["testbed-good: its files no longer match the content hash in its manifest; rebuilding it"]
+
+    # a stage made by older code has no content hash: its content cannot be vouched for
+    old = _stage(tmp_path / "testbed-old", "x\n")
+    (old / "manifest.json").write_text(json.dumps({"key": "k"}))
+    assert verified_manifest(old, _content, said.append) is None and not old.exists()
+    assert "made by older code" in said[-1]
+    assert not list(tmp_path.iterdir())  # nothing left behind, not even the renamed-aside copies
+    assert verified_manifest(tmp_path / "never-built", _content, said.append) is None
+
+
+def test_board_check_warns_when_generation_modes_differ(tmp_path):
+    from bench.leaderboard.check import check
+
+    published = sorted(Path("leaderboards/embedded-default/records").glob("*.json"))[:3]
+    sides = {}
+    for side, mode in (("published", reproducibility.DETERMINISTIC), ("new", reproducibility.FAST)):
+        folder = tmp_path / side / "records"
+        folder.mkdir(parents=True)
+        for path in published:
+            record = json.loads(path.read_text())
+            record["reproducibility"] = {"generation_mode": mode}
+            (folder / path.name).write_text(json.dumps(record))
+        sides[side] = folder
+    code, report = check([sides["new"]], sides["published"].parent)
+    first = report.splitlines()[0]
+    assert code == 0 and first.startswith("warning: new records were generated in mode 'fast-nondeterministic'")
+    assert report.count("warning:") == 1
+    code, report = check([sides["published"]], sides["published"].parent)
+    assert "warning" not in report
+
+
+SCRIPT = """
+import json, sys
+from bench import models
+from bench.generation import CachedGenerator, GenerationCache, Sampling
+
+if __name__ == "__main__":
+    model, cache, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    gen = CachedGenerator(models.resolve(model), GenerationCache(cache), engine="vllm", max_model_len=256)
+    print(json.dumps(gen.generate(prompts, Sampling(max_new_tokens=16))))
+    # no close(): the process must still exit by itself
+"""
+
+
+@pytest.mark.vllm
+def test_vllm_deterministic_answers_repeat_and_the_process_exits(tiny, tmp_path):
+    pytest.importorskip("vllm")
+    from tests.conftest import make_llama
+
+    make_llama(tmp_path / "m", tiny["tok"], layers=2, hidden=128, heads=2, kv_heads=1)
+    script = tmp_path / "gen.py"
+    script.write_text(SCRIPT)
+    prompts = [f"write a poem about the sea {i}" for i in range(40)]
+    answers = []
+    for run in range(2):  # two fresh processes, two empty caches
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / "m"), str(tmp_path / f"cache{run}"), json.dumps(prompts)],
+                              capture_output=True, text=True, timeout=600, cwd=os.getcwd(), env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        answers.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert answers[0] == answers[1] and len(answers[0]) == 40
+
+
+@pytest.mark.slow
+def test_two_fresh_homes_give_identical_testbeds_and_records(tmp_path):
+    """The smoke main job, cold, in two fresh homes: identical files, models and records (times aside)."""
+    from bench import records
+
+    rows = "aligned,none,gradient_restoration:steps=5"
+    runs = []
+    for name in ("one", "two"):
+        home = tmp_path / name
+        proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--preset", "smoke", "--defenses", rows, "--home", str(home)],
+                              capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(home)
+    manifests = []
+    for home in runs:
+        (testbed,) = (home / "cache").glob("testbed-*")
+        (attack,) = (home / "cache").glob("attack-*")
+        tb, atk = json.loads((testbed / "manifest.json").read_text()), json.loads((attack / "manifest.json").read_text())
+        manifests.append((testbed.name, tb["content_hash"], tb["data_hashes"], tb["aligned_hash"], attack.name, atk["content_hash"]))
+    assert manifests[0] == manifests[1]
+
+    def board(home: Path) -> dict:
+        folder = home / "runs" / "embedded-smoke" / "records"
+        out = {}
+        for path in sorted(folder.glob("*.json")):
+            record = records.load(path)
+            samples = (folder / record["samples_file"]).read_text()
+            out[record["record_id"]] = (reproducibility.comparable(record), samples)
+        return out
+
+    one, two = board(runs[0]), board(runs[1])
+    assert len(one) == 3 and one.keys() == two.keys()
+    for record_id in one:
+        assert one[record_id] == two[record_id], record_id
+    assert all(r["reproducibility"]["generation_mode"] == "deterministic" for r, _ in one.values())
+    shutil.rmtree(tmp_path)  # two homes of models: give the disk back early
