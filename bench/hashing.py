@@ -55,7 +55,7 @@ def hash_model_dir(path: Path | str) -> str:
         h.update(hash_file(p).encode())
     digest = h.hexdigest()
     try:  # a read-only model directory is fine: we just do not memoise
-        from bench.store import atomic_write_json
+        from bench.atomic import atomic_write_json
 
         atomic_write_json(memo, {"stamp": stamp, "hash": digest})
     except OSError:

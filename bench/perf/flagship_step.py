@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.fresh import run_fresh
+from bench.new_interpreter import run_fresh
 
 VARIANTS = {  # name -> parameters of the defense
     "ours": {"compute_dtype": "float32"},

@@ -3,7 +3,7 @@
 Why: a process that has trained with torch runs vLLM's worker on one core (ASSETS.md), and vLLM
 started inside a `multiprocessing` spawn child decoded about 30x slower here than the same code
 in a top-level interpreter (measured: 200 prompts x 64 tokens, 35 s top-level vs > 4 min in
-the child). So the function runs in `python -m bench.fresh`, a plain top-level interpreter; its
+the child). So the function runs in `python -m bench.new_interpreter`, a plain top-level interpreter; its
 arguments and result travel as pickles in a private temporary folder (written and read only by
 this module, never from outside).
 """
@@ -31,10 +31,10 @@ def run_fresh(fn: Callable, *args, **kwargs) -> Any:
             raise ValueError(f"run_fresh needs an importable function; {fn.__qualname__} lives in a plain script")
         module = spec.name
     target = f"{module}:{fn.__qualname__}"
-    with tempfile.TemporaryDirectory(prefix="realign-fresh-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="realign-call-") as tmp:
         call, result = Path(tmp) / "call.pkl", Path(tmp) / "result.pkl"
         call.write_bytes(pickle.dumps((target, args, kwargs)))
-        proc = subprocess.run([sys.executable, "-m", "bench.fresh", str(call), str(result)], env=os.environ.copy())
+        proc = subprocess.run([sys.executable, "-m", "bench.new_interpreter", str(call), str(result)], env=os.environ.copy())
         if not result.exists():
             raise RuntimeError(f"{target} died in its fresh process (exit code {proc.returncode})")
         status, payload = pickle.loads(result.read_bytes())
