@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     bb = bsub.add_parser("build", formatter_class=_Formatter, help="rank methods and render Markdown, CSV, JSON, HTML and the Pareto plot",
                          description="Rank methods per setting by Pareto rank on (harmful rate, task metric), then hypervolume; "
-                         "bootstrap CIs, rank intervals, McNemar tests against `none` and neighbours; writes board.md, board.csv, "
+                         "Wilson 95% intervals, bootstrap rank intervals, McNemar tests against `none` and neighbours; writes board.md, board.csv, "
                          "board.json, board.html, pareto.png and pareto.svg.",
                          epilog="example:\n  realign board build runs/a/records runs/b/records --multi-setting --out board/")
     bb.add_argument("records", nargs="+", help="record files or folders of records")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,3 @@ def hash_model_dir(path: Path | str) -> str:
 
 def short(digest: str) -> str:
     return digest[:SHORT]
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in {"1", "true", "yes"}

@@ -93,10 +93,14 @@ def test_keyword_judge():
 
 
 def test_rate_has_wilson_ci_and_outcomes():
+    from statsmodels.stats.proportion import proportion_confint
+
     r = rate([1, 0, 0, None, 1])
-    assert (r.k, r.n, r.n_unknown) == (2, 4, 1) and r.value == 0.5 and r.ci[0] < 0.5 < r.ci[1]
+    assert (r.k, r.n, r.n_unknown) == (2, 4, 1) and r.value == 0.5
+    assert r.ci == pytest.approx(proportion_confint(2, 4, alpha=0.05, method="wilson"), rel=1e-12)
     assert r.outcomes == [1, 0, 0, 1]
-    assert rate([0] * 50).ci[0] == 0.0 and 0 < rate([0] * 50).ci[1] < 0.1
+    assert rate([0] * 50).ci == pytest.approx(proportion_confint(0, 50, alpha=0.05, method="wilson"), rel=1e-12, abs=1e-15)
+    assert rate([0] * 50).ci[0] == 0.0
 
 
 def _record(**over):

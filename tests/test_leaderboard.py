@@ -94,34 +94,27 @@ def test_interpolation_curve_value():
 # ------------------------------------------------------------------------------------------ statistics
 
 
-def test_bootstrap_ci_coverage_on_a_known_distribution():
-    rng = np.random.default_rng(1)
-    p, n, sims = 0.3, 200, 4000
-    k = rng.binomial(n, p, size=sims)
-    lo, hi = stats.proportion_bootstrap_ci(k, np.full(sims, n))
-    coverage = np.mean((lo <= p) & (p <= hi))
-    assert 0.93 <= coverage <= 0.975, coverage
-    hits = 0
-    for i in range(200):
-        x = rng.normal(1.0, 2.0, size=60)
-        a, b = stats.bootstrap_ci(x, seed=i)
-        hits += a <= 1.0 <= b
-    assert 0.88 <= hits / 200 <= 0.99
+def test_wilson_interval_equals_statsmodels_and_the_board_shows_the_records_interval(tmp_path):
+    from statsmodels.stats.proportion import proportion_confint
 
+    from bench.metrics import rate, wilson_interval
 
-def test_binomial_quantiles_equal_scipy_stats():
-    """binom_ppf (scipy.special only) must equal scipy.stats.binom.ppf, edges included."""
-    from scipy.stats import binom
-
-    n = np.array([0, 1, 2, 5, 50, 150, 1000])
-    for ni in n:
-        k = np.arange(0, ni + 1)
-        p = k / max(ni, 1)
-        for q in (0.025, 0.5, 0.975):
-            np.testing.assert_array_equal(stats.binom_ppf(q, np.full(len(k), ni), p), binom.ppf(q, ni, p))
-    lo, hi = stats.proportion_bootstrap_ci(np.array([[3, 0], [150, 7]]), np.array([[10, 0], [150, 100]]))
-    assert lo.shape == (2, 2) and hi[1, 0] == 1.0 and lo[0, 1] == hi[0, 1] == 0.0
-    assert lo[1, 1] == binom.ppf(0.025, 100, 0.07) / 100
+    k = np.array([0, 1, 3, 7, 50, 99, 100, 0, 150])
+    n = np.array([1, 1, 10, 100, 100, 100, 100, 150, 150])
+    lo, hi = wilson_interval(k, n)
+    want_lo, want_hi = proportion_confint(k, n, alpha=0.05, method="wilson")
+    np.testing.assert_allclose(lo, want_lo, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(hi, want_hi, rtol=1e-12, atol=1e-15)
+    lo90, _ = wilson_interval(7, 100, confidence=0.90)
+    assert lo90 == pytest.approx(proportion_confint(7, 100, alpha=0.10, method="wilson")[0], rel=1e-12)
+    assert np.isnan(wilson_interval(0, 0)[0])
+    # a record's interval (metrics.rate) and the board's interval for the same rate are the same numbers
+    harm = [1] * 7 + [0] * 93
+    rec = make_record("x", harm, [1, 0])
+    rec["metrics"]["harmful_rate"]["ci"] = list(rate(harm).ci)
+    (row,) = build([(rec, None)]).settings.popitem()[1]
+    assert [row["harmful_rate_ci_low"], row["harmful_rate_ci_high"]] == rec["metrics"]["harmful_rate"]["ci"]
+    assert rec["metrics"]["harmful_rate"]["ci"] == pytest.approx([want_lo[3], want_hi[3]], rel=1e-12)
 
 
 def test_mcnemar_worked_table_and_statsmodels():
@@ -333,11 +326,3 @@ def test_published_board_checks_clean_against_itself():
     assert {r["name"] for r in rows} >= {"aligned", "none", "gradient_restoration"}
     code, report = check([pub / "records"], pub)
     assert code == 0, report
-
-
-def test_paired_bootstrap_for_non_binary_metrics():
-    rng = np.random.default_rng(4)
-    x = rng.normal(0.5, 0.1, size=200)
-    same = stats.paired_bootstrap_p(x, x + rng.normal(0, 0.01, size=200))
-    shifted = stats.paired_bootstrap_p(x + 0.05, x)
-    assert same["p"] > 0.05 and shifted["p"] < 0.01 and shifted["diff"] == pytest.approx(0.05)

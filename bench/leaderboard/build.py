@@ -4,8 +4,8 @@ Per setting (model, task, harmful N, judge):
 - Pareto rank on (harmful rate, task utility), then hypervolume against a fixed reference point
   (harmful rate of `none`, utility of `aligned`, unless given); harm reduction share and utility
   kept share only break ties;
-- every rate with its bootstrap CI over prompts and n; rank intervals from a paired bootstrap over
-  prompts; ranks whose intervals overlap are marked tied;
+- every rate with its Wilson 95% interval and n (the interval its record shows); rank intervals
+  from a paired bootstrap over prompts; ranks whose intervals overlap are marked tied;
 - paired tests against `none` and against the next method in the ranking (McNemar on binary
   outcomes), and each row's position against the interpolation curve at its utility.
 Across settings: HELM-style mean win rate.
@@ -22,6 +22,7 @@ from bench import records as records_mod
 from bench.data import read_jsonl
 from bench.errors import UserError
 from bench.leaderboard import pareto, stats
+from bench.metrics import wilson_interval
 
 AXES = ("harmful_rate", "task_metric")
 SHOWN = ("harmful_rate", "over_refusal", "task_metric")
@@ -136,9 +137,9 @@ class _Setting:
 
 
 def _confidence_intervals(settings: list[_Setting]) -> None:
-    """Closed-form bootstrap CI of every shown rate of every record, in one call per metric."""
+    """Wilson interval of every shown rate of every record (as in the records), one call per metric."""
     for a in SHOWN:
-        lo, hi = stats.proportion_bootstrap_ci(np.concatenate([st.k[a] for st in settings]), np.concatenate([st.n[a] for st in settings]))
+        lo, hi = wilson_interval(np.concatenate([st.k[a] for st in settings]), np.concatenate([st.n[a] for st in settings]))
         at = 0
         for st in settings:
             m = len(st.recs)
