@@ -101,11 +101,11 @@ def _run_config(args, defenses: list[str], defense_params: dict | None = None):
 
 def cmd_run(args) -> int:
     from bench.runner import main_job, parse_row
-    from defenses import DEFENSES
+    from defenses import DEFENSES, names_with_role
 
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
-    if args.all_defenses:  # every registered defense, plus any extra rows the user wrote with parameters
-        defenses = list(dict.fromkeys(["aligned", "none"] + DEFENSES.names() + [d for d in defenses if ":" in d]))
+    if args.all_defenses:  # every registered defense (reference rows first), plus any extra rows the user wrote with parameters
+        defenses = list(dict.fromkeys(names_with_role("reference") + DEFENSES.names() + [d for d in defenses if ":" in d]))
     for d in defenses:
         parse_row(d)  # unknown names and bad parameters fail here, before any work
     main_job(_run_config(args, defenses))
@@ -140,10 +140,10 @@ def cmd_attack(args) -> int:
 
 def cmd_defend(args) -> int:
     from bench.runner import main_job
-    from defenses import DEFENSES
+    from defenses import DEFENSES, names_with_role
 
     DEFENSES.get(args.defense)
-    cfg = _run_config(args, ["aligned", "none", args.defense], {args.defense: _params(args.param)})
+    cfg = _run_config(args, names_with_role("reference") + [args.defense], {args.defense: _params(args.param)})
     main_job(cfg)
     return 0
 

@@ -110,7 +110,7 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
 
     cls = DEFENSES.get(name)
     defense = cls(**params)
-    if name in ("aligned", "none"):
+    if cls.role == "reference":  # answers with one of the setting's own models: nothing to compute or cache
         out = defense.apply(ctx)
         return out.model_path, out.info, out.skipped
     key = hash_value({
@@ -161,6 +161,8 @@ def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | 
 
 
 def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, cfg: RunConfig, clock: Clock) -> dict:
+    from defenses import DEFENSES
+
     sets = eval_sets(tb)
     model = models.resolve(model_dir)
     setting = {"model": tb.manifest["base_name"], "task": sets.task_yaml, "harmful_n": atk.manifest["config"]["harmful_n"],
@@ -183,7 +185,7 @@ def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, 
         "record_id": record_id,
         "created": records.now(),
         "setting": setting,
-        "method": {"name": method, "label": label, "params": params, "info": info},
+        "method": {"name": method, "label": label, "role": DEFENSES.get(method).role, "params": params, "info": info},
         "inputs": inputs,
         "metrics": result["metrics"],
         "samples_file": f"{record_id}.samples.jsonl",

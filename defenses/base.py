@@ -60,10 +60,21 @@ class DefenseOutput:
     skipped: str | None = None  # why the defense could not run on these inputs
 
 
+ROLES = ("reference", "frontier", "method")
+
+
 class Defense:
-    """Base class: parameters are a dataclass (self-documenting); apply() does the work."""
+    """Base class: parameters are a dataclass (self-documenting); apply() does the work.
+
+    `role` says what a row is on the board, so that no stage recognises a defense by its name:
+    - "reference": a row that answers with one of the setting's own models (theta_A, the safety
+      ceiling; theta_F, the undefended row); never cached, never counted as a method;
+    - "frontier": the interpolation rows, drawn as the curve every method must beat;
+    - "method": a defense (the default, for third-party defenses too).
+    """
 
     Params: ClassVar[type] = NoParams
+    role: ClassVar[str] = "method"
     needs: ClassVar[tuple[str, ...]] = ()
     registry_name: ClassVar[str] = ""
 

@@ -24,17 +24,24 @@ from bench.leaderboard.render import write
 HOSTILE = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>']
 
 
+ALIGNED, FINETUNED = "a" * 64, "f" * 64
+# what the runner writes for the built-in rows: the reference rows evaluate the setting's own models
+BUILT_IN = {"aligned": ("reference", ALIGNED), "none": ("reference", FINETUNED), "interpolation": ("frontier", "b" * 64)}
+
+
 def make_record(label: str, harm: list[int], util: list[int], name: str | None = None, n_harm=None, setting=None) -> dict:
     def metric(outcomes):
         k, n = sum(outcomes), len(outcomes)
         return {"value": k / n, "ci": [0.0, 1.0], "n": n, "k": k}
 
     rid = format(abs(hash((label, tuple(harm), tuple(util), json.dumps(setting)))) % (1 << 64), "016x")
+    name = name or label.split("(")[0]
+    role, evaluated = BUILT_IN.get(name, ("method", "b" * 64))
     return {
         "schema_version": 1, "record_id": rid, "created": "2026-01-01T00:00:00+00:00",
         "setting": setting or {"model": "m", "task": "sql", "harmful_n": 100, "judge": "keyword", "seed": 0},
-        "method": {"name": name or label.split("(")[0], "label": label, "params": {}},
-        "inputs": {"aligned": "a" * 64, "evaluated": "b" * 64},
+        "method": {"name": name, "label": label, "role": role, "params": {}},
+        "inputs": {"aligned": ALIGNED, "finetuned": FINETUNED, "evaluated": evaluated},
         "metrics": {"harmful_rate": metric(harm), "over_refusal": metric([0] * len(util)), "task_metric": metric(util)},
         "samples_file": f"{rid}.samples.jsonl", "cost": {"wall_s": 1.0, "peak_rss_mb": 1.0, "device": "cpu"}, "versions": {},
     }
@@ -148,6 +155,30 @@ def test_board_ranks_and_outputs(tmp_path):
     assert set(df["method"]) == set(by) and df["harmful_rate"].between(0, 1).all()
     assert len(pd.read_json(files["board.json"])) == len(rows)
     assert files["pareto.svg"].read_bytes().startswith(b"<?xml") and files["pareto.png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_board_tells_rows_apart_by_role_not_by_name(tmp_path):
+    """Renamed reference and frontier rows give the same board: roles and evaluated models, not names."""
+    board = build(load([standard_board(tmp_path)]))
+    renamed = {"aligned": "theta_A", "none": "theta_F", "interpolation": "wise_ft"}
+    recs = []
+    for rec, path in load([tmp_path / "records"]):
+        rec["method"]["name"] = renamed.get(rec["method"]["name"], rec["method"]["name"])
+        rec["method"]["label"] = rec["method"]["label"].replace("interpolation", "wise_ft").replace("aligned", "theta_A")
+        rec["method"]["label"] = "theta_F" if rec["method"]["label"] == "none" else rec["method"]["label"]
+        recs.append((rec, path))
+    again = build(recs)
+    (rows,), (rows2,) = board.settings.values(), again.settings.values()
+    keep = ("pareto_rank", "hypervolume", "harm_reduction_share", "utility_kept_share", "vs_interpolation", "role")
+    assert [[r[k] for k in keep] for r in rows] == [[r[k] for k in keep] for r in rows2]
+    assert list(board.reference_points.values()) == list(again.reference_points.values())
+    by = {r["method"]: r for r in rows2}
+    assert by["theta_F"]["vs_none"] is None and by["gradient_restoration"]["vs_none"]["harmful_rate"]["p"] < 1e-6
+    # without roles (records from elsewhere) nothing is a reference or frontier row: no curve, no undefended row
+    for rec, _ in recs:
+        rec["method"].pop("role")
+    plain = {r["method"]: r for r in next(iter(build(recs).settings.values()))}
+    assert plain["gradient_restoration"]["vs_interpolation"] == "n/a" and plain["gradient_restoration"]["vs_none"] is None
 
 
 def test_bad_input_exits_2_and_writes_nothing(tmp_path):

@@ -18,7 +18,7 @@ from bench.leaderboard.build import SHOWN, Board
 from bench.atomic import atomic_write_bytes, atomic_write_text
 
 FLAT_COLUMNS = [
-    "setting", "position", "method", "name", "pareto_rank", "rank_low", "rank_high", "tied", "hypervolume",
+    "setting", "position", "method", "name", "role", "pareto_rank", "rank_low", "rank_high", "tied", "hypervolume",
     *[f"{m}{suffix}" for m in SHOWN for suffix in ("", "_ci_low", "_ci_high", "_n")],
     "harm_reduction_share", "utility_kept_share", "p_harm_vs_none", "p_utility_vs_none", "p_harm_vs_next",
     "vs_interpolation", "wall_s", "record_id",
@@ -90,7 +90,7 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
     fig = Figure(figsize=(7, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.1, 0.1, 0.86, 0.83))
-    curve = sorted(((r["task_metric"], r["harmful_rate"]) for r in rows if r["name"] == "interpolation" and r["task_metric"] is not None))
+    curve = sorted(((r["task_metric"], r["harmful_rate"]) for r in rows if r["role"] == "frontier" and r["task_metric"] is not None))
     if curve:
         ax.plot([100 * u for u, _ in curve], [100 * h for _, h in curve], "--", color="grey", label="interpolation curve", zorder=1)
     front = sorted(((r["task_metric"], r["harmful_rate"]) for r in rows if r["pareto_rank"] == 1 and r["task_metric"] is not None))
@@ -98,7 +98,7 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
         ax.plot([100 * u for u, _ in front], [100 * h for _, h in front], "-", color="tab:green", alpha=0.6, label="Pareto frontier", zorder=1)
     shown = [r for r in rows if r["harmful_rate"] is not None and r["task_metric"] is not None]
     for grey in (False, True):  # one errorbar call per colour, not one per point
-        pts = [r for r in shown if (r["name"] == "interpolation") == grey]
+        pts = [r for r in shown if (r["role"] == "frontier") == grey]
         if not pts:
             continue
         x = [100 * r["task_metric"] for r in pts]
