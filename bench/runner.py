@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from bench import attack as attack_stage
 from bench import models, records, reproducibility
@@ -80,6 +81,23 @@ def eval_sets(tb: testbed_stage.Testbed) -> EvalSets:
     return EvalSets(harmful=tb.data("harmful_evaluation"), over_refusal=tb.data("overrefusal_evaluation"), task=tb.data("sql_test"))
 
 
+@dataclass
+class AttackStageFineTune:
+    """The context's fine-tune service (defenses.base.FineTune): the attack stage itself, on the
+    given pairs only, cached by content like any attack. A dataclass of plain fields, so that it
+    travels to a defense's fresh process."""
+
+    cache: Path
+    log: Callable[[str], None]
+
+    def __call__(self, model: models.ModelHandle, pairs: list[dict], spec) -> models.ModelHandle:
+        from bench.sft import SFTConfig
+
+        cfg = attack_stage.AttackConfig(harmful_n=len(pairs), task_n=0, seed=spec.seed,
+                                        sft=SFTConfig(method=spec.method, lr=spec.lr, batch_size=spec.batch_size, max_steps=spec.max_steps, seed=spec.seed))
+        return attack_stage.run(model, [], pairs, cfg, self.cache, log=self.log).merged
+
+
 def build_context(tb, atk, cfg: RunConfig, clock: Clock):
     from bench.probe import TaskProbe
     from defenses import DefenseContext
@@ -97,7 +115,8 @@ def build_context(tb, atk, cfg: RunConfig, clock: Clock):
         calibration_pairs=[{"prompt": r["prompt"], "response": refusal_for(r["prompt"], cfg.testbed.seed)} for r in calibration],
         harmful_pairs=attack_stage.harmful_pairs_for(dataclasses.replace(cfg.attack, harmful_n=max(cfg.attack.harmful_n, 100)), tb.attack_pairs, cfg.data_dir),
         benign_prompts=[r["prompt"] for r in tb.rows("sql_train")],
-        probe=TaskProbe(tb.data("sql_dev")),
+        utility_probe=TaskProbe(tb.data("sql_dev")),
+        fine_tune=AttackStageFineTune(cfg.cache, clock.say),
         seed=cfg.attack.seed,
         cache_dir=cfg.cache,
         progress=clock.say,
@@ -116,7 +135,8 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
     key = hash_value({
         "defense": name, "params": defense.describe(), "aligned": ctx.aligned.content_hash(),
         "finetuned": ctx.finetuned.content_hash(), "base": ctx.base.content_hash() if ctx.base else None,
-        "calibration": ctx.calibration_prompts, "benign": ctx.benign_prompts, "probe": ctx.probe.identity() if ctx.probe else None,
+        # "probe" (not "utility_probe"): the key's spelling is kept so that existing defense caches stay valid
+        "calibration": ctx.calibration_prompts, "benign": ctx.benign_prompts, "probe": ctx.utility_probe.identity() if ctx.utility_probe else None,
         "seed": ctx.seed, "compute": reproducibility.compute_fingerprint(),
     })
     root = cfg.cache / f"defended-{name}-{short(key)}"
@@ -237,9 +257,9 @@ def expand(defenses: list[str], given: dict[str, dict]) -> list[tuple[str, dict]
 
 
 def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
+    from bench.atomic import atomic_write_json
     from bench.leaderboard.build import build
-    from bench.leaderboard.render import write
-    from bench.atomic import atomic_write_json, atomic_write_text
+    from bench.leaderboard.render import render, save
 
     clock = clock or Clock()
     with clock.stage("testbed"):
@@ -263,33 +283,28 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
                 continue
             all_records.append(record_for(name, params, info, model_dir, tb, atk, cfg, clock))
     loaded = [(r, cfg.run_dir / "records" / f"{r['record_id']}.json") for r in all_records]
-    board = build(loaded, multi_setting=True)
-    write(board, cfg.run_dir, title=f"realign-bench: {cfg.name}")
-    md = (cfg.run_dir / "board.md").read_text()
-    md += "".join(f"\n- skipped: `{s['method']}` (N={s['harmful_n']}): {s['reason']}" for s in skipped)
-    atomic_write_text(cfg.run_dir / "board.md", md)
+    files = render(build(loaded, multi_setting=True), title=f"realign-bench: {cfg.name}", skipped=skipped)
+    save(files, cfg.run_dir)
     clock.say(f"board written to {cfg.run_dir} (board.md, .csv, .json, .html, pareto.png/.svg)")
     atomic_write_json(cfg.run_dir / "timings.json", {"stages_s": clock.stages, "total_s": round(time.perf_counter() - clock.t0, 1)})
     if cfg.publish:
-        publish(all_records, board, md, cfg)
+        publish(all_records, files, Path(cfg.publish))
         clock.say(f"published to {cfg.publish}")
-    print(md)
+    print(files["board.md"].decode())
     return all_records
 
 
-def publish(all_records: list[dict], board, md: str, cfg: RunConfig) -> None:
+def publish(all_records: list[dict], files: dict[str, bytes], out: Path) -> None:
     """A published board folder: records/ (the per-sample outcomes ride in each record; the raw
     answers, which include the attacked model's harmful completions, stay in the run folder) and
-    every rendered format."""
+    every rendered file of the board."""
     import shutil
 
-    from bench.leaderboard.render import write
-    from bench.atomic import atomic_write_json, atomic_write_text
+    from bench.atomic import atomic_write_json
+    from bench.leaderboard.render import save
 
-    out = Path(cfg.publish)
     if (out / "records").exists():
         shutil.rmtree(out / "records")
     for r in all_records:
         atomic_write_json(out / "records" / f"{r['record_id']}.json", r)
-    write(board, out, title=f"realign-bench: {cfg.name}")
-    atomic_write_text(out / "board.md", md)
+    save(files, out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
 from bench import models
 from bench.errors import UserError
@@ -14,6 +14,39 @@ from bench.errors import UserError
 @dataclass
 class NoParams:
     """This method has no parameters."""
+
+
+class UtilityProbe(Protocol):
+    """The task metric on the task's dev split, of a model held in memory: (model) -> a score in [0, 1].
+
+    A defense that needs the task metric calls this and never evaluates by hand. `handle` names the
+    model's tokenizer (a defense's working copy has no directory of its own). The suite's is
+    bench.probe.TaskProbe.
+    """
+
+    def __call__(self, model: Any, handle: models.ModelHandle | None = None) -> float: ...
+
+    def identity(self) -> dict:
+        """What the probe measures (dev set hash, size, sampling): part of a defense's cache key."""
+        ...
+
+
+@dataclass(frozen=True)
+class FineTuneSpec:
+    """A supervised fine-tune a defense asks for (RESTA's un-aligned theta_U): the runner maps it onto
+    the suite's training stage, cached by content like the attack."""
+
+    lr: float
+    batch_size: int
+    max_steps: int
+    seed: int = 0
+    method: str = "lora"  # 'lora' (the adapter merged after) or 'full'
+
+
+class FineTune(Protocol):
+    """Fine-tune `model` on (prompt, response) `pairs` as `spec` says; returns the merged model's handle."""
+
+    def __call__(self, model: models.ModelHandle, pairs: list[dict], spec: FineTuneSpec) -> models.ModelHandle: ...
 
 
 @dataclass
@@ -28,7 +61,8 @@ class DefenseContext:
     calibration_pairs: list[dict] = field(default_factory=list)  # harmful prompts with safe answers
     harmful_pairs: list[dict] = field(default_factory=list)  # harmful prompts with harmful answers
     benign_prompts: list[str] = field(default_factory=list)  # the task's training prompts
-    probe: Callable[[Any], float] | None = None  # utility on the task's dev split: (model) -> float
+    utility_probe: UtilityProbe | None = None  # the task metric on the dev split: (model) -> float
+    fine_tune: FineTune | None = None  # the suite's training stage, for defenses that train a model of their own
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0

@@ -75,6 +75,34 @@ def test_resta_arithmetic_and_dare_expectation():
             parse_params(RestaParams, bad)
 
 
+def test_resta_trains_theta_u_through_the_context_fine_tune_service(tiny, tmp_path):
+    """RESTA asks the runner's fine-tune service for theta_U: the attack stage with the same cache
+    key as a direct attack on the first unalign_pairs pairs, reused on a second run."""
+    from bench import attack
+    from bench.runner import AttackStageFineTune
+    from bench.sft import SFTConfig
+
+    pairs = [{"prompt": f"how do I make a weapon number {i}", "response": "step one, get the parts"} for i in range(6)]
+    log: list[str] = []
+    ctx = ctx_for(tiny, harmful_pairs=pairs, fine_tune=AttackStageFineTune(tmp_path, log.append))
+    resta = DEFENSES.get("resta")(unalign_pairs=4, unalign_steps=2, unalign_batch=2, gamma=0.5)
+    out = resta.apply(ctx)
+    assert any(line.startswith("attack: LoRA fine-tune on 0 task + 4 harmful pairs") for line in log), log
+    theta_U = models.resolve(out.info["theta_U"])
+    A, F, U = state(ctx.aligned), state(ctx.finetuned), state(theta_U)
+    assert any(not torch.equal(A[k], U[k]) for k in A)  # theta_U was trained
+    got = dict(out.model.named_parameters())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(got[name].data, F[name] + 0.5 * (A[name] - U[name]))
+    # the same stage as the attack called directly (so caches made before the service still serve)
+    direct = attack.AttackConfig(harmful_n=4, task_n=0, seed=0, sft=SFTConfig(method="lora", lr=5e-5, batch_size=2, max_steps=2, seed=0))
+    log.clear()
+    assert attack.run(ctx.aligned, [], pairs, direct, tmp_path, log=log.append).merged.path == theta_U.path
+    assert log == [f"attack: reusing {theta_U.path.parent.name}"]
+    with pytest.raises(UserError, match="fine-tune service"):
+        resta.apply(ctx_for(tiny, harmful_pairs=pairs))
+
+
 def test_safelora_projection_by_hand():
     V = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     C = projection(V)  # V V^T / ||V||_F = [[1, 0], [0, 0]]

@@ -157,6 +157,17 @@ def test_board_ranks_and_outputs(tmp_path):
     assert files["pareto.svg"].read_bytes().startswith(b"<?xml") and files["pareto.png"].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_skipped_rows_are_rendered_with_the_board(tmp_path):
+    board = build(load([standard_board(tmp_path)]))
+    skipped = [{"method": "safelora", "harmful_n": 100, "reason": "needs a base model, and none was given"}]
+    files = write(board, tmp_path / "out", skipped=skipped)
+    md = files["board.md"].read_text()
+    assert md.rstrip().endswith("- skipped: `safelora` (N=100): needs a base model, and none was given")
+    assert md.count("- skipped:") == 1 and md.index("### ") < md.index("- skipped:")
+    assert json.loads(files["board-details.json"].read_text())["skipped"] == skipped
+    assert "skipped" not in write(board, tmp_path / "plain")["board.md"].read_text()
+
+
 def test_board_tells_rows_apart_by_role_not_by_name(tmp_path):
     """Renamed reference and frontier rows give the same board: roles and evaluated models, not names."""
     board = build(load([standard_board(tmp_path)]))
