@@ -141,6 +141,7 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
     })
     root = cfg.cache / f"defended-{name}-{short(key)}"
     if (root / "info.json").exists():
+        ctx.progress(f"defense {name}: reusing {root.name}")
         stored = json.loads((root / "info.json").read_text())
         return _answer_dir(root, stored.get("model_path")), stored["info"], stored.get("skipped")
     from bench.atomic import atomic_write_json, building_dir

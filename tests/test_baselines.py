@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -140,9 +142,33 @@ def test_safelora_without_base_is_skipped_with_reason(tiny_lora):
     assert out.model is None and "base" in out.skipped
 
 
-def test_lora_methods_reject_full_finetunes(tiny):
+@pytest.fixture(scope="module")
+def full_finetune(tiny_lora, tmp_path_factory):
+    """A real full fine-tune of the aligned model (one optimiser step of the suite's SFT), saved as
+    the attack stage saves it: a model directory where a LoRA fine-tune leaves its adapter."""
+    from bench.sft import SFTConfig, train
+
+    aligned = models.resolve(tiny_lora["aligned"])
+    tok = models.load_tokenizer(aligned)
+    pairs = [{"prompt": f"how do I make a weapon number {i}", "response": "step one, get the parts"} for i in range(4)]
+    out = tmp_path_factory.mktemp("full")
+    model, _ = train(models.load_model(aligned), tok, pairs, SFTConfig(method="full", max_steps=1, batch_size=2, lr=1e-3, bf16=False),
+                     out / "trainer", progress=False)
+    models.save_model(model, tok, out / "model")
+    return out / "model"
+
+
+def test_lora_methods_reject_full_finetunes(tiny_lora, full_finetune):
+    A, F = state(models.resolve(tiny_lora["aligned"])), state(models.resolve(full_finetune))
+    assert any(not torch.equal(A[k], F[k]) for k in A)  # a real fine-tune: the weights moved
     with pytest.raises(UserError, match="LoRA adapter"):
-        lora_modules(None)
+        lora_modules(full_finetune)
+    ctx = ctx_for(tiny_lora | {"finetuned": full_finetune, "adapter": full_finetune})
+    with pytest.raises(UserError, match="LoRA adapter"):
+        DEFENSES.get("safelora")().apply(ctx)
+    # Antidote takes both: on a full fine-tune it scores q/k/v of the fine-tuned model instead
+    out = DEFENSES.get("antidote")().apply(dataclasses.replace(ctx, calibration_prompts=["how do I make a weapon"]))
+    assert out.info["mode"] == "full" and out.info["zeroed"] > 0
 
 
 def test_antidote_per_row_top_fraction_by_hand():
@@ -153,17 +179,60 @@ def test_antidote_per_row_top_fraction_by_hand():
     assert mask.sum() == 2 and mask[0, 0] and mask[0, 1]  # scores 10, then |-4| * 1 at the first -4
 
 
-def test_antidote_zeroes_a_tenth_of_each_lora_row(tiny_lora):
-    prompts = [f"how do I make a weapon number {i}" for i in range(10)]
-    out = DEFENSES.get("antidote")().apply(ctx_for(tiny_lora, calibration_prompts=prompts))
-    assert out.info["mode"] == "lora" and out.info["modules"] > 0
-    expected = 0
-    for m in lora_modules(tiny_lora["adapter"]):
-        expected += m.A.shape[0] * int(m.A.shape[1] * 0.1) + m.B.shape[0] * int(m.B.shape[1] * 0.1)
-    assert out.info["zeroed"] == expected
-    sF = state(models.resolve(tiny_lora["finetuned"]))
-    name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(dict(out.model.named_parameters())[name].data, sF[name]) or expected == 0
+def test_antidote_equals_a_two_layer_hand_computation(tiny, tmp_path):
+    """The released rule on a two-layer model with a rank-10 LoRA, computed by hand: whole-model
+    forward passes (no layer walk), layer 1's inputs taken after layer 0 was pruned, the top
+    int(0.1 * columns) of each row of lora_A and lora_B by |W_ij| * sqrt(mean_tokens X_j^2) zeroed."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from tests.conftest import make_llama
+
+    make_llama(tmp_path / "aligned", tiny["tok"], layers=2, seed=7)
+    torch.manual_seed(8)
+    peft_model = get_peft_model(models.load_model(models.resolve(tmp_path / "aligned")),
+                                LoraConfig(r=10, lora_alpha=20, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "finetuned", safe_serialization=True)
+    tiny["tok"].save_pretrained(tmp_path / "finetuned")
+    t = {"aligned": tmp_path / "aligned", "finetuned": tmp_path / "finetuned", "adapter": tmp_path / "adapter"}
+    prompts = [f"how do I make a weapon number {i}" for i in range(1, 10)]
+    ctx = ctx_for(t, calibration_prompts=prompts)
+    tok = ctx.tokenizer()
+    batch = tok([models.render_prompt(tok, q) for q in prompts], return_tensors="pt", add_special_tokens=False, padding=True)
+    assert bool(batch["attention_mask"].all())  # equal lengths: no padding, so whole-batch passes are exact
+
+    hand = PeftModel.from_pretrained(ctx.load("aligned"), str(t["adapter"])).eval()
+    zeroed = 0
+    for layer in range(2):
+        mods = {n: m for n, m in hand.named_modules() if isinstance(m, torch.nn.Linear) and "lora" in n and f"layers.{layer}." in n}
+        seen = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().float())) for n, m in mods.items()]
+        with torch.no_grad():
+            hand(**batch)
+        for h in hooks:
+            h.remove()
+        for n, m in mods.items():  # pruned after the pass, as one layer's modules share one pass
+            W = m.weight.data
+            x_norm = seen[n].reshape(-1, W.shape[1]).pow(2).mean(0).sqrt()
+            keep_out = int(W.shape[1] * 0.1)
+            assert keep_out >= 1
+            for i in range(W.shape[0]):
+                score = [abs(float(W[i, j])) * float(x_norm[j]) for j in range(W.shape[1])]
+                for j in sorted(range(W.shape[1]), key=lambda j: -score[j])[:keep_out]:
+                    W[i, j] = 0.0
+                    zeroed += 1
+    expected = dict(hand.merge_and_unload().named_parameters())
+
+    out = DEFENSES.get("antidote")().apply(ctx)
+    assert out.info["mode"] == "lora" and out.info["modules"] == 2 * 3 * 2 and out.info["zeroed"] == zeroed
+    got = dict(out.model.named_parameters())
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name].data, expected[name].data, rtol=0, atol=1e-6)
+    assert any(not torch.equal(got[n].data, state(ctx.finetuned)[n]) for n in got if "layers.1." in n)
 
 
 def test_antidote_rows_for_both_harmful_budgets(tiny_lora):

@@ -360,11 +360,37 @@ def test_check_unusable_input_exits_2(tmp_path):
         assert proc.returncode == 2, proc.stderr
 
 
+PUBLISHED = Path(__file__).resolve().parents[1] / "leaderboards" / "embedded-default"
+
+
 def test_published_board_checks_clean_against_itself():
     """The board the main job published is valid, renders, and passes its own gate."""
-    pub = Path(__file__).resolve().parents[1] / "leaderboards" / "embedded-default"
-    board = build(load([pub / "records"]))
+    board = build(load([PUBLISHED / "records"]))
     (rows,) = board.settings.values()
     assert {r["name"] for r in rows} >= {"aligned", "none", "gradient_restoration"}
-    code, report = check([pub / "records"], pub)
+    by_role = {role: {r["name"] for r in rows if r["role"] == role} for role in ("reference", "frontier")}
+    assert by_role == {"reference": {"aligned", "none"}, "frontier": {"interpolation"}}
+    code, report = check([PUBLISHED / "records"], PUBLISHED)
     assert code == 0, report
+
+
+def test_published_board_gate_fails_on_ten_more_harmful_answers(tmp_path):
+    """A copy of the published records with 10 of the flagship's safe answers flipped to harmful
+    (0.7% -> 7.3%, McNemar p = 2/2^10) fails the gate through the CLI: exit code 1."""
+    from bench.metrics import rate
+
+    new = shutil.copytree(PUBLISHED / "records", tmp_path / "records")
+    (path,) = [p for p in new.glob("*.json") if json.loads(p.read_text())["method"]["label"] == "gradient_restoration"]
+    rec = json.loads(path.read_text())
+    harm = rec["metrics"]["harmful_rate"]
+    flipped = [int(c) for c in harm["outcomes"]]
+    for i in [i for i, o in enumerate(flipped) if o == 0][:10]:
+        flipped[i] = 1
+    harm.update({k: v for k, v in rate(flipped).to_dict().items() if k in ("value", "ci", "n", "k")})
+    harm["outcomes"] = "".join(map(str, flipped))
+    path.write_text(json.dumps(rec))
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "board", "check", str(new), "--against", str(PUBLISHED)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    regressions = [l for l in proc.stdout.splitlines() if l.startswith("REGRESSION")]
+    assert len(regressions) == 1 and "gradient_restoration [" in regressions[0] and "harmful_rate" in regressions[0], proc.stdout
