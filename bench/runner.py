@@ -132,14 +132,7 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
     if cls.role == "reference":  # answers with one of the setting's own models: nothing to compute or cache
         out = defense.apply(ctx)
         return out.model_path, out.info, out.skipped
-    key = hash_value({
-        "defense": name, "params": defense.describe(), "aligned": ctx.aligned.content_hash(),
-        "finetuned": ctx.finetuned.content_hash(), "base": ctx.base.content_hash() if ctx.base else None,
-        # "probe" (not "utility_probe"): the key's spelling is kept so that existing defense caches stay valid
-        "calibration": ctx.calibration_prompts, "benign": ctx.benign_prompts, "probe": ctx.utility_probe.identity() if ctx.utility_probe else None,
-        "seed": ctx.seed, "compute": reproducibility.compute_fingerprint(),
-    })
-    root = cfg.cache / f"defended-{name}-{short(key)}"
+    root = defense_dir(name, defense, ctx, cfg)
     if (root / "info.json").exists():
         ctx.progress(f"defense {name}: reusing {root.name}")
         stored = json.loads((root / "info.json").read_text())
@@ -154,6 +147,19 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
         info = dict(info) | {"wall_s": round(time.perf_counter() - t0, 2)}
         atomic_write_json(tmp / "info.json", {"info": info, "skipped": skipped, "params": defense.describe(), "model_path": model_path})
     return _answer_dir(root, model_path), info, skipped
+
+
+def defense_dir(name: str, defense, ctx, cfg: RunConfig) -> Path:
+    """The cache directory of one defense row: keyed by every parameter (defaults included) and
+    every input the defense can read."""
+    key = hash_value({
+        "defense": name, "params": defense.describe(), "aligned": ctx.aligned.content_hash(),
+        "finetuned": ctx.finetuned.content_hash(), "base": ctx.base.content_hash() if ctx.base else None,
+        # "probe" (not "utility_probe"): the key's spelling is kept so that existing defense caches stay valid
+        "calibration": ctx.calibration_prompts, "benign": ctx.benign_prompts, "probe": ctx.utility_probe.identity() if ctx.utility_probe else None,
+        "seed": ctx.seed, "compute": reproducibility.compute_fingerprint(),
+    })
+    return cfg.cache / f"defended-{name}-{short(key)}"
 
 
 def _answer_dir(root: Path, model_path: str | None) -> Path | None:

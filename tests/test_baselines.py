@@ -57,6 +57,51 @@ def test_runner_keeps_a_defense_that_answers_with_an_existing_model(tiny_lora, t
     assert run_defense("interpolation", {"alpha": 0.0}, ctx, cfg)[0] == ctx.aligned.path  # cached
 
 
+# another valid value of each text parameter (a new one must be added here, or the test below fails)
+OTHER_TEXT = {"data": "harmful_pairs", "mode": {"gradient_restoration": "clean", "safelora": "threshold"},
+              "rate_denominator": "candidates", "grad_accumulation": "fresh", "batches": "all", "ties": "inclusive",
+              "comparison": "strict", "compute_dtype": "float32", "aligned_copy": "memory"}
+
+
+def _other_values(cls, field, default):
+    if isinstance(default, bool):
+        return [not default]
+    if isinstance(default, int):
+        return [default + 1, default - 1, default * 2]
+    if isinstance(default, float):
+        return [default / 2, default * 2, 0.1, 0.3]
+    assert field.name in OTHER_TEXT, f"add another valid value of {cls.registry_name}.{field.name} to OTHER_TEXT"
+    other = OTHER_TEXT[field.name]
+    return [other[cls.registry_name] if isinstance(other, dict) else other]
+
+
+def test_runner_cache_key_changes_with_every_defense_parameter(tiny, tmp_path):
+    from bench.runner import RunConfig, defense_dir
+    from defenses import names_with_role
+
+    cfg, ctx = RunConfig(home=tmp_path), ctx_for(tiny)
+    seen = {}
+    for name in names_with_role("method") + names_with_role("frontier"):
+        cls = DEFENSES.get(name)
+        default = cls()
+        seen[defense_dir(name, default, ctx, cfg)] = (name, "defaults")
+        for field in dataclasses.fields(cls.Params):
+            for value in _other_values(cls, field, getattr(default.params, field.name)):
+                if value == getattr(default.params, field.name):
+                    continue
+                try:
+                    changed = cls(**{field.name: value})
+                except UserError:
+                    continue
+                break
+            else:
+                pytest.fail(f"no other valid value found for {name}.{field.name}")
+            where = defense_dir(name, changed, ctx, cfg)
+            assert where not in seen, f"{name}.{field.name}={value!r} shares a cache directory with {seen.get(where)}"
+            seen[where] = (name, field.name)
+    assert defense_dir("resta", DEFENSES.get("resta")(), dataclasses.replace(ctx, seed=1), cfg) not in seen
+
+
 def test_resta_arithmetic_and_dare_expectation():
     A = {"w": torch.tensor([1.0, 2.0, 3.0])}
     U = {"w": torch.tensor([0.5, 2.5, 3.0])}
