@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from bench import progress
 from bench.errors import UserError
+from bench.progress import log
 
 
 def run_fresh(fn: Callable, *args, **kwargs) -> Any:
@@ -33,7 +35,9 @@ def run_fresh(fn: Callable, *args, **kwargs) -> Any:
     target = f"{module}:{fn.__qualname__}"
     with tempfile.TemporaryDirectory(prefix="realign-call-") as tmp:
         call, result = Path(tmp) / "call.pkl", Path(tmp) / "result.pkl"
-        call.write_bytes(pickle.dumps((target, args, kwargs)))
+        # the child logs as this process does (the CLI's --verbosity)
+        call.write_bytes(pickle.dumps((target, args, kwargs, log.getEffectiveLevel())))
+        log.debug(f"running {target} in a new interpreter")
         proc = subprocess.run([sys.executable, "-m", "bench.new_interpreter", str(call), str(result)], env=os.environ.copy())
         if not result.exists():
             raise RuntimeError(f"{target} died in its fresh process (exit code {proc.returncode})")
@@ -48,7 +52,8 @@ def run_fresh(fn: Callable, *args, **kwargs) -> Any:
 def _main(call: str, result: str) -> int:
     import traceback
 
-    target, args, kwargs = pickle.loads(Path(call).read_bytes())
+    target, args, kwargs, level = pickle.loads(Path(call).read_bytes())
+    progress.configure(level)
     module, _, name = target.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)

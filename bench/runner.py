@@ -6,20 +6,20 @@ so an interrupted run resumes where it stopped and a second run redoes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from bench import attack as attack_stage
 from bench import models, records, reproducibility
-from bench.errors import UserError
 from bench.evaluate import EvalConfig, EvalSets, evaluate
 from bench.new_interpreter import run_fresh
+from bench.progress import log
 from bench.hashing import hash_file, hash_value, short
 from bench.testbed import build as testbed_stage
 
@@ -46,35 +46,27 @@ class RunConfig:
         return self.home / "runs" / self.name
 
 
-def _to_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 class Clock:
-    """Stage timer that prints one progress line per stage."""
+    """Stage timer: one progress line per stage (logging, INFO), each with the time since the start.
+    Plain fields only: a defense's fresh process gets it pickled (as ctx.progress)."""
 
-    def __init__(self, log=None):
+    def __init__(self):
         self.t0 = time.perf_counter()
         self.stages: dict[str, float] = {}
-        self.log = log or _to_stderr  # a module-level function: a defense's fresh process gets the clock pickled
 
     def say(self, msg: str) -> None:
-        self.log(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}")
+        log.info(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}")
 
-    def stage(self, name: str):
-        clock = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                clock.say(f"{name} ...")
-
-            def __exit__(self, *exc):
-                clock.stages[name] = round(time.perf_counter() - self.t, 1)
-                if exc[0] is None:
-                    clock.say(f"{name}: {clock.stages[name]:.1f}s")
-
-        return _Stage()
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Times the block as stage `name`; the closing line is said only when the block succeeds."""
+        t = time.perf_counter()
+        self.say(f"{name} ...")
+        try:
+            yield
+        finally:
+            self.stages[name] = round(time.perf_counter() - t, 1)
+        self.say(f"{name}: {self.stages[name]:.1f}s")
 
 
 def eval_sets(tb: testbed_stage.Testbed) -> EvalSets:
@@ -133,6 +125,7 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
         out = defense.apply(ctx)
         return out.model_path, out.info, out.skipped
     root = defense_dir(name, defense, ctx, cfg)
+    log.debug(f"defense {name}: cache directory {root}")
     if (root / "info.json").exists():
         ctx.progress(f"defense {name}: reusing {root.name}")
         stored = json.loads((root / "info.json").read_text())
@@ -230,15 +223,10 @@ def parse_row(text: str) -> tuple[str, dict]:
     """'name' or 'name:key=value:key=value' (one board row with its own parameters), checked
     against the defense's parameters before any work starts."""
     from defenses import DEFENSES
-    from defenses.base import parse_params
+    from defenses.base import key_values, parse_params
 
     name, *items = text.split(":")
-    params = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"defense {text!r}: parameters are written name:key=value:key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        params[key.strip()] = value.strip()
+    params = key_values(items, "name:key=value:key=value")
     parse_params(DEFENSES.get(name.strip()).Params, params)
     return name.strip(), params
 
