@@ -228,20 +228,11 @@ def test_antidote_equals_a_two_layer_hand_computation(tiny, tmp_path):
     """The released rule on a two-layer model with a rank-10 LoRA, computed by hand: whole-model
     forward passes (no layer walk), layer 1's inputs taken after layer 0 was pruned, the top
     int(0.1 * columns) of each row of lora_A and lora_B by |W_ij| * sqrt(mean_tokens X_j^2) zeroed."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from tests.conftest import make_llama
+    from peft import LoraConfig, PeftModel
+    from tests.conftest import make_llama, random_lora
 
     make_llama(tmp_path / "aligned", tiny["tok"], layers=2, seed=7)
-    torch.manual_seed(8)
-    peft_model = get_peft_model(models.load_model(models.resolve(tmp_path / "aligned")),
-                                LoraConfig(r=10, lora_alpha=20, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    peft_model.merge_and_unload().save_pretrained(tmp_path / "finetuned", safe_serialization=True)
-    tiny["tok"].save_pretrained(tmp_path / "finetuned")
+    random_lora(tmp_path, tiny["tok"], LoraConfig(r=10, lora_alpha=20, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"), seed=8)
     t = {"aligned": tmp_path / "aligned", "finetuned": tmp_path / "finetuned", "adapter": tmp_path / "adapter"}
     prompts = [f"how do I make a weapon number {i}" for i in range(1, 10)]
     ctx = ctx_for(t, calibration_prompts=prompts)
