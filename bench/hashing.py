@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ def hash_model_dir(path: Path | str) -> str:
         h.update(hash_file(p).encode())
     digest = h.hexdigest()
     try:  # a read-only model directory is fine: we just do not memoise
-        from bench.store import atomic_write_json
+        from bench.atomic import atomic_write_json
 
         atomic_write_json(memo, {"stamp": stamp, "hash": digest})
     except OSError:
@@ -65,7 +64,3 @@ def hash_model_dir(path: Path | str) -> str:
 
 def short(digest: str) -> str:
     return digest[:SHORT]
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in {"1", "true", "yes"}

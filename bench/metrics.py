@@ -1,12 +1,15 @@
 """Metrics with their per-sample outcomes and a 95% confidence interval.
 
-A rate is stored with every 0/1 outcome it came from, so that the board can bootstrap it and run
-paired tests (McNemar) between methods on the same prompts.
+A rate is stored with every 0/1 outcome it came from, so that the board can resample prompts for
+rank intervals and run paired tests (McNemar) between methods on the same prompts. Its interval is
+the Wilson score interval, here and on the board: one rate, one interval wherever it is shown.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -30,14 +33,29 @@ class Rate:
 
 def rate(outcomes: list[int | None], confidence: float = 0.95) -> Rate:
     """Rate of 1s among the known outcomes (None = unknown, counted aside)."""
-    from scipy.stats import binomtest
-
     known = [int(o) for o in outcomes if o is not None]
     n, k = len(known), sum(known)
     if n == 0:
         return Rate(float("nan"), (float("nan"), float("nan")), 0, 0, [], len(outcomes))
-    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
-    return Rate(k / n, (float(ci.low), float(ci.high)), n, k, known, len(outcomes) - n)
+    low, high = wilson_interval(k, n, confidence)
+    return Rate(k / n, (float(low), float(high)), n, k, known, len(outcomes) - n)
+
+
+def wilson_interval(k, n, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of k successes in n, elementwise over arrays (a whole board in one
+    call); nan where n is 0. Closed form on scipy.special: importing scipy.stats costs about a second."""
+    from scipy.special import ndtri
+
+    k, n = np.asarray(k, float), np.asarray(n, float)
+    z2 = float(ndtri(0.5 + confidence / 2)) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = k / n
+        centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+        half = np.sqrt(z2 * p * (1 - p) / n + z2 * z2 / (4 * n * n)) / (1 + z2 / n)
+    # the closed form hits 0 and 1 exactly at k = 0 and k = n only up to rounding
+    low = np.where(k == 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+    high = np.where(k == n, 1.0, np.clip(centre + half, 0.0, 1.0))
+    return np.where(n > 0, low, np.nan), np.where(n > 0, high, np.nan)
 
 
 def outcome_string(outcomes: list[int | None]) -> str:

@@ -16,6 +16,8 @@ from tasks.realign.utils import normalise_sql
 
 
 class TaskProbe:
+    """The suite's UtilityProbe (defenses.base): exact match on the task's dev split."""
+
     def __init__(self, dev_file: Path, max_new_tokens: int = 48, limit: int | None = None, batch_size: int = 25):
         self.dev_file = Path(dev_file)
         rows = read_jsonl(self.dev_file, required=("prompt", "response"))
@@ -27,7 +29,7 @@ class TaskProbe:
     def identity(self) -> dict:
         return {"dev_file": hash_file(self.dev_file), "n": len(self.rows), "sampling": self.sampling.to_dict()}
 
-    def __call__(self, model, handle=None, tokenizer=None) -> float:
+    def __call__(self, model, handle=None) -> float:
         """Exact match on the dev split. `handle` names the model's tokenizer directory."""
         from bench import models
 

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.errors import UserError
-from bench.store import atomic_write_json, atomic_write_jsonl
+from bench.atomic import atomic_write_json, atomic_write_jsonl
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "record.schema.json"

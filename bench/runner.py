@@ -6,19 +6,20 @@ so an interrupted run resumes where it stopped and a second run redoes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 from bench import attack as attack_stage
 from bench import models, records, reproducibility
-from bench.errors import UserError
 from bench.evaluate import EvalConfig, EvalSets, evaluate
-from bench.fresh import run_fresh
+from bench.new_interpreter import run_fresh
+from bench.progress import log
 from bench.hashing import hash_file, hash_value, short
 from bench.testbed import build as testbed_stage
 
@@ -45,39 +46,48 @@ class RunConfig:
         return self.home / "runs" / self.name
 
 
-def _to_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 class Clock:
-    """Stage timer that prints one progress line per stage."""
+    """Stage timer: one progress line per stage (logging, INFO), each with the time since the start.
+    Plain fields only: a defense's fresh process gets it pickled (as ctx.progress)."""
 
-    def __init__(self, log=None):
+    def __init__(self):
         self.t0 = time.perf_counter()
         self.stages: dict[str, float] = {}
-        self.log = log or _to_stderr  # a module-level function: a defense's fresh process gets the clock pickled
 
     def say(self, msg: str) -> None:
-        self.log(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}")
+        log.info(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}")
 
-    def stage(self, name: str):
-        clock = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                clock.say(f"{name} ...")
-
-            def __exit__(self, *exc):
-                clock.stages[name] = round(time.perf_counter() - self.t, 1)
-                if exc[0] is None:
-                    clock.say(f"{name}: {clock.stages[name]:.1f}s")
-
-        return _Stage()
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Times the block as stage `name`; the closing line is said only when the block succeeds."""
+        t = time.perf_counter()
+        self.say(f"{name} ...")
+        try:
+            yield
+        finally:
+            self.stages[name] = round(time.perf_counter() - t, 1)
+        self.say(f"{name}: {self.stages[name]:.1f}s")
 
 
 def eval_sets(tb: testbed_stage.Testbed) -> EvalSets:
     return EvalSets(harmful=tb.data("harmful_evaluation"), over_refusal=tb.data("overrefusal_evaluation"), task=tb.data("sql_test"))
+
+
+@dataclass
+class AttackStageFineTune:
+    """The context's fine-tune service (defenses.base.FineTune): the attack stage itself, on the
+    given pairs only, cached by content like any attack. A dataclass of plain fields, so that it
+    travels to a defense's fresh process."""
+
+    cache: Path
+    log: Callable[[str], None]
+
+    def __call__(self, model: models.ModelHandle, pairs: list[dict], spec) -> models.ModelHandle:
+        from bench.sft import SFTConfig
+
+        cfg = attack_stage.AttackConfig(harmful_n=len(pairs), task_n=0, seed=spec.seed,
+                                        sft=SFTConfig(method=spec.method, lr=spec.lr, batch_size=spec.batch_size, max_steps=spec.max_steps, seed=spec.seed))
+        return attack_stage.run(model, [], pairs, cfg, self.cache, log=self.log).merged
 
 
 def build_context(tb, atk, cfg: RunConfig, clock: Clock):
@@ -97,7 +107,8 @@ def build_context(tb, atk, cfg: RunConfig, clock: Clock):
         calibration_pairs=[{"prompt": r["prompt"], "response": refusal_for(r["prompt"], cfg.testbed.seed)} for r in calibration],
         harmful_pairs=attack_stage.harmful_pairs_for(dataclasses.replace(cfg.attack, harmful_n=max(cfg.attack.harmful_n, 100)), tb.attack_pairs, cfg.data_dir),
         benign_prompts=[r["prompt"] for r in tb.rows("sql_train")],
-        probe=TaskProbe(tb.data("sql_dev")),
+        utility_probe=TaskProbe(tb.data("sql_dev")),
+        fine_tune=AttackStageFineTune(cfg.cache, clock.say),
         seed=cfg.attack.seed,
         cache_dir=cfg.cache,
         progress=clock.say,
@@ -110,20 +121,16 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
 
     cls = DEFENSES.get(name)
     defense = cls(**params)
-    if name in ("aligned", "none"):
+    if cls.role == "reference":  # answers with one of the setting's own models: nothing to compute or cache
         out = defense.apply(ctx)
         return out.model_path, out.info, out.skipped
-    key = hash_value({
-        "defense": name, "params": defense.describe(), "aligned": ctx.aligned.content_hash(),
-        "finetuned": ctx.finetuned.content_hash(), "base": ctx.base.content_hash() if ctx.base else None,
-        "calibration": ctx.calibration_prompts, "benign": ctx.benign_prompts, "probe": ctx.probe.identity() if ctx.probe else None,
-        "seed": ctx.seed, "compute": reproducibility.compute_fingerprint(),
-    })
-    root = cfg.cache / f"defended-{name}-{short(key)}"
-    from bench.store import atomic_write_json, building_dir, verified_manifest
+    root = defense_dir(name, defense, ctx, cfg)
+    log.debug(f"defense {name}: cache directory {root}")
+    from bench.atomic import atomic_write_json, building_dir, verified_manifest
 
-    stored = verified_manifest(root, defended_content, _to_stderr, name="info.json")
+    stored = verified_manifest(root, defended_content, ctx.progress, name="info.json")
     if stored is not None:
+        ctx.progress(f"defense {name}: reusing {root.name}")
         return _answer_dir(root, stored.get("model_path")), stored["info"], stored.get("skipped")
 
     t0 = time.perf_counter()
@@ -145,6 +152,19 @@ def defended_content(root: Path) -> dict:
             "checkpoints": {p.name: hash_file(p) for p in sorted((root / "checkpoints").glob("*.bin"))}}
 
 
+def defense_dir(name: str, defense, ctx, cfg: RunConfig) -> Path:
+    """The cache directory of one defense row: keyed by every parameter (defaults included) and
+    every input the defense can read."""
+    key = hash_value({
+        "defense": name, "params": defense.describe(), "aligned": ctx.aligned.content_hash(),
+        "finetuned": ctx.finetuned.content_hash(), "base": ctx.base.content_hash() if ctx.base else None,
+        # "probe" (not "utility_probe"): the key's spelling is kept so that existing defense caches stay valid
+        "calibration": ctx.calibration_prompts, "benign": ctx.benign_prompts, "probe": ctx.utility_probe.identity() if ctx.utility_probe else None,
+        "seed": ctx.seed, "compute": reproducibility.compute_fingerprint(),
+    })
+    return cfg.cache / f"defended-{name}-{short(key)}"
+
+
 def _answer_dir(root: Path, model_path: str | None) -> Path | None:
     """The defended model: saved under root/model, or an existing directory the defense named
     (interpolation at alpha 0 or 1 answers with theta_A or theta_F itself)."""
@@ -156,7 +176,7 @@ def _answer_dir(root: Path, model_path: str | None) -> Path | None:
 def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | None, str | None]:
     """Run in a fresh process by run_defense: apply, save the model and checkpoints under out.
     Returns (info, skipped reason, the directory of an existing model the defense answered with)."""
-    from bench.store import atomic_write_bytes
+    from bench.atomic import atomic_write_bytes
     from defenses import DEFENSES
 
     t0 = time.perf_counter()
@@ -171,6 +191,8 @@ def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | 
 
 
 def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, cfg: RunConfig, clock: Clock) -> dict:
+    from defenses import DEFENSES
+
     sets = eval_sets(tb)
     model = models.resolve(model_dir)
     setting = {"model": tb.manifest["base_name"], "task": sets.task_yaml, "harmful_n": atk.manifest["config"]["harmful_n"],
@@ -193,7 +215,7 @@ def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, 
         "record_id": record_id,
         "created": records.now(),
         "setting": setting,
-        "method": {"name": method, "label": label, "params": params, "info": info},
+        "method": {"name": method, "label": label, "role": DEFENSES.get(method).role, "params": params, "info": info},
         "inputs": inputs,
         "metrics": result["metrics"],
         "samples_file": f"{record_id}.samples.jsonl",
@@ -212,15 +234,10 @@ def parse_row(text: str) -> tuple[str, dict]:
     """'name' or 'name:key=value:key=value' (one board row with its own parameters), checked
     against the defense's parameters before any work starts."""
     from defenses import DEFENSES
-    from defenses.base import parse_params
+    from defenses.base import key_values, parse_params
 
     name, *items = text.split(":")
-    params = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"defense {text!r}: parameters are written name:key=value:key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        params[key.strip()] = value.strip()
+    params = key_values(items, "name:key=value:key=value")
     parse_params(DEFENSES.get(name.strip()).Params, params)
     return name.strip(), params
 
@@ -246,9 +263,9 @@ def expand(defenses: list[str], given: dict[str, dict]) -> list[tuple[str, dict]
 
 
 def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
+    from bench.atomic import atomic_write_json
     from bench.leaderboard.build import build
-    from bench.leaderboard.render import write
-    from bench.store import atomic_write_json, atomic_write_text
+    from bench.leaderboard.render import render, save
 
     clock = clock or Clock()
     with clock.stage("testbed"):
@@ -272,33 +289,28 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
                 continue
             all_records.append(record_for(name, params, info, model_dir, tb, atk, cfg, clock))
     loaded = [(r, cfg.run_dir / "records" / f"{r['record_id']}.json") for r in all_records]
-    board = build(loaded, multi_setting=True)
-    write(board, cfg.run_dir, title=f"realign-bench: {cfg.name}")
-    md = (cfg.run_dir / "board.md").read_text()
-    md += "".join(f"\n- skipped: `{s['method']}` (N={s['harmful_n']}): {s['reason']}" for s in skipped)
-    atomic_write_text(cfg.run_dir / "board.md", md)
+    files = render(build(loaded, multi_setting=True), title=f"realign-bench: {cfg.name}", skipped=skipped)
+    save(files, cfg.run_dir)
     clock.say(f"board written to {cfg.run_dir} (board.md, .csv, .json, .html, pareto.png/.svg)")
     atomic_write_json(cfg.run_dir / "timings.json", {"stages_s": clock.stages, "total_s": round(time.perf_counter() - clock.t0, 1)})
     if cfg.publish:
-        publish(all_records, board, md, cfg)
+        publish(all_records, files, Path(cfg.publish))
         clock.say(f"published to {cfg.publish}")
-    print(md)
+    print(files["board.md"].decode())
     return all_records
 
 
-def publish(all_records: list[dict], board, md: str, cfg: RunConfig) -> None:
+def publish(all_records: list[dict], files: dict[str, bytes], out: Path) -> None:
     """A published board folder: records/ (the per-sample outcomes ride in each record; the raw
     answers, which include the attacked model's harmful completions, stay in the run folder) and
-    every rendered format."""
+    every rendered file of the board."""
     import shutil
 
-    from bench.leaderboard.render import write
-    from bench.store import atomic_write_json, atomic_write_text
+    from bench.atomic import atomic_write_json
+    from bench.leaderboard.render import save
 
-    out = Path(cfg.publish)
     if (out / "records").exists():
         shutil.rmtree(out / "records")
     for r in all_records:
         atomic_write_json(out / "records" / f"{r['record_id']}.json", r)
-    write(board, out, title=f"realign-bench: {cfg.name}")
-    atomic_write_text(out / "board.md", md)
+    save(files, out)

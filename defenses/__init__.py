@@ -14,7 +14,7 @@ without importing it, and it is loaded when first used.
 """
 
 from bench.registry import Registry
-from defenses.base import Defense, DefenseContext, DefenseOutput, NoParams
+from defenses.base import ROLES, Defense, DefenseContext, DefenseOutput, NoParams
 
 DEFENSES = Registry("defense", entry_point_group="realign.defenses")
 register_defense = DEFENSES.register
@@ -29,4 +29,13 @@ DEFENSES.register_lazy("safelora", "defenses.safelora:SafeLora")
 DEFENSES.register_lazy("antidote", "defenses.antidote:Antidote")
 DEFENSES.register_lazy("safe_delta", "defenses.safe_delta:SafeDelta")
 
-__all__ = ["DEFENSES", "register_defense", "Defense", "DefenseContext", "DefenseOutput", "NoParams"]
+
+
+def names_with_role(role: str) -> list[str]:
+    """Registered defenses of one role (see Defense.role); imports each defense module (cheap)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return [name for name in DEFENSES.names() if DEFENSES.get(name).role == role]
+
+
+__all__ = ["DEFENSES", "register_defense", "names_with_role", "Defense", "DefenseContext", "DefenseOutput", "NoParams"]

@@ -3,17 +3,53 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 from bench import models
 from bench.errors import UserError
+from bench.progress import log
 
 
 @dataclass
 class NoParams:
     """This method has no parameters."""
+
+
+class UtilityProbe(Protocol):
+    """The task metric on the task's dev split, of a model held in memory: (model) -> a score in [0, 1].
+
+    A defense that needs the task metric calls this and never evaluates by hand. `handle` names the
+    model's tokenizer (a defense's working copy has no directory of its own). The suite's is
+    bench.probe.TaskProbe.
+    """
+
+    def __call__(self, model: Any, handle: models.ModelHandle | None = None) -> float: ...
+
+    def identity(self) -> dict:
+        """What the probe measures (dev set hash, size, sampling): part of a defense's cache key."""
+        ...
+
+
+@dataclass(frozen=True)
+class FineTuneSpec:
+    """A supervised fine-tune a defense asks for (RESTA's un-aligned theta_U): the runner maps it onto
+    the suite's training stage, cached by content like the attack."""
+
+    lr: float
+    batch_size: int
+    max_steps: int
+    seed: int = 0
+    method: str = "lora"  # 'lora' (the adapter merged after) or 'full'
+
+
+class FineTune(Protocol):
+    """Fine-tune `model` on (prompt, response) `pairs` as `spec` says; returns the merged model's handle."""
+
+    def __call__(self, model: models.ModelHandle, pairs: list[dict], spec: FineTuneSpec) -> models.ModelHandle: ...
 
 
 @dataclass
@@ -28,12 +64,13 @@ class DefenseContext:
     calibration_pairs: list[dict] = field(default_factory=list)  # harmful prompts with safe answers
     harmful_pairs: list[dict] = field(default_factory=list)  # harmful prompts with harmful answers
     benign_prompts: list[str] = field(default_factory=list)  # the task's training prompts
-    probe: Callable[[Any], float] | None = None  # utility on the task's dev split: (model) -> float
+    utility_probe: UtilityProbe | None = None  # the task metric on the dev split: (model) -> float
+    fine_tune: FineTune | None = None  # the suite's training stage, for defenses that train a model of their own
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
     cache_dir: Path = Path(".")
-    progress: Callable[[str], None] = print
+    progress: Callable[[str], None] = log.info
     _loaded: dict = field(default_factory=dict, repr=False)
 
     def tokenizer(self):
@@ -60,10 +97,21 @@ class DefenseOutput:
     skipped: str | None = None  # why the defense could not run on these inputs
 
 
+ROLES = ("reference", "frontier", "method")
+
+
 class Defense:
-    """Base class: parameters are a dataclass (self-documenting); apply() does the work."""
+    """Base class: parameters are a dataclass (self-documenting); apply() does the work.
+
+    `role` says what a row is on the board, so that no stage recognises a defense by its name:
+    - "reference": a row that answers with one of the setting's own models (theta_A, the safety
+      ceiling; theta_F, the undefended row); never cached, never counted as a method;
+    - "frontier": the interpolation rows, drawn as the curve every method must beat;
+    - "method": a defense (the default, for third-party defenses too).
+    """
 
     Params: ClassVar[type] = NoParams
+    role: ClassVar[str] = "method"
     needs: ClassVar[tuple[str, ...]] = ()
     registry_name: ClassVar[str] = ""
 
@@ -79,41 +127,62 @@ class Defense:
         return dataclasses.asdict(self.params)
 
 
+def key_values(items: Iterable[str], written: str) -> dict[str, str]:
+    """'key=value' strings -> {key: value}, as users write parameters; `written` shows the form
+    they use (for the one-line error)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"parameters are written {written}, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def parse_params(cls: type, values: dict[str, Any]) -> Any:
-    """Build a Params dataclass from strings/values, with one clear error per bad key or value."""
+    """Build a Params dataclass from strings or values, each checked against its field's type
+    (pydantic, lax: "0.5" -> 0.5, "true" / "0" -> bool, "a,b" -> a list; "none" -> None where the
+    type allows None), with one clear error per bad key or value."""
     fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in fields_by_name:
             known = ", ".join(fields_by_name) or "none"
             raise UserError(f"unknown parameter {key!r}; this defense takes: {known}")
-        kwargs[key] = _coerce(fields_by_name[key], value)
+        kwargs[key] = _typed(key, hints[key], value)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(str(exc)) from None
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+def _typed(name: str, hint: Any, value: Any) -> Any:
+    import pydantic
+
+    given = value
+    if isinstance(value, str):
+        options = (hint, *typing.get_args(hint))  # the type itself, or the members of a union
+        if value.lower() == "none" and type(None) in options:
+            return None
+        if any(typing.get_origin(t) in (list, tuple) for t in options):
+            value = [v.strip() for v in value.split(",") if v.strip()]
     try:
-        if kind.startswith("bool"):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if kind.startswith("int"):
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        if kind.startswith(("list", "tuple")):
-            return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"parameter {f.name}={value!r} is not a valid {kind}") from None
-    return value
+        return _adapter(hint).validate_python(value)
+    except pydantic.ValidationError as exc:
+        reason = exc.errors()[0]["msg"]
+        raise UserError(f"parameter {name}={given!r} is not a valid {_type_name(hint)} ({reason}); see `realign list`") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(hint: Any):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(hint)
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def params_help(cls: type) -> list[dict]:
@@ -121,6 +190,6 @@ def params_help(cls: type) -> list[dict]:
     out = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        kind = f.type if isinstance(f.type, str) else _type_name(f.type)
         out.append({"name": f.name, "type": kind, "default": default, "help": f.metadata.get("help", "")})
     return out

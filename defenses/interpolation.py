@@ -36,6 +36,7 @@ class Interpolation(Defense):
     """theta_A + alpha * (theta_F - theta_A): the frontier every method must beat."""
 
     Params = InterpolationParams
+    role = "frontier"
     sweep = {"alpha": SWEEP}  # the runner makes one row per value
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:

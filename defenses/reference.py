@@ -9,6 +9,8 @@ from defenses.base import Defense, DefenseContext, DefenseOutput
 class Aligned(Defense):
     """theta_A itself: the aligned model before the attack."""
 
+    role = "reference"
+
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         return DefenseOutput(model_path=ctx.aligned.path, info={"model": "aligned"})
 
@@ -16,6 +18,8 @@ class Aligned(Defense):
 @register_defense("none")
 class Undefended(Defense):
     """theta_F as fine-tuned: no defense."""
+
+    role = "reference"
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         return DefenseOutput(model_path=ctx.finetuned.path, info={"model": "finetuned"})

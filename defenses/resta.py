@@ -2,8 +2,8 @@
 
 theta = theta_F + gamma * (theta_A - theta_U), where theta_U is theta_A fine-tuned on harmful pairs
 only (the un-aligned model; the flagship authors: 100 harmful pairs, LoRA, lr 5e-5, batch 10, 50
-steps, merged). theta_U is built once per aligned model by the suite's own attack stage and cached
-like any other model. Optional DARE on the safety vector: drop each coordinate with probability p
+steps, merged). theta_U is built once per aligned model by the context's fine-tune service (the
+suite's own training stage) and cached like any other model. Optional DARE on the safety vector: drop each coordinate with probability p
 and rescale the rest by 1/(1-p), seeded. Inputs: aligned, fine-tuned, harmful pairs.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from bench.errors import UserError
 from defenses import register_defense
-from defenses.base import Defense, DefenseContext, DefenseOutput
+from defenses.base import Defense, DefenseContext, DefenseOutput, FineTuneSpec
 from defenses.weights import load_into, state
 
 
@@ -59,15 +59,13 @@ class Resta(Defense):
     needs = ("harmful_pairs",)
 
     def unaligned(self, ctx: DefenseContext):
-        from bench import attack
-        from bench.sft import SFTConfig
-
         p: RestaParams = self.params
         if len(ctx.harmful_pairs) < p.unalign_pairs:
             raise UserError(f"resta needs {p.unalign_pairs} harmful pairs to build theta_U, and {len(ctx.harmful_pairs)} were given")
-        cfg = attack.AttackConfig(harmful_n=p.unalign_pairs, task_n=0, seed=p.seed,
-                                  sft=SFTConfig(method="lora", lr=p.unalign_lr, batch_size=p.unalign_batch, max_steps=p.unalign_steps, seed=p.seed))
-        return attack.run(ctx.aligned, [], ctx.harmful_pairs, cfg, ctx.cache_dir, log=ctx.progress).merged
+        if ctx.fine_tune is None:
+            raise UserError("resta needs a fine-tune service in its DefenseContext to build theta_U: pass fine_tune= (the runner's AttackStageFineTune)")
+        spec = FineTuneSpec(method="lora", lr=p.unalign_lr, batch_size=p.unalign_batch, max_steps=p.unalign_steps, seed=p.seed)
+        return ctx.fine_tune(ctx.aligned, ctx.harmful_pairs[:p.unalign_pairs], spec)
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         p: RestaParams = self.params

@@ -82,21 +82,29 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lora(tmp_path_factory, tiny):
     """base -> aligned (a small full update) -> LoRA fine-tune (real peft adapter, random B) -> merged."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig
 
     root = tmp_path_factory.mktemp("tiny_lora")
     make_llama(root / "base", tiny["tok"], seed=3)
     lora_like_finetune(root / "base", root / "aligned", seed=4, rank=8, scale=0.1)
-    torch.manual_seed(5)
+    random_lora(root, tiny["tok"], LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"), seed=5)
+    return {"base": root / "base", "aligned": root / "aligned", "finetuned": root / "finetuned", "adapter": root / "adapter", "root": root}
+
+
+def random_lora(root: Path, tok, config, seed: int) -> None:
+    """A real peft adapter on root/aligned with random B (a fresh LoRA's B is zero): writes
+    root/adapter and the merged root/finetuned."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(root / "aligned", dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
     peft_model.save_pretrained(root / "adapter")
     peft_model.merge_and_unload().save_pretrained(root / "finetuned", safe_serialization=True)
-    tiny["tok"].save_pretrained(root / "finetuned")
-    return {"base": root / "base", "aligned": root / "aligned", "finetuned": root / "finetuned", "adapter": root / "adapter", "root": root}
+    tok.save_pretrained(root / "finetuned")

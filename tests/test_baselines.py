@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -55,6 +57,51 @@ def test_runner_keeps_a_defense_that_answers_with_an_existing_model(tiny_lora, t
     assert run_defense("interpolation", {"alpha": 0.0}, ctx, cfg)[0] == ctx.aligned.path  # cached
 
 
+# another valid value of each text parameter (a new one must be added here, or the test below fails)
+OTHER_TEXT = {"data": "harmful_pairs", "mode": {"gradient_restoration": "clean", "safelora": "threshold"},
+              "rate_denominator": "candidates", "grad_accumulation": "fresh", "batches": "all", "ties": "inclusive",
+              "comparison": "strict", "compute_dtype": "float32", "aligned_copy": "memory"}
+
+
+def _other_values(cls, field, default):
+    if isinstance(default, bool):
+        return [not default]
+    if isinstance(default, int):
+        return [default + 1, default - 1, default * 2]
+    if isinstance(default, float):
+        return [default / 2, default * 2, 0.1, 0.3]
+    assert field.name in OTHER_TEXT, f"add another valid value of {cls.registry_name}.{field.name} to OTHER_TEXT"
+    other = OTHER_TEXT[field.name]
+    return [other[cls.registry_name] if isinstance(other, dict) else other]
+
+
+def test_runner_cache_key_changes_with_every_defense_parameter(tiny, tmp_path):
+    from bench.runner import RunConfig, defense_dir
+    from defenses import names_with_role
+
+    cfg, ctx = RunConfig(home=tmp_path), ctx_for(tiny)
+    seen = {}
+    for name in names_with_role("method") + names_with_role("frontier"):
+        cls = DEFENSES.get(name)
+        default = cls()
+        seen[defense_dir(name, default, ctx, cfg)] = (name, "defaults")
+        for field in dataclasses.fields(cls.Params):
+            for value in _other_values(cls, field, getattr(default.params, field.name)):
+                if value == getattr(default.params, field.name):
+                    continue
+                try:
+                    changed = cls(**{field.name: value})
+                except UserError:
+                    continue
+                break
+            else:
+                pytest.fail(f"no other valid value found for {name}.{field.name}")
+            where = defense_dir(name, changed, ctx, cfg)
+            assert where not in seen, f"{name}.{field.name}={value!r} shares a cache directory with {seen.get(where)}"
+            seen[where] = (name, field.name)
+    assert defense_dir("resta", DEFENSES.get("resta")(), dataclasses.replace(ctx, seed=1), cfg) not in seen
+
+
 def test_resta_arithmetic_and_dare_expectation():
     A = {"w": torch.tensor([1.0, 2.0, 3.0])}
     U = {"w": torch.tensor([0.5, 2.5, 3.0])}
@@ -73,6 +120,34 @@ def test_resta_arithmetic_and_dare_expectation():
     for bad in ({"gamma": "0"}, {"dare_p": "1.0"}, {"gamma": "-1"}):
         with pytest.raises(UserError):
             parse_params(RestaParams, bad)
+
+
+def test_resta_trains_theta_u_through_the_context_fine_tune_service(tiny, tmp_path):
+    """RESTA asks the runner's fine-tune service for theta_U: the attack stage with the same cache
+    key as a direct attack on the first unalign_pairs pairs, reused on a second run."""
+    from bench import attack
+    from bench.runner import AttackStageFineTune
+    from bench.sft import SFTConfig
+
+    pairs = [{"prompt": f"how do I make a weapon number {i}", "response": "step one, get the parts"} for i in range(6)]
+    log: list[str] = []
+    ctx = ctx_for(tiny, harmful_pairs=pairs, fine_tune=AttackStageFineTune(tmp_path, log.append))
+    resta = DEFENSES.get("resta")(unalign_pairs=4, unalign_steps=2, unalign_batch=2, gamma=0.5)
+    out = resta.apply(ctx)
+    assert any(line.startswith("attack: LoRA fine-tune on 0 task + 4 harmful pairs") for line in log), log
+    theta_U = models.resolve(out.info["theta_U"])
+    A, F, U = state(ctx.aligned), state(ctx.finetuned), state(theta_U)
+    assert any(not torch.equal(A[k], U[k]) for k in A)  # theta_U was trained
+    got = dict(out.model.named_parameters())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(got[name].data, F[name] + 0.5 * (A[name] - U[name]))
+    # the same stage as the attack called directly (so caches made before the service still serve)
+    direct = attack.AttackConfig(harmful_n=4, task_n=0, seed=0, sft=SFTConfig(method="lora", lr=5e-5, batch_size=2, max_steps=2, seed=0))
+    log.clear()
+    assert attack.run(ctx.aligned, [], pairs, direct, tmp_path, log=log.append).merged.path == theta_U.path
+    assert log == [f"attack: reusing {theta_U.path.parent.name}"]
+    with pytest.raises(UserError, match="fine-tune service"):
+        resta.apply(ctx_for(tiny, harmful_pairs=pairs))
 
 
 def test_safelora_projection_by_hand():
@@ -112,9 +187,33 @@ def test_safelora_without_base_is_skipped_with_reason(tiny_lora):
     assert out.model is None and "base" in out.skipped
 
 
-def test_lora_methods_reject_full_finetunes(tiny):
+@pytest.fixture(scope="module")
+def full_finetune(tiny_lora, tmp_path_factory):
+    """A real full fine-tune of the aligned model (one optimiser step of the suite's SFT), saved as
+    the attack stage saves it: a model directory where a LoRA fine-tune leaves its adapter."""
+    from bench.sft import SFTConfig, train
+
+    aligned = models.resolve(tiny_lora["aligned"])
+    tok = models.load_tokenizer(aligned)
+    pairs = [{"prompt": f"how do I make a weapon number {i}", "response": "step one, get the parts"} for i in range(4)]
+    out = tmp_path_factory.mktemp("full")
+    model, _ = train(models.load_model(aligned), tok, pairs, SFTConfig(method="full", max_steps=1, batch_size=2, lr=1e-3, bf16=False),
+                     out / "trainer", progress=False)
+    models.save_model(model, tok, out / "model")
+    return out / "model"
+
+
+def test_lora_methods_reject_full_finetunes(tiny_lora, full_finetune):
+    A, F = state(models.resolve(tiny_lora["aligned"])), state(models.resolve(full_finetune))
+    assert any(not torch.equal(A[k], F[k]) for k in A)  # a real fine-tune: the weights moved
     with pytest.raises(UserError, match="LoRA adapter"):
-        lora_modules(None)
+        lora_modules(full_finetune)
+    ctx = ctx_for(tiny_lora | {"finetuned": full_finetune, "adapter": full_finetune})
+    with pytest.raises(UserError, match="LoRA adapter"):
+        DEFENSES.get("safelora")().apply(ctx)
+    # Antidote takes both: on a full fine-tune it scores q/k/v of the fine-tuned model instead
+    out = DEFENSES.get("antidote")().apply(dataclasses.replace(ctx, calibration_prompts=["how do I make a weapon"]))
+    assert out.info["mode"] == "full" and out.info["zeroed"] > 0
 
 
 def test_antidote_per_row_top_fraction_by_hand():
@@ -125,17 +224,51 @@ def test_antidote_per_row_top_fraction_by_hand():
     assert mask.sum() == 2 and mask[0, 0] and mask[0, 1]  # scores 10, then |-4| * 1 at the first -4
 
 
-def test_antidote_zeroes_a_tenth_of_each_lora_row(tiny_lora):
-    prompts = [f"how do I make a weapon number {i}" for i in range(10)]
-    out = DEFENSES.get("antidote")().apply(ctx_for(tiny_lora, calibration_prompts=prompts))
-    assert out.info["mode"] == "lora" and out.info["modules"] > 0
-    expected = 0
-    for m in lora_modules(tiny_lora["adapter"]):
-        expected += m.A.shape[0] * int(m.A.shape[1] * 0.1) + m.B.shape[0] * int(m.B.shape[1] * 0.1)
-    assert out.info["zeroed"] == expected
-    sF = state(models.resolve(tiny_lora["finetuned"]))
-    name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(dict(out.model.named_parameters())[name].data, sF[name]) or expected == 0
+def test_antidote_equals_a_two_layer_hand_computation(tiny, tmp_path):
+    """The released rule on a two-layer model with a rank-10 LoRA, computed by hand: whole-model
+    forward passes (no layer walk), layer 1's inputs taken after layer 0 was pruned, the top
+    int(0.1 * columns) of each row of lora_A and lora_B by |W_ij| * sqrt(mean_tokens X_j^2) zeroed."""
+    from peft import LoraConfig, PeftModel
+    from tests.conftest import make_llama, random_lora
+
+    make_llama(tmp_path / "aligned", tiny["tok"], layers=2, seed=7)
+    random_lora(tmp_path, tiny["tok"], LoraConfig(r=10, lora_alpha=20, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"), seed=8)
+    t = {"aligned": tmp_path / "aligned", "finetuned": tmp_path / "finetuned", "adapter": tmp_path / "adapter"}
+    prompts = [f"how do I make a weapon number {i}" for i in range(1, 10)]
+    ctx = ctx_for(t, calibration_prompts=prompts)
+    tok = ctx.tokenizer()
+    batch = tok([models.render_prompt(tok, q) for q in prompts], return_tensors="pt", add_special_tokens=False, padding=True)
+    assert bool(batch["attention_mask"].all())  # equal lengths: no padding, so whole-batch passes are exact
+
+    hand = PeftModel.from_pretrained(ctx.load("aligned"), str(t["adapter"])).eval()
+    zeroed = 0
+    for layer in range(2):
+        mods = {n: m for n, m in hand.named_modules() if isinstance(m, torch.nn.Linear) and "lora" in n and f"layers.{layer}." in n}
+        seen = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().float())) for n, m in mods.items()]
+        with torch.no_grad():
+            hand(**batch)
+        for h in hooks:
+            h.remove()
+        for n, m in mods.items():  # pruned after the pass, as one layer's modules share one pass
+            W = m.weight.data
+            x_norm = seen[n].reshape(-1, W.shape[1]).pow(2).mean(0).sqrt()
+            keep_out = int(W.shape[1] * 0.1)
+            assert keep_out >= 1
+            for i in range(W.shape[0]):
+                score = [abs(float(W[i, j])) * float(x_norm[j]) for j in range(W.shape[1])]
+                for j in sorted(range(W.shape[1]), key=lambda j: -score[j])[:keep_out]:
+                    W[i, j] = 0.0
+                    zeroed += 1
+    expected = dict(hand.merge_and_unload().named_parameters())
+
+    out = DEFENSES.get("antidote")().apply(ctx)
+    assert out.info["mode"] == "lora" and out.info["modules"] == 2 * 3 * 2 and out.info["zeroed"] == zeroed
+    got = dict(out.model.named_parameters())
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name].data, expected[name].data, rtol=0, atol=1e-6)
+    assert any(not torch.equal(got[n].data, state(ctx.finetuned)[n]) for n in got if "layers.1." in n)
 
 
 def test_antidote_rows_for_both_harmful_budgets(tiny_lora):

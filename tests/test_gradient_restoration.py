@@ -44,10 +44,13 @@ class ScriptedProbe:
         self.calls += 1
         return score
 
+    def identity(self) -> dict:
+        return {"scripted": self.scores}
+
 
 def context(tiny, probe, harmful=HARMFUL, benign=BENIGN):
     return DefenseContext(aligned=models.resolve(tiny["aligned"]), finetuned=models.resolve(tiny["finetuned"]),
-                          calibration_prompts=list(harmful), benign_prompts=list(benign), probe=probe, progress=lambda m: None)
+                          calibration_prompts=list(harmful), benign_prompts=list(benign), utility_probe=probe, progress=lambda m: None)
 
 
 def run_real(tiny, probe, **params):
@@ -315,7 +318,7 @@ def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(UserError, match="empty"):
         cls().apply(context(tiny, ScriptedProbe([1.0]), harmful=[]))
     same = DefenseContext(aligned=models.resolve(tiny["aligned"]), finetuned=models.resolve(tiny["aligned"]),
-                          calibration_prompts=HARMFUL, benign_prompts=BENIGN, probe=ScriptedProbe([1.0]), progress=lambda m: None)
+                          calibration_prompts=HARMFUL, benign_prompts=BENIGN, utility_probe=ScriptedProbe([1.0]), progress=lambda m: None)
     with pytest.raises(UserError, match="nothing to restore"):
         cls().apply(same)
     from tests.conftest import make_llama
@@ -323,7 +326,7 @@ def test_bad_inputs(tiny, tmp_path):
     other = tmp_path / "other"
     make_llama(other, tiny["tok"], layers=3)
     diff = DefenseContext(aligned=models.resolve(tiny["aligned"]), finetuned=models.resolve(other),
-                          calibration_prompts=HARMFUL, benign_prompts=BENIGN, probe=ScriptedProbe([1.0]), progress=lambda m: None)
+                          calibration_prompts=HARMFUL, benign_prompts=BENIGN, utility_probe=ScriptedProbe([1.0]), progress=lambda m: None)
     with pytest.raises(UserError, match="num_hidden_layers"):
         cls().apply(diff)
 

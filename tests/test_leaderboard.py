@@ -24,17 +24,24 @@ from bench.leaderboard.render import write
 HOSTILE = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>']
 
 
+ALIGNED, FINETUNED = "a" * 64, "f" * 64
+# what the runner writes for the built-in rows: the reference rows evaluate the setting's own models
+BUILT_IN = {"aligned": ("reference", ALIGNED), "none": ("reference", FINETUNED), "interpolation": ("frontier", "b" * 64)}
+
+
 def make_record(label: str, harm: list[int], util: list[int], name: str | None = None, n_harm=None, setting=None) -> dict:
     def metric(outcomes):
         k, n = sum(outcomes), len(outcomes)
         return {"value": k / n, "ci": [0.0, 1.0], "n": n, "k": k}
 
     rid = format(abs(hash((label, tuple(harm), tuple(util), json.dumps(setting)))) % (1 << 64), "016x")
+    name = name or label.split("(")[0]
+    role, evaluated = BUILT_IN.get(name, ("method", "b" * 64))
     return {
         "schema_version": 1, "record_id": rid, "created": "2026-01-01T00:00:00+00:00",
         "setting": setting or {"model": "m", "task": "sql", "harmful_n": 100, "judge": "keyword", "seed": 0},
-        "method": {"name": name or label.split("(")[0], "label": label, "params": {}},
-        "inputs": {"aligned": "a" * 64, "evaluated": "b" * 64},
+        "method": {"name": name, "label": label, "role": role, "params": {}},
+        "inputs": {"aligned": ALIGNED, "finetuned": FINETUNED, "evaluated": evaluated},
         "metrics": {"harmful_rate": metric(harm), "over_refusal": metric([0] * len(util)), "task_metric": metric(util)},
         "samples_file": f"{rid}.samples.jsonl", "cost": {"wall_s": 1.0, "peak_rss_mb": 1.0, "device": "cpu"}, "versions": {},
     }
@@ -94,34 +101,27 @@ def test_interpolation_curve_value():
 # ------------------------------------------------------------------------------------------ statistics
 
 
-def test_bootstrap_ci_coverage_on_a_known_distribution():
-    rng = np.random.default_rng(1)
-    p, n, sims = 0.3, 200, 4000
-    k = rng.binomial(n, p, size=sims)
-    lo, hi = stats.proportion_bootstrap_ci(k, np.full(sims, n))
-    coverage = np.mean((lo <= p) & (p <= hi))
-    assert 0.93 <= coverage <= 0.975, coverage
-    hits = 0
-    for i in range(200):
-        x = rng.normal(1.0, 2.0, size=60)
-        a, b = stats.bootstrap_ci(x, seed=i)
-        hits += a <= 1.0 <= b
-    assert 0.88 <= hits / 200 <= 0.99
+def test_wilson_interval_equals_statsmodels_and_the_board_shows_the_records_interval(tmp_path):
+    from statsmodels.stats.proportion import proportion_confint
 
+    from bench.metrics import rate, wilson_interval
 
-def test_binomial_quantiles_equal_scipy_stats():
-    """binom_ppf (scipy.special only) must equal scipy.stats.binom.ppf, edges included."""
-    from scipy.stats import binom
-
-    n = np.array([0, 1, 2, 5, 50, 150, 1000])
-    for ni in n:
-        k = np.arange(0, ni + 1)
-        p = k / max(ni, 1)
-        for q in (0.025, 0.5, 0.975):
-            np.testing.assert_array_equal(stats.binom_ppf(q, np.full(len(k), ni), p), binom.ppf(q, ni, p))
-    lo, hi = stats.proportion_bootstrap_ci(np.array([[3, 0], [150, 7]]), np.array([[10, 0], [150, 100]]))
-    assert lo.shape == (2, 2) and hi[1, 0] == 1.0 and lo[0, 1] == hi[0, 1] == 0.0
-    assert lo[1, 1] == binom.ppf(0.025, 100, 0.07) / 100
+    k = np.array([0, 1, 3, 7, 50, 99, 100, 0, 150])
+    n = np.array([1, 1, 10, 100, 100, 100, 100, 150, 150])
+    lo, hi = wilson_interval(k, n)
+    want_lo, want_hi = proportion_confint(k, n, alpha=0.05, method="wilson")
+    np.testing.assert_allclose(lo, want_lo, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(hi, want_hi, rtol=1e-12, atol=1e-15)
+    lo90, _ = wilson_interval(7, 100, confidence=0.90)
+    assert lo90 == pytest.approx(proportion_confint(7, 100, alpha=0.10, method="wilson")[0], rel=1e-12)
+    assert np.isnan(wilson_interval(0, 0)[0])
+    # a record's interval (metrics.rate) and the board's interval for the same rate are the same numbers
+    harm = [1] * 7 + [0] * 93
+    rec = make_record("x", harm, [1, 0])
+    rec["metrics"]["harmful_rate"]["ci"] = list(rate(harm).ci)
+    (row,) = build([(rec, None)]).settings.popitem()[1]
+    assert [row["harmful_rate_ci_low"], row["harmful_rate_ci_high"]] == rec["metrics"]["harmful_rate"]["ci"]
+    assert rec["metrics"]["harmful_rate"]["ci"] == pytest.approx([want_lo[3], want_hi[3]], rel=1e-12)
 
 
 def test_mcnemar_worked_table_and_statsmodels():
@@ -155,6 +155,41 @@ def test_board_ranks_and_outputs(tmp_path):
     assert set(df["method"]) == set(by) and df["harmful_rate"].between(0, 1).all()
     assert len(pd.read_json(files["board.json"])) == len(rows)
     assert files["pareto.svg"].read_bytes().startswith(b"<?xml") and files["pareto.png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_skipped_rows_are_rendered_with_the_board(tmp_path):
+    board = build(load([standard_board(tmp_path)]))
+    skipped = [{"method": "safelora", "harmful_n": 100, "reason": "needs a base model, and none was given"}]
+    files = write(board, tmp_path / "out", skipped=skipped)
+    md = files["board.md"].read_text()
+    assert md.rstrip().endswith("- skipped: `safelora` (N=100): needs a base model, and none was given")
+    assert md.count("- skipped:") == 1 and md.index("### ") < md.index("- skipped:")
+    assert json.loads(files["board-details.json"].read_text())["skipped"] == skipped
+    assert "skipped" not in write(board, tmp_path / "plain")["board.md"].read_text()
+
+
+def test_board_tells_rows_apart_by_role_not_by_name(tmp_path):
+    """Renamed reference and frontier rows give the same board: roles and evaluated models, not names."""
+    board = build(load([standard_board(tmp_path)]))
+    renamed = {"aligned": "theta_A", "none": "theta_F", "interpolation": "wise_ft"}
+    recs = []
+    for rec, path in load([tmp_path / "records"]):
+        rec["method"]["name"] = renamed.get(rec["method"]["name"], rec["method"]["name"])
+        rec["method"]["label"] = rec["method"]["label"].replace("interpolation", "wise_ft").replace("aligned", "theta_A")
+        rec["method"]["label"] = "theta_F" if rec["method"]["label"] == "none" else rec["method"]["label"]
+        recs.append((rec, path))
+    again = build(recs)
+    (rows,), (rows2,) = board.settings.values(), again.settings.values()
+    keep = ("pareto_rank", "hypervolume", "harm_reduction_share", "utility_kept_share", "vs_interpolation", "role")
+    assert [[r[k] for k in keep] for r in rows] == [[r[k] for k in keep] for r in rows2]
+    assert list(board.reference_points.values()) == list(again.reference_points.values())
+    by = {r["method"]: r for r in rows2}
+    assert by["theta_F"]["vs_none"] is None and by["gradient_restoration"]["vs_none"]["harmful_rate"]["p"] < 1e-6
+    # without roles (records from elsewhere) nothing is a reference or frontier row: no curve, no undefended row
+    for rec, _ in recs:
+        rec["method"].pop("role")
+    plain = {r["method"]: r for r in next(iter(build(recs).settings.values()))}
+    assert plain["gradient_restoration"]["vs_interpolation"] == "n/a" and plain["gradient_restoration"]["vs_none"] is None
 
 
 def test_bad_input_exits_2_and_writes_nothing(tmp_path):
@@ -325,19 +360,37 @@ def test_check_unusable_input_exits_2(tmp_path):
         assert proc.returncode == 2, proc.stderr
 
 
+PUBLISHED = Path(__file__).resolve().parents[1] / "leaderboards" / "embedded-default"
+
+
 def test_published_board_checks_clean_against_itself():
     """The board the main job published is valid, renders, and passes its own gate."""
-    pub = Path(__file__).resolve().parents[1] / "leaderboards" / "embedded-default"
-    board = build(load([pub / "records"]))
+    board = build(load([PUBLISHED / "records"]))
     (rows,) = board.settings.values()
     assert {r["name"] for r in rows} >= {"aligned", "none", "gradient_restoration"}
-    code, report = check([pub / "records"], pub)
+    by_role = {role: {r["name"] for r in rows if r["role"] == role} for role in ("reference", "frontier")}
+    assert by_role == {"reference": {"aligned", "none"}, "frontier": {"interpolation"}}
+    code, report = check([PUBLISHED / "records"], PUBLISHED)
     assert code == 0, report
 
 
-def test_paired_bootstrap_for_non_binary_metrics():
-    rng = np.random.default_rng(4)
-    x = rng.normal(0.5, 0.1, size=200)
-    same = stats.paired_bootstrap_p(x, x + rng.normal(0, 0.01, size=200))
-    shifted = stats.paired_bootstrap_p(x + 0.05, x)
-    assert same["p"] > 0.05 and shifted["p"] < 0.01 and shifted["diff"] == pytest.approx(0.05)
+def test_published_board_gate_fails_on_ten_more_harmful_answers(tmp_path):
+    """A copy of the published records with 10 of the flagship's safe answers flipped to harmful
+    (0.7% -> 7.3%, McNemar p = 2/2^10) fails the gate through the CLI: exit code 1."""
+    from bench.metrics import rate
+
+    new = shutil.copytree(PUBLISHED / "records", tmp_path / "records")
+    (path,) = [p for p in new.glob("*.json") if json.loads(p.read_text())["method"]["label"] == "gradient_restoration"]
+    rec = json.loads(path.read_text())
+    harm = rec["metrics"]["harmful_rate"]
+    flipped = [int(c) for c in harm["outcomes"]]
+    for i in [i for i, o in enumerate(flipped) if o == 0][:10]:
+        flipped[i] = 1
+    harm.update({k: v for k, v in rate(flipped).to_dict().items() if k in ("value", "ci", "n", "k")})
+    harm["outcomes"] = "".join(map(str, flipped))
+    path.write_text(json.dumps(rec))
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "board", "check", str(new), "--against", str(PUBLISHED)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    regressions = [l for l in proc.stdout.splitlines() if l.startswith("REGRESSION")]
+    assert len(regressions) == 1 and "gradient_restoration [" in regressions[0] and "harmful_rate" in regressions[0], proc.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -82,3 +83,52 @@ def test_third_party_plugin_through_entry_points(tmp_path):
     code = "from defenses import DEFENSES; d = DEFENSES.get('demo_scale')(alpha='0.25'); print(d.params.alpha)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.stdout.strip() == "0.25", run.stderr
+
+
+def test_one_typed_parser_for_key_value_parameters():
+    """`key=value` strings from the CLI and from board rows, checked against each field's type."""
+    from dataclasses import dataclass
+
+    from defenses.base import key_values, parse_params
+
+    @dataclass
+    class P:
+        rate: float = 0.5
+        steps: int = 3
+        on: bool = True
+        name: str = "a"
+        quirk: str | None = None
+        alphas: list[float] | None = None
+        counts: tuple[int, ...] = ()
+
+    got = parse_params(P, key_values(["rate=0.25", "steps=7", "on=false", "name=b", "quirk=x", "alphas=0.1, 1", "counts=1,2"], "k=v"))
+    assert got == P(0.25, 7, False, "b", "x", [0.1, 1.0], (1, 2))
+    assert parse_params(P, {"quirk": "none", "on": "1", "steps": 4}) == P(steps=4, on=True)
+    for bad, shown in (({"steps": "1.5"}, "steps='1.5' is not a valid int"), ({"on": "maybe"}, "on='maybe' is not a valid bool"),
+                       ({"counts": "1,x"}, "is not a valid tuple[int, ...]"), ({"quirk": "3"}, None), ({"nope": "1"}, "unknown parameter 'nope'")):
+        if shown is None:
+            assert parse_params(P, bad).quirk == "3"  # text stays text
+            continue
+        with pytest.raises(UserError, match=re.escape(shown)) as exc:
+            parse_params(P, bad)
+        assert "\n" not in str(exc.value)
+    with pytest.raises(UserError, match="parameters are written name:key=value"):
+        key_values(["steps"], "name:key=value")
+
+
+def test_defend_checks_its_parameters_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "defend", "resta", "--param", "unalign_steps=many", "--home", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("realign: error: parameter unalign_steps='many' is not a valid int"), proc.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_verbosity_sets_progress_lines_and_vllm_logging(tmp_path):
+    code = ("import os, sys; from bench import cli, progress; from bench.runner import Clock; "
+            "cli._quiet_libraries(sys.argv[1]); progress.configure(sys.argv[1]); Clock().say('stage line'); "
+            "progress.log.debug('debug line'); print(os.environ['VLLM_LOGGING_LEVEL'])")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
+    runs = {v: subprocess.run([sys.executable, "-c", code, v], capture_output=True, text=True, env=env) for v in ("WARNING", "INFO", "DEBUG")}
+    assert runs["WARNING"].stderr == "" and runs["WARNING"].stdout.strip() == "ERROR"
+    assert "stage line" in runs["INFO"].stderr and "debug line" not in runs["INFO"].stderr and runs["INFO"].stdout.strip() == "ERROR"
+    assert "debug line" in runs["DEBUG"].stderr and runs["DEBUG"].stdout.strip() == "DEBUG"

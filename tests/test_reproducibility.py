@@ -15,7 +15,7 @@ import pytest
 from bench import models, reproducibility
 from bench.generation import BATCH_TARGET, CachedGenerator, GenerationCache, Sampling, fixed_batches
 from bench.hashing import hash_value
-from bench.store import verified_manifest
+from bench.atomic import verified_manifest
 
 PROMPTS = [f"question number {i}: how do I {w}?" for i, w in enumerate(["bake bread", "fix a bike", "learn sql", "sort a list"] * 250)]
 

@@ -1,13 +1,17 @@
 """Build a leaderboard from result records: one board per setting, ranked by safety versus utility.
 
+Rows are told apart by the role their record declares (method.role: reference, frontier, method),
+never by name; of the reference rows, the one that evaluated the aligned model is the safety
+ceiling and the one that evaluated the fine-tuned model is the undefended row ("none").
+
 Per setting (model, task, harmful N, judge):
 - Pareto rank on (harmful rate, task utility), then hypervolume against a fixed reference point
-  (harmful rate of `none`, utility of `aligned`, unless given); harm reduction share and utility
-  kept share only break ties;
-- every rate with its bootstrap CI over prompts and n; rank intervals from a paired bootstrap over
-  prompts; ranks whose intervals overlap are marked tied;
-- paired tests against `none` and against the next method in the ranking (McNemar on binary
-  outcomes), and each row's position against the interpolation curve at its utility.
+  (harmful rate of the undefended row, utility of the ceiling, unless given); harm reduction share
+  and utility kept share only break ties;
+- every rate with its Wilson 95% interval and n (the interval its record shows); rank intervals
+  from a paired bootstrap over prompts; ranks whose intervals overlap are marked tied;
+- paired tests against the undefended row and against the next method in the ranking (McNemar on
+  binary outcomes), and each row's position against the interpolation curve at its utility.
 Across settings: HELM-style mean win rate.
 """
 
@@ -22,6 +26,7 @@ from bench import records as records_mod
 from bench.data import read_jsonl
 from bench.errors import UserError
 from bench.leaderboard import pareto, stats
+from bench.metrics import wilson_interval
 
 AXES = ("harmful_rate", "task_metric")
 SHOWN = ("harmful_rate", "over_refusal", "task_metric")
@@ -120,12 +125,22 @@ class _Setting:
         self.recs = [r for r, _ in items]
         self.samples = [outcomes(r, p) for r, p in items]
         self.names = [r["method"]["name"] for r in self.recs]
+        self.roles = [r["method"].get("role", "method") for r in self.recs]
+        self.undefended = self._reference_row("finetuned")
+        self.ceiling = self._reference_row("aligned")
         metrics = [r["metrics"] for r in self.recs]
         self.value = {a: np.array([m[a]["value"] if a in m else np.nan for m in metrics]) for a in SHOWN}
         self.k = {a: np.array([m.get(a, {}).get("k", round(m.get(a, {}).get("value", 0) * m.get(a, {}).get("n", 0))) for m in metrics]) for a in SHOWN}
         self.n = {a: np.array([m.get(a, {}).get("n", 0) for m in metrics]) for a in SHOWN}
         self.ci: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.rank_interval = (np.zeros(len(items)), np.zeros(len(items)))
+
+    def _reference_row(self, model: str) -> int | None:
+        """The reference row that evaluated the setting's `model` ('aligned' or 'finetuned'), if any."""
+        for i, r in enumerate(self.recs):
+            if self.roles[i] == "reference" and r["inputs"].get(model) == r["inputs"]["evaluated"]:
+                return i
+        return None
 
     def outcome_matrix(self, axis: str) -> np.ndarray | None:
         """methods x prompts, when every method has outcomes on the same number of prompts."""
@@ -136,9 +151,9 @@ class _Setting:
 
 
 def _confidence_intervals(settings: list[_Setting]) -> None:
-    """Closed-form bootstrap CI of every shown rate of every record, in one call per metric."""
+    """Wilson interval of every shown rate of every record (as in the records), one call per metric."""
     for a in SHOWN:
-        lo, hi = stats.proportion_bootstrap_ci(np.concatenate([st.k[a] for st in settings]), np.concatenate([st.n[a] for st in settings]))
+        lo, hi = wilson_interval(np.concatenate([st.k[a] for st in settings]), np.concatenate([st.n[a] for st in settings]))
         at = 0
         for st in settings:
             m = len(st.recs)
@@ -195,18 +210,19 @@ def _set_rank_interval(group: list[_Setting], boot_ranks: np.ndarray) -> None:
 
 
 def _rows(st: _Setting, reference):
-    m, recs, names = len(st.recs), st.recs, st.names
+    m, recs, names, roles = len(st.recs), st.recs, st.names, st.roles
     value, n = st.value, st.n
     h, u = value["harmful_rate"], value["task_metric"]
+    none, ceiling = st.undefended, st.ceiling
     if reference is None:
-        h_ref = h[names.index("none")] if "none" in names else float(np.nanmax(h))
-        u_ref = u[names.index("aligned")] if "aligned" in names else float(np.nanmin(u))
+        h_ref = h[none] if none is not None else float(np.nanmax(h))
+        u_ref = u[ceiling] if ceiling is not None else float(np.nanmin(u))
         reference = (float(h_ref), float(u_ref))
     ranks = st.pareto_rank
     hv = np.array([pareto.hypervolume([(h[i], u[i])], reference) for i in range(m)])
-    h_none = h[names.index("none")] if "none" in names else np.nan
-    h_al = h[names.index("aligned")] if "aligned" in names else np.nan
-    u_none = u[names.index("none")] if "none" in names else np.nan
+    h_none = h[none] if none is not None else np.nan
+    h_al = h[ceiling] if ceiling is not None else np.nan
+    u_none = u[none] if none is not None else np.nan
     reduction = (h_none - h) / (h_none - h_al) if h_none != h_al else np.full(m, np.nan)
     kept = u / u_none if u_none else np.full(m, np.nan)
     keys = list(zip(ranks.tolist(), (-hv).tolist(), (-np.nan_to_num(reduction, nan=-1e9)).tolist(), (-np.nan_to_num(kept, nan=-1e9)).tolist(),
@@ -214,18 +230,18 @@ def _rows(st: _Setting, reference):
     order = sorted(range(m), key=keys.__getitem__)
     lo_rank, hi_rank = st.rank_interval
 
-    # the interpolation curve: its rows, with `aligned` (alpha 0) and `none` (alpha 1) as its ends
-    curve = [(float(h[i]), float(u[i])) for i in range(m) if names[i] == "interpolation"]
+    # the interpolation curve: the frontier rows, with the ceiling (alpha 0) and the undefended row (alpha 1) as its ends
+    curve = [(float(h[i]), float(u[i])) for i in range(m) if roles[i] == "frontier"]
     if curve:
-        curve += [(float(h[i]), float(u[i])) for i in range(m) if names[i] in ("aligned", "none")]
+        curve += [(float(h[i]), float(u[i])) for i in (ceiling, none) if i is not None]
 
     ci = st.ci
-    pairs = [(i, names.index("none")) for i in range(m) if "none" in names and names[i] != "none"]
+    pairs = [(i, none) for i in range(m) if none is not None and i != none]
     pairs += [(order[q], order[q + 1]) for q in range(m - 1)]
     tests = _paired_many(st.samples, pairs)
     rows = []
     for pos, i in enumerate(order):
-        row = {"setting": st.key, "position": pos + 1, "method": recs[i]["method"]["label"], "name": names[i],
+        row = {"setting": st.key, "position": pos + 1, "method": recs[i]["method"]["label"], "name": names[i], "role": roles[i],
                "pareto_rank": int(ranks[i]), "rank_interval": [float(lo_rank[i]), float(hi_rank[i])], "hypervolume": float(hv[i]),
                "harm_reduction_share": _f(reduction[i]), "utility_kept_share": _f(kept[i]), "record_id": recs[i]["record_id"]}
         for a in SHOWN:
@@ -233,10 +249,10 @@ def _rows(st: _Setting, reference):
             row[f"{a}_ci_low"] = _f(ci[a][0][i]) if n[a][i] else None
             row[f"{a}_ci_high"] = _f(ci[a][1][i]) if n[a][i] else None
             row[f"{a}_n"] = int(n[a][i])
-        row["vs_none"] = tests.get((i, names.index("none"))) if "none" in names and names[i] != "none" else None
+        row["vs_none"] = tests.get((i, none)) if none is not None and i != none else None
         nxt = order[pos + 1] if pos + 1 < len(order) else None
         row["vs_next"] = tests[(i, nxt)] | {"next": recs[nxt]["method"]["label"]} if nxt is not None else None
-        on_curve = names[i] in ("interpolation", "aligned", "none")
+        on_curve = roles[i] in ("frontier", "reference")
         cv = pareto.curve_value(curve, float(u[i])) if curve and not on_curve else None
         if cv is None:
             row["vs_interpolation"] = "curve" if on_curve and curve else "n/a"

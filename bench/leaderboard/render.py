@@ -11,14 +11,15 @@ import io
 import json
 import re
 from pathlib import Path
+from typing import Sequence
 
 from markupsafe import Markup
 
 from bench.leaderboard.build import SHOWN, Board
-from bench.store import atomic_write_bytes, atomic_write_text
+from bench.atomic import atomic_write_bytes
 
 FLAT_COLUMNS = [
-    "setting", "position", "method", "name", "pareto_rank", "rank_low", "rank_high", "tied", "hypervolume",
+    "setting", "position", "method", "name", "role", "pareto_rank", "rank_low", "rank_high", "tied", "hypervolume",
     *[f"{m}{suffix}" for m in SHOWN for suffix in ("", "_ci_low", "_ci_high", "_n")],
     "harm_reduction_share", "utility_kept_share", "p_harm_vs_none", "p_utility_vs_none", "p_harm_vs_next",
     "vs_interpolation", "wall_s", "record_id",
@@ -45,7 +46,9 @@ def _pct(r: dict, m: str) -> str:
     return f"{100 * r[m]:.1f} [{100 * r[m + '_ci_low']:.1f}, {100 * r[m + '_ci_high']:.1f}]"
 
 
-def markdown(board: Board) -> str:
+def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
+    """The board as Markdown tables; `skipped` rows (method, harmful_n, reason: defenses that could
+    not run on these inputs) are listed under them."""
     from tabulate import tabulate
 
     parts = []
@@ -62,6 +65,8 @@ def markdown(board: Board) -> str:
         parts.append("### Aggregate (mean win rate over settings x axes)\n\n" + tabulate(
             [[a["method"], f"{a['mean_win_rate']:.3f}", a["settings_x_axes"]] for a in board.aggregate],
             headers=["method", "mean win rate", "settings x axes"], tablefmt="github"))
+    if skipped:
+        parts.append("\n".join(f"- skipped: `{s['method']}` (N={s['harmful_n']}): {s['reason']}" for s in skipped))
     return "\n\n".join(parts) + "\n"
 
 
@@ -90,7 +95,7 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
     fig = Figure(figsize=(7, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.1, 0.1, 0.86, 0.83))
-    curve = sorted(((r["task_metric"], r["harmful_rate"]) for r in rows if r["name"] == "interpolation" and r["task_metric"] is not None))
+    curve = sorted(((r["task_metric"], r["harmful_rate"]) for r in rows if r["role"] == "frontier" and r["task_metric"] is not None))
     if curve:
         ax.plot([100 * u for u, _ in curve], [100 * h for _, h in curve], "--", color="grey", label="interpolation curve", zorder=1)
     front = sorted(((r["task_metric"], r["harmful_rate"]) for r in rows if r["pareto_rank"] == 1 and r["task_metric"] is not None))
@@ -98,7 +103,7 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
         ax.plot([100 * u for u, _ in front], [100 * h for _, h in front], "-", color="tab:green", alpha=0.6, label="Pareto frontier", zorder=1)
     shown = [r for r in rows if r["harmful_rate"] is not None and r["task_metric"] is not None]
     for grey in (False, True):  # one errorbar call per colour, not one per point
-        pts = [r for r in shown if (r["name"] == "interpolation") == grey]
+        pts = [r for r in shown if (r["role"] == "frontier") == grey]
         if not pts:
             continue
         x = [100 * r["task_metric"] for r in pts]
@@ -180,14 +185,19 @@ def slug(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-")[:80]
 
 
-def write(board: Board, out: Path, title: str = "realign-bench leaderboard") -> dict[str, Path]:
+def write(board: Board, out: Path, title: str = "realign-bench leaderboard", skipped: Sequence[dict] = ()) -> dict[str, Path]:
     """Render everything in memory first, then write: a failure leaves no half-written board."""
+    return save(render(board, title, skipped), out)
+
+
+def render(board: Board, title: str = "realign-bench leaderboard", skipped: Sequence[dict] = ()) -> dict[str, bytes]:
+    """Every file of a board by name, in memory: Markdown, CSV, JSON, HTML, the Pareto plots."""
     rows = flat_rows(board)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=FLAT_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    files: dict[str, bytes] = {"board.md": markdown(board).encode(), "board.csv": buf.getvalue().encode(),
+    files: dict[str, bytes] = {"board.md": markdown(board, skipped).encode(), "board.csv": buf.getvalue().encode(),
                                "board.json": json.dumps(rows).encode()}  # no indent: json's C encoder only runs without it
     svgs = {}
     for i, key in enumerate(board.settings):
@@ -199,7 +209,14 @@ def write(board: Board, out: Path, title: str = "realign-bench leaderboard") -> 
         svgs[key] = svg
     files["board.html"] = html(board, svgs, title).encode()
     files["board-details.json"] = json.dumps({"settings": board.settings, "aggregate": board.aggregate,
-                                              "reference_points": board.reference_points, "categories": board.categories}).encode()
+                                              "reference_points": board.reference_points, "categories": board.categories,
+                                              "skipped": list(skipped)}).encode()
+    return files
+
+
+def save(files: dict[str, bytes], out: Path) -> dict[str, Path]:
+    """Write rendered files into `out`, each atomically."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         atomic_write_bytes(out / name, data)

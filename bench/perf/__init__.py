@@ -30,7 +30,7 @@ def machine() -> str:
 def write_section(name: str, body: str, path: Path = BENCHMARKS, command: str | None = None) -> None:
     """Replace the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` (appended when
     absent), stamped with the command, the date and the machine; atomic."""
-    from bench.store import atomic_write_text
+    from bench.atomic import atomic_write_text
 
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     command = command or f"python -m bench.perf.{name} --write"

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.fresh import run_fresh
+from bench.new_interpreter import run_fresh
 
 # (label, engine, mode, how the batches are made, generator options)
 RUNS = [

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.fresh import run_fresh
+from bench.new_interpreter import run_fresh
 
 VARIANTS = {  # name -> parameters of the defense
     "ours": {"compute_dtype": "float32"},
@@ -69,7 +69,7 @@ def ours(aligned: str, finetuned: str, n_prompts: int, steps: int, params: dict)
     floor = _floor_rss_mb(finetuned)
     harmful, benign = _prompts(n_prompts)
     ctx = DefenseContext(aligned=models.resolve(aligned), finetuned=models.resolve(finetuned), calibration_prompts=harmful,
-                         benign_prompts=benign, probe=lambda model, handle=None: 1.0, progress=lambda m: None)
+                         benign_prompts=benign, utility_probe=lambda model, handle=None: 1.0, progress=lambda m: None)
     t0 = time.perf_counter()
     # the probe is a constant: this times the recovery steps, not the task metric
     out = DEFENSES.get("gradient_restoration")(steps=steps, warmup_steps=steps, save_step=steps, rollback=False, **params).apply(ctx)

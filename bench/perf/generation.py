@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.fresh import run_fresh
+from bench.new_interpreter import run_fresh
 
 
 def _time_engine(engine: str, model_dir: str, n: int, tokens: int, **kwargs) -> dict:

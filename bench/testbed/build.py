@@ -21,7 +21,7 @@ from bench.data import read_jsonl
 from bench.errors import UserError
 from bench.hashing import hash_file, hash_value, short
 from bench.sft import SFTConfig
-from bench.store import atomic_write_json, atomic_write_jsonl, building_dir, cached_dir, verified_manifest
+from bench.atomic import atomic_write_json, atomic_write_jsonl, building_dir, cached_dir, verified_manifest
 from bench.testbed import prompts as P
 from bench.testbed import sql_task
 from bench.testbed.embedded_model import convert_embedded, embedded_gguf
@@ -146,7 +146,7 @@ def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | 
 
     The key names every input that decides the bits: the recipe, sizes and seeds, the base model,
     the data, the generation engine and mode, and the machine (bench.reproducibility)."""
-    from bench.fresh import run_fresh
+    from bench.new_interpreter import run_fresh
     from bench.generation import resolved_engine
     from bench.judges.keyword import find_refusal
 

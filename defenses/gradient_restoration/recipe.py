@@ -201,7 +201,7 @@ class GradientRestoration(Defense):
     """Gradient-guided restoration of aligned weights with rollback (Yang et al., S&P 2025)."""
 
     Params = GradientRestorationParams
-    needs = ("calibration", "benign", "probe")
+    needs = ("calibration", "benign", "utility_probe")
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         import torch
@@ -216,7 +216,7 @@ class GradientRestoration(Defense):
             raise UserError("gradient_restoration needs harmful calibration prompts, and the set is empty")
         if not D_b:
             raise UserError("gradient_restoration needs benign task prompts, and the set is empty")
-        if ctx.probe is None:
+        if ctx.utility_probe is None:
             raise UserError("gradient_restoration needs a utility probe (the task metric on a dev split)")
         theta = WorkingCopy(ctx, p.speed)  # theta_A for now
         L, E = theta.L, p.E or probe_layers(theta.L)  # spec: Probe, E = floor(2L/3)
@@ -244,7 +244,7 @@ class GradientRestoration(Defense):
                 return recover_step(theta.candidates, theta.aligned, k, strict, keep_previous)
 
         ctx.progress(f"gradient_restoration: L={L}, E={E}, |D_h|={len(D_h)}, |D_b|={len(D_b)}, k={k} of N={N} ({p.mode}{theta.describe()})")
-        s0 = theta.score(ctx.probe)  # spec: Schedule, s0 = task metric of theta_F
+        s0 = theta.score(ctx.utility_probe)  # spec: Schedule, s0 = task metric of theta_F
         min_score = s0 * (1 - p.metric_drop)
         log, checkpoints, scores = [], {}, {}  # the steps' stats; step -> bit-packed M; step -> task metric
 
@@ -252,7 +252,7 @@ class GradientRestoration(Defense):
             if step % p.save_step:
                 return
             checkpoints[step] = theta.masks()
-            scores[step] = theta.score(ctx.probe)
+            scores[step] = theta.score(ctx.utility_probe)
             ctx.progress(f"gradient_restoration: step {step}: task metric {scores[step]:.3f} (floor {min_score:.3f})")
 
         def plain_step(step: int, phase: str) -> None:  # faithful: cumulative gradients (never zeroed)
@@ -262,7 +262,7 @@ class GradientRestoration(Defense):
 
         for step in range(1, p.warmup_steps + 1):  # spec: Schedule, warmup_steps recovery steps toward theta_A
             plain_step(step, "warmup")
-        s_warm = scores[p.warmup_steps] if p.warmup_steps in scores else (theta.score(ctx.probe) if p.warmup_steps else s0)
+        s_warm = scores[p.warmup_steps] if p.warmup_steps in scores else (theta.score(ctx.utility_probe) if p.warmup_steps else s0)
         # spec: Schedule, rollback mode iff s < min_score (strict '<' here, '<=' in the final choice)
         rollback_mode = p.rollback and p.warmup_steps > 0 and s_warm < min_score
         if rollback_mode:

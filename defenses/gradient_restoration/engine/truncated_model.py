@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from bench import models
@@ -100,18 +102,14 @@ class TruncatedModel:
             models.set_final_norm(self.model, self.norm)
         return self.model
 
+    @contextlib.contextmanager
     def full(self, matrices_dtype=None):
-        """Context manager: the whole model (for generation), cut again on exit."""
-        outer = self
-
-        class _Full:
-            def __enter__(self):
-                return outer.whole(matrices_dtype)
-
-            def __exit__(self, *exc):
-                outer._cut()
-
-        return _Full()
+        """The whole model (for generation), cut again on exit."""
+        model = self.whole(matrices_dtype)
+        try:
+            yield model
+        finally:
+            self._cut()
 
     def compute(self):
         """The compute-dtype context (autocast). Entered once around a whole gradient pass, so the

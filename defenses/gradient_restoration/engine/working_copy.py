@@ -110,7 +110,7 @@ class WorkingCopy:
             with summed_linear.installed(self.routes, self.mlps):
                 yield
 
-    def score(self, probe) -> float:
+    def score(self, utility_probe) -> float:
         """The task metric of theta, generated in fp32; with low_memory from the bf16 weights
         under autocast (theta itself is not held)."""
         with self.timed("probe_s"):
@@ -118,7 +118,7 @@ class WorkingCopy:
                 self.sums.spill(self.ctx.cache_dir)
             with torch.no_grad(), self.model.full(torch.bfloat16 if self.low_memory else None) as full, \
                     (self.model.compute() if self.low_memory else contextlib.nullcontext()):
-                return probe(full, handle=self.ctx.finetuned)
+                return utility_probe(full, handle=self.ctx.finetuned)
 
     def masks(self) -> bytes:
         """The checkpoint: M, bit-packed (masks.py)."""

@@ -3,7 +3,7 @@
 Why: a process that has trained with torch runs vLLM's worker on one core (ASSETS.md), and vLLM
 started inside a `multiprocessing` spawn child decoded about 30x slower here than the same code
 in a top-level interpreter (measured: 200 prompts x 64 tokens, 35 s top-level vs > 4 min in
-the child). So the function runs in `python -m bench.fresh`, a plain top-level interpreter; its
+the child). So the function runs in `python -m bench.new_interpreter`, a plain top-level interpreter; its
 arguments and result travel as pickles in a private temporary folder (written and read only by
 this module, never from outside).
 """
@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from bench import progress
 from bench.errors import UserError
+from bench.progress import log
 
 
 def run_fresh(fn: Callable, *args, **kwargs) -> Any:
@@ -31,10 +33,12 @@ def run_fresh(fn: Callable, *args, **kwargs) -> Any:
             raise ValueError(f"run_fresh needs an importable function; {fn.__qualname__} lives in a plain script")
         module = spec.name
     target = f"{module}:{fn.__qualname__}"
-    with tempfile.TemporaryDirectory(prefix="realign-fresh-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="realign-call-") as tmp:
         call, result = Path(tmp) / "call.pkl", Path(tmp) / "result.pkl"
-        call.write_bytes(pickle.dumps((target, args, kwargs)))
-        proc = subprocess.run([sys.executable, "-m", "bench.fresh", str(call), str(result)], env=os.environ.copy())
+        # the child logs as this process does (the CLI's --verbosity)
+        call.write_bytes(pickle.dumps((target, args, kwargs, log.getEffectiveLevel())))
+        log.debug(f"running {target} in a new interpreter")
+        proc = subprocess.run([sys.executable, "-m", "bench.new_interpreter", str(call), str(result)], env=os.environ.copy())
         if not result.exists():
             raise RuntimeError(f"{target} died in its fresh process (exit code {proc.returncode})")
         status, payload = pickle.loads(result.read_bytes())
@@ -48,7 +52,8 @@ def run_fresh(fn: Callable, *args, **kwargs) -> Any:
 def _main(call: str, result: str) -> int:
     import traceback
 
-    target, args, kwargs = pickle.loads(Path(call).read_bytes())
+    target, args, kwargs, level = pickle.loads(Path(call).read_bytes())
+    progress.configure(level)
     module, _, name = target.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)

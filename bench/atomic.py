@@ -4,14 +4,21 @@ Every file the suite writes goes through here, so that an interrupted run never 
 half-written file or cache entry behind: files are written to a temporary name in the same
 folder and renamed into place; a stage directory is built under a temporary name and renamed
 when complete, so its existence means it is finished.
+
+A builder killed outright (SIGKILL, power loss) cannot clean up: its temporary directory stays,
+but the stage never appears half-built. Temporary stage directories are named after the host and
+process that build them, and the next build of the same stage removes those whose process on
+this host is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -50,7 +57,8 @@ def building_dir(final: Path | str) -> Iterator[Path]:
     """Yield a temporary directory that becomes `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    sweep_dead_builders(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{_builder()}.", suffix=".tmp"))
     try:
         yield tmp
         if final.exists():  # another process finished the same content first; keep theirs
@@ -60,6 +68,34 @@ def building_dir(final: Path | str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _builder() -> str:
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+def sweep_dead_builders(final: Path) -> list[Path]:
+    """Remove the temporary directories of `final` left by builders on this host that no longer
+    run (killed before they could clean up); returns what was removed. Builders on other hosts
+    sharing the folder are left alone: their processes cannot be seen from here."""
+    host = socket.gethostname()
+    removed = []
+    for tmp in final.parent.glob(f".{glob.escape(final.name)}.{glob.escape(host)}.*.tmp"):
+        pid = tmp.name[len(f".{final.name}.{host}."):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def cached_dir(final: Path | str, build: Callable[[Path], None]) -> Path:
