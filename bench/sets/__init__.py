@@ -37,6 +37,7 @@ class EvalSet:
     expects: str = ""  # the files, in one line: shown by `realign list sets` and in every "missing" error
     origin: str = ""  # where a user gets the files (paper, repository or dataset page)
     location: str | None = None  # default place under the data directory; None when a package ships the data
+    reads_as_is = False  # True when the file is already JSON Lines with a prompt field (a task can point at it)
 
     def __init__(self, path: str | Path | None = None, data_dir: Path | None = None):
         self.path = Path(path).expanduser() if path else (Path(data_dir) / self.location if data_dir and self.location else None)

@@ -73,6 +73,7 @@ class BeaverTailsEval(EvalSet):
     expects = "eval.jsonl (JSON Lines: prompt, category, category_id)"
     origin = "BeaverTails-Evaluation (Ji et al. 2023) as released with the flagship paper's code"
     location = "beavertails/eval.jsonl"
+    reads_as_is = True
 
     def read(self, path: Path):
         return [{"prompt": r["prompt"].strip(), "category": r["category"], **({"category_id": r["category_id"]} if "category_id" in r else {})}
