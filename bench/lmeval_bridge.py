@@ -47,10 +47,10 @@ class RealignLM(TemplateLM):
             handle = models.resolve(pretrained)
             root = Path(cache_dir or Path.home() / ".cache" / "realign" / "generations")
             generator = CachedGenerator(handle, GenerationCache(root), engine=engine, dtype=dtype,
-                                        max_model_len=min(MAX_MODEL_LEN, _context_length(handle)))
+                                        max_model_len=min(MAX_MODEL_LEN, context_length(handle)))
         self.generator = generator
         self.tokenizer = models.load_tokenizer(generator.handle, generator.kwargs.get("trust_remote_code", False))
-        self.max_length = min(_context_length(generator.handle), generator.kwargs.get("max_model_len", MAX_MODEL_LEN))
+        self.max_length = min(context_length(generator.handle), generator.kwargs.get("max_model_len", MAX_MODEL_LEN))
 
     # ------------------------------------------------------------------ tokens (as lm-eval's hf backend)
 
@@ -78,7 +78,8 @@ class RealignLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         # keep the last max_length - 1 tokens: vLLM needs room for the one token it generates, and
-        # both engines must score the same tokens
+        # both engines must score the same tokens (lm-eval's hf backend keeps max_length + 1, its
+        # vLLM backend max_length - 1, so only requests longer than the model's context differ from hf)
         limit = self.max_length - 1
         scored = []
         for _, ctx, cont in requests:
@@ -116,7 +117,8 @@ class RealignLM(TemplateLM):
         return collator.get_original(texts)
 
 
-def _context_length(handle: models.ModelHandle) -> int:
+def context_length(handle: models.ModelHandle) -> int:
+    """The model's context in tokens, read from its config as lm-eval's hf backend reads it."""
     from lm_eval.models.utils import resolve_max_length
     from transformers import AutoConfig
 
