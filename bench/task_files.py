@@ -18,7 +18,7 @@ from typing import Callable
 import yaml
 
 from bench.errors import UserError
-from bench.sets import SETS, load_set
+from bench.sets import SETS
 from bench.sets.files import package_data
 from tasks import TASKS_DIR
 

@@ -59,4 +59,5 @@ def test_lm_eval_cli_runs_a_harmful_set_and_a_loglikelihood_task_with_the_python
 
 def test_export_names_what_it_cannot_write(tmp_path):
     proc = run_cli("tasks", "export", str(tmp_path / "t"), "--sets", "hex_phi")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "DATA_DIR/hex-phi" in proc.stderr
+    # one line naming where the folder goes (DATA_DIR/hex-phi, or the configured data directory's)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "hex-phi" in proc.stderr and "category_1.csv" in proc.stderr
