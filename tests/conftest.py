@@ -31,13 +31,13 @@ def make_tokenizer(out: Path):
     return tok
 
 
-def make_llama(out: Path, tok, layers: int = 6, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2):
+def make_llama(out: Path, tok, layers: int = 6, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2, max_positions: int = 256):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256, tie_word_embeddings=True,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out, safe_serialization=True)

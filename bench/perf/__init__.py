@@ -27,6 +27,14 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), {psutil.virtual_memory().total / 2**30:.0f} GiB{gpu}"
 
 
+def embedded_model_dir() -> str:
+    """The embedded testbed's base model (converted once, cached under realign-home): the default
+    model of the engine benchmarks."""
+    from bench.testbed.build import embedded_base
+
+    return str(embedded_base(Path("realign-home/cache")).path)
+
+
 def write_section(name: str, body: str, path: Path = BENCHMARKS, command: str | None = None) -> None:
     """Replace the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` (appended when
     absent), stamped with the command, the date and the machine; atomic."""

@@ -44,9 +44,9 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="replace this benchmark's section of BENCHMARKS.md")
     args = ap.parse_args()
     if args.model is None:
-        from bench.testbed.build import embedded_base
+        from bench.perf import embedded_model_dir
 
-        args.model = str(embedded_base(Path("realign-home/cache")).path)
+        args.model = embedded_model_dir()
     runs = [
         run_fresh(_time_engine, "transformers", args.model, args.prompts, args.tokens, dtype="float32"),
         run_fresh(_time_engine, "transformers", args.model, args.prompts, args.tokens, dtype="bfloat16"),

