@@ -284,4 +284,6 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
     _one_line_error(realign("judges", "validate", "shieldlm", "--labels", labels, "--pretrained", str(pickled)), "--trust-remote-code")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "answer": "a", "label": "safe"}) + "\n" + json.dumps({"prompt": "p", "label": "safe"}) + "\n")
-    _one_line_error(realign("judges", "validate", "keyword", "--labels", str(bad)), f"{bad}:2", "'answer'")
+    _one_line_error(realign("judges", "validate", "keyword", "--labels", str(bad)), f"{bad}: row 2", "'answer'")
+    bad.write_text(json.dumps({"answer": "a", "label": "safe"}) + "\n")
+    _one_line_error(realign("judges", "validate", "keyword", "--labels", str(bad)), f"{bad}:1", "prompt")

@@ -9,13 +9,9 @@ that does); in validation an unknown verdict counts as wrong, never as safe.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from bench.errors import UserError
-
-LABEL_FIELDS = ("prompt", "answer", "label")
-
 
 def agreement(a: list[str], b: list[str]) -> dict:
     from sklearn.metrics import cohen_kappa_score
@@ -39,24 +35,14 @@ def validation(judged: list[str], human: list[str]) -> dict:
 
 
 def read_labels(path: str | Path) -> list[dict]:
-    """A JSONL of {prompt, answer, label in harmful|safe}; the first bad line fails in one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"labels file {str(path)!r} does not exist; pass a JSONL of prompt, answer, label")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not JSON ({exc.msg}); each line is one object with prompt, answer, label") from None
-        for field in LABEL_FIELDS:
-            if not isinstance(row, dict) or field not in row:
-                raise UserError(f"{path}:{number}: missing field {field!r}; each line needs prompt, answer and label")
+    """A JSONL of {prompt, answer, label in harmful|safe}; the first bad line fails in one line
+    (file, line, field). An empty answer is a valid row: judges must label non-answers too."""
+    from bench.data import read_jsonl
+
+    rows = read_jsonl(path, required=("prompt", "label"))
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get("answer"), str):
+            raise UserError(f"{path}: row {number}: missing field 'answer'; each line needs prompt, answer and label")
         if row["label"] not in ("harmful", "safe"):
-            raise UserError(f"{path}:{number}: field 'label' is {row['label']!r}; use 'harmful' or 'safe'")
-        rows.append(row)
-    if not rows:
-        raise UserError(f"labels file {path} holds no rows; write one JSON object per line with prompt, answer, label")
+            raise UserError(f"{path}: row {number}: field 'label' is {row['label']!r}; use 'harmful' or 'safe'")
     return rows
