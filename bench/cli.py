@@ -203,6 +203,9 @@ def _list_judges() -> None:
     for name in JUDGES.names():
         cls = JUDGES.get(name)
         print(f"  {name:<22} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print(f"  {'':<22} rule: {getattr(cls, 'rule', '') or 'see its documentation'}")
+        weights = cls.weights_help() if hasattr(cls, "weights_help") else getattr(cls, "weights", "")
+        print(f"  {'':<22} weights: {weights or 'see its documentation'}")
 
 
 def _list_sets() -> None:
@@ -249,6 +252,21 @@ def cmd_tasks_export(args) -> int:
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     print(f"wrote {len(written)} task YAMLs to {args.out}: lm_eval --include_path {args.out} (or `realign lm-eval ...`)", file=sys.stderr)
+    return 0
+
+
+def cmd_judges_validate(args) -> int:
+    from bench.judges import make_judge
+    from bench.judges.agreement import read_labels, validation
+
+    rows = read_labels(args.labels)
+    options = dict(pretrained=args.pretrained, engine=args.engine if args.engine != "auto" else None,
+                   trust_remote_code=True if args.trust_remote_code else None)
+    judge = make_judge(args.judge, **options)
+    verdicts = judge.label([r["prompt"] for r in rows], [r["answer"] for r in rows])
+    result = validation([v.label for v in verdicts], [r["label"] for r in rows])
+    print(f"judge {args.judge} against {args.labels}: n={result['n']} accuracy={result['accuracy']:.3f} "
+          f"f1={result['f1']:.3f} kappa={result['kappa']:.3f} unknown={result['unknown']}")
     return 0
 
 
@@ -367,6 +385,23 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--sets", default=None, help="comma-separated set names (see `realign list sets`); default: every set that loads here")
     te.add_argument("--data-dir", default=None, help="folder of local public data (beavertails/, tasks/); also $REALIGN_DATA_DIR")
     te.set_defaults(func=cmd_tasks_export)
+
+    p = sub.add_parser("judges", formatter_class=_Formatter, help="check a judge against human labels",
+                       description="Judge tools. `validate` labels a human-labelled JSONL with a judge and prints accuracy, F1 "
+                       "(harmful as positive) and Cohen's kappa (scikit-learn); unknown verdicts count as wrong.",
+                       epilog="example:\n  realign judges validate wildguard --labels my-labels.jsonl --pretrained ../weights/wildguard")
+    jsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    jv = jsub.add_parser("validate", formatter_class=_Formatter, help="accuracy, F1 and kappa of a judge against human labels",
+                         description="Read a JSONL of {prompt, answer, label: harmful|safe}, label it with JUDGE in one batched pass, and "
+                         "print accuracy, F1 and kappa against the human labels.",
+                         epilog="example:\n  realign judges validate keyword --labels my-labels.jsonl")
+    jv.add_argument("judge", help="judge name (see `realign list judges`)")
+    jv.add_argument("--labels", required=True, help="JSONL file: one {prompt, answer, label} object per line")
+    jv.add_argument("--pretrained", default=None, metavar="DIR", help="the judge's weights: a local directory or hub id (LLM judges)")
+    jv.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto", help="engine of an LLM judge")
+    jv.add_argument("--trust-remote-code", action="store_true", help="let a judge run code shipped with its weights (ShieldLM needs it)")
+    jv.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
+    jv.set_defaults(func=cmd_judges_validate)
 
     p = sub.add_parser("lm-eval", formatter_class=_Formatter, help="lm-eval's own CLI, with the realign backend registered",
                        description="Run lm-eval's command line (every argument passes through) with the `realign` model backend "
