@@ -108,6 +108,7 @@ def run(aligned: models.ModelHandle, task_rows: list[dict], harmful_pairs: list[
         model = models.load_model(aligned, "float32")
         peft_model, train_log = train(model, tokenizer, mix, config.sft, tmp / "trainer", progress=sys.stderr.isatty())
         peft_model.save_pretrained(tmp / "adapter")
+        _name_base(tmp / "adapter", aligned)
         merged = peft_model.merge_and_unload()
         models.save_model(merged, tokenizer, tmp / "merged")
         manifest = {
@@ -125,6 +126,17 @@ def run(aligned: models.ModelHandle, task_rows: list[dict], harmful_pairs: list[
         atomic_write_json(tmp / "manifest.json", manifest)
     log(f"attack: done in {time.perf_counter() - t0:.0f}s (final loss {train_log['train_loss']})")
     return AttackResult(root, json.loads((root / "manifest.json").read_text()))
+
+
+def _name_base(adapter_dir: Path, aligned: models.ModelHandle) -> None:
+    """peft writes the base model's local path into adapter_config.json: name it instead, so that the
+    adapter's bytes (and its content hash) do not depend on where the cache lives."""
+    from bench.atomic import atomic_write_json
+
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = aligned.name
+    atomic_write_json(path, config)
 
 
 def harmful_pairs_for(config: AttackConfig, testbed_pairs: Path, data_dir: Path | None) -> list[dict]:

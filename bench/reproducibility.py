@@ -29,7 +29,7 @@ GENERATION_MODES = (DETERMINISTIC, FAST)
 
 # record fields that change from run to run of the same inputs (times, memory, dates)
 VOLATILE_KEYS = {"created", "cost", "wall_s", "apply_s", "seconds", "peak_rss_mb", "defense_wall_s", "defense_peak_rss_mb",
-                 "train_runtime_s", "timings", "load_s", "generate_s"}
+                 "train_runtime_s", "timings", "timing_s", "load_s", "generate_s"}
 
 
 def check_mode(mode: str) -> str:
