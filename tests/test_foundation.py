@@ -354,3 +354,32 @@ def test_benchmark_sections_replace_only_their_own_text(tmp_path):
     assert "hand-written notes" in text and "kept" in text
     assert "| a | 2 |" in text and "| a | 1 |" not in text
     assert text.count("<!-- bench:demo -->") == 1 and "CPU cores" in text
+
+
+def test_lmeval_bridge_groups_by_generation_settings_and_cuts_at_stop_strings(tiny, tmp_path):
+    """One engine call per distinct generation setting; stop strings cut the cached full text."""
+    from lm_eval.api.instance import Instance
+
+    from bench.lmeval_bridge import RealignLM
+
+    gen = CachedGenerator(models.resolve(tiny["aligned"]), GenerationCache(tmp_path / "gen"), engine="transformers")
+    lm = RealignLM(generator=gen)
+
+    def requests(kwargs_per_prompt):
+        return [Instance("generate_until", doc={}, arguments=(p, k), idx=i) for i, (p, k) in enumerate(kwargs_per_prompt)]
+
+    full = gen.generate(PROMPTS, Sampling(max_new_tokens=12))
+    assert gen.stats["batches_generated"] == 1
+    # a stop string taken from the middle of the first answer: each answer is cut just before it
+    stop = full[0][3:5]
+    assert len(stop) == 2 and full[0].index(stop) <= 3
+    out = lm.generate_until(requests([(p, {"until": [stop], "max_gen_toks": 12}) for p in PROMPTS]))
+    assert out == [text.split(stop, 1)[0] for text in full] and len(out[0]) < len(full[0])
+    assert gen.stats["generated"] == 3  # the same batch and settings: taken from the cache
+    # two settings: two engine calls, each prompt answered under its own setting, in request order
+    mixed = requests([(PROMPTS[0], {"until": [], "max_gen_toks": 12}), (PROMPTS[1], {"until": [], "max_gen_toks": 4}),
+                      (PROMPTS[2], {"until": [], "max_gen_toks": 12})])
+    out = lm.generate_until(mixed)
+    assert gen.stats["batches_generated"] == 3
+    assert out[0] == full[0] and out[2] == full[2]
+    assert out[1] == gen.generate([PROMPTS[1]], Sampling(max_new_tokens=4))[0]
