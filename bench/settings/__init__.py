@@ -77,7 +77,9 @@ def validate(raw: dict, where: str) -> Setting:
     try:
         return Setting.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(describe(exc.errors()[0], where, len(exc.errors()))) from None
+        # an unknown key first: a misspelt key is also why the right one is "missing"
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise UserError(describe(errors[0], where, len(errors))) from None
 
 
 def describe(error: dict, where: str, count: int) -> str:

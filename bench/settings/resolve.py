@@ -152,6 +152,7 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
     s = setting
     data_dir = Path(s.data.data_dir).expanduser() if s.data.data_dir else default_data_dir(None)
     _check_names(s)
+    _check_utility(s)
     testbed = _Testbed(s, cache, log, check)
 
     def model(entry: Model | str | None) -> models.ModelHandle | None:
@@ -198,7 +199,6 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
         raise UserError(f"setting {s.name!r}: give models.finetuned (a folder, hub id or peft adapter) or an attack section")
     if base is not None:
         models.check_same_family(aligned, base)
-    _check_utility(s)
     return Resolved(s, aligned, base, {k: v for k, v in files.items() if v}, harmful, over, list(s.notes) + testbed.notes, data_dir, user)
 
 
