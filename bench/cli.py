@@ -316,10 +316,9 @@ def cmd_board_build(args) -> int:
         except ValueError:
             raise UserError(f"--reference-point takes HARM,UTILITY, e.g. 0.85,0.2; got {args.reference_point!r}") from None
         reference = (h, u)
-    try:  # before any work: a parent that is a file or no permission is the user's to fix, in one line
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot write the board to {args.out!r} ({exc.strerror or type(exc).__name__}): pass --out a folder you can create") from None
+    from bench.atomic import check_can_create
+
+    check_can_create(args.out, "pass --out a folder you can create")  # before any work, creating nothing
     board = build(load([Path(p) for p in args.records]), multi_setting=args.multi_setting, reference=reference)
     try:
         files = write(board, Path(args.out), title=args.title)

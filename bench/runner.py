@@ -369,13 +369,10 @@ def evaluate_model(model: str, cfg: RunConfig, clock: Clock | None = None) -> di
 
 
 def _check_writable(cfg: RunConfig) -> None:
+    from bench.atomic import check_can_create
+
     for folder in (cfg.cache, cfg.run_dir):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create {folder} ({exc.strerror or type(exc).__name__}): pass --home a folder you can write") from None
-        if not os.access(folder, os.W_OK):
-            raise UserError(f"cannot write to {folder}: pass --home a folder you can write")
+        check_can_create(folder, "pass --home a folder you can write")
 
 
 def _timed_variants(resolved: Resolved, cfg: RunConfig, clock: Clock) -> Iterator[Variant]:

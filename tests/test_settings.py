@@ -182,8 +182,8 @@ def test_hub_id_offline_and_pickle_checkpoint(tmp_path, capsys, tiny_setting, ti
 def test_unwritable_output_folders_are_one_line(tmp_path, capsys, tiny_setting):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    fails(capsys, ["board", "build", str(tmp_path), "--out", str(blocker / "board")], str(blocker / "board"), "--out")
-    fails(capsys, ["run", "--setting", str(tiny_setting), "--home", str(blocker / "home")], "cannot create", "--home")
+    fails(capsys, ["board", "build", str(tmp_path), "--out", str(blocker / "board")], str(blocker / "board"), "is a file", "--out")
+    fails(capsys, ["run", "--setting", str(tiny_setting), "--home", str(blocker / "home")], "cannot create", "is a file", "--home")
 
 
 # ------------------------------------------------------------------------------------------ LoRA merge
