@@ -139,3 +139,18 @@ def verified_manifest(root: Path, content: Callable[[Path], Any], log: Callable[
     log(f"{Path(root).name}: {reason}; rebuilding it")
     discard(root)
     return None
+
+
+def check_can_create(folder: Path | str, fix: str) -> None:
+    """Raise one line (UserError) unless `folder` exists writable or could be created; creates
+    nothing, so that bad input leaves no trace. `fix` says which option to change."""
+    from bench.errors import UserError
+
+    folder = Path(folder).absolute()
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot create {folder}: {probe} is a file, not a folder; {fix}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {probe} (permission denied); {fix}")

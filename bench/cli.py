@@ -6,7 +6,7 @@ Bad input ends with one line on stderr ("realign: error: ...") and exit code 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -56,11 +56,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbosity", choices=VERBOSITY, default="INFO",
                    help="progress on stderr: INFO one line per stage, WARNING quiet, DEBUG more (and vLLM's own warnings)")
     p.add_argument("--home", default=DEFAULT_HOME, help="folder for the cache (models, generations) and runs (also $REALIGN_HOME)")
+    p.add_argument("--setting", default=None, metavar="FILE|NAME",
+                   help="the setting: a YAML file or a shipped name (default: embedded-default; see README 'Bring your own setting')")
+    p.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE", dest="overrides",
+                   help="override one key of the setting, e.g. --set generation.max_model_len=4096 (repeatable)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="testbed and attack sizes: 'default' is the embedded default, 'smoke' a few-minute version")
-    p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto", help="generation engine; auto = vLLM if it starts, else transformers")
-    p.add_argument("--judge", default="keyword", help="judge of harmful answers (see `realign list`)")
+    p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default=None, help="generation engine (default: the setting's; auto = vLLM if it starts, else transformers)")
+    p.add_argument("--judge", default=None, help="judge of harmful answers (default: the setting's; see `realign list`)")
     p.add_argument("--data-dir", default=None, help="folder of local public data (beavertails/, tasks/); also $REALIGN_DATA_DIR")
-    p.add_argument("--seed", type=int, default=0, help="seed of the attack's data mix and training")
+    p.add_argument("--seed", type=int, default=None, help="seed of the attack's data mix and training (default: the setting's)")
     p.add_argument("--fast-nondeterministic", action="store_true",
                    help="let vLLM schedule batches as requests arrive: a little faster, but answers change from run to run "
                    "(default: fixed batches, byte-identical answers on every run on this kind of machine; records say which)")
@@ -76,75 +80,76 @@ def _parse_ns(text: str) -> list[int]:
     return values
 
 
-def _run_config(args, defenses: list[str], defense_params: dict | None = None):
-    from bench import attack as attack_stage
-    from bench import reproducibility
-    from bench.data import data_dir
-    from bench.evaluate import EvalConfig
-    from bench.runner import RunConfig
-    from bench.testbed.build import TestbedConfig
+def _flags(args) -> list[str]:
+    """The flags a user gave, as `--set` overrides of the setting (flags override the file)."""
+    out = []
+    preset = PRESETS[getattr(args, "preset", "default")]
+    for section in ("testbed", "attack"):
+        out += [f"{section}.{k}={json.dumps(v)}" for k, v in preset.get(section, {}).items()]
+    if getattr(args, "preset", "default") != "default":
+        out.append(f"name=embedded-{args.preset}")
+    for flag, key in (("engine", "generation.engine"), ("judge", "judge"), ("seed", "seed"), ("harmful_source", "attack.harmful_source"),
+                      ("data_dir", "data.data_dir"), ("name", "name")):
+        if getattr(args, flag, None) is not None:
+            out.append(f"{key}={json.dumps(getattr(args, flag))}")
+    if getattr(args, "harmful_n", None):
+        out.append(f"attack.harmful_n={json.dumps(_parse_ns(args.harmful_n))}")
+    if getattr(args, "fast_nondeterministic", False):
+        out.append("generation.mode=fast-nondeterministic")
+    if getattr(args, "defenses", None):
+        out.append(f"defenses={json.dumps([d.strip() for d in args.defenses.split(',') if d.strip()])}")
+    return out + list(getattr(args, "overrides", []))
 
-    preset = PRESETS[args.preset]
-    attack_kwargs = dict(preset.get("attack", {}))
-    ns = _parse_ns(getattr(args, "harmful_n", None) or str(attack_kwargs.get("harmful_n", 100)))
-    attack_kwargs.update(seed=args.seed, harmful_n=ns[0])
-    if getattr(args, "harmful_source", None):
-        attack_kwargs["harmful_source"] = args.harmful_source
-    name = getattr(args, "name", None) or ("embedded-default" if args.preset == "default" else f"embedded-{args.preset}")
-    return RunConfig(
-        home=Path(args.home),
-        name=name,
-        harmful_ns=ns,
-        defenses=defenses,
-        defense_params=defense_params or {},
-        testbed=TestbedConfig(**preset.get("testbed", {})),
-        attack=attack_stage.AttackConfig(**attack_kwargs),
-        eval=EvalConfig(judge=args.judge, engine=args.engine,
-                        generation_mode=reproducibility.FAST if args.fast_nondeterministic else reproducibility.DETERMINISTIC),
-        data_dir=data_dir(args.data_dir),
-        publish=Path(args.publish) if getattr(args, "publish", None) else None,
-    )
+
+def _setting(args, extra: list[str] = ()):
+    from bench.settings import EMBEDDED_DEFAULT, load_setting
+
+    return load_setting(getattr(args, "setting", None) or EMBEDDED_DEFAULT, _flags(args) + list(extra))
+
+
+def _run_config(args, extra: list[str] = (), defense_params: dict | None = None):
+    from bench.runner import RunConfig
+
+    return RunConfig(home=Path(args.home), setting=_setting(args, extra), defense_params=defense_params or {},
+                     publish=Path(args.publish) if getattr(args, "publish", None) else None)
 
 
 # ------------------------------------------------------------------------------------------ commands
 
 
 def cmd_run(args) -> int:
-    from bench.runner import main_job, parse_row
+    from bench.runner import main_job
     from defenses import DEFENSES, names_with_role
 
-    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
+    cfg = _run_config(args)
     if args.all_defenses:  # every registered defense (reference rows first), plus any extra rows the user wrote with parameters
-        defenses = list(dict.fromkeys(names_with_role("reference") + DEFENSES.names() + [d for d in defenses if ":" in d]))
-    for d in defenses:
-        parse_row(d)  # unknown names and bad parameters fail here, before any work
-    main_job(_run_config(args, defenses))
+        rows = list(dict.fromkeys(names_with_role("reference") + DEFENSES.names() + [d for d in cfg.defenses if ":" in d]))
+        cfg = _run_config(args, [f"defenses={json.dumps(rows)}"])
+    main_job(cfg)  # unknown names and bad parameters fail while the setting resolves, before any work
     return 0
 
 
 def cmd_testbed(args) -> int:
-    import json
+    from bench.testbed.build import TestbedConfig, build
 
-    from bench.testbed.build import build
-
-    cfg = _run_config(args, [])
-    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, log=log.info, mode=cfg.eval.generation_mode)
+    setting = _setting(args)
+    g = setting.generation
+    tb = build(TestbedConfig(**(setting.testbed.model_dump() if setting.testbed else {})), Path(args.home) / "cache", engine=g.engine,
+               log=log.info, mode=g.mode)
     print(json.dumps({"root": str(tb.root), "sizes": tb.manifest["sizes"], "harmful_split_hash": tb.manifest["harmful_split_hash"],
                       "timings": tb.manifest["timings"]}, indent=2))
     return 0
 
 
 def cmd_attack(args) -> int:
-    from bench import attack as attack_stage
-    from bench.testbed.build import build
+    from bench.settings.resolve import resolve
 
-    cfg = _run_config(args, [])
-    tb = build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, log=log.info, mode=cfg.eval.generation_mode)
-    for n in cfg.harmful_ns:
-        atk_cfg = dataclasses.replace(cfg.attack, harmful_n=n)
-        pairs = attack_stage.harmful_pairs_for(atk_cfg, tb.attack_pairs, cfg.data_dir)
-        result = attack_stage.run(tb.aligned, tb.rows("sql_train"), pairs, atk_cfg, cfg.cache, log=log.info)
-        print(f"N={n}: adapter {result.adapter}  merged {result.merged.path}")
+    cfg = _run_config(args, ["defenses=[]"])
+    if cfg.setting.attack is None:
+        raise UserError(f"setting {cfg.name!r} gives its fine-tuned model and has no attack section: nothing to attack")
+    resolved = resolve(cfg.setting, cfg.cache, log=log.info)
+    for variant in resolved.variants(cfg.cache, log.info):
+        print(f"N={variant.harmful_n}: adapter {variant.adapter}  merged {variant.finetuned.path}")
     return 0
 
 
@@ -155,8 +160,29 @@ def cmd_defend(args) -> int:
 
     params = key_values(args.param, "--param key=value")
     parse_params(DEFENSES.get(args.defense).Params, params)  # unknown names and bad values fail here, before any work
-    cfg = _run_config(args, names_with_role("reference") + [args.defense], {args.defense: params})
-    main_job(cfg)
+    rows = names_with_role("reference") + [args.defense]
+    main_job(_run_config(args, [f"defenses={json.dumps(rows)}"], {args.defense: params}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """One row for any model under a setting's evaluation (sets, task, utility tasks, judge)."""
+    from bench.runner import evaluate_model
+
+    cfg = _run_config(args, ["defenses=[]"])
+    record = evaluate_model(args.model, cfg)
+    print(json.dumps({"model": args.model, "record_id": record["record_id"],
+                      "metrics": {k: round(m["value"], 4) for k, m in record["metrics"].items()}}, indent=2))
+    return 0
+
+
+def cmd_setting_check(args) -> int:
+    from bench.settings import load_setting
+    from bench.settings.resolve import resolve
+
+    setting = load_setting(args.file, list(args.overrides))
+    resolved = resolve(setting, Path(args.home) / "cache", log=log.info, check=True)
+    print(resolved.report())
     return 0
 
 
@@ -290,8 +316,14 @@ def cmd_board_build(args) -> int:
         except ValueError:
             raise UserError(f"--reference-point takes HARM,UTILITY, e.g. 0.85,0.2; got {args.reference_point!r}") from None
         reference = (h, u)
+    from bench.atomic import check_can_create
+
+    check_can_create(args.out, "pass --out a folder you can create")  # before any work, creating nothing
     board = build(load([Path(p) for p in args.records]), multi_setting=args.multi_setting, reference=reference)
-    files = write(board, Path(args.out), title=args.title)
+    try:
+        files = write(board, Path(args.out), title=args.title)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile
+        raise UserError(f"cannot write the board to {args.out!r} ({exc.strerror or type(exc).__name__}): pass --out a folder you can write") from None
     print(markdown(board))
     print(f"wrote {', '.join(sorted(files))} to {args.out}", file=sys.stderr)
     return 0
@@ -327,12 +359,36 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  realign run --harmful-n 0,100 --defenses aligned,none\n"
                        "  realign run --defenses aligned,none,gradient_restoration,gradient_restoration:mode=clean   # both flagship modes\n"
                        "  realign run --all-defenses --publish leaderboards/embedded-default")
-    p.add_argument("--defenses", default="aligned,none,gradient_restoration",
-                   help="comma-separated board rows: a defense (see `realign list`) or name:key=value:... for a row with its own "
+    p.add_argument("--defenses", default=None,
+                   help="(default: the setting's, aligned,none,gradient_restoration in the embedded default) comma-separated board rows: a defense (see `realign list`) or name:key=value:... for a row with its own "
                    "parameters, e.g. gradient_restoration:mode=clean")
     p.add_argument("--all-defenses", action="store_true", help="run every registered defense")
     p.add_argument("--publish", default=None, metavar="DIR", help="also write the records and the rendered board to DIR (e.g. leaderboards/embedded-default)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("evaluate", formatter_class=_Formatter, parents=[parents["common"]], help="one board row for any model under a setting",
+                       description="Evaluate one model (a folder or hub id) on a setting's harmful and over-refusal sets, its task "
+                       "and its utility tasks, judged by its judge, as `lm_eval run` evaluates one model; writes one record under "
+                       "HOME/runs/SETTING/records and prints its metrics.",
+                       epilog="example:\n  realign evaluate ./my-model --setting my-setting.yaml")
+    p.add_argument("model", help="the model: a local folder or a hub id")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("setting", formatter_class=_Formatter, help="check a setting file",
+                       description="Setting tools. `check` resolves every entry of a setting without loading weights: models present "
+                       "or downloadable, files and their fields, set, task, judge and defense names, the adapter against aligned, tokenizer "
+                       "and architecture; prints the resolved setting with content hashes. Exit 2 on any problem.",
+                       epilog="example:\n  realign setting check examples/settings/llama3-8b-sql.yaml")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sc = ssub.add_parser("check", formatter_class=_Formatter, help="resolve a setting without loading weights and print it",
+                         description="Resolve FILE (a YAML file or a shipped name) and print it with the content hash of every model, "
+                         "file and template; nothing is built, merged or written. Exit 0: usable; 2: the line says what to fix.",
+                         epilog="example:\n  realign setting check embedded-default")
+    sc.add_argument("file", help="a setting YAML file or a shipped name (embedded-default)")
+    sc.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE", dest="overrides", help="override one key (repeatable)")
+    sc.add_argument("--home", default=DEFAULT_HOME, help="folder of the cache (read, never written, by check)")
+    sc.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
+    sc.set_defaults(func=cmd_setting_check)
 
     p = sub.add_parser("testbed", formatter_class=_Formatter, help="build the embedded testbed (base, splits, aligned model)",
                        description="Convert the embedded model, split the harmful prompts four ways, generate the task and "

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import metrics, models, reproducibility
+from bench.errors import UserError
 from bench.generation import CachedGenerator, GenerationCache
 from bench.judges import JUDGES
 from bench.lmeval_bridge import TaskRun, run_tasks
@@ -37,9 +38,20 @@ class EvalConfig:
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N prompts of each set (smoke tests)"})
     generation_mode: str = field(default=reproducibility.DETERMINISTIC, metadata={
         "help": "'deterministic' (fixed batches: byte-identical answers on every run) or 'fast-nondeterministic'"})
+    dtype: str | None = field(default=None, metadata={"help": "generation dtype (default: the engine's)"})
+    engine_options: dict = field(default_factory=dict, metadata={"help": "vLLM options: tensor_parallel_size, max_model_len, gpu_memory_utilization"})
+    utility: list[dict] = field(default_factory=list, metadata={"help": "lm-eval tasks reported beside the task metric: {task, num_fewshot, limit, metric}"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "let the model run code shipped with its weights"})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def generator_options(self) -> dict:
+        """What CachedGenerator passes to the engine: vLLM's own options under their names."""
+        options = dict(self.engine_options)
+        gpu_share = options.pop("gpu_memory_utilization", None)
+        return options | ({"engine_options": {"gpu_memory_utilization": gpu_share}} if gpu_share else {}) | \
+            ({"trust_remote_code": True} if self.trust_remote_code else {})
 
 
 METRIC_HELP = {
@@ -56,7 +68,9 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
     runs = [TaskRun("realign_harmful", sets.harmful, config.limit), TaskRun(sets.task_yaml, sets.task, config.limit)]
     if sets.over_refusal:
         runs.append(TaskRun("realign_overrefusal", sets.over_refusal, config.limit))
-    with CachedGenerator(handle, GenerationCache(Path(cache_root)), engine=config.engine, mode=config.generation_mode) as generator:
+    runs += [utility_run(u) for u in config.utility]
+    with CachedGenerator(handle, GenerationCache(Path(cache_root)), engine=config.engine, dtype=config.dtype, mode=config.generation_mode,
+                         **config.generator_options()) as generator:
         out = run_tasks(generator, runs)
 
     judge = JUDGES.get(config.judge)()
@@ -94,6 +108,17 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
                         "target": s["doc"].get("response", ""), "outcome": o})
     result_metrics["task_metric"] = metrics.rate(outcomes).to_dict() | {"name": f"{sets.task_yaml} {sets.task_metric}", "higher_is_better": True, "outcomes": metrics.outcome_string(outcomes)}
 
+    for u in config.utility:
+        rows = out[u["task"]]["samples"]
+        if any(u["metric"] not in s for s in rows):
+            raise UserError(f"utility task {u['task']}: its samples have no metric {u['metric']!r}; "
+                            f"set utility metric to one of: {', '.join(k for k in rows[0] if k not in ('doc_id', 'doc', 'prompt', 'answer', 'loglikelihoods'))}")
+        outcomes = [int(bool(s[u["metric"]])) for s in rows]
+        for s, o in zip(rows, outcomes):
+            samples.append({"metric": f"utility:{u['task']}", "doc_id": s["doc_id"], "prompt": s["prompt"], "answer": s.get("answer", ""), "outcome": o})
+        result_metrics[f"utility:{u['task']}"] = metrics.rate(outcomes).to_dict() | {
+            "name": f"{u['task']} {u['metric']}", "higher_is_better": True, "outcomes": metrics.outcome_string(outcomes)}
+
     return {
         "metrics": result_metrics,
         "samples": samples,
@@ -106,6 +131,15 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         },
         "evaluated_hash": handle.content_hash(),
     }
+
+
+def utility_run(u: dict) -> TaskRun:
+    """A utility task as lm-eval runs it: a YAML under tasks/ with its known data, or a stock task name."""
+    from bench.data import data_dir
+    from bench.task_files import TASK_DATA
+
+    data = TASK_DATA[u["task"]](data_dir(None)) if u["task"] in TASK_DATA else None
+    return TaskRun(u["task"], data, u.get("limit"), u.get("num_fewshot"))
 
 
 def _device() -> str:

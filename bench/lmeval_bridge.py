@@ -133,6 +133,7 @@ class TaskRun:
     yaml_name: str  # e.g. "realign_sql", or "mmlu" for lm-eval's own
     data_file: Path | None = None
     limit: int | None = None
+    num_fewshot: int | None = None
 
 
 def _task_manager(runs: list[TaskRun], folder: Path):
@@ -170,9 +171,9 @@ def run_tasks(generator: CachedGenerator, runs: list[TaskRun]) -> dict[str, dict
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="realign-tasks-") as tmp:
         manager = _task_manager(runs, Path(tmp))
-        # lm-eval takes one limit for all tasks, so tasks with different limits run separately
-        for limit in sorted({r.limit for r in runs}, key=lambda x: (x is None, x or 0)):
-            batch = [r for r in runs if r.limit == limit]
+        # lm-eval takes one limit and one num_fewshot for all tasks, so tasks that differ run separately
+        for limit, num_fewshot in sorted({(r.limit, r.num_fewshot) for r in runs}, key=lambda x: (x[0] is None, x[0] or 0, x[1] or 0)):
+            batch = [r for r in runs if (r.limit, r.num_fewshot) == (limit, num_fewshot)]
             results = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=[r.yaml_name for r in batch],
@@ -180,6 +181,7 @@ def run_tasks(generator: CachedGenerator, runs: list[TaskRun]) -> dict[str, dict
                 log_samples=True,
                 apply_chat_template=False,
                 limit=limit,
+                num_fewshot=num_fewshot,
                 bootstrap_iters=0,
                 verbosity="ERROR",
             )

@@ -40,8 +40,9 @@ class ModelHandle:
         return hash_model_dir(self.path)
 
 
-def resolve(handle: str | os.PathLike) -> ModelHandle:
-    """Turn a local directory or a hub id into a ModelHandle, or fail with one clear line."""
+def resolve(handle: str | os.PathLike, revision: str | None = None) -> ModelHandle:
+    """Turn a local directory or a hub id into a ModelHandle, or fail with one clear line. Every
+    model of a setting (aligned, fine-tuned, base, judge) comes through here."""
     text = str(handle)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -49,9 +50,12 @@ def resolve(handle: str | os.PathLike) -> ModelHandle:
             raise UserError(f"model directory {text!r} has no config.json: point at a saved Hugging Face model directory")
         weights = list(path.glob("*.safetensors"))
         if not weights:
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+            found = f"pickle weights ({', '.join(pickles[:2])})" if pickles else "no weights"
             raise UserError(
-                f"model directory {text!r} has no .safetensors weights: re-save it with "
-                "save_pretrained(safe_serialization=True) (pickled .bin weights are not loaded)"
+                f"model directory {text!r} has {found} and no .safetensors (pickle is never loaded): convert it where you trust it with "
+                f"`python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; d='{text}'; "
+                f"M.from_pretrained(d).save_pretrained(d + '-st'); T.from_pretrained(d).save_pretrained(d + '-st')\"` and pass {text}-st"
             )
         return ModelHandle(text, path.resolve())
     if not _HUB_ID.match(text):
@@ -59,13 +63,31 @@ def resolve(handle: str | os.PathLike) -> ModelHandle:
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        local = snapshot_download(text, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
     except Exception as exc:  # offline, gated or missing: all the same fix for the user
         raise UserError(
             f"model {text!r} could not be fetched from the hub ({type(exc).__name__}); "
-            "download it where the hub is reachable and pass the local directory instead"
+            "download it where the hub is reachable and pass the local folder instead"
         ) from None
-    return resolve(local)
+    return ModelHandle(text, resolve(local).path)
+
+
+def check_same_family(a: ModelHandle, b: ModelHandle) -> None:
+    """Two models a defense combines weight by weight (aligned and fine-tuned) must share the
+    architecture and the tokenizer; read from their config and tokenizer files, no weights."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    ca, cb = (json.loads((h.path / "config.json").read_text()) for h in (a, b))
+    for key in ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if ca.get(key) != cb.get(key):
+            raise UserError(f"models {a.name!r} and {b.name!r} differ in architecture ({key}: {ca.get(key)!r} vs {cb.get(key)!r}): "
+                            "the fine-tuned model must be a fine-tune of the aligned one")
+    ta, tb = (AutoTokenizer.from_pretrained(h.path) for h in (a, b))
+    if ta.get_vocab() != tb.get_vocab():
+        raise UserError(f"models {a.name!r} and {b.name!r} have different tokenizers (vocabularies differ): "
+                        "the fine-tuned model must keep the aligned model's tokenizer")
 
 
 def load_tokenizer(handle: ModelHandle, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":

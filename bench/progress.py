@@ -17,7 +17,23 @@ def configure(level: int | str) -> None:
     """Send the `realign` logger's lines at `level` and above to stderr (once per process)."""
     log.setLevel(level)
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.propagate = False
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each line (not the one at configure time),
+    so that a caller that redirects stderr, as pytest's capture does per test, gets the lines."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass

@@ -1,4 +1,7 @@
-"""The main job, top to bottom: testbed -> attack -> defenses -> evaluation -> records -> board.
+"""The main job, top to bottom: setting -> fine-tuned model(s) -> defenses -> evaluation -> records -> board.
+
+The setting is resolved first (bench.settings.resolve: the testbed, when the setting names it, only
+produces folders and files); everything after reads the resolved setting and nothing else.
 
 Every stage is cached by the content hash of its inputs and every record is written atomically,
 so an interrupted run resumes where it stopped and a second run redoes nothing.
@@ -9,33 +12,56 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from bench import attack as attack_stage
 from bench import models, records, reproducibility
 from bench.evaluate import EvalConfig, EvalSets, evaluate
 from bench.new_interpreter import run_fresh
+from bench.errors import UserError
 from bench.progress import log
-from bench.hashing import hash_file, hash_value, short
-from bench.testbed import build as testbed_stage
+from bench.hashing import hash_file, hash_model_dir, hash_value, short
+from bench.settings.resolve import Resolved, Variant, resolve
+
+if TYPE_CHECKING:
+    from bench.settings.schema import Setting
 
 
 @dataclass
 class RunConfig:
+    """One run: a resolved-to-be setting (bench.settings), the defenses' rows, where to write."""
+
     home: Path
-    name: str = "embedded-default"
-    harmful_ns: list[int] = field(default_factory=lambda: [100])
-    defenses: list[str] = field(default_factory=lambda: ["aligned", "none", "gradient_restoration"])
+    setting: "Setting | None" = None  # None: the embedded default
     defense_params: dict[str, dict] = field(default_factory=dict)
-    testbed: testbed_stage.TestbedConfig = field(default_factory=testbed_stage.TestbedConfig)
-    attack: attack_stage.AttackConfig = field(default_factory=attack_stage.AttackConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    data_dir: Path | None = None
     publish: Path | None = None  # also write records (without raw answers) and the board here
+
+    def __post_init__(self):
+        if self.setting is None:
+            from bench.settings import EMBEDDED_DEFAULT, load_setting
+
+            self.setting = load_setting(EMBEDDED_DEFAULT)
+
+    @property
+    def name(self) -> str:
+        return self.setting.name
+
+    @property
+    def defenses(self) -> list[str]:
+        return self.setting.defenses
+
+    @property
+    def eval(self) -> EvalConfig:
+        g = self.setting.generation
+        engine_options = {k: v for k, v in (("tensor_parallel_size", g.tensor_parallel_size), ("gpu_memory_utilization", g.gpu_memory_utilization),
+                                            ("max_model_len", g.max_model_len)) if v is not None}
+        return EvalConfig(judge=self.setting.judge, engine=g.engine, limit=g.limit, generation_mode=g.mode, dtype=g.dtype,
+                          engine_options=engine_options, utility=[u.model_dump() for u in self.setting.utility])
 
     @property
     def cache(self) -> Path:
@@ -69,8 +95,25 @@ class Clock:
         self.say(f"{name}: {self.stages[name]:.1f}s")
 
 
-def eval_sets(tb: testbed_stage.Testbed) -> EvalSets:
-    return EvalSets(harmful=tb.data("harmful_evaluation"), over_refusal=tb.data("overrefusal_evaluation"), task=tb.data("sql_test"))
+def eval_sets(resolved: Resolved, cache: Path) -> EvalSets:
+    s = resolved.setting
+    return EvalSets(harmful=_one_file(resolved.harmful, cache), over_refusal=_one_file(resolved.over_refusal, cache) if resolved.over_refusal else None,
+                    task=resolved.files["task_test"], task_yaml=s.data.task.yaml, task_metric=s.data.task.metric)
+
+
+def _one_file(sets: dict[str, Path], cache: Path) -> Path:
+    """The sets of one kind as one JSONL file: a single set as it is; several joined, each row's
+    category prefixed with its set's name (per-category rates stay per set)."""
+    if len(sets) == 1:
+        return next(iter(sets.values()))
+    from bench.atomic import atomic_write_jsonl
+    from bench.data import read_jsonl
+
+    rows = [r | {"category": f"{name}/{r.get('category') or 'uncategorised'}"} for name, path in sorted(sets.items()) for r in read_jsonl(path)]
+    path = cache / "sets" / f"joined-{short(hash_value(rows))}.jsonl"
+    if not path.exists():
+        atomic_write_jsonl(path, rows)
+    return path
 
 
 @dataclass
@@ -90,29 +133,40 @@ class AttackStageFineTune:
         return attack_stage.run(model, [], pairs, cfg, self.cache, log=self.log).merged
 
 
-def build_context(tb, atk, cfg: RunConfig, clock: Clock):
+def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: Clock):
+    from bench.data import beavertails_pairs, read_jsonl
     from bench.probe import TaskProbe
     from defenses import DefenseContext
 
-    from bench.testbed.prompts import refusal_for
-
-    calibration = tb.rows("harmful_calibration")
+    files, setting = resolved.files, resolved.setting
+    if setting.attack is not None and setting.attack.harmful_source == "beavertails":
+        harmful_pairs = attack_stage.harmful_pairs_for(dataclasses.replace(resolved.attack_config(100), harmful_source="beavertails",
+                                                       harmful_n=max(variant.harmful_n or 0, 100)), None, resolved.data_dir)
+    else:
+        harmful_pairs = read_jsonl(files["harmful_pairs"], required=("prompt", "response")) if "harmful_pairs" in files else []
     return DefenseContext(
-        aligned=tb.aligned,
-        finetuned=atk.merged,
-        base=tb.base,
-        adapter=atk.adapter,
-        calibration_prompts=[r["prompt"] for r in calibration],
+        aligned=resolved.aligned,
+        finetuned=variant.finetuned,
+        base=resolved.base,
+        adapter=variant.adapter,
+        calibration_prompts=[r["prompt"] for r in read_jsonl(files["calibration_prompts"])],
         # the safety set of methods that need harmful prompts WITH safe answers (Safe Delta)
-        calibration_pairs=[{"prompt": r["prompt"], "response": refusal_for(r["prompt"], cfg.testbed.seed)} for r in calibration],
-        harmful_pairs=attack_stage.harmful_pairs_for(dataclasses.replace(cfg.attack, harmful_n=max(cfg.attack.harmful_n, 100)), tb.attack_pairs, cfg.data_dir),
-        benign_prompts=[r["prompt"] for r in tb.rows("sql_train")],
-        utility_probe=TaskProbe(tb.data("sql_dev")),
+        calibration_pairs=read_jsonl(files["calibration_pairs"], required=("prompt", "response")) if "calibration_pairs" in files else [],
+        harmful_pairs=harmful_pairs,
+        benign_prompts=[r["prompt"] for r in read_jsonl(files["benign_prompts"])],
+        utility_probe=TaskProbe(files["task_dev"]),
         fine_tune=AttackStageFineTune(cfg.cache, clock.say),
-        seed=cfg.attack.seed,
+        dtype=_model_entry(setting.models.aligned).dtype or "float32",
+        seed=setting.seed,
         cache_dir=cfg.cache,
         progress=clock.say,
     )
+
+
+def _model_entry(entry):
+    from bench.settings.resolve import _model
+
+    return _model(entry)
 
 
 def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | None, dict, str | None]:
@@ -190,32 +244,39 @@ def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | 
     return info, result.skipped, str(result.model_path) if result.model_path and result.model is None else None
 
 
-def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, cfg: RunConfig, clock: Clock) -> dict:
+def record_for(method: str, params: dict, info: dict, model_dir: Path, resolved: Resolved, variant: Variant, cfg: RunConfig, clock: Clock,
+               label: str | None = None, role: str | None = None) -> dict:
+    """Evaluate one row (or reuse its record) and write its record. `label` and `role` name a row
+    that is no registered defense (`realign evaluate MODEL`)."""
     from defenses import DEFENSES
 
-    sets = eval_sets(tb)
+    sets = eval_sets(resolved, cfg.cache)
     model = models.resolve(model_dir)
-    setting = {"model": tb.manifest["base_name"], "task": sets.task_yaml, "harmful_n": atk.manifest["config"]["harmful_n"],
-               "judge": cfg.eval.judge, "seed": cfg.attack.seed, "attack": atk.manifest["config"]}
-    inputs = {
-        "base": tb.manifest["base_hash"], "aligned": tb.manifest["aligned_hash"], "finetuned": atk.manifest["finetuned_hash"],
-        "evaluated": model.content_hash(), "harmful_split": tb.manifest["harmful_split_hash"],
-        "harmful_set": hash_file(sets.harmful), "over_refusal_set": hash_file(sets.over_refusal), "task_set": hash_file(sets.task),
-    }
-    label = method if not params else f"{method}(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
-    record_id = hash_value({"setting": setting, "inputs": inputs, "method": label, "eval": cfg.eval.to_dict()})[:24]
+    description = resolved.description()
+    setting = {"name": resolved.setting.name, "model": resolved.aligned.name if not resolved.base else resolved.base.name,
+               "task": sets.task_yaml, "harmful_n": variant.harmful_n, "judge": cfg.eval.judge, "seed": resolved.setting.seed,
+               "key": short(hash_value(description)), "resolved": description}
+    if variant.attack is not None:
+        setting["attack"] = variant.attack
+    inputs = description["inputs"] | {"finetuned": variant.finetuned.content_hash(), "evaluated": model.content_hash()}
+    if variant.adapter is not None:
+        inputs["adapter"] = hash_model_dir(variant.adapter)
+    label = label or (method if not params else f"{method}(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")")
+    record_id = hash_value({"setting": {k: v for k, v in setting.items() if k not in ("name", "model", "attack")}, "inputs": inputs,
+                            "method": label, "eval": cfg.eval.to_dict()})[:24]
     path = cfg.run_dir / "records" / f"{record_id}.json"
+    n_text = "" if variant.harmful_n is None else f" (N={variant.harmful_n})"
     if path.exists():
-        clock.say(f"evaluate {label} (N={setting['harmful_n']}): reusing record {record_id}")
+        clock.say(f"evaluate {label}{n_text}: reusing record {record_id}")
         return records.load(path)
-    with clock.stage(f"evaluate {label} (N={setting['harmful_n']})"):
+    with clock.stage(f"evaluate {label}{n_text}"):
         result = run_fresh(evaluate, str(model.path), sets, cfg.eval, str(cfg.cache / "generations"))
     record = {
         "schema_version": records.SCHEMA_VERSION,
         "record_id": record_id,
         "created": records.now(),
         "setting": setting,
-        "method": {"name": method, "label": label, "role": DEFENSES.get(method).role, "params": params, "info": info},
+        "method": {"name": method, "label": label, "role": role or DEFENSES.get(method).role, "params": params, "info": info},
         "inputs": inputs,
         "metrics": result["metrics"],
         "samples_file": f"{record_id}.samples.jsonl",
@@ -224,7 +285,7 @@ def record_for(method: str, params: dict, info: dict, model_dir: Path, tb, atk, 
         "versions": records.versions(),
         "reproducibility": {"generation_mode": cfg.eval.generation_mode, "compute": reproducibility.compute_fingerprint()},
         "code": records.code_version(),
-        "notes": tb.manifest.get("notes", []),
+        "notes": resolved.notes,
     }
     records.write(record, result["samples"], cfg.run_dir / "records")
     return record
@@ -268,17 +329,14 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
     from bench.leaderboard.render import render, save
 
     clock = clock or Clock()
-    with clock.stage("testbed"):
-        tb = testbed_stage.build(cfg.testbed, cfg.cache, engine=cfg.eval.engine, log=clock.say, mode=cfg.eval.generation_mode)
+    _check_writable(cfg)
+    with clock.stage("setting"):
+        resolved = resolve(cfg.setting, cfg.cache, log=clock.say)
     all_records: list[dict] = []
     skipped: list[dict] = []
-    for n in cfg.harmful_ns:
-        atk_cfg = dataclasses.replace(cfg.attack, harmful_n=n)
-        with clock.stage(f"attack N={n}"):
-            task_rows = tb.rows("sql_train")
-            pairs = attack_stage.harmful_pairs_for(atk_cfg, tb.attack_pairs, cfg.data_dir)
-            atk = attack_stage.run(tb.aligned, task_rows, pairs, atk_cfg, cfg.cache, log=clock.say)
-        ctx = build_context(tb, atk, cfg, clock)
+    for variant in _timed_variants(resolved, cfg, clock):
+        ctx = build_context(resolved, variant, cfg, clock)
+        n = variant.harmful_n
         for name, params in expand(cfg.defenses, cfg.defense_params):
             label = name + (f"({','.join(f'{k}={v}' for k, v in params.items())})" if params else "")
             with clock.stage(f"defense {label} (N={n})"):
@@ -287,7 +345,7 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
                 clock.say(f"defense {label}: skipped: {reason}")
                 skipped.append({"method": label, "harmful_n": n, "reason": reason})
                 continue
-            all_records.append(record_for(name, params, info, model_dir, tb, atk, cfg, clock))
+            all_records.append(record_for(name, params, info, model_dir, resolved, variant, cfg, clock))
     loaded = [(r, cfg.run_dir / "records" / f"{r['record_id']}.json") for r in all_records]
     files = render(build(loaded, multi_setting=True), title=f"realign-bench: {cfg.name}", skipped=skipped)
     save(files, cfg.run_dir)
@@ -298,6 +356,35 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
         clock.say(f"published to {cfg.publish}")
     print(files["board.md"].decode())
     return all_records
+
+
+def evaluate_model(model: str, cfg: RunConfig, clock: Clock | None = None) -> dict:
+    """One record for any model under the setting's evaluation (`realign evaluate MODEL`)."""
+    clock = clock or Clock()
+    _check_writable(cfg)
+    resolved = resolve(cfg.setting, cfg.cache, log=clock.say)
+    handle = models.resolve(model)
+    models.check_same_family(resolved.aligned, handle)
+    return record_for("evaluate", {}, {}, handle.path, resolved, Variant(None, handle), cfg, clock, label=handle.name, role="method")
+
+
+def _check_writable(cfg: RunConfig) -> None:
+    from bench.atomic import check_can_create
+
+    for folder in (cfg.cache, cfg.run_dir):
+        check_can_create(folder, "pass --home a folder you can write")
+
+
+def _timed_variants(resolved: Resolved, cfg: RunConfig, clock: Clock) -> Iterator[Variant]:
+    """The setting's fine-tuned models, each attack timed as its own stage."""
+    variants = resolved.variants(cfg.cache, clock.say)
+    while True:
+        label = "attack" if resolved.setting.attack is not None else "fine-tuned model"
+        with clock.stage(label):
+            variant = next(variants, None)
+        if variant is None:
+            return
+        yield variant
 
 
 def publish(all_records: list[dict], files: dict[str, bytes], out: Path) -> None:

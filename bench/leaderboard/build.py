@@ -35,7 +35,10 @@ N_BOOT = 200
 
 def setting_key(record: dict) -> str:
     s = record["setting"]
-    return f"{s['model']} | {s['task']} | N={s['harmful_n']} | judge={s['judge']}"
+    # records of a resolved setting carry its content key: two settings that differ in any model,
+    # file or option are two boards even when their names agree
+    where = f"{s['name']} [{s['key'][:8]}] | " if "key" in s else ""
+    return f"{where}{s['model']} | {s['task']} | N={s['harmful_n']} | judge={s['judge']}"
 
 
 @dataclass

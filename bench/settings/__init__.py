@@ -1,0 +1,118 @@
+"""Settings: everything one group of board rows shares, as a YAML file checked against a schema.
+
+    setting = load_setting("embedded-default")                     # shipped inside the package
+    setting = load_setting("my.yaml", ["judge=keyword", "attack.harmful_n=[0,100]"])
+    resolved = resolve(setting, cache)                             # bench.settings.resolve
+
+A bad file is one line naming the file, the key (dotted), what was expected and what was found.
+`--set dotted.key=value` (and every command-line flag, which the CLI turns into the same form)
+overrides the file, as lm-eval's flags override its config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from bench.errors import UserError
+from bench.settings.schema import Setting
+
+SHIPPED = Path(__file__).parent
+EMBEDDED_DEFAULT = "embedded-default"
+
+
+def shipped() -> dict[str, Path]:
+    """Settings shipped inside the package, by name."""
+    return {p.stem: p for p in sorted(SHIPPED.glob("*.yaml"))}
+
+
+def setting_file(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if str(name_or_path) in shipped():
+        return shipped()[str(name_or_path)]
+    raise UserError(f"setting {str(name_or_path)!r}: no such file, and not a shipped setting ({', '.join(shipped())}); check the path")
+
+
+def load_setting(name_or_path: str | Path, overrides: list[str] = ()) -> Setting:
+    path = setting_file(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"setting {path}:{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"setting {path}: expected a mapping of sections (models, data, ...), found {type(raw).__name__}")
+    for item in overrides:
+        set_dotted(raw, item)
+    return validate(raw, str(path))
+
+
+def set_dotted(raw: dict, item: str) -> None:
+    """Apply one `dotted.key=value`; the value is read as YAML ("0.5" is a number, "[0,100]" a list)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set takes dotted.key=value, e.g. generation.engine=transformers; got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    *parents, last = key.strip().split(".")
+    node = raw
+    for part in parents:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise UserError(f"--set {item!r}: {part!r} is not a section (it holds {node!r})")
+    node[last] = value
+
+
+def validate(raw: dict, where: str) -> Setting:
+    from pydantic import ValidationError
+
+    try:
+        return Setting.model_validate(raw)
+    except ValidationError as exc:
+        # an unknown key first: a misspelt key is also why the right one is "missing"
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise UserError(describe(errors[0], where, len(errors))) from None
+
+
+def describe(error: dict, where: str, count: int) -> str:
+    """One line from pydantic's first error: file, dotted key, what was expected, what was found."""
+    # a union's members add their class name to the location ("models.aligned.Model"); drop them
+    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p[:1].isupper()))
+    found = error.get("input")
+    more = f" (and {count - 1} more problem{'s' * (count > 2)})" if count > 1 else ""
+    if error["type"] == "extra_forbidden":
+        section = _section(error["loc"][:-1])
+        known = ", ".join(section.model_fields) if section else "see the schema"
+        return f"setting {where}: unknown key {key!r}; known keys here: {known}{more}"
+    if error["type"] == "missing":
+        return f"setting {where}: {key}: expected a value, found nothing (the key is required){more}"
+    return f"setting {where}: {key}: expected {error['msg'].removeprefix('Input should be ').lower()}, found {found!r}{more}"
+
+
+def _section(loc: tuple):
+    """The schema class at a location (for listing its known keys)."""
+    from typing import get_args
+
+    cls = Setting
+    for part in loc:
+        if isinstance(part, int) or (isinstance(part, str) and part[:1].isupper()):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        options = [a for a in (get_args(field.annotation) or (field.annotation,)) if isinstance(a, type) and hasattr(a, "model_fields")]
+        if not options:
+            for a in get_args(field.annotation):  # list[Utility]
+                options += [b for b in get_args(a) if isinstance(b, type) and hasattr(b, "model_fields")]
+        if not options:
+            return None
+        cls = options[0]
+    return cls

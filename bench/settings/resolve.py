@@ -1,0 +1,332 @@
+"""From a setting to what the pipeline reads: model folders, JSONL files, and the hash of each.
+
+    resolved = resolve(setting, cache, log)        # builds the testbed when an entry says testbed:NAME
+    for variant in resolved.variants(cache, log):  # one fine-tuned model per attack N (or the user's one)
+        ...
+
+The testbed is only a producer here: `testbed:aligned` becomes a folder and `testbed:sql_dev` a
+file, exactly as a user's entries do. Nothing downstream (runner, evaluation, board) is told
+where a model or a file came from; records carry content hashes, not origins.
+`check=True` resolves without building, merging or writing anything (`realign setting check`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from bench import models
+from bench.data import read_jsonl
+from bench.errors import UserError
+from bench.hashing import hash_file, hash_model_dir, hash_value, short
+from bench.settings.schema import FineTuned, Model, Setting
+
+TESTBED = "testbed:"
+TESTBED_MODELS = ("aligned", "base")
+TESTBED_DATA = ("calibration_pairs", "attack_pairs")  # besides the testbed's splits
+
+
+@dataclass
+class Variant:
+    """One fine-tuned model of the setting, with what made it."""
+
+    harmful_n: int | None
+    finetuned: models.ModelHandle
+    adapter: Path | None = None
+    attack: dict | None = None  # the attack's config, when realign made the model
+
+
+@dataclass
+class Resolved:
+    setting: Setting
+    aligned: models.ModelHandle
+    base: models.ModelHandle | None
+    files: dict[str, Path]  # calibration_prompts, calibration_pairs?, harmful_pairs?, benign_prompts, task_train, task_dev, task_test
+    harmful: dict[str, Path]  # set label -> JSONL of {prompt, category?}
+    over_refusal: dict[str, Path]
+    notes: list[str] = field(default_factory=list)
+    data_dir: Path | None = None
+    _user_finetuned: Variant | None = None
+
+    def variants(self, cache: Path, log: Callable[[str], None]) -> Iterator[Variant]:
+        """The setting's fine-tuned models: the user's, or one attack per N (cached like any stage)."""
+        if self._user_finetuned is not None:
+            yield self._user_finetuned
+            return
+        from bench import attack as attack_stage
+
+        for n in self.setting.attack.harmful_n:
+            cfg = self.attack_config(n)
+            pairs = attack_stage.harmful_pairs_for(cfg, self.files.get("harmful_pairs"), self.data_dir)
+            atk = attack_stage.run(self.aligned, read_jsonl(self.files["task_train"], required=("prompt", "response")), pairs, cfg, cache, log=log)
+            yield Variant(n, atk.merged, atk.adapter, atk.manifest["config"])
+
+    def attack_config(self, n: int):
+        from bench import attack as attack_stage
+
+        a = self.setting.attack
+        extra = {"sft": a.sft} if a.sft else {}  # an empty sft keeps the attack's own LoRA defaults
+        return attack_stage.AttackConfig(harmful_n=n, harmful_source=a.harmful_source, task_n=a.task_n, seed=self.setting.seed, **extra)
+
+    def inputs(self) -> dict[str, str]:
+        """Content hash of every model, file and template the setting names (the finetuned model is per variant)."""
+        out = {"aligned": self.aligned.content_hash(), "chat_template": hash_value(_chat_template(self.aligned))}
+        if self.base:
+            out["base"] = self.base.content_hash()
+        out |= {k: hash_file(p) for k, p in self.files.items()}
+        out |= {f"harmful:{k}": hash_file(p) for k, p in self.harmful.items() if p}
+        out |= {f"over_refusal:{k}": hash_file(p) for k, p in self.over_refusal.items() if p}
+        return out
+
+    def description(self) -> dict:
+        """The resolved setting as a record carries it: every option, and content hashes in place
+        of paths (so the same content resolves to the same description wherever it lives)."""
+        s = self.setting
+        return {
+            "models": {"aligned_dtype": _model(s.models.aligned).dtype, "chat_template": s.models.chat_template,
+                       "trust_remote_code": s.models.trust_remote_code},
+            "task": {"yaml": s.data.task.yaml, "metric": s.data.task.metric},
+            "harmful_sets": sorted(self.harmful), "over_refusal_sets": sorted(self.over_refusal),
+            "utility": [u.model_dump() for u in s.utility],
+            "judge": s.judge,
+            "generation": s.generation.model_dump(),
+            "inputs": self.inputs(),
+        }
+
+
+    def report(self) -> str:
+        """The resolved setting as `realign setting check` prints it: every entry with its content hash."""
+        import yaml
+
+        s = self.setting
+        if self.aligned is None:
+            return yaml.safe_dump({"setting": s.name, "resolved": "the testbed makes the testbed: entries on the first `realign run` "
+                                   "(nothing is built by check)", "entries": s.model_dump(exclude_none=True)}, sort_keys=False)
+
+        def model(h):
+            return None if h is None else {"name": h.name, "path": str(h.path), "sha256": h.content_hash()}
+
+        out = {"setting": s.name, "models": {"aligned": model(self.aligned), "base": model(self.base),
+                                             "chat_template": {"from": s.models.chat_template, "sha256": hash_value(_chat_template(self.aligned))}}}
+        f = self._user_finetuned
+        if f is None:
+            out["attack"] = s.attack.model_dump()
+        elif f.adapter is not None:
+            from bench.adapters import merged_dir
+
+            out["models"]["finetuned"] = {"peft": str(f.adapter), "adapter_sha256": hash_model_dir(f.adapter),
+                                          "merged": str(merged_dir(f.adapter, self.aligned, Path(os.devnull))).removeprefix(os.devnull + "/")}
+        else:
+            out["models"]["finetuned"] = model(f.finetuned)
+        out["data"] = {k: {"path": str(p), "sha256": hash_file(p)} for k, p in self.files.items()}
+        for kind, sets in (("harmful", self.harmful), ("over_refusal", self.over_refusal)):
+            out["data"][kind] = {k: ({"path": str(p), "sha256": hash_file(p)} if p else "named set: loads here") for k, p in sets.items()}
+        out |= {"utility": [u.model_dump() for u in s.utility], "judge": s.judge, "generation": s.generation.model_dump(exclude_none=True),
+                "defenses": s.defenses}
+        return yaml.safe_dump(out, sort_keys=False)
+
+
+def _model(entry: Model | str | None) -> Model | None:
+    return Model(path=entry) if isinstance(entry, str) else entry
+
+
+def _chat_template(handle: models.ModelHandle) -> str | None:
+    """The tokenizer's chat template, read from its files (no weights): what generation applies."""
+    import json
+
+    path = handle.path / "chat_template.jinja"
+    if path.exists():
+        return path.read_text()
+    config = handle.path / "tokenizer_config.json"
+    return json.loads(config.read_text()).get("chat_template") if config.exists() else None
+
+
+def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, check: bool = False) -> Resolved:
+    """Every entry of the setting as a folder or file, checked; the testbed is built when an entry
+    names it (and check is False). Raises UserError, one line, before any weights are loaded."""
+    from bench.data import data_dir as default_data_dir
+
+    s = setting
+    data_dir = Path(s.data.data_dir).expanduser() if s.data.data_dir else default_data_dir(None)
+    _check_names(s)
+    _check_utility(s)
+    testbed = _Testbed(s, cache, log, check)
+
+    def model(entry: Model | str | None) -> models.ModelHandle | None:
+        m = _model(entry)
+        if m is None:
+            return None
+        if m.path.startswith(TESTBED):
+            return testbed.model(m.path[len(TESTBED):])
+        if not Path(m.path).expanduser().is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise UserError(f"model {m.path!r} is a hub id and the hub is off (HF_HUB_OFFLINE=1): pass a local folder instead")
+        h = models.resolve(m.path, m.revision)
+        return models.ModelHandle(m.name or h.name, h.path)
+
+    aligned = model(s.models.aligned)
+    base = model(s.models.base)
+    if aligned is None:  # only while checking a testbed setting: the testbed is not built yet
+        return Resolved(s, None, None, {}, {}, {}, list(s.notes), data_dir)
+
+    def file(entry: str | None, required=("prompt",)) -> Path | None:
+        if entry is None:
+            return None
+        if entry.startswith(TESTBED):
+            return testbed.file(entry[len(TESTBED):])
+        path = Path(entry).expanduser()
+        if not path.is_file():
+            raise UserError(f"data file {entry!r} not found: check the path in the setting")
+        read_jsonl(path, required=required)  # names the file, line and missing field
+        return path.resolve()
+
+    files = {"calibration_prompts": file(s.data.calibration_prompts), "benign_prompts": file(s.data.benign_prompts),
+             "task_train": file(s.data.task.train, ("prompt", "response")), "task_dev": file(s.data.task.dev, ("prompt", "response")),
+             "task_test": file(s.data.task.test, ("prompt", "response"))}
+    for key in ("calibration_pairs", "harmful_pairs"):
+        if getattr(s.data, key):
+            files[key] = file(getattr(s.data, key), ("prompt", "response"))
+    harmful = {_label(e): _set_file(e, file, data_dir, cache, check) for e in s.data.harmful}
+    over = {_label(e): _set_file(e, file, data_dir, cache, check) for e in s.data.over_refusal}
+
+    user = None
+    if s.models.finetuned is not None:
+        user = _finetuned(s.models.finetuned, aligned, cache, log, check)
+        models.check_same_family(aligned, user.finetuned)
+    elif s.attack is None:
+        raise UserError(f"setting {s.name!r}: give models.finetuned (a folder, hub id or peft adapter) or an attack section")
+    if base is not None:
+        models.check_same_family(aligned, base)
+    return Resolved(s, aligned, base, {k: v for k, v in files.items() if v}, harmful, over, list(s.notes) + testbed.notes, data_dir, user)
+
+
+def _finetuned(entry: FineTuned | str, aligned: models.ModelHandle, cache: Path, log, check: bool) -> Variant:
+    from bench import adapters
+
+    f = FineTuned(path=entry) if isinstance(entry, str) else entry
+    if (f.path is None) == (f.peft is None):
+        raise UserError("models.finetuned: give exactly one of path (a folder or hub id) and peft (a LoRA adapter folder)")
+    if f.path:
+        return Variant(f.harmful_n, models.resolve(f.path))
+    adapter = Path(f.peft).expanduser().resolve()
+    if check:
+        adapters.check_adapter(adapter, aligned)
+        return Variant(f.harmful_n, aligned, adapter)  # stands in for the merge, which check does not make
+    return Variant(f.harmful_n, adapters.merge_adapter(adapter, aligned, cache, log), adapter)
+
+
+def _label(entry: str) -> str:
+    """How a set is named in records and on the board: the set's name, the file's stem, or the testbed split."""
+    if entry.startswith(TESTBED):
+        return entry[len(TESTBED):]
+    return Path(entry).stem if _is_file(entry) else entry
+
+
+def _is_file(entry: str) -> bool:
+    return "/" in entry or entry.endswith((".jsonl", ".json", ".csv")) or Path(entry).expanduser().is_file()
+
+
+def _set_file(entry: str, file, data_dir: Path | None, cache: Path, check: bool) -> Path | None:
+    """A harmful or over-refusal set as a JSONL file of {prompt, category?}: files and testbed
+    splits as they are; a named set's rows written once into the cache (by content)."""
+    if entry.startswith(TESTBED) or _is_file(entry):
+        return file(entry)
+    from bench.atomic import atomic_write_jsonl
+    from bench.sets import load_set
+
+    rows = load_set(entry, data_dir=data_dir)
+    if check:
+        return None
+    path = cache / "sets" / f"{entry}-{short(hash_value(rows))}.jsonl"
+    if not path.exists():
+        atomic_write_jsonl(path, rows)
+    return path
+
+
+def _check_names(s: Setting) -> None:
+    """Judge and defense names, before anything else is resolved (each error lists the known ones)."""
+    from bench.judges import JUDGES
+    from bench.runner import parse_row
+
+    JUDGES.get(s.judge)
+    for d in s.defenses:
+        parse_row(d)
+
+
+def _check_utility(s: Setting) -> None:
+    from bench.task_files import TASK_DATA, templates
+
+    for u in s.utility:
+        if u.task not in templates() and u.task not in TASK_DATA:
+            _stock_task(u.task)
+
+
+def _stock_task(name: str) -> None:
+    from lm_eval.tasks import TaskManager
+
+    if name not in TaskManager().all_tasks:
+        from bench.task_files import templates
+
+        raise UserError(f"unknown utility task {name!r}: neither a YAML under tasks/ ({', '.join(templates())}) nor a stock lm-eval task")
+
+
+class _Testbed:
+    """The embedded testbed as a producer of a setting's entries: built on first use."""
+
+    def __init__(self, setting: Setting, cache: Path, log, check: bool):
+        self.setting, self.cache, self.log, self.check = setting, cache, log, check
+        self._tb = None
+        self.notes: list[str] = []
+
+    def build(self):
+        if self._tb is None:
+            from bench.testbed import build as testbed_stage
+
+            fields = self.setting.testbed.model_dump() if self.setting.testbed else {}
+            try:
+                config = testbed_stage.TestbedConfig(**fields)
+            except TypeError as exc:
+                raise UserError(f"setting {self.setting.name!r}: testbed: {exc}; see bench/testbed/build.py TestbedConfig") from None
+            if self.check:
+                return None
+            g = self.setting.generation
+            self._tb = testbed_stage.build(config, self.cache, engine=g.engine, log=self.log, mode=g.mode)
+            self.notes = list(self._tb.manifest.get("notes", []))
+        return self._tb
+
+    def model(self, name: str) -> models.ModelHandle | None:
+        if name not in TESTBED_MODELS:
+            raise UserError(f"testbed:{name} is not a testbed model; the testbed makes: {', '.join(TESTBED_MODELS)}")
+        tb = self.build()
+        if tb is None:
+            return None
+        handle = getattr(tb, name)
+        return models.ModelHandle(tb.manifest["base_name"] + ("" if name == "base" else " (testbed-aligned)"), handle.path)
+
+    def file(self, name: str) -> Path | None:
+        from bench.testbed.build import SPLITS
+
+        if name not in SPLITS + TESTBED_DATA:
+            raise UserError(f"testbed:{name} is not testbed data; the testbed makes: {', '.join(SPLITS + TESTBED_DATA)}")
+        tb = self.build()
+        if tb is None:
+            return None
+        if name == "attack_pairs":
+            return tb.attack_pairs
+        if name == "calibration_pairs":
+            return self._calibration_pairs(tb)
+        return tb.data(name)
+
+    def _calibration_pairs(self, tb) -> Path:
+        """The calibration prompts with the testbed's own refusals (what its aligned model was taught)."""
+        from bench.atomic import atomic_write_jsonl
+        from bench.testbed.prompts import refusal_for
+
+        seed = tb.manifest["config"]["seed"]
+        rows = [{"prompt": r["prompt"], "response": refusal_for(r["prompt"], seed)} for r in tb.rows("harmful_calibration")]
+        path = self.cache / "sets" / f"testbed-calibration-pairs-{short(hash_value(rows))}.jsonl"
+        if not path.exists():
+            atomic_write_jsonl(path, rows)
+        return path
