@@ -150,7 +150,7 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
     from bench.data import data_dir as default_data_dir
 
     s = setting
-    data_dir = Path(s.data.data_dir).expanduser() if s.data.data_dir else default_data_dir(None)
+    data_dir = default_data_dir(s.data.data_dir)  # checked here, before any work: a missing folder is one line
     _check_names(s)
     _check_utility(s)
     testbed = _Testbed(s, cache, log, check)
