@@ -113,7 +113,9 @@ def _edit(tiny_setting: Path, out: Path, change) -> Path:
     ("judge", lambda r: r.update(judge="no_judge"), ["unknown judge 'no_judge'", "keyword"]),
     ("defense", lambda r: r.update(defenses=["aligned", "no_defense"]), ["unknown defense 'no_defense'", "gradient_restoration"]),
     ("task", lambda r: r.update(utility=[{"task": "no_such_task_xyz"}]), ["unknown utility task 'no_such_task_xyz'", "realign_mmlu"]),
-    ("set file", lambda r: r["data"].update(harmful=["beavertails_eval"], data_dir="/nonexistent-data"), ["beavertails_eval", "put"]),
+    # a data folder that exists but lacks the set's file (this tests folder): the line says where to put it
+    ("set file", lambda r: r["data"].update(harmful=["beavertails_eval"], data_dir=str(Path(__file__).parent)), ["beavertails_eval", "put"]),
+    ("data folder", lambda r: r["data"].update(data_dir="/nonexistent-data"), ["/nonexistent-data", "does not exist"]),
     ("missing file", lambda r: r["data"]["task"].update(dev="/nonexistent/dev.jsonl"), ["/nonexistent/dev.jsonl", "not found"]),
 ])
 def test_bad_names_and_files_are_one_line(tmp_path, capsys, tiny_setting, case, change, words):
