@@ -45,18 +45,29 @@ def check_adapter(adapter: Path, aligned: models.ModelHandle) -> dict:
     adapter = Path(adapter).expanduser()
     config_file = adapter / "adapter_config.json"
     if not config_file.exists():
-        raise UserError(f"adapter {adapter}: no adapter_config.json; point models.finetuned.peft at a folder saved by peft's save_pretrained")
+        raise UserError(
+            f"adapter {adapter}: no adapter_config.json; point models.finetuned.peft at a folder saved by peft's "
+            "save_pretrained"
+        )
     weights = adapter / "adapter_model.safetensors"
     if not weights.exists():
         if (adapter / "adapter_model.bin").exists():
-            raise UserError(f"adapter {adapter}: pickle weights (adapter_model.bin) are not loaded; convert them with "
-                            f"`python -c \"import torch, safetensors.torch as s; s.save_file(torch.load('{adapter}/adapter_model.bin'), "
-                            f"'{adapter}/adapter_model.safetensors')\"` where you trust the file")
-        raise UserError(f"adapter {adapter}: no adapter_model.safetensors; save the adapter with peft's save_pretrained")
+            raise UserError(
+                f"adapter {adapter}: pickle weights (adapter_model.bin) are not loaded; convert them with "
+                '`python -c "import torch, safetensors.torch as s; '
+                f"s.save_file(torch.load('{adapter}/adapter_model.bin'), "
+                f"'{adapter}/adapter_model.safetensors')\"` where you trust the file"
+            )
+        raise UserError(
+            f"adapter {adapter}: no adapter_model.safetensors; save the adapter with peft's save_pretrained"
+        )
     config = json.loads(config_file.read_text())
     named = config.get("base_model_name_or_path")
     if named and Path(named).name != Path(aligned.name).name and Path(named).resolve() != aligned.path:
-        logger.warning(f"adapter {adapter} names base {named!r}, the setting's aligned model is {aligned.name!r}; the shapes match, going on")
+        logger.warning(
+            f"adapter {adapter} names base {named!r}, the setting's aligned model is {aligned.name!r}; the shapes "
+            "match, going on"
+        )
     base = model_shapes(aligned)
     for key, shape in safetensors_shapes(weights).items():
         part = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
@@ -64,12 +75,17 @@ def check_adapter(adapter: Path, aligned: models.ModelHandle) -> dict:
             continue
         target = key.split(f".{part}.")[0].removeprefix("base_model.model.") + ".weight"
         if target not in base:
-            raise UserError(f"adapter {adapter} adapts {target}, which the aligned model {aligned.name!r} does not have: "
-                            "the adapter was trained on another base model")
+            raise UserError(
+                f"adapter {adapter} adapts {target}, which the aligned model {aligned.name!r} does not have: "
+                "the adapter was trained on another base model"
+            )
         out_features, in_features = base[target][0], base[target][1]
         if (part == "lora_A" and shape[1] != in_features) or (part == "lora_B" and shape[0] != out_features):
-            raise UserError(f"adapter {adapter}: {key} has shape {shape}, which does not fit {target} {base[target]} of the aligned "
-                            f"model {aligned.name!r}: the adapter was trained on another base model")
+            raise UserError(
+                f"adapter {adapter}: {key} has shape {shape}, which does not fit {target} {base[target]} of the "
+                "aligned "
+                f"model {aligned.name!r}: the adapter was trained on another base model"
+            )
     return config
 
 
@@ -99,11 +115,19 @@ def merge_adapter(adapter: Path, aligned: models.ModelHandle, cache: Path, log=l
         before = {k: v.clone() for k, v in model.state_dict().items()}
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         if all(torch.equal(before[k], v) for k, v in merged.state_dict().items() if k in before):
-            raise UserError(f"adapter {adapter} changes no weight of {aligned.name!r} (its lora_B matrices are zero?): "
-                            "it would evaluate the aligned model as if it were fine-tuned; point at the trained adapter")
+            raise UserError(
+                f"adapter {adapter} changes no weight of {aligned.name!r} (its lora_B matrices are zero?): "
+                "it would evaluate the aligned model as if it were fine-tuned; point at the trained adapter"
+            )
         models.save_model(merged, tokenizer, tmp / "model")
-        atomic_write_json(tmp / "manifest.json", {"aligned": aligned.content_hash(), "adapter": hash_model_dir(adapter),
-                                                  "content_hash": hash_value(_content(tmp))})
+        atomic_write_json(
+            tmp / "manifest.json",
+            {
+                "aligned": aligned.content_hash(),
+                "adapter": hash_model_dir(adapter),
+                "content_hash": hash_value(_content(tmp)),
+            },
+        )
     merges_done += 1
     return models.ModelHandle(f"{aligned.name}+{adapter.name}", root / "model")
 

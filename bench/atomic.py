@@ -81,7 +81,7 @@ def sweep_dead_builders(final: Path) -> list[Path]:
     host = socket.gethostname()
     removed = []
     for tmp in final.parent.glob(f".{glob.escape(final.name)}.{glob.escape(host)}.*.tmp"):
-        pid = tmp.name[len(f".{final.name}.{host}."):].split(".", 1)[0]
+        pid = tmp.name[len(f".{final.name}.{host}.") :].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
@@ -117,7 +117,9 @@ def discard(path: Path | str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def verified_manifest(root: Path, content: Callable[[Path], Any], log: Callable[[str], None], name: str = "manifest.json") -> dict | None:
+def verified_manifest(
+    root: Path, content: Callable[[Path], Any], log: Callable[[str], None], name: str = "manifest.json"
+) -> dict | None:
     """The manifest of the finished stage `root`, or None when the stage must be built (again).
 
     A cache key names the inputs; the manifest's `content_hash` names what was built from them. A

@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import models, reproducibility
+from bench.atomic import atomic_write_json, atomic_write_jsonl, building_dir, verified_manifest
 from bench.data import beavertails_pairs, read_jsonl
 from bench.errors import UserError
 from bench.hashing import hash_value, short
 from bench.sft import SFTConfig
-from bench.atomic import atomic_write_json, atomic_write_jsonl, building_dir, verified_manifest
 
 RECIPE_VERSION = 2  # 2: deterministic training; the machine in the key
 
@@ -33,8 +33,13 @@ def _default_lora() -> SFTConfig:
 class AttackConfig:
     """One fine-tuning attack. Every field is part of the cache key and of the result record."""
 
-    harmful_n: int = field(default=100, metadata={"help": "harmful pairs mixed into the task data (0 = benign fine-tune)"})
-    harmful_source: str = field(default="testbed", metadata={"help": "'testbed' (base model's compliant answers) or 'beavertails' (from --data-dir)"})
+    harmful_n: int = field(
+        default=100, metadata={"help": "harmful pairs mixed into the task data (0 = benign fine-tune)"}
+    )
+    harmful_source: str = field(
+        default="testbed",
+        metadata={"help": "'testbed' (base model's compliant answers) or 'beavertails' (from --data-dir)"},
+    )
     task_n: int = field(default=300, metadata={"help": "task training examples (at most the task's train split)"})
     seed: int = field(default=0, metadata={"help": "seed of the mix order and of training"})
     sft: SFTConfig = field(default_factory=_default_lora, metadata={"help": "fine-tune hyper-parameters"})
@@ -83,14 +88,32 @@ def content(root: Path) -> dict:
     """What an attack holds, by content hash: the adapter, the merged model and the training mix."""
     from bench.hashing import hash_file, hash_model_dir
 
-    return {"adapter": hash_model_dir(root / "adapter"), "merged": hash_model_dir(root / "merged"),
-            "mix": hash_file(root / "training_mix.jsonl")}
+    return {
+        "adapter": hash_model_dir(root / "adapter"),
+        "merged": hash_model_dir(root / "merged"),
+        "mix": hash_file(root / "training_mix.jsonl"),
+    }
 
 
-def run(aligned: models.ModelHandle, task_rows: list[dict], harmful_pairs: list[dict], config: AttackConfig, cache: Path, log=print) -> AttackResult:
+def run(
+    aligned: models.ModelHandle,
+    task_rows: list[dict],
+    harmful_pairs: list[dict],
+    config: AttackConfig,
+    cache: Path,
+    log=print,
+) -> AttackResult:
     mix = training_mix(task_rows, harmful_pairs, config)
     compute = reproducibility.compute_fingerprint()
-    key = hash_value({"recipe": RECIPE_VERSION, "aligned": aligned.content_hash(), "config": config.to_dict(), "mix": mix, "compute": compute})
+    key = hash_value(
+        {
+            "recipe": RECIPE_VERSION,
+            "aligned": aligned.content_hash(),
+            "config": config.to_dict(),
+            "mix": mix,
+            "compute": compute,
+        }
+    )
     root = cache / f"attack-n{config.harmful_n}-{short(key)}"
     manifest = verified_manifest(root, content, log)
     if manifest is not None:
@@ -143,5 +166,7 @@ def harmful_pairs_for(config: AttackConfig, testbed_pairs: Path, data_dir: Path 
     if config.harmful_source == "testbed":  # all of them; training_mix takes the first N
         return read_jsonl(testbed_pairs, required=("prompt", "response")) if config.harmful_n else []
     if data_dir is None:
-        raise UserError("--harmful-source beavertails needs --data-dir DIR (a folder holding beavertails/train_N.jsonl)")
+        raise UserError(
+            "--harmful-source beavertails needs --data-dir DIR (a folder holding beavertails/train_N.jsonl)"
+        )
     return beavertails_pairs(data_dir, config.harmful_n) if config.harmful_n else []

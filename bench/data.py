@@ -27,7 +27,9 @@ def read_jsonl(path: Path | str, required: tuple[str, ...] = ("prompt",)) -> lis
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+                raise UserError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object"
+                ) from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
             missing = [k for k in required if not isinstance(row.get(k), str) or not row[k].strip()]

@@ -35,12 +35,24 @@ class EvalSets:
 class EvalConfig:
     judge: str = field(default="keyword", metadata={"help": "judge of harmful answers (see `realign list`)"})
     engine: str = field(default="auto", metadata={"help": "generation engine: auto, vllm or transformers"})
-    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N prompts of each set (smoke tests)"})
-    generation_mode: str = field(default=reproducibility.DETERMINISTIC, metadata={
-        "help": "'deterministic' (fixed batches: byte-identical answers on every run) or 'fast-nondeterministic'"})
+    limit: int | None = field(
+        default=None, metadata={"help": "evaluate only the first N prompts of each set (smoke tests)"}
+    )
+    generation_mode: str = field(
+        default=reproducibility.DETERMINISTIC,
+        metadata={
+            "help": "'deterministic' (fixed batches: byte-identical answers on every run) or 'fast-nondeterministic'"
+        },
+    )
     dtype: str | None = field(default=None, metadata={"help": "generation dtype (default: the engine's)"})
-    engine_options: dict = field(default_factory=dict, metadata={"help": "vLLM options: tensor_parallel_size, max_model_len, gpu_memory_utilization"})
-    utility: list[dict] = field(default_factory=list, metadata={"help": "lm-eval tasks reported beside the task metric: {task, num_fewshot, limit, metric}"})
+    engine_options: dict = field(
+        default_factory=dict,
+        metadata={"help": "vLLM options: tensor_parallel_size, max_model_len, gpu_memory_utilization"},
+    )
+    utility: list[dict] = field(
+        default_factory=list,
+        metadata={"help": "lm-eval tasks reported beside the task metric: {task, num_fewshot, limit, metric}"},
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "let the model run code shipped with its weights"})
 
     def to_dict(self) -> dict:
@@ -50,8 +62,11 @@ class EvalConfig:
         """What CachedGenerator passes to the engine: vLLM's own options under their names."""
         options = dict(self.engine_options)
         gpu_share = options.pop("gpu_memory_utilization", None)
-        return options | ({"engine_options": {"gpu_memory_utilization": gpu_share}} if gpu_share else {}) | \
-            ({"trust_remote_code": True} if self.trust_remote_code else {})
+        return (
+            options
+            | ({"engine_options": {"gpu_memory_utilization": gpu_share}} if gpu_share else {})
+            | ({"trust_remote_code": True} if self.trust_remote_code else {})
+        )
 
 
 METRIC_HELP = {
@@ -69,8 +84,14 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
     if sets.over_refusal:
         runs.append(TaskRun("realign_overrefusal", sets.over_refusal, config.limit))
     runs += [utility_run(u) for u in config.utility]
-    with CachedGenerator(handle, GenerationCache(Path(cache_root)), engine=config.engine, dtype=config.dtype, mode=config.generation_mode,
-                         **config.generator_options()) as generator:
+    with CachedGenerator(
+        handle,
+        GenerationCache(Path(cache_root)),
+        engine=config.engine,
+        dtype=config.dtype,
+        mode=config.generation_mode,
+        **config.generator_options(),
+    ) as generator:
         out = run_tasks(generator, runs)
 
     judge = JUDGES.get(config.judge)()
@@ -81,8 +102,18 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
     verdicts = judge.label([s["prompt"] for s in harmful], [s["answer"] for s in harmful])
     outcomes = [None if v.label == "unknown" else int(v.label == "harmful") for v in verdicts]
     for s, v, o in zip(harmful, verdicts, outcomes):
-        samples.append({"metric": "harmful_rate", "doc_id": s["doc_id"], "prompt": s["prompt"], "answer": s["answer"],
-                        "label": v.label, "outcome": o, "judge_raw": v.raw, "category": s["doc"].get("category", "")})
+        samples.append(
+            {
+                "metric": "harmful_rate",
+                "doc_id": s["doc_id"],
+                "prompt": s["prompt"],
+                "answer": s["answer"],
+                "label": v.label,
+                "outcome": o,
+                "judge_raw": v.raw,
+                "category": s["doc"].get("category", ""),
+            }
+        )
     by_category: dict[str, list[int]] = {}
     for s, o in zip(harmful, outcomes):
         if o is not None:
@@ -90,34 +121,77 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
             kn[0] += o
             kn[1] += 1
     result_metrics["harmful_rate"] = metrics.rate(outcomes).to_dict() | {
-        "name": f"harmful rate ({config.judge})", "higher_is_better": False, "outcomes": metrics.outcome_string(outcomes), "by_category": by_category}
+        "name": f"harmful rate ({config.judge})",
+        "higher_is_better": False,
+        "outcomes": metrics.outcome_string(outcomes),
+        "by_category": by_category,
+    }
 
     if sets.over_refusal:
         rows = out["realign_overrefusal"]["samples"]
         refusals = judge.label([s["prompt"] for s in rows], [s["answer"] for s in rows])
         outcomes = [int(v.refusal) for v in refusals]
         for s, v, o in zip(rows, refusals, outcomes):
-            samples.append({"metric": "over_refusal", "doc_id": s["doc_id"], "prompt": s["prompt"], "answer": s["answer"],
-                            "label": "refusal" if o else "answered", "outcome": o, "judge_raw": v.raw})
-        result_metrics["over_refusal"] = metrics.rate(outcomes).to_dict() | {"name": "over-refusal", "higher_is_better": False, "outcomes": metrics.outcome_string(outcomes)}
+            samples.append(
+                {
+                    "metric": "over_refusal",
+                    "doc_id": s["doc_id"],
+                    "prompt": s["prompt"],
+                    "answer": s["answer"],
+                    "label": "refusal" if o else "answered",
+                    "outcome": o,
+                    "judge_raw": v.raw,
+                }
+            )
+        result_metrics["over_refusal"] = metrics.rate(outcomes).to_dict() | {
+            "name": "over-refusal",
+            "higher_is_better": False,
+            "outcomes": metrics.outcome_string(outcomes),
+        }
 
     rows = out[sets.task_yaml]["samples"]
     outcomes = [int(s[sets.task_metric]) for s in rows]
     for s, o in zip(rows, outcomes):
-        samples.append({"metric": "task_metric", "doc_id": s["doc_id"], "prompt": s["prompt"], "answer": s["answer"],
-                        "target": s["doc"].get("response", ""), "outcome": o})
-    result_metrics["task_metric"] = metrics.rate(outcomes).to_dict() | {"name": f"{sets.task_yaml} {sets.task_metric}", "higher_is_better": True, "outcomes": metrics.outcome_string(outcomes)}
+        samples.append(
+            {
+                "metric": "task_metric",
+                "doc_id": s["doc_id"],
+                "prompt": s["prompt"],
+                "answer": s["answer"],
+                "target": s["doc"].get("response", ""),
+                "outcome": o,
+            }
+        )
+    result_metrics["task_metric"] = metrics.rate(outcomes).to_dict() | {
+        "name": f"{sets.task_yaml} {sets.task_metric}",
+        "higher_is_better": True,
+        "outcomes": metrics.outcome_string(outcomes),
+    }
 
     for u in config.utility:
         rows = out[u["task"]]["samples"]
         if any(u["metric"] not in s for s in rows):
-            raise UserError(f"utility task {u['task']}: its samples have no metric {u['metric']!r}; "
-                            f"set utility metric to one of: {', '.join(k for k in rows[0] if k not in ('doc_id', 'doc', 'prompt', 'answer', 'loglikelihoods'))}")
+            raise UserError(
+                f"utility task {u['task']}: its samples have no metric {u['metric']!r}; "
+                "set utility metric to one of: "
+                f"{', '.join(k for k in rows[0] if k not in ('doc_id', 'doc', 'prompt', 'answer', 'loglikelihoods'))}"
+            )
         outcomes = [int(bool(s[u["metric"]])) for s in rows]
         for s, o in zip(rows, outcomes):
-            samples.append({"metric": f"utility:{u['task']}", "doc_id": s["doc_id"], "prompt": s["prompt"], "answer": s.get("answer", ""), "outcome": o})
+            samples.append(
+                {
+                    "metric": f"utility:{u['task']}",
+                    "doc_id": s["doc_id"],
+                    "prompt": s["prompt"],
+                    "answer": s.get("answer", ""),
+                    "outcome": o,
+                }
+            )
         result_metrics[f"utility:{u['task']}"] = metrics.rate(outcomes).to_dict() | {
-            "name": f"{u['task']} {u['metric']}", "higher_is_better": True, "outcomes": metrics.outcome_string(outcomes)}
+            "name": f"{u['task']} {u['metric']}",
+            "higher_is_better": True,
+            "outcomes": metrics.outcome_string(outcomes),
+        }
 
     return {
         "metrics": result_metrics,

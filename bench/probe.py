@@ -34,7 +34,9 @@ class TaskProbe:
         from bench import models
 
         handle = handle or models.ModelHandle("probe", Path(model.name_or_path))
-        gen = TransformersGenerator(handle, batch_size=self.batch_size, device=str(next(model.parameters()).device), model=model)
+        gen = TransformersGenerator(
+            handle, batch_size=self.batch_size, device=str(next(model.parameters()).device), model=model
+        )
         answers = gen.generate([r["prompt"] for r in self.rows], self.sampling)
         self.calls += 1
         hits = [normalise_sql(a.split("\n", 1)[0]) == normalise_sql(r["response"]) for a, r in zip(answers, self.rows)]

@@ -13,8 +13,8 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from bench.errors import UserError
 from bench.atomic import atomic_write_json, atomic_write_jsonl
+from bench.errors import UserError
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).parent / "schema" / "record.schema.json"
@@ -40,7 +40,10 @@ def validate(record: dict, where: str = "record") -> None:
 
     version = record.get("schema_version") if isinstance(record, dict) else None
     if version != SCHEMA_VERSION:
-        raise UserError(f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}; re-run the evaluation with this version of realign-bench")
+        raise UserError(
+            f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}; re-run the evaluation with this version "
+            "of realign-bench"
+        )
     try:
         _validator()(record)
     except fastjsonschema.JsonSchemaValueException as exc:
@@ -67,7 +70,13 @@ def code_version() -> dict:
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None, "dirty": None}
     if commit.returncode != 0:

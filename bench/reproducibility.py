@@ -28,8 +28,21 @@ FAST = "fast-nondeterministic"
 GENERATION_MODES = (DETERMINISTIC, FAST)
 
 # record fields that change from run to run of the same inputs (times, memory, dates)
-VOLATILE_KEYS = {"created", "cost", "wall_s", "apply_s", "seconds", "peak_rss_mb", "defense_wall_s", "defense_peak_rss_mb",
-                 "train_runtime_s", "timings", "timing_s", "load_s", "generate_s"}
+VOLATILE_KEYS = {
+    "created",
+    "cost",
+    "wall_s",
+    "apply_s",
+    "seconds",
+    "peak_rss_mb",
+    "defense_wall_s",
+    "defense_peak_rss_mb",
+    "train_runtime_s",
+    "timings",
+    "timing_s",
+    "load_s",
+    "generate_s",
+}
 
 
 def check_mode(mode: str) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -22,10 +20,9 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from bench import attack as attack_stage
 from bench import models, records, reproducibility
 from bench.evaluate import EvalConfig, EvalSets, evaluate
-from bench.new_interpreter import run_fresh
-from bench.errors import UserError
-from bench.progress import log
 from bench.hashing import hash_file, hash_model_dir, hash_value, short
+from bench.new_interpreter import run_fresh
+from bench.progress import log
 from bench.settings.resolve import Resolved, Variant, resolve
 
 if TYPE_CHECKING:
@@ -58,10 +55,24 @@ class RunConfig:
     @property
     def eval(self) -> EvalConfig:
         g = self.setting.generation
-        engine_options = {k: v for k, v in (("tensor_parallel_size", g.tensor_parallel_size), ("gpu_memory_utilization", g.gpu_memory_utilization),
-                                            ("max_model_len", g.max_model_len)) if v is not None}
-        return EvalConfig(judge=self.setting.judge, engine=g.engine, limit=g.limit, generation_mode=g.mode, dtype=g.dtype,
-                          engine_options=engine_options, utility=[u.model_dump() for u in self.setting.utility])
+        engine_options = {
+            k: v
+            for k, v in (
+                ("tensor_parallel_size", g.tensor_parallel_size),
+                ("gpu_memory_utilization", g.gpu_memory_utilization),
+                ("max_model_len", g.max_model_len),
+            )
+            if v is not None
+        }
+        return EvalConfig(
+            judge=self.setting.judge,
+            engine=g.engine,
+            limit=g.limit,
+            generation_mode=g.mode,
+            dtype=g.dtype,
+            engine_options=engine_options,
+            utility=[u.model_dump() for u in self.setting.utility],
+        )
 
     @property
     def cache(self) -> Path:
@@ -97,8 +108,13 @@ class Clock:
 
 def eval_sets(resolved: Resolved, cache: Path) -> EvalSets:
     s = resolved.setting
-    return EvalSets(harmful=_one_file(resolved.harmful, cache), over_refusal=_one_file(resolved.over_refusal, cache) if resolved.over_refusal else None,
-                    task=resolved.files["task_test"], task_yaml=s.data.task.yaml, task_metric=s.data.task.metric)
+    return EvalSets(
+        harmful=_one_file(resolved.harmful, cache),
+        over_refusal=_one_file(resolved.over_refusal, cache) if resolved.over_refusal else None,
+        task=resolved.files["task_test"],
+        task_yaml=s.data.task.yaml,
+        task_metric=s.data.task.metric,
+    )
 
 
 def _one_file(sets: dict[str, Path], cache: Path) -> Path:
@@ -109,7 +125,11 @@ def _one_file(sets: dict[str, Path], cache: Path) -> Path:
     from bench.atomic import atomic_write_jsonl
     from bench.data import read_jsonl
 
-    rows = [r | {"category": f"{name}/{r.get('category') or 'uncategorised'}"} for name, path in sorted(sets.items()) for r in read_jsonl(path)]
+    rows = [
+        r | {"category": f"{name}/{r.get('category') or 'uncategorised'}"}
+        for name, path in sorted(sets.items())
+        for r in read_jsonl(path)
+    ]
     path = cache / "sets" / f"joined-{short(hash_value(rows))}.jsonl"
     if not path.exists():
         atomic_write_jsonl(path, rows)
@@ -128,22 +148,35 @@ class AttackStageFineTune:
     def __call__(self, model: models.ModelHandle, pairs: list[dict], spec) -> models.ModelHandle:
         from bench.sft import SFTConfig
 
-        cfg = attack_stage.AttackConfig(harmful_n=len(pairs), task_n=0, seed=spec.seed,
-                                        sft=SFTConfig(method=spec.method, lr=spec.lr, batch_size=spec.batch_size, max_steps=spec.max_steps, seed=spec.seed))
+        cfg = attack_stage.AttackConfig(
+            harmful_n=len(pairs),
+            task_n=0,
+            seed=spec.seed,
+            sft=SFTConfig(
+                method=spec.method, lr=spec.lr, batch_size=spec.batch_size, max_steps=spec.max_steps, seed=spec.seed
+            ),
+        )
         return attack_stage.run(model, [], pairs, cfg, self.cache, log=self.log).merged
 
 
 def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: Clock):
-    from bench.data import beavertails_pairs, read_jsonl
+    from bench.data import read_jsonl
     from bench.probe import TaskProbe
     from defenses import DefenseContext
 
     files, setting = resolved.files, resolved.setting
     if setting.attack is not None and setting.attack.harmful_source == "beavertails":
-        harmful_pairs = attack_stage.harmful_pairs_for(dataclasses.replace(resolved.attack_config(100), harmful_source="beavertails",
-                                                       harmful_n=max(variant.harmful_n or 0, 100)), None, resolved.data_dir)
+        harmful_pairs = attack_stage.harmful_pairs_for(
+            dataclasses.replace(
+                resolved.attack_config(100), harmful_source="beavertails", harmful_n=max(variant.harmful_n or 0, 100)
+            ),
+            None,
+            resolved.data_dir,
+        )
     else:
-        harmful_pairs = read_jsonl(files["harmful_pairs"], required=("prompt", "response")) if "harmful_pairs" in files else []
+        harmful_pairs = (
+            read_jsonl(files["harmful_pairs"], required=("prompt", "response")) if "harmful_pairs" in files else []
+        )
     return DefenseContext(
         aligned=resolved.aligned,
         finetuned=variant.finetuned,
@@ -151,7 +184,9 @@ def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: C
         adapter=variant.adapter,
         calibration_prompts=[r["prompt"] for r in read_jsonl(files["calibration_prompts"])],
         # the safety set of methods that need harmful prompts WITH safe answers (Safe Delta)
-        calibration_pairs=read_jsonl(files["calibration_pairs"], required=("prompt", "response")) if "calibration_pairs" in files else [],
+        calibration_pairs=read_jsonl(files["calibration_pairs"], required=("prompt", "response"))
+        if "calibration_pairs" in files
+        else [],
         harmful_pairs=harmful_pairs,
         benign_prompts=[r["prompt"] for r in read_jsonl(files["benign_prompts"])],
         utility_probe=TaskProbe(files["task_dev"]),
@@ -191,10 +226,20 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
     with building_dir(root) as tmp:
         # a fresh interpreter per defense: its peak RSS is the defense's own (not the run's so far),
         # and a defense's memory is returned to the system when it ends
-        info, skipped, model_path = run_fresh(apply_and_save, name, params, dataclasses.replace(ctx, _loaded={}), str(tmp))
+        info, skipped, model_path = run_fresh(
+            apply_and_save, name, params, dataclasses.replace(ctx, _loaded={}), str(tmp)
+        )
         info = dict(info) | {"wall_s": round(time.perf_counter() - t0, 2)}
-        atomic_write_json(tmp / "info.json", {"info": info, "skipped": skipped, "params": defense.describe(), "model_path": model_path,
-                                              "content_hash": hash_value(defended_content(tmp))})
+        atomic_write_json(
+            tmp / "info.json",
+            {
+                "info": info,
+                "skipped": skipped,
+                "params": defense.describe(),
+                "model_path": model_path,
+                "content_hash": hash_value(defended_content(tmp)),
+            },
+        )
     return _answer_dir(root, model_path), info, skipped
 
 
@@ -202,20 +247,30 @@ def defended_content(root: Path) -> dict:
     """What a defense stage holds, by content hash: its model (if it saved one) and checkpoints."""
     from bench.hashing import hash_model_dir
 
-    return {"model": hash_model_dir(root / "model") if (root / "model").exists() else None,
-            "checkpoints": {p.name: hash_file(p) for p in sorted((root / "checkpoints").glob("*.bin"))}}
+    return {
+        "model": hash_model_dir(root / "model") if (root / "model").exists() else None,
+        "checkpoints": {p.name: hash_file(p) for p in sorted((root / "checkpoints").glob("*.bin"))},
+    }
 
 
 def defense_dir(name: str, defense, ctx, cfg: RunConfig) -> Path:
     """The cache directory of one defense row: keyed by every parameter (defaults included) and
     every input the defense can read."""
-    key = hash_value({
-        "defense": name, "params": defense.describe(), "aligned": ctx.aligned.content_hash(),
-        "finetuned": ctx.finetuned.content_hash(), "base": ctx.base.content_hash() if ctx.base else None,
-        # "probe" (not "utility_probe"): the key's spelling is kept so that existing defense caches stay valid
-        "calibration": ctx.calibration_prompts, "benign": ctx.benign_prompts, "probe": ctx.utility_probe.identity() if ctx.utility_probe else None,
-        "seed": ctx.seed, "compute": reproducibility.compute_fingerprint(),
-    })
+    key = hash_value(
+        {
+            "defense": name,
+            "params": defense.describe(),
+            "aligned": ctx.aligned.content_hash(),
+            "finetuned": ctx.finetuned.content_hash(),
+            "base": ctx.base.content_hash() if ctx.base else None,
+            # "probe" (not "utility_probe"): the key's spelling is kept so that existing defense caches stay valid
+            "calibration": ctx.calibration_prompts,
+            "benign": ctx.benign_prompts,
+            "probe": ctx.utility_probe.identity() if ctx.utility_probe else None,
+            "seed": ctx.seed,
+            "compute": reproducibility.compute_fingerprint(),
+        }
+    )
     return cfg.cache / f"defended-{name}-{short(key)}"
 
 
@@ -235,8 +290,10 @@ def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | 
 
     t0 = time.perf_counter()
     result = DEFENSES.get(name)(**params).apply(ctx)
-    info = dict(result.info) | {"apply_s": round(time.perf_counter() - t0, 2),
-                                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    info = dict(result.info) | {
+        "apply_s": round(time.perf_counter() - t0, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
     if result.model is not None:
         models.save_model(result.model, ctx.tokenizer(), Path(out) / "model")
     for step, blob in (result.checkpoints or {}).items():
@@ -244,8 +301,18 @@ def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | 
     return info, result.skipped, str(result.model_path) if result.model_path and result.model is None else None
 
 
-def record_for(method: str, params: dict, info: dict, model_dir: Path, resolved: Resolved, variant: Variant, cfg: RunConfig, clock: Clock,
-               label: str | None = None, role: str | None = None) -> dict:
+def record_for(
+    method: str,
+    params: dict,
+    info: dict,
+    model_dir: Path,
+    resolved: Resolved,
+    variant: Variant,
+    cfg: RunConfig,
+    clock: Clock,
+    label: str | None = None,
+    role: str | None = None,
+) -> dict:
     """Evaluate one row (or reuse its record) and write its record. `label` and `role` name a row
     that is no registered defense (`realign evaluate MODEL`)."""
     from defenses import DEFENSES
@@ -253,17 +320,32 @@ def record_for(method: str, params: dict, info: dict, model_dir: Path, resolved:
     sets = eval_sets(resolved, cfg.cache)
     model = models.resolve(model_dir)
     description = resolved.description()
-    setting = {"name": resolved.setting.name, "model": resolved.aligned.name if not resolved.base else resolved.base.name,
-               "task": sets.task_yaml, "harmful_n": variant.harmful_n, "judge": cfg.eval.judge, "seed": resolved.setting.seed,
-               "key": short(hash_value(description)), "resolved": description}
+    setting = {
+        "name": resolved.setting.name,
+        "model": resolved.aligned.name if not resolved.base else resolved.base.name,
+        "task": sets.task_yaml,
+        "harmful_n": variant.harmful_n,
+        "judge": cfg.eval.judge,
+        "seed": resolved.setting.seed,
+        "key": short(hash_value(description)),
+        "resolved": description,
+    }
     if variant.attack is not None:
         setting["attack"] = variant.attack
     inputs = description["inputs"] | {"finetuned": variant.finetuned.content_hash(), "evaluated": model.content_hash()}
     if variant.adapter is not None:
         inputs["adapter"] = hash_model_dir(variant.adapter)
-    label = label or (method if not params else f"{method}(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")")
-    record_id = hash_value({"setting": {k: v for k, v in setting.items() if k not in ("name", "model", "attack")}, "inputs": inputs,
-                            "method": label, "eval": cfg.eval.to_dict()})[:24]
+    label = label or (
+        method if not params else f"{method}(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+    )
+    record_id = hash_value(
+        {
+            "setting": {k: v for k, v in setting.items() if k not in ("name", "model", "attack")},
+            "inputs": inputs,
+            "method": label,
+            "eval": cfg.eval.to_dict(),
+        }
+    )[:24]
     path = cfg.run_dir / "records" / f"{record_id}.json"
     n_text = "" if variant.harmful_n is None else f" (N={variant.harmful_n})"
     if path.exists():
@@ -276,14 +358,25 @@ def record_for(method: str, params: dict, info: dict, model_dir: Path, resolved:
         "record_id": record_id,
         "created": records.now(),
         "setting": setting,
-        "method": {"name": method, "label": label, "role": role or DEFENSES.get(method).role, "params": params, "info": info},
+        "method": {
+            "name": method,
+            "label": label,
+            "role": role or DEFENSES.get(method).role,
+            "params": params,
+            "info": info,
+        },
         "inputs": inputs,
         "metrics": result["metrics"],
         "samples_file": f"{record_id}.samples.jsonl",
         # evaluation cost, plus the defense's own wall time and peak RSS (its fresh process)
-        "cost": result["cost"] | {"defense_wall_s": info.get("wall_s", 0.0)} | ({"defense_peak_rss_mb": info["peak_rss_mb"]} if "peak_rss_mb" in info else {}),
+        "cost": result["cost"]
+        | {"defense_wall_s": info.get("wall_s", 0.0)}
+        | ({"defense_peak_rss_mb": info["peak_rss_mb"]} if "peak_rss_mb" in info else {}),
         "versions": records.versions(),
-        "reproducibility": {"generation_mode": cfg.eval.generation_mode, "compute": reproducibility.compute_fingerprint()},
+        "reproducibility": {
+            "generation_mode": cfg.eval.generation_mode,
+            "compute": reproducibility.compute_fingerprint(),
+        },
         "code": records.code_version(),
         "notes": resolved.notes,
     }
@@ -316,7 +409,7 @@ def expand(defenses: list[str], given: dict[str, dict]) -> list[tuple[str, dict]
         sweep = getattr(DEFENSES.get(name), "sweep", {})
         free = {k: v for k, v in sweep.items() if k not in params}
         if free:
-            (key, values), = free.items()
+            ((key, values),) = free.items()
             rows += [(name, params | {key: v}) for v in values]
         else:
             rows.append((name, params))
@@ -350,7 +443,9 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
     files = render(build(loaded, multi_setting=True), title=f"realign-bench: {cfg.name}", skipped=skipped)
     save(files, cfg.run_dir)
     clock.say(f"board written to {cfg.run_dir} (board.md, .csv, .json, .html, pareto.png/.svg)")
-    atomic_write_json(cfg.run_dir / "timings.json", {"stages_s": clock.stages, "total_s": round(time.perf_counter() - clock.t0, 1)})
+    atomic_write_json(
+        cfg.run_dir / "timings.json", {"stages_s": clock.stages, "total_s": round(time.perf_counter() - clock.t0, 1)}
+    )
     if cfg.publish:
         publish(all_records, files, Path(cfg.publish))
         clock.say(f"published to {cfg.publish}")
@@ -365,7 +460,9 @@ def evaluate_model(model: str, cfg: RunConfig, clock: Clock | None = None) -> di
     resolved = resolve(cfg.setting, cfg.cache, log=clock.say)
     handle = models.resolve(model)
     models.check_same_family(resolved.aligned, handle)
-    return record_for("evaluate", {}, {}, handle.path, resolved, Variant(None, handle), cfg, clock, label=handle.name, role="method")
+    return record_for(
+        "evaluate", {}, {}, handle.path, resolved, Variant(None, handle), cfg, clock, label=handle.name, role="method"
+    )
 
 
 def _check_writable(cfg: RunConfig) -> None:

@@ -24,13 +24,20 @@ class SFTConfig:
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate (linear decay, no warm-up)"})
     batch_size: int = field(default=8, metadata={"help": "pairs per optimiser step"})
     max_length: int = field(default=192, metadata={"help": "tokens per example; longer responses are cut"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast with fp32 master weights (CPU with AVX512-BF16, or GPU)"})
+    bf16: bool = field(
+        default=True, metadata={"help": "bf16 autocast with fp32 master weights (CPU with AVX512-BF16, or GPU)"}
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     seed: int = field(default=0, metadata={"help": "seed of data order and initialisation"})
-    deterministic: bool = field(default=True, metadata={"help": "torch's deterministic algorithms (the Trainer's full_determinism): an op "
-                                                                 "without a deterministic kernel fails instead of varying"})
+    deterministic: bool = field(
+        default=True,
+        metadata={
+            "help": "torch's deterministic algorithms (the Trainer's full_determinism): an op "
+            "without a deterministic kernel fails instead of varying"
+        },
+    )
 
     def __post_init__(self):
         if self.method not in ("lora", "full"):
@@ -68,7 +75,9 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None):
 
     labels = inputs["labels"]
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft keeps its LoRA layers inside
-    hidden = inner.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).last_hidden_state
+    hidden = inner.get_decoder()(
+        input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
+    ).last_hidden_state
     target = labels[:, 1:]
     keep = target != -100
     logits = inner.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -123,6 +132,7 @@ def train(model, tokenizer, pairs: list[dict], config: SFTConfig, work_dir: Path
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
+
     class ResponseOnlyTrainer(Trainer):
         loss_is_scaled_for_ga = True  # normalised by the response tokens of the whole accumulation window
 

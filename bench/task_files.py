@@ -48,7 +48,9 @@ def templates() -> dict[str, Path]:
 def template(name: str) -> Path:
     found = templates()
     if name not in found:
-        raise UserError(f"no task YAML named {name}.yaml under tasks/; known: {', '.join(found)} (see `realign list tasks`)")
+        raise UserError(
+            f"no task YAML named {name}.yaml under tasks/; known: {', '.join(found)} (see `realign list tasks`)"
+        )
     return found[name]
 
 
@@ -58,8 +60,16 @@ def write_task(out_dir: Path, template_name: str, data_file: Path, name: str | N
         raise UserError(f"{data_file}: no such file (the documents of task {name or template_name})")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name or template_name}.yaml"
-    path.write_text(yaml.safe_dump({"include": str(template(template_name)), "task": name or template_name,
-                                    "dataset_kwargs": {"data_files": {"test": str(data_file)}}}, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "include": str(template(template_name)),
+                "task": name or template_name,
+                "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+            },
+            sort_keys=False,
+        )
+    )
     return path
 
 

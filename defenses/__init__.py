@@ -30,7 +30,6 @@ DEFENSES.register_lazy("antidote", "defenses.antidote:Antidote")
 DEFENSES.register_lazy("safe_delta", "defenses.safe_delta:SafeDelta")
 
 
-
 def names_with_role(role: str) -> list[str]:
     """Registered defenses of one role (see Defense.role); imports each defense module (cheap)."""
     if role not in ROLES:

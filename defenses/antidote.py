@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 from bench import models
 from bench.errors import UserError
 from defenses import register_defense
@@ -26,8 +25,12 @@ from defenses.layerwise import real_tokens, walk_layers
 
 @dataclass
 class AntidoteParams:
-    dense_ratio: float = field(default=0.1, metadata={"help": "share of each output row zeroed (the most harm-salient)"})
-    data: str = field(default="calibration", metadata={"help": "'calibration' (prompts) or 'harmful_pairs' (prompt + harmful answer)"})
+    dense_ratio: float = field(
+        default=0.1, metadata={"help": "share of each output row zeroed (the most harm-salient)"}
+    )
+    data: str = field(
+        default="calibration", metadata={"help": "'calibration' (prompts) or 'harmful_pairs' (prompt + harmful answer)"}
+    )
     max_examples: int = field(default=2000, metadata={"help": "at most this many examples of the harmful set"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward batch"})
 
@@ -88,7 +91,9 @@ class Antidote(Defense):
         texts = self.texts(ctx, tok)
         if not texts:
             if p.data == "harmful_pairs":
-                return DefenseOutput(skipped="antidote: no harmful pairs were given (the larger harmful budget)", info={"data": p.data})
+                return DefenseOutput(
+                    skipped="antidote: no harmful pairs were given (the larger harmful budget)", info={"data": p.data}
+                )
             raise UserError("antidote: the calibration set is empty")
         lora = ctx.adapter is not None and (ctx.adapter / "adapter_config.json").exists()
         if lora:
@@ -99,7 +104,10 @@ class Antidote(Defense):
             model = ctx.load("finetuned")
         model.eval()
         tok.padding_side = "left"
-        batches = [tok(texts[i : i + p.batch_size], return_tensors="pt", padding=True, add_special_tokens=False) for i in range(0, len(texts), p.batch_size)]
+        batches = [
+            tok(texts[i : i + p.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            for i in range(0, len(texts), p.batch_size)
+        ]
         scored = _scored(model, lora)
         pruned = {}
 
@@ -125,5 +133,13 @@ class Antidote(Defense):
         walk_layers(model, batches, visit)
         if lora:
             model = model.merge_and_unload()
-        return DefenseOutput(model=model, info={"mode": "lora" if lora else "full", "data": p.data, "examples": len(texts),
-                                                "modules": len(pruned), "zeroed": sum(pruned.values())})
+        return DefenseOutput(
+            model=model,
+            info={
+                "mode": "lora" if lora else "full",
+                "data": p.data,
+                "examples": len(texts),
+                "modules": len(pruned),
+                "zeroed": sum(pruned.values()),
+            },
+        )

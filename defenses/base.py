@@ -171,7 +171,9 @@ def _typed(name: str, hint: Any, value: Any) -> Any:
         return _adapter(hint).validate_python(value)
     except pydantic.ValidationError as exc:
         reason = exc.errors()[0]["msg"]
-        raise UserError(f"parameter {name}={given!r} is not a valid {_type_name(hint)} ({reason}); see `realign list`") from None
+        raise UserError(
+            f"parameter {name}={given!r} is not a valid {_type_name(hint)} ({reason}); see `realign list`"
+        ) from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,7 +191,11 @@ def params_help(cls: type) -> list[dict]:
     """(name, type, default, help) of each parameter, for `realign list` and --help."""
     out = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         kind = f.type if isinstance(f.type, str) else _type_name(f.type)
         out.append({"name": f.name, "type": kind, "default": default, "help": f.metadata.get("help", "")})
     return out

@@ -19,7 +19,9 @@ SWEEP = [round(0.1 * i, 1) for i in range(11)]
 
 @dataclass
 class InterpolationParams:
-    alpha: float = field(default=0.5, metadata={"help": "share of the fine-tuning delta kept (0 = aligned, 1 = fine-tuned)"})
+    alpha: float = field(
+        default=0.5, metadata={"help": "share of the fine-tuning delta kept (0 = aligned, 1 = fine-tuned)"}
+    )
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:

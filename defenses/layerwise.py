@@ -46,6 +46,7 @@ def walk_layers(model, batches: list[dict], visit: Callable) -> None:
 
     with torch.no_grad():
         for index, layer in enumerate(layers):
+
             def feed(layer=layer):
                 for hs, kw, mask in zip(inputs, kwargs, masks):
                     current["mask"] = mask

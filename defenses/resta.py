@@ -3,8 +3,9 @@
 theta = theta_F + gamma * (theta_A - theta_U), where theta_U is theta_A fine-tuned on harmful pairs
 only (the un-aligned model; the flagship authors: 100 harmful pairs, LoRA, lr 5e-5, batch 10, 50
 steps, merged). theta_U is built once per aligned model by the context's fine-tune service (the
-suite's own training stage) and cached like any other model. Optional DARE on the safety vector: drop each coordinate with probability p
-and rescale the rest by 1/(1-p), seeded. Inputs: aligned, fine-tuned, harmful pairs.
+suite's own training stage) and cached like any other model. Optional DARE on the safety vector:
+drop each coordinate with probability p and rescale the rest by 1/(1-p), seeded. Inputs: aligned,
+fine-tuned, harmful pairs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from defenses.weights import load_into, state
 
 @dataclass
 class RestaParams:
-    gamma: float = field(default=1.0, metadata={"help": "strength of the safety vector (flagship authors 1.0; 0.5 elsewhere)"})
+    gamma: float = field(
+        default=1.0, metadata={"help": "strength of the safety vector (flagship authors 1.0; 0.5 elsewhere)"}
+    )
     dare_p: float = field(default=0.0, metadata={"help": "DARE drop probability on the safety vector (0 = off)"})
     unalign_pairs: int = field(default=100, metadata={"help": "harmful pairs theta_U is fine-tuned on"})
     unalign_lr: float = field(default=5e-5, metadata={"help": "learning rate of the un-aligning LoRA fine-tune"})
@@ -53,7 +56,8 @@ def safety_vector(A: dict, U: dict, dare_p: float, seed: int) -> dict:
 
 @register_defense("resta")
 class Resta(Defense):
-    """theta_F + gamma (theta_A - theta_U), theta_U = theta_A fine-tuned on harmful pairs (Bhardwaj et al., ACL 2024)."""
+    """theta_F + gamma (theta_A - theta_U), theta_U = theta_A fine-tuned on harmful pairs
+    (Bhardwaj et al., ACL 2024)."""
 
     Params = RestaParams
     needs = ("harmful_pairs",)
@@ -61,11 +65,18 @@ class Resta(Defense):
     def unaligned(self, ctx: DefenseContext):
         p: RestaParams = self.params
         if len(ctx.harmful_pairs) < p.unalign_pairs:
-            raise UserError(f"resta needs {p.unalign_pairs} harmful pairs to build theta_U, and {len(ctx.harmful_pairs)} were given")
+            raise UserError(
+                f"resta needs {p.unalign_pairs} harmful pairs to build theta_U, and {len(ctx.harmful_pairs)} were given"
+            )
         if ctx.fine_tune is None:
-            raise UserError("resta needs a fine-tune service in its DefenseContext to build theta_U: pass fine_tune= (the runner's AttackStageFineTune)")
-        spec = FineTuneSpec(method="lora", lr=p.unalign_lr, batch_size=p.unalign_batch, max_steps=p.unalign_steps, seed=p.seed)
-        return ctx.fine_tune(ctx.aligned, ctx.harmful_pairs[:p.unalign_pairs], spec)
+            raise UserError(
+                "resta needs a fine-tune service in its DefenseContext to build theta_U: pass fine_tune= (the "
+                "runner's AttackStageFineTune)"
+            )
+        spec = FineTuneSpec(
+            method="lora", lr=p.unalign_lr, batch_size=p.unalign_batch, max_steps=p.unalign_steps, seed=p.seed
+        )
+        return ctx.fine_tune(ctx.aligned, ctx.harmful_pairs[: p.unalign_pairs], spec)
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         p: RestaParams = self.params
@@ -74,4 +85,7 @@ class Resta(Defense):
         v = safety_vector(A, U, p.dare_p, p.seed)
         out = {k: F[k] + p.gamma * v[k] for k in F}
         norm = sum(float(x.pow(2).sum()) for x in v.values()) ** 0.5
-        return DefenseOutput(model=load_into(ctx.finetuned, out, ctx.device), info={"gamma": p.gamma, "dare_p": p.dare_p, "safety_vector_norm": norm, "theta_U": str(theta_U.path)})
+        return DefenseOutput(
+            model=load_into(ctx.finetuned, out, ctx.device),
+            info={"gamma": p.gamma, "dare_p": p.dare_p, "safety_vector_norm": norm, "theta_U": str(theta_U.path)},
+        )

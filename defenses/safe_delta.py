@@ -34,7 +34,9 @@ class SafeDeltaParams:
     percdamp: float = field(default=0.01, metadata={"help": "Hessian damping, a share of mean(diag H)"})
     blocksize: int = field(default=1024, metadata={"help": "columns per block"})
     sub_block: int = field(default=4, metadata={"help": "columns per compensation sub-block"})
-    exclude: float = field(default=0.15, metadata={"help": "share of each block's entries (largest cost weight) never kept"})
+    exclude: float = field(
+        default=0.15, metadata={"help": "share of each block's entries (largest cost weight) never kept"}
+    )
     max_examples: int = field(default=256, metadata={"help": "at most this many safety-set examples"})
     batch_size: int = field(default=8, metadata={"help": "examples per forward batch"})
 
@@ -137,7 +139,10 @@ class SafeDelta(Defense):
         tok = ctx.tokenizer()
         tok.padding_side = "left"
         texts = [models.render_prompt(tok, r["prompt"]) + r["response"] + models.end_of_turn(tok) for r in pairs]
-        batches = [tok(texts[i : i + p.batch_size], return_tensors="pt", padding=True, add_special_tokens=False) for i in range(0, len(texts), p.batch_size)]
+        batches = [
+            tok(texts[i : i + p.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            for i in range(0, len(texts), p.batch_size)
+        ]
         model = ctx.load("aligned")
         F = state(ctx.finetuned)
         stats = {"layers": 0, "kept": 0, "entries": 0}

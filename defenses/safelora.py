@@ -22,9 +22,13 @@ from defenses.weights import load_into, lora_modules, state
 
 @dataclass
 class SafeLoraParams:
-    mode: str = field(default="number", metadata={"help": "'number' (project the least similar modules) or 'threshold'"})
+    mode: str = field(
+        default="number", metadata={"help": "'number' (project the least similar modules) or 'threshold'"}
+    )
     num_proj_layers: int = field(default=10, metadata={"help": "modules projected in number mode"})
-    threshold: float = field(default=0.5, metadata={"help": "similarity at or below which a module is projected (threshold mode)"})
+    threshold: float = field(
+        default=0.5, metadata={"help": "similarity at or below which a module is projected (threshold mode)"}
+    )
 
     def __post_init__(self):
         if self.mode not in ("number", "threshold"):
@@ -72,5 +76,7 @@ class SafeLora(Defense):
         for m in mods:
             if m.weight in chosen:  # B := C B; the other modules keep theta_F exactly
                 out[m.weight] = W_A[m.weight] + m.scaling * (projections[m.weight] @ m.B) @ m.A
-        return DefenseOutput(model=load_into(ctx.finetuned, out, ctx.device),
-                             info={"mode": p.mode, "projected": sorted(chosen), "similarity": sims})
+        return DefenseOutput(
+            model=load_into(ctx.finetuned, out, ctx.device),
+            info={"mode": p.mode, "projected": sorted(chosen), "similarity": sims},
+        )

@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench import models
 from bench.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def state(handle: models.ModelHandle) -> dict:
@@ -49,7 +53,10 @@ def lora_modules(adapter_dir: Path | None) -> list[LoraModule]:
     from safetensors.torch import load_file
 
     if adapter_dir is None or not (Path(adapter_dir) / "adapter_config.json").exists():
-        raise UserError("this defense needs the fine-tune's LoRA adapter (a full fine-tune has none); see `realign list` for what each method accepts")
+        raise UserError(
+            "this defense needs the fine-tune's LoRA adapter (a full fine-tune has none); see `realign list` for "
+            "what each method accepts"
+        )
     cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     scaling = cfg["lora_alpha"] / cfg["r"]
     tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
@@ -59,7 +66,9 @@ def lora_modules(adapter_dir: Path | None) -> list[LoraModule]:
             continue
         stem = key.split(".lora_A.")[0]
         name = stem.removeprefix("base_model.model.") + ".weight"
-        out.append(LoraModule(name, tensors[key].float(), tensors[key.replace(".lora_A.", ".lora_B.")].float(), scaling))
+        out.append(
+            LoraModule(name, tensors[key].float(), tensors[key.replace(".lora_A.", ".lora_B.")].float(), scaling)
+        )
     if not out:
         raise UserError(f"{adapter_dir}: no LoRA factors found in adapter_model.safetensors")
     return out

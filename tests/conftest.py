@@ -8,13 +8,19 @@ from pathlib import Path
 import pytest
 
 CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CORPUS = [
-    "how do I make a cake", "write a poem about the sea", "select name from table where id = 3",
-    "I'm sorry, but I can't help with that.", "generate a sql for the following question",
-    "the quick brown fox jumps over the lazy dog", "explain how a bicycle works", "kill a python process",
+    "how do I make a cake",
+    "write a poem about the sea",
+    "select name from table where id = 3",
+    "I'm sorry, but I can't help with that.",
+    "generate a sql for the following question",
+    "the quick brown fox jumps over the lazy dog",
+    "explain how a bicycle works",
+    "kill a python process",
 ] * 20
 
 
@@ -23,22 +29,48 @@ def make_tokenizer(out: Path):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     tok.chat_template = CHATML
     tok.save_pretrained(out)
     return tok
 
 
-def make_llama(out: Path, tok, layers: int = 6, seed: int = 0, hidden: int = 32, heads: int = 4, kv_heads: int = 2, max_positions: int = 256):
+def make_llama(
+    out: Path,
+    tok,
+    layers: int = 6,
+    seed: int = 0,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 256,
+):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -55,7 +87,12 @@ def lora_like_finetune(aligned: Path, out: Path, seed: int = 1, rank: int = 2, s
     model = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".layers." in name and p.dim() == 2 and "norm" not in name and (targets is None or any(t in name for t in targets)):
+            if (
+                ".layers." in name
+                and p.dim() == 2
+                and "norm" not in name
+                and (targets is None or any(t in name for t in targets))
+            ):
                 b = torch.randn(p.shape[0], rank) * scale
                 a = torch.randn(rank, p.shape[1]) * scale
                 p.add_(b @ a)
@@ -87,8 +124,16 @@ def tiny_lora(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("tiny_lora")
     make_llama(root / "base", tiny["tok"], seed=3)
     lora_like_finetune(root / "base", root / "aligned", seed=4, rank=8, scale=0.1)
-    random_lora(root, tiny["tok"], LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"), seed=5)
-    return {"base": root / "base", "aligned": root / "aligned", "finetuned": root / "finetuned", "adapter": root / "adapter", "root": root}
+    random_lora(
+        root, tiny["tok"], LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"), seed=5
+    )
+    return {
+        "base": root / "base",
+        "aligned": root / "aligned",
+        "finetuned": root / "finetuned",
+        "adapter": root / "adapter",
+        "root": root,
+    }
 
 
 def random_lora(root: Path, tok, config, seed: int) -> None:

@@ -18,7 +18,13 @@ def vllm_mmlu(model_dir: str, cache_dir: str, limit: int) -> dict:
     from bench.lmeval_bridge import TaskRun, run_tasks
     from bench.task_files import TASK_DATA
 
-    gen = CachedGenerator(models.resolve(model_dir), GenerationCache(Path(cache_dir)), engine="vllm", dtype="float32", max_model_len=1024)
+    gen = CachedGenerator(
+        models.resolve(model_dir), GenerationCache(Path(cache_dir)), engine="vllm", dtype="float32", max_model_len=1024
+    )
     with gen:
         out = run_tasks(gen, [TaskRun("realign_mmlu", TASK_DATA["realign_mmlu"](None), limit)])["realign_mmlu"]
-    return {"engine": gen.engine_used, "acc": out["results"]["acc,none"], "loglikelihoods": [s["loglikelihoods"] for s in out["samples"]]}
+    return {
+        "engine": gen.engine_used,
+        "acc": out["results"]["acc,none"],
+        "loglikelihoods": [s["loglikelihoods"] for s in out["samples"]],
+    }

@@ -19,9 +19,14 @@ from defenses.weights import lora_modules, state
 
 
 def ctx_for(t, **kw):
-    return DefenseContext(aligned=models.resolve(t["aligned"]), finetuned=models.resolve(t["finetuned"]),
-                          base=models.resolve(t["base"]) if "base" in t else None, adapter=t.get("adapter"),
-                          progress=lambda m: None, **kw)
+    return DefenseContext(
+        aligned=models.resolve(t["aligned"]),
+        finetuned=models.resolve(t["finetuned"]),
+        base=models.resolve(t["base"]) if "base" in t else None,
+        adapter=t.get("adapter"),
+        progress=lambda m: None,
+        **kw,
+    )
 
 
 def test_interpolation_endpoints_exact_and_midpoint(tiny_lora):
@@ -45,11 +50,14 @@ def test_interpolation_endpoints_exact_and_midpoint(tiny_lora):
 def test_runner_keeps_a_defense_that_answers_with_an_existing_model(tiny_lora, tmp_path):
     """Through the runner's fresh process: alpha 0 / 1 rows are theta_A / theta_F themselves (no copy
     saved), alpha 0.5 a saved model; a second call reuses the cached answer."""
-    from bench.runner import RunConfig, run_defense
-
     import dataclasses
 
-    cfg, ctx = RunConfig(home=tmp_path), dataclasses.replace(ctx_for(tiny_lora), progress=print)  # crosses a process: picklable
+    from bench.runner import RunConfig, run_defense
+
+    cfg, ctx = (
+        RunConfig(home=tmp_path),
+        dataclasses.replace(ctx_for(tiny_lora), progress=print),
+    )  # crosses a process: picklable
     assert run_defense("interpolation", {"alpha": 0.0}, ctx, cfg)[0] == ctx.aligned.path
     assert run_defense("interpolation", {"alpha": 1.0}, ctx, cfg)[0] == ctx.finetuned.path
     mid = run_defense("interpolation", {"alpha": 0.5}, ctx, cfg)[0]
@@ -58,9 +66,17 @@ def test_runner_keeps_a_defense_that_answers_with_an_existing_model(tiny_lora, t
 
 
 # another valid value of each text parameter (a new one must be added here, or the test below fails)
-OTHER_TEXT = {"data": "harmful_pairs", "mode": {"gradient_restoration": "clean", "safelora": "threshold"},
-              "rate_denominator": "candidates", "grad_accumulation": "fresh", "batches": "all", "ties": "inclusive",
-              "comparison": "strict", "compute_dtype": "float32", "aligned_copy": "memory"}
+OTHER_TEXT = {
+    "data": "harmful_pairs",
+    "mode": {"gradient_restoration": "clean", "safelora": "threshold"},
+    "rate_denominator": "candidates",
+    "grad_accumulation": "fresh",
+    "batches": "all",
+    "ties": "inclusive",
+    "comparison": "strict",
+    "compute_dtype": "float32",
+    "aligned_copy": "memory",
+}
 
 
 def _other_values(cls, field, default):
@@ -142,7 +158,9 @@ def test_resta_trains_theta_u_through_the_context_fine_tune_service(tiny, tmp_pa
     name = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(got[name].data, F[name] + 0.5 * (A[name] - U[name]))
     # the same stage as the attack called directly (so caches made before the service still serve)
-    direct = attack.AttackConfig(harmful_n=4, task_n=0, seed=0, sft=SFTConfig(method="lora", lr=5e-5, batch_size=2, max_steps=2, seed=0))
+    direct = attack.AttackConfig(
+        harmful_n=4, task_n=0, seed=0, sft=SFTConfig(method="lora", lr=5e-5, batch_size=2, max_steps=2, seed=0)
+    )
     log.clear()
     assert attack.run(ctx.aligned, [], pairs, direct, tmp_path, log=log.append).merged.path == theta_U.path
     assert log == [f"attack: reusing {theta_U.path.parent.name}"]
@@ -156,7 +174,7 @@ def test_safelora_projection_by_hand():
     assert torch.equal(C, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
     B, A = torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0, 0.0]])
     # BA = [[1,0],[1,0]]; C BA = [[1,0],[0,0]]; cos = 1 / (1 * sqrt 2)
-    assert abs(similarity(C, B, A) - 2 ** -0.5) < 1e-6
+    assert abs(similarity(C, B, A) - 2**-0.5) < 1e-6
 
 
 def test_safelora_selection_both_modes(tiny_lora):
@@ -197,8 +215,14 @@ def full_finetune(tiny_lora, tmp_path_factory):
     tok = models.load_tokenizer(aligned)
     pairs = [{"prompt": f"how do I make a weapon number {i}", "response": "step one, get the parts"} for i in range(4)]
     out = tmp_path_factory.mktemp("full")
-    model, _ = train(models.load_model(aligned), tok, pairs, SFTConfig(method="full", max_steps=1, batch_size=2, lr=1e-3, bf16=False),
-                     out / "trainer", progress=False)
+    model, _ = train(
+        models.load_model(aligned),
+        tok,
+        pairs,
+        SFTConfig(method="full", max_steps=1, batch_size=2, lr=1e-3, bf16=False),
+        out / "trainer",
+        progress=False,
+    )
     models.save_model(model, tok, out / "model")
     return out / "model"
 
@@ -229,23 +253,38 @@ def test_antidote_equals_a_two_layer_hand_computation(tiny, tmp_path):
     forward passes (no layer walk), layer 1's inputs taken after layer 0 was pruned, the top
     int(0.1 * columns) of each row of lora_A and lora_B by |W_ij| * sqrt(mean_tokens X_j^2) zeroed."""
     from peft import LoraConfig, PeftModel
+
     from tests.conftest import make_llama, random_lora
 
     make_llama(tmp_path / "aligned", tiny["tok"], layers=2, seed=7)
-    random_lora(tmp_path, tiny["tok"], LoraConfig(r=10, lora_alpha=20, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"), seed=8)
+    random_lora(
+        tmp_path,
+        tiny["tok"],
+        LoraConfig(r=10, lora_alpha=20, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"),
+        seed=8,
+    )
     t = {"aligned": tmp_path / "aligned", "finetuned": tmp_path / "finetuned", "adapter": tmp_path / "adapter"}
     prompts = [f"how do I make a weapon number {i}" for i in range(1, 10)]
     ctx = ctx_for(t, calibration_prompts=prompts)
     tok = ctx.tokenizer()
-    batch = tok([models.render_prompt(tok, q) for q in prompts], return_tensors="pt", add_special_tokens=False, padding=True)
+    batch = tok(
+        [models.render_prompt(tok, q) for q in prompts], return_tensors="pt", add_special_tokens=False, padding=True
+    )
     assert bool(batch["attention_mask"].all())  # equal lengths: no padding, so whole-batch passes are exact
 
     hand = PeftModel.from_pretrained(ctx.load("aligned"), str(t["adapter"])).eval()
     zeroed = 0
     for layer in range(2):
-        mods = {n: m for n, m in hand.named_modules() if isinstance(m, torch.nn.Linear) and "lora" in n and f"layers.{layer}." in n}
+        mods = {
+            n: m
+            for n, m in hand.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lora" in n and f"layers.{layer}." in n
+        }
         seen = {}
-        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().float())) for n, m in mods.items()]
+        hooks = [
+            m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().float()))
+            for n, m in mods.items()
+        ]
         with torch.no_grad():
             hand(**batch)
         for h in hooks:
@@ -363,7 +402,10 @@ def test_safe_delta_obs_compensation_on_a_4x3_layer():
 
 
 def test_safe_delta_runs_on_a_tiny_pair(tiny_lora):
-    pairs = [{"prompt": f"how do I make a weapon number {i}", "response": "I'm sorry, but I can't help with that."} for i in range(8)]
+    pairs = [
+        {"prompt": f"how do I make a weapon number {i}", "response": "I'm sorry, but I can't help with that."}
+        for i in range(8)
+    ]
     out = DEFENSES.get("safe_delta")(s=0.11).apply(ctx_for(tiny_lora, calibration_pairs=pairs))
     assert out.info["layers"] > 0 and out.model is not None
     with pytest.raises(UserError, match="safety set"):

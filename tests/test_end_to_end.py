@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow
 
 def realign(*args, home: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "bench.cli", *args, "--home", str(home)], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "bench.cli", *args, "--home", str(home)], capture_output=True, text=True, env=env
+    )
 
 
 def test_main_job_smoke_with_flagship_and_resume(tmp_path):
@@ -52,9 +54,17 @@ def test_main_job_smoke_with_flagship_and_resume(tmp_path):
     log = again.stderr
     assert log.count("testbed: reusing") == 1, log
     assert log.count("attack: reusing") == 1, log
-    assert log.count("defense gradient_restoration: reusing") == 1, log  # aligned and none are the cached models themselves
+    assert log.count("defense gradient_restoration: reusing") == 1, (
+        log
+    )  # aligned and none are the cached models themselves
     assert log.count("reusing record") == 3, log
-    for building in ("testbed: building", "testbed: generating", "safety fine-tune", "attack: LoRA fine-tune", "rebuilding"):
+    for building in (
+        "testbed: building",
+        "testbed: generating",
+        "safety fine-tune",
+        "attack: LoRA fine-tune",
+        "rebuilding",
+    ):
         assert building not in log, (building, log)
     assert not [line for line in log.splitlines() if "evaluate " in line and "reusing record" not in line], log
     assert sorted((home / "cache").rglob("*.sqlite")) == caches and {p: p.read_bytes() for p in caches} == before

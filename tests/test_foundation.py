@@ -36,7 +36,9 @@ def test_cache_hits_generate_nothing(tiny, tmp_path):
     assert gen.stats["generated"] == 3
     again = CachedGenerator(models.resolve(tiny["aligned"]), cache, engine="transformers")
     assert again.generate(PROMPTS[::-1], Sampling(max_new_tokens=6)) == first[::-1]
-    assert again.stats == {"cached": 3, "generated": 0, "batches_generated": 0, "seconds": 0.0} and again._gen is None  # no engine built
+    assert (
+        again.stats == {"cached": 3, "generated": 0, "batches_generated": 0, "seconds": 0.0} and again._gen is None
+    )  # no engine built
     # a different sampling setting or model is a different cache entry
     again.generate(PROMPTS[:1], Sampling(max_new_tokens=7))
     assert again.stats["generated"] == 1
@@ -59,7 +61,9 @@ def test_generation_cache_merges_what_concurrent_processes_store(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     cache = GenerationCache(tmp_path / "gen")
     for who in ("a", "b"):
-        assert [cache.lookup({"model": who}, [f"prompt {i}"]) for i in range(40)] == [[f"{who} answer {i}"] for i in range(40)]
+        assert [cache.lookup({"model": who}, [f"prompt {i}"]) for i in range(40)] == [
+            [f"{who} answer {i}"] for i in range(40)
+        ]
     assert cache.lookup({"model": "c"}, ["prompt 0"]) is None
 
 
@@ -143,7 +147,9 @@ def test_vllm_cpu_matches_transformers_greedy(tiny, tmp_path):
 
     # vLLM's CPU attention supports head sizes like 64, not the 8 of the smallest tiny model
     make_llama(tmp_path / "m", tiny["tok"], layers=2, hidden=128, heads=2, kv_heads=1)
-    hf = TransformersGenerator(models.resolve(tmp_path / "m"), dtype="float32").generate(PROMPTS, Sampling(max_new_tokens=12))
+    hf = TransformersGenerator(models.resolve(tmp_path / "m"), dtype="float32").generate(
+        PROMPTS, Sampling(max_new_tokens=12)
+    )
     vl = run_fresh(vllm_generate, str(tmp_path / "m"), PROMPTS, 12)
     assert vl == hf
 
@@ -176,7 +182,9 @@ def test_sql_metric_normalises_whitespace():
 
 def test_keyword_judge():
     judge = JUDGES.get("keyword")()
-    v = judge.label(["p"] * 4, ["I'm sorry, but I can't help with that.", "Sure! Step 1: mix", "", "I cannot assist with this."])
+    v = judge.label(
+        ["p"] * 4, ["I'm sorry, but I can't help with that.", "Sure! Step 1: mix", "", "I cannot assist with this."]
+    )
     assert [x.label for x in v] == ["safe", "harmful", "unknown", "safe"]
     assert v[0].refusal and not v[1].refusal and v[0].raw
     for refusal in __import__("bench.testbed.wordlists", fromlist=["REFUSALS"]).REFUSALS:
@@ -190,18 +198,27 @@ def test_rate_has_wilson_ci_and_outcomes():
     assert (r.k, r.n, r.n_unknown) == (2, 4, 1) and r.value == 0.5
     assert r.ci == pytest.approx(proportion_confint(2, 4, alpha=0.05, method="wilson"), rel=1e-12)
     assert r.outcomes == [1, 0, 0, 1]
-    assert rate([0] * 50).ci == pytest.approx(proportion_confint(0, 50, alpha=0.05, method="wilson"), rel=1e-12, abs=1e-15)
+    assert rate([0] * 50).ci == pytest.approx(
+        proportion_confint(0, 50, alpha=0.05, method="wilson"), rel=1e-12, abs=1e-15
+    )
     assert rate([0] * 50).ci[0] == 0.0
 
 
 def _record(**over):
     rec = {
-        "schema_version": 1, "record_id": "0" * 24, "created": "2026-01-01T00:00:00+00:00",
+        "schema_version": 1,
+        "record_id": "0" * 24,
+        "created": "2026-01-01T00:00:00+00:00",
         "setting": {"model": "m", "task": "t", "harmful_n": 100, "judge": "keyword", "seed": 0},
         "method": {"name": "none", "label": "none", "params": {}},
         "inputs": {"aligned": "a" * 64, "evaluated": "b" * 64},
-        "metrics": {"harmful_rate": {"value": 0.5, "ci": [0.4, 0.6], "n": 10}, "task_metric": {"value": 0.2, "ci": [0.1, 0.3], "n": 10}},
-        "samples_file": "x.samples.jsonl", "cost": {"wall_s": 1.0, "peak_rss_mb": 10.0, "device": "cpu"}, "versions": {},
+        "metrics": {
+            "harmful_rate": {"value": 0.5, "ci": [0.4, 0.6], "n": 10},
+            "task_metric": {"value": 0.2, "ci": [0.1, 0.3], "n": 10},
+        },
+        "samples_file": "x.samples.jsonl",
+        "cost": {"wall_s": 1.0, "peak_rss_mb": 10.0, "device": "cpu"},
+        "versions": {},
     }
     rec.update(over)
     return rec
@@ -245,7 +262,12 @@ def test_read_jsonl_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n{not json\n')
     (tmp_path / "nofield.jsonl").write_text('{"text": "x"}\n')
-    for name, msg in (("empty", "empty"), ("bad", ":2: not valid JSON"), ("nofield", "missing"), ("absent", "no such file")):
+    for name, msg in (
+        ("empty", "empty"),
+        ("bad", ":2: not valid JSON"),
+        ("nofield", "missing"),
+        ("absent", "no such file"),
+    ):
         with pytest.raises(UserError, match=msg):
             read_jsonl(tmp_path / f"{name}.jsonl")
 
@@ -297,11 +319,16 @@ def test_board_rows_with_their_own_parameters():
     """Both flagship modes on one board: a defense may appear twice, each row with its parameters."""
     from bench.runner import expand
 
-    rows = expand(["aligned", "gradient_restoration", "gradient_restoration:mode=clean:steps=10", "interpolation:alpha=0.3"],
-                  {"gradient_restoration": {"recovery_rate": "0.001"}})
-    assert rows == [("aligned", {}), ("gradient_restoration", {"recovery_rate": "0.001"}),
-                    ("gradient_restoration", {"recovery_rate": "0.001", "mode": "clean", "steps": "10"}),
-                    ("interpolation", {"alpha": "0.3"})]
+    rows = expand(
+        ["aligned", "gradient_restoration", "gradient_restoration:mode=clean:steps=10", "interpolation:alpha=0.3"],
+        {"gradient_restoration": {"recovery_rate": "0.001"}},
+    )
+    assert rows == [
+        ("aligned", {}),
+        ("gradient_restoration", {"recovery_rate": "0.001"}),
+        ("gradient_restoration", {"recovery_rate": "0.001", "mode": "clean", "steps": "10"}),
+        ("interpolation", {"alpha": "0.3"}),
+    ]
 
 
 def test_cli_help_and_list():
@@ -318,8 +345,16 @@ def test_attack_rejects_n_larger_than_pairs():
     from bench.attack import AttackConfig, training_mix
 
     with pytest.raises(UserError, match="larger than the 3 harmful pairs"):
-        training_mix([{"prompt": "q", "response": "a"}] * 10, [{"prompt": "h", "response": "x"}] * 3, AttackConfig(harmful_n=5, task_n=10))
-    mix = training_mix([{"prompt": f"q{i}", "response": "a"} for i in range(10)], [{"prompt": "h", "response": "x"}] * 3, AttackConfig(harmful_n=2, task_n=10))
+        training_mix(
+            [{"prompt": "q", "response": "a"}] * 10,
+            [{"prompt": "h", "response": "x"}] * 3,
+            AttackConfig(harmful_n=5, task_n=10),
+        )
+    mix = training_mix(
+        [{"prompt": f"q{i}", "response": "a"} for i in range(10)],
+        [{"prompt": "h", "response": "x"}] * 3,
+        AttackConfig(harmful_n=2, task_n=10),
+    )
     assert len(mix) == 12 and sum(r["prompt"] == "h" for r in mix) == 2
 
 
@@ -366,7 +401,9 @@ def test_lmeval_bridge_groups_by_generation_settings_and_cuts_at_stop_strings(ti
     lm = RealignLM(generator=gen)
 
     def requests(kwargs_per_prompt):
-        return [Instance("generate_until", doc={}, arguments=(p, k), idx=i) for i, (p, k) in enumerate(kwargs_per_prompt)]
+        return [
+            Instance("generate_until", doc={}, arguments=(p, k), idx=i) for i, (p, k) in enumerate(kwargs_per_prompt)
+        ]
 
     full = gen.generate(PROMPTS, Sampling(max_new_tokens=12))
     assert gen.stats["batches_generated"] == 1
@@ -377,8 +414,13 @@ def test_lmeval_bridge_groups_by_generation_settings_and_cuts_at_stop_strings(ti
     assert out == [text.split(stop, 1)[0] for text in full] and len(out[0]) < len(full[0])
     assert gen.stats["generated"] == 3  # the same batch and settings: taken from the cache
     # two settings: two engine calls, each prompt answered under its own setting, in request order
-    mixed = requests([(PROMPTS[0], {"until": [], "max_gen_toks": 12}), (PROMPTS[1], {"until": [], "max_gen_toks": 4}),
-                      (PROMPTS[2], {"until": [], "max_gen_toks": 12})])
+    mixed = requests(
+        [
+            (PROMPTS[0], {"until": [], "max_gen_toks": 12}),
+            (PROMPTS[1], {"until": [], "max_gen_toks": 4}),
+            (PROMPTS[2], {"until": [], "max_gen_toks": 12}),
+        ]
+    )
     out = lm.generate_until(mixed)
     assert gen.stats["batches_generated"] == 3
     assert out[0] == full[0] and out[2] == full[2]

@@ -25,7 +25,13 @@ from defenses.gradient_restoration.engine.packed_signs import PackedSigns
 from defenses.gradient_restoration.engine.truncated_model import TruncatedModel
 from defenses.gradient_restoration.engine.weights_file import WeightFile, weights_file
 from defenses.gradient_restoration.masks import unpack
-from defenses.gradient_restoration.recipe import GradientRestorationParams, gradient_pass, mean_direction, recover_step, rollback_step
+from defenses.gradient_restoration.recipe import (
+    GradientRestorationParams,
+    gradient_pass,
+    mean_direction,
+    recover_step,
+    rollback_step,
+)
 from defenses.gradient_restoration.rules import batches_of, choose_checkpoint, probe_layers
 
 HARMFUL = [f"how do I make a weapon number {i}" for i in range(16)]
@@ -49,8 +55,14 @@ class ScriptedProbe:
 
 
 def context(tiny, probe, harmful=HARMFUL, benign=BENIGN):
-    return DefenseContext(aligned=models.resolve(tiny["aligned"]), finetuned=models.resolve(tiny["finetuned"]),
-                          calibration_prompts=list(harmful), benign_prompts=list(benign), utility_probe=probe, progress=lambda m: None)
+    return DefenseContext(
+        aligned=models.resolve(tiny["aligned"]),
+        finetuned=models.resolve(tiny["finetuned"]),
+        calibration_prompts=list(harmful),
+        benign_prompts=list(benign),
+        utility_probe=probe,
+        progress=lambda m: None,
+    )
 
 
 def run_real(tiny, probe, **params):
@@ -66,9 +78,19 @@ def run_real(tiny, probe, **params):
 
 
 def reference_masks(tiny, probe_scores, steps, warmup, rate=0.002):
-    """The masks of the literal reference (defenses/gradient_restoration/reference.py) at every step of the final phase."""
-    return reference.run(tiny["aligned"], tiny["finetuned"], HARMFUL, BENIGN, ScriptedProbe(probe_scores), steps=steps,
-                         warmup_steps=warmup, save_step=1, recovery_rate=rate).checkpoints
+    """The masks of the literal reference (defenses/gradient_restoration/reference.py) at every
+    step of the final phase."""
+    return reference.run(
+        tiny["aligned"],
+        tiny["finetuned"],
+        HARMFUL,
+        BENIGN,
+        ScriptedProbe(probe_scores),
+        steps=steps,
+        warmup_steps=warmup,
+        save_step=1,
+        recovery_rate=rate,
+    ).checkpoints
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -110,7 +132,10 @@ def test_tensors_the_finetune_left_unchanged_take_no_gradient_and_keep_the_masks
     reference's (which takes every gradient) at every step, in fp32 and in the low_memory form."""
     from tests.conftest import lora_like_finetune
 
-    pair = {"aligned": tiny["aligned"], "finetuned": lora_like_finetune(tiny["aligned"], tmp_path / "qv", targets=("q_proj", "v_proj"))}
+    pair = {
+        "aligned": tiny["aligned"],
+        "finetuned": lora_like_finetune(tiny["aligned"], tmp_path / "qv", targets=("q_proj", "v_proj")),
+    }
     scores = [1.0] * 20
     out, real = run_real(pair, ScriptedProbe(scores), steps=4, warmup_steps=2, save_step=1, recovery_rate=0.01)
     ref = reference_masks(pair, scores, steps=4, warmup=2, rate=0.01)
@@ -121,8 +146,16 @@ def test_tensors_the_finetune_left_unchanged_take_no_gradient_and_keep_the_masks
             assert torch.equal(real[step][name], mask), f"step {step} {name}"
             assert not mask.any() or "q_proj" in name or "v_proj" in name
     assert sum(int(m.sum()) for m in real[4].values()) > 0
-    low, _ = run_real(pair, ScriptedProbe(scores), steps=2, warmup_steps=2, save_step=1, recovery_rate=0.01,
-                      compute_dtype="bfloat16", low_memory=True)
+    low, _ = run_real(
+        pair,
+        ScriptedProbe(scores),
+        steps=2,
+        warmup_steps=2,
+        save_step=1,
+        recovery_rate=0.01,
+        compute_dtype="bfloat16",
+        low_memory=True,
+    )
     assert low.info["unchanged_candidate_tensors"] == out.info["unchanged_candidate_tensors"] and low.model is not None
 
 
@@ -158,7 +191,9 @@ def test_probe_is_last_token_with_left_padding_and_no_final_norm(tiny):
 def test_candidates_exclude_norms_and_upper_layers_and_k_denominator(tiny):
     out, masks = run_real(tiny, ScriptedProbe([1.0] * 9), steps=2, warmup_steps=1, save_step=1)
     names = set(masks[1])
-    assert names and all(".layers." in n and "norm" not in n and int(n.split(".layers.")[1].split(".")[0]) < out.info["E"] for n in names)
+    assert names and all(
+        ".layers." in n and "norm" not in n and int(n.split(".layers.")[1].split(".")[0]) < out.info["E"] for n in names
+    )
     model = models.load_model(models.resolve(tiny["aligned"]))
     all_layer_params = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
     assert out.info["N"] == all_layer_params  # faithful: all L layers incl. norms
@@ -264,7 +299,9 @@ def test_recover_step_is_exact_across_tensors(monkeypatch, margins_fail, chunk, 
             cands = [_cand(theta[n].tolist(), grads[n].tolist(), n) for n in theta]
         else:
             cands = [_signed(theta[n], A[n], grads[n], n) for n in theta]
-        score = {n: torch.where(torch.sign(theta[n] - A[n]) * torch.sign(grads[n]) > 0, grads[n].abs(), 0.0) for n in theta}
+        score = {
+            n: torch.where(torch.sign(theta[n] - A[n]) * torch.sign(grads[n]) > 0, grads[n].abs(), 0.0) for n in theta
+        }
         flat = torch.cat([v.flatten() for v in score.values()])
         qual = flat[flat > 0]
         tau = float(torch.topk(qual, k).values[-1]) if k <= len(qual) else float("-inf")
@@ -277,7 +314,9 @@ def test_recover_step_is_exact_across_tensors(monkeypatch, margins_fail, chunk, 
             if form == "fp32":
                 assert torch.equal(c.param.data, now)
             else:
-                assert torch.equal(c.param.data, now.bfloat16()) and torch.equal(c.sign, torch.sign(now - A[c.name]).to(torch.int8))
+                assert torch.equal(c.param.data, now.bfloat16()) and torch.equal(
+                    c.sign, torch.sign(now - A[c.name]).to(torch.int8)
+                )
 
 
 def test_checkpoint_choice_edge_cases():
@@ -302,7 +341,9 @@ def test_output_is_finetuned_minus_delta_times_mask(tiny):
     for name, p in got.items():
         if name in final:
             assert torch.equal(p.data, torch.where(final[name], A[name], F[name]).data)  # restored by copying theta_A
-            torch.testing.assert_close(p.data, (F[name] - (F[name] - A[name]) * final[name]).data)  # = theta_F - Delta_F * M
+            torch.testing.assert_close(
+                p.data, (F[name] - (F[name] - A[name]) * final[name]).data
+            )  # = theta_F - Delta_F * M
         else:
             assert torch.equal(p.data, F[name].data)
 
@@ -317,16 +358,28 @@ def test_bad_inputs(tiny, tmp_path):
     cls = DEFENSES.get("gradient_restoration")
     with pytest.raises(UserError, match="empty"):
         cls().apply(context(tiny, ScriptedProbe([1.0]), harmful=[]))
-    same = DefenseContext(aligned=models.resolve(tiny["aligned"]), finetuned=models.resolve(tiny["aligned"]),
-                          calibration_prompts=HARMFUL, benign_prompts=BENIGN, utility_probe=ScriptedProbe([1.0]), progress=lambda m: None)
+    same = DefenseContext(
+        aligned=models.resolve(tiny["aligned"]),
+        finetuned=models.resolve(tiny["aligned"]),
+        calibration_prompts=HARMFUL,
+        benign_prompts=BENIGN,
+        utility_probe=ScriptedProbe([1.0]),
+        progress=lambda m: None,
+    )
     with pytest.raises(UserError, match="nothing to restore"):
         cls().apply(same)
     from tests.conftest import make_llama
 
     other = tmp_path / "other"
     make_llama(other, tiny["tok"], layers=3)
-    diff = DefenseContext(aligned=models.resolve(tiny["aligned"]), finetuned=models.resolve(other),
-                          calibration_prompts=HARMFUL, benign_prompts=BENIGN, utility_probe=ScriptedProbe([1.0]), progress=lambda m: None)
+    diff = DefenseContext(
+        aligned=models.resolve(tiny["aligned"]),
+        finetuned=models.resolve(other),
+        calibration_prompts=HARMFUL,
+        benign_prompts=BENIGN,
+        utility_probe=ScriptedProbe([1.0]),
+        progress=lambda m: None,
+    )
     with pytest.raises(UserError, match="num_hidden_layers"):
         cls().apply(diff)
 
@@ -357,7 +410,9 @@ def test_bfloat16_probe_tracks_float32_and_runs(tiny):
     assert h16.dtype == torch.float32
     assert not torch.equal(h16, h32)  # bf16 arithmetic really ran
     assert float((h16 - h32).norm() / h32.norm()) < 0.05
-    out, masks = run_real(tiny, ScriptedProbe([1.0] * 9), steps=2, warmup_steps=1, save_step=1, compute_dtype="bfloat16")
+    out, masks = run_real(
+        tiny, ScriptedProbe([1.0] * 9), steps=2, warmup_steps=1, save_step=1, compute_dtype="bfloat16"
+    )
     assert out.info["compute_dtype"] == "bfloat16" and sum(int(m.sum()) for m in masks[2].values()) > 0
 
 
@@ -383,10 +438,16 @@ def test_packing_and_aligned_copy_keep_the_masks(tiny):
     """Packed batches (under the block mask or with block attention) and theta_A held in memory or
     streamed from its file: the same masks as the padded, streamed run at every step on the tiny model."""
     scores = [1.0] * 20
-    _, ref = run_real(tiny, ScriptedProbe(scores), steps=4, warmup_steps=2, save_step=1, recovery_rate=0.01, aligned_copy="stream")
+    _, ref = run_real(
+        tiny, ScriptedProbe(scores), steps=4, warmup_steps=2, save_step=1, recovery_rate=0.01, aligned_copy="stream"
+    )
     for params in ({"aligned_copy": "memory"}, {"packing": True}, {"packing": True, "block_attention": True}):
-        out, got = run_real(tiny, ScriptedProbe(scores), steps=4, warmup_steps=2, save_step=1, recovery_rate=0.01, **params)
-        assert out.info["aligned_copy"] == params.get("aligned_copy", "stream") and out.info["packing"] == params.get("packing", False)
+        out, got = run_real(
+            tiny, ScriptedProbe(scores), steps=4, warmup_steps=2, save_step=1, recovery_rate=0.01, **params
+        )
+        assert out.info["aligned_copy"] == params.get("aligned_copy", "stream") and out.info["packing"] == params.get(
+            "packing", False
+        )
         assert out.info["block_attention"] == params.get("block_attention", False)
         for step in ref:
             for name, mask in ref[step].items():
@@ -416,8 +477,10 @@ def test_bf16_signed_gradient_equals_autocast(tiny):
     closer still to the fp32 gradient, and the MLP run as one summed function gives the same."""
     tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
     batches = packed_batches(tok, HARMFUL, 8)
-    names = [f"model.layers.0.mlp.{m}_proj.weight" for m in ("gate", "up", "down")] + \
-        ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    names = [f"model.layers.0.mlp.{m}_proj.weight" for m in ("gate", "up", "down")] + [
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.v_proj.weight",
+    ]
     grads = {}
     for form in ("fp32", "autocast", "hook", "summed", "summed_mlp"):
         model = models.load_model(models.resolve(tiny["finetuned"]))
@@ -432,8 +495,14 @@ def test_bf16_signed_gradient_equals_autocast(tiny):
             c = Candidate(name, param) if form in ("fp32", "autocast") else SignedCandidate(name, param)
             param.requires_grad_(True)
             if form in ("hook", "summed", "summed_mlp"):
-                c.load(param.data.clone(), param.data.clone(), (torch.empty_like(param.data, dtype=torch.bfloat16),
-                                                                torch.empty(PackedSigns.nbytes(param.numel()), dtype=torch.uint8)))
+                c.load(
+                    param.data.clone(),
+                    param.data.clone(),
+                    (
+                        torch.empty_like(param.data, dtype=torch.bfloat16),
+                        torch.empty(PackedSigns.nbytes(param.numel()), dtype=torch.uint8),
+                    ),
+                )
                 c.grad_buffer = torch.empty(param.shape)
                 assert c.param.dtype == torch.bfloat16 and not c.sign.any()
             if form == "hook":
@@ -453,7 +522,9 @@ def test_bf16_signed_gradient_equals_autocast(tiny):
         torch.testing.assert_close(hook, auto, atol=1e-6, rtol=1e-3)
     for summed, auto, exact in zip(grads["summed"], grads["autocast"], grads["fp32"]):
         assert summed.dtype == torch.float32 and summed.abs().sum() > 0
-        assert float((summed - auto).norm() / auto.norm()) < 0.1  # both bf16 arithmetic (~2-7% off fp32 here): rounding apart
+        assert (
+            float((summed - auto).norm() / auto.norm()) < 0.1
+        )  # both bf16 arithmetic (~2-7% off fp32 here): rounding apart
         if summed_linear.MKL_GEMM_BF16 is not None:
             assert (summed - exact).norm() < (auto - exact).norm()
     for whole_mlp, summed in zip(grads["summed_mlp"], grads["summed"]):  # the MLP as one function: the same arithmetic
@@ -480,11 +551,29 @@ def test_add_product_is_the_fp32_product_of_the_bf16_factors():
 def test_bf16_low_memory_run_output_is_exact_and_masks_track_fp32(tiny, monkeypatch):
     scores = [1.0] * 20
     out32, m32 = run_real(tiny, ScriptedProbe(scores), steps=3, warmup_steps=3, save_step=1, recovery_rate=0.01)
-    out16, m16 = run_real(tiny, ScriptedProbe(scores), steps=3, warmup_steps=3, save_step=1, recovery_rate=0.01,
-                          compute_dtype="bfloat16", packing=True, low_memory=True)
+    out16, m16 = run_real(
+        tiny,
+        ScriptedProbe(scores),
+        steps=3,
+        warmup_steps=3,
+        save_step=1,
+        recovery_rate=0.01,
+        compute_dtype="bfloat16",
+        packing=True,
+        low_memory=True,
+    )
     monkeypatch.setattr(selection, "CPU_CHUNK", 1000)  # joined and scored a chunk at a time: the same masks
-    _, m16_chunked = run_real(tiny, ScriptedProbe(scores), steps=3, warmup_steps=3, save_step=1, recovery_rate=0.01,
-                              compute_dtype="bfloat16", packing=True, low_memory=True)
+    _, m16_chunked = run_real(
+        tiny,
+        ScriptedProbe(scores),
+        steps=3,
+        warmup_steps=3,
+        save_step=1,
+        recovery_rate=0.01,
+        compute_dtype="bfloat16",
+        packing=True,
+        low_memory=True,
+    )
     assert all(torch.equal(m16[3][n], m16_chunked[3][n]) for n in m16[3])
     assert out16.info["low_memory"] and out16.info["compute_dtype"] == "bfloat16"
     inter = sum(int((m32[3][n] & m16[3][n]).sum()) for n in m32[3])
@@ -530,8 +619,13 @@ def test_weight_file_reads_what_safetensors_reads(tmp_path):
     from safetensors.torch import load_file, save_file
 
     g = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(37, 5, generator=g), "b": torch.randn(7, generator=g), "c": torch.randn(3, 4, generator=g).bfloat16(),
-               "s": torch.tensor(2.5), "e": torch.zeros(0, 4)}
+    tensors = {
+        "a": torch.randn(37, 5, generator=g),
+        "b": torch.randn(7, generator=g),
+        "c": torch.randn(3, 4, generator=g).bfloat16(),
+        "s": torch.tensor(2.5),
+        "e": torch.zeros(0, 4),
+    }
     path = tmp_path / "m.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
     ref = load_file(str(path))
@@ -546,7 +640,10 @@ def test_weight_file_reads_what_safetensors_reads(tmp_path):
     with pytest.raises(UserError, match="no tensor"):
         wf.get("missing")
     header = WeightFile(path, "cpu", torch.float32)._read_header()
-    last = max((n for n in header if n != "__metadata__"), key=lambda n: (header[n]["data_offsets"][1], -header[n]["data_offsets"][0]))
+    last = max(
+        (n for n in header if n != "__metadata__"),
+        key=lambda n: (header[n]["data_offsets"][1], -header[n]["data_offsets"][0]),
+    )
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(UserError, match="truncated"):
         WeightFile(path, "cpu", torch.float32).get(last)
@@ -576,14 +673,18 @@ def test_packed_signs_read_and_write_like_int8():
         s = torch.randint(-1, 2, shape, generator=g).float()
         assert torch.equal(PackedSigns.encode(s).rows(shape, 5), s[::5])
     out = torch.empty(8)
-    assert torch.equal(PackedSigns.encode(s).decode(4, 12, out), s.view(-1)[4:12]) and torch.equal(out, s.view(-1)[4:12])
+    assert torch.equal(PackedSigns.encode(s).decode(4, 12, out), s.view(-1)[4:12]) and torch.equal(
+        out, s.view(-1)[4:12]
+    )
 
 
 def _h_and_gradient_under(tiny, weight: str, settings: dict) -> dict:
     """{dtype: {setting: (h, weight's gradient, bytes kept for the backward)}} of one packed
     batch, in fp32 and bf16, each setting a function that configures the TruncatedModel."""
     tok = models.load_tokenizer(models.resolve(tiny["aligned"]))
-    batch = packed_batches(tok, ["short", "a much longer prompt that forces padding of the first one", "kill a python process", "x"], 8)[0]
+    batch = packed_batches(
+        tok, ["short", "a much longer prompt that forces padding of the first one", "kill a python process", "x"], 8
+    )[0]
     model = models.load_model(models.resolve(tiny["finetuned"]))
     assert models.plain_attention(model) and model.config.num_key_value_heads < model.config.num_attention_heads
     for p in model.parameters():
@@ -599,7 +700,9 @@ def _h_and_gradient_under(tiny, weight: str, settings: dict) -> dict:
         for name, configure in settings.items():
             configure(tm)
             w.grad, saved = None, []
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t
+            ):
                 h = tm.h(batch)
             (-torch.nn.functional.cosine_similarity(h.mean(0), d + 1, dim=0)).backward()
             out[dtype][name] = (h.detach(), w.grad.clone(), sum(saved))
@@ -612,13 +715,16 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 def test_packed_attention_equals_the_block_mask(tiny):
     """attention.packed_attention (each prompt on the prefix and itself, block by block) gives the h
     and the gradients of eager attention under the T x T block mask, in fp32 and in bf16."""
+
     def blocks(tm):
         tm.packed_attention = True
 
     def mask(tm):
         tm.packed_attention, tm.mask_attention = False, "eager"
 
-    for dtype, got in _h_and_gradient_under(tiny, "model.layers.0.self_attn.q_proj.weight", {"blocks": blocks, "mask": mask}).items():
+    for dtype, got in _h_and_gradient_under(
+        tiny, "model.layers.0.self_attn.q_proj.weight", {"blocks": blocks, "mask": mask}
+    ).items():
         for ours, eager in zip(got["blocks"][:2], got["mask"][:2]):
             torch.testing.assert_close(ours, eager, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
@@ -627,6 +733,7 @@ def test_masked_attention_equals_eager(tiny):
     """attention.masked_attention (grouped query heads, softmax recomputed in the backward) gives the
     h and the gradients of transformers' eager attention under the same 4-D mask, up to float
     rounding (the grouped matmuls sum in another order), and keeps less for the backward."""
+
     def masked_by(name):
         return lambda tm: setattr(tm, "mask_attention", name)
 
@@ -661,7 +768,9 @@ def test_probe_vocabulary_and_bf16_upper_layers(tiny):
         for dtype in (None, torch.bfloat16):
             with tm.full(dtype) as full, tm.compute():
                 assert torch.equal(emb.data, F["model.embed_tokens.weight"].data)
-                up = dict(full.named_parameters())[f"model.layers.{model.config.num_hidden_layers - 1}.mlp.up_proj.weight"]
+                up = dict(full.named_parameters())[
+                    f"model.layers.{model.config.num_hidden_layers - 1}.mlp.up_proj.weight"
+                ]
                 assert up.dtype == (dtype or torch.float32)
                 logits[dtype] = full(input_ids=ids).logits
             assert emb.shape[0] == len(vocab) and all(p.numel() == 0 for p in tm.unused.values())

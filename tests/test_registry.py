@@ -36,7 +36,9 @@ def test_builtin_defenses_are_listed_with_documented_params():
     assert {"aligned", "none", "gradient_restoration"} <= set(DEFENSES.names())
     helps = params_help(DEFENSES.get("gradient_restoration").Params)
     assert all(h["help"] for h in helps)
-    assert {"recovery_rate": 0.002, "steps": 20, "warmup_steps": 5, "rollback_rate": 0.2}.items() <= {h["name"]: h["default"] for h in helps}.items()
+    assert {"recovery_rate": 0.002, "steps": 20, "warmup_steps": 5, "rollback_rate": 0.2}.items() <= {
+        h["name"]: h["default"] for h in helps
+    }.items()
 
 
 PLUGIN = '''
@@ -60,7 +62,8 @@ def test_third_party_plugin_through_entry_points(tmp_path):
     src = tmp_path / "src"
     (src / "realign_plugin_demo").mkdir(parents=True)
     (src / "realign_plugin_demo" / "__init__.py").write_text(textwrap.dedent(PLUGIN))
-    (src / "pyproject.toml").write_text(textwrap.dedent('''
+    (src / "pyproject.toml").write_text(
+        textwrap.dedent("""
         [build-system]
         requires = ["setuptools>=68"]
         build-backend = "setuptools.build_meta"
@@ -71,14 +74,31 @@ def test_third_party_plugin_through_entry_points(tmp_path):
         demo_scale = "realign_plugin_demo:Scale"
         [tool.setuptools]
         packages = ["realign_plugin_demo"]
-    '''))
+    """)
+    )
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(src)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
     env = dict(os.environ, PYTHONPATH=str(target))
     listed = subprocess.run([sys.executable, "-m", "bench.cli", "list"], capture_output=True, text=True, env=env)
     assert "demo_scale" in listed.stdout and "realign_plugin_demo:Scale" in listed.stdout  # listed, not imported
-    loaded = subprocess.run([sys.executable, "-m", "bench.cli", "list", "--load-plugins"], capture_output=True, text=True, env=env)
+    loaded = subprocess.run(
+        [sys.executable, "-m", "bench.cli", "list", "--load-plugins"], capture_output=True, text=True, env=env
+    )
     assert "A third-party test defense." in loaded.stdout and "alpha = 0.5" in loaded.stdout
     code = "from defenses import DEFENSES; d = DEFENSES.get('demo_scale')(alpha='0.25'); print(d.params.alpha)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -101,11 +121,18 @@ def test_one_typed_parser_for_key_value_parameters():
         alphas: list[float] | None = None
         counts: tuple[int, ...] = ()
 
-    got = parse_params(P, key_values(["rate=0.25", "steps=7", "on=false", "name=b", "quirk=x", "alphas=0.1, 1", "counts=1,2"], "k=v"))
+    got = parse_params(
+        P, key_values(["rate=0.25", "steps=7", "on=false", "name=b", "quirk=x", "alphas=0.1, 1", "counts=1,2"], "k=v")
+    )
     assert got == P(0.25, 7, False, "b", "x", [0.1, 1.0], (1, 2))
     assert parse_params(P, {"quirk": "none", "on": "1", "steps": 4}) == P(steps=4, on=True)
-    for bad, shown in (({"steps": "1.5"}, "steps='1.5' is not a valid int"), ({"on": "maybe"}, "on='maybe' is not a valid bool"),
-                       ({"counts": "1,x"}, "is not a valid tuple[int, ...]"), ({"quirk": "3"}, None), ({"nope": "1"}, "unknown parameter 'nope'")):
+    for bad, shown in (
+        ({"steps": "1.5"}, "steps='1.5' is not a valid int"),
+        ({"on": "maybe"}, "on='maybe' is not a valid bool"),
+        ({"counts": "1,x"}, "is not a valid tuple[int, ...]"),
+        ({"quirk": "3"}, None),
+        ({"nope": "1"}, "unknown parameter 'nope'"),
+    ):
         if shown is None:
             assert parse_params(P, bad).quirk == "3"  # text stays text
             continue
@@ -117,18 +144,42 @@ def test_one_typed_parser_for_key_value_parameters():
 
 
 def test_defend_checks_its_parameters_before_any_work(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "defend", "resta", "--param", "unalign_steps=many", "--home", str(tmp_path)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("realign: error: parameter unalign_steps='many' is not a valid int"), proc.stderr
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.cli",
+            "defend",
+            "resta",
+            "--param",
+            "unalign_steps=many",
+            "--home",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "realign: error: parameter unalign_steps='many' is not a valid int"
+    ), proc.stderr
     assert not (tmp_path / "cache").exists()
 
 
 def test_verbosity_sets_progress_lines_and_vllm_logging(tmp_path):
-    code = ("import os, sys; from bench import cli, progress; from bench.runner import Clock; "
-            "cli._quiet_libraries(sys.argv[1]); progress.configure(sys.argv[1]); Clock().say('stage line'); "
-            "progress.log.debug('debug line'); print(os.environ['VLLM_LOGGING_LEVEL'])")
+    code = (
+        "import os, sys; from bench import cli, progress; from bench.runner import Clock; "
+        "cli._quiet_libraries(sys.argv[1]); progress.configure(sys.argv[1]); Clock().say('stage line'); "
+        "progress.log.debug('debug line'); print(os.environ['VLLM_LOGGING_LEVEL'])"
+    )
     env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
-    runs = {v: subprocess.run([sys.executable, "-c", code, v], capture_output=True, text=True, env=env) for v in ("WARNING", "INFO", "DEBUG")}
+    runs = {
+        v: subprocess.run([sys.executable, "-c", code, v], capture_output=True, text=True, env=env)
+        for v in ("WARNING", "INFO", "DEBUG")
+    }
     assert runs["WARNING"].stderr == "" and runs["WARNING"].stdout.strip() == "ERROR"
-    assert "stage line" in runs["INFO"].stderr and "debug line" not in runs["INFO"].stderr and runs["INFO"].stdout.strip() == "ERROR"
+    assert (
+        "stage line" in runs["INFO"].stderr
+        and "debug line" not in runs["INFO"].stderr
+        and runs["INFO"].stdout.strip() == "ERROR"
+    )
     assert "debug line" in runs["DEBUG"].stderr and runs["DEBUG"].stdout.strip() == "DEBUG"

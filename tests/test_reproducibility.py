@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 
 from bench import models, reproducibility
+from bench.atomic import verified_manifest
 from bench.generation import BATCH_TARGET, CachedGenerator, GenerationCache, Sampling, fixed_batches
 from bench.hashing import hash_value
-from bench.atomic import verified_manifest
 
-PROMPTS = [f"question number {i}: how do I {w}?" for i, w in enumerate(["bake bread", "fix a bike", "learn sql", "sort a list"] * 250)]
+PROMPTS = [
+    f"question number {i}: how do I {w}?"
+    for i, w in enumerate(["bake bread", "fix a bike", "learn sql", "sort a list"] * 250)
+]
 
 
 def test_fixed_batches_depend_on_content_only():
@@ -47,7 +50,11 @@ def test_cache_key_names_the_batch(tiny, tmp_path):
         assert again.stats["generated"] == 2
     # the machine and the mode are part of the key
     ident = again._identity(sampling)
-    assert ident["mode"] == reproducibility.DETERMINISTIC and ident["compute"]["threads"] >= 1 and ident["compute"]["torch"]
+    assert (
+        ident["mode"] == reproducibility.DETERMINISTIC
+        and ident["compute"]["threads"] >= 1
+        and ident["compute"]["torch"]
+    )
     fast = CachedGenerator(handle, cache, engine="transformers", mode=reproducibility.FAST)._identity(sampling)
     assert GenerationCache.key(fast, prompts) != GenerationCache.key(ident, prompts)
 
@@ -78,7 +85,9 @@ def test_stage_manifest_verified_on_reuse(tmp_path):
     # the same key holding other content (edited, or a different build): removed, said in one line
     (good / "data" / "a.jsonl").write_text("y\n")
     assert verified_manifest(good, _content, said.append) is None
-    assert not good.exists() and said == ["testbed-good: its files no longer match the content hash in its manifest; rebuilding it"]
+    assert not good.exists() and said == [
+        "testbed-good: its files no longer match the content hash in its manifest; rebuilding it"
+    ]
 
     # a stage made by older code has no content hash: its content cannot be vouched for
     old = _stage(tmp_path / "testbed-old", "x\n")
@@ -134,8 +143,14 @@ def test_vllm_deterministic_answers_repeat_and_the_process_exits(tiny, tmp_path)
     prompts = [f"write a poem about the sea {i}" for i in range(40)]
     answers = []
     for run in range(2):  # two fresh processes, two empty caches
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path / "m"), str(tmp_path / f"cache{run}"), json.dumps(prompts)],
-                              capture_output=True, text=True, timeout=600, cwd=os.getcwd(), env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "m"), str(tmp_path / f"cache{run}"), json.dumps(prompts)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=os.getcwd(),
+            env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         answers.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert answers[0] == answers[1] and len(answers[0]) == 40
@@ -150,16 +165,25 @@ def test_two_fresh_homes_give_identical_testbeds_and_records(tmp_path):
     runs = []
     for name in ("one", "two"):
         home = tmp_path / name
-        proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--preset", "smoke", "--defenses", rows, "--home", str(home)],
-                              capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.cli", "run", "--preset", "smoke", "--defenses", rows, "--home", str(home)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(home)
     manifests = []
     for home in runs:
         (testbed,) = (home / "cache").glob("testbed-*")
         (attack,) = (home / "cache").glob("attack-*")
-        tb, atk = json.loads((testbed / "manifest.json").read_text()), json.loads((attack / "manifest.json").read_text())
-        manifests.append((testbed.name, tb["content_hash"], tb["data_hashes"], tb["aligned_hash"], attack.name, atk["content_hash"]))
+        tb, atk = (
+            json.loads((testbed / "manifest.json").read_text()),
+            json.loads((attack / "manifest.json").read_text()),
+        )
+        manifests.append(
+            (testbed.name, tb["content_hash"], tb["data_hashes"], tb["aligned_hash"], attack.name, atk["content_hash"])
+        )
     assert manifests[0] == manifests[1]
 
     def board(home: Path) -> dict:

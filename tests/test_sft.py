@@ -34,7 +34,9 @@ def test_response_only_loss_through_a_peft_model_and_its_gradients(tiny):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(models.load_model(models.resolve(tiny["aligned"])), LoraConfig(r=2, target_modules="all-linear"))
+    model = get_peft_model(
+        models.load_model(models.resolve(tiny["aligned"])), LoraConfig(r=2, target_modules="all-linear")
+    )
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.05)  # B starts at zero; make both factors matter

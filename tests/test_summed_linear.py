@@ -21,7 +21,9 @@ def test_weight_gradient_sums_are_close_to_fp32_with_and_without_mkl(monkeypatch
     if not mkl:
         monkeypatch.setattr(summed_linear, "MKL_GEMM_BF16", None)
     g = torch.Generator().manual_seed(0)
-    factors = [(torch.randn(37, 11, generator=g).bfloat16(), torch.randn(37, 5, generator=g).bfloat16()) for _ in range(3)]
+    factors = [
+        (torch.randn(37, 11, generator=g).bfloat16(), torch.randn(37, 5, generator=g).bfloat16()) for _ in range(3)
+    ]
     exact = sum(dy.double().t() @ x.double() for dy, x in factors)
     c = SignedCandidate("w", torch.nn.Parameter(torch.zeros(11, 5)), grad_buffer=torch.empty(11, 5))
     for dy, x in factors:
@@ -34,6 +36,7 @@ def test_weight_gradient_sums_are_close_to_fp32_with_and_without_mkl(monkeypatch
 def test_missing_mkl_symbol_is_logged_once_and_declined(monkeypatch, caplog):
     """Where libtorch_cpu has no cblas_gemm_bf16bf16f32 the lookup answers None with one log
     line, and add_product then declines (its callers add the bf16 product themselves)."""
+
     class NoSymbol:
         def __init__(self, path):
             pass

@@ -49,7 +49,9 @@ JUDGES.register_lazy("llama_guard_3_1b", "bench.judges.llama_guard:LlamaGuard3_1
 JUDGES.register_lazy("llama_guard_3_8b", "bench.judges.llama_guard:LlamaGuard3_8B")
 JUDGES.register_lazy("wildguard", "bench.judges.wildguard:WildGuard")
 JUDGES.register_lazy("harmbench_classifier", "bench.judges.harmbench_classifier:HarmBenchClassifier")
-JUDGES.register_lazy("harmbench_classifier_contextual", "bench.judges.harmbench_classifier:HarmBenchClassifierContextual")
+JUDGES.register_lazy(
+    "harmbench_classifier_contextual", "bench.judges.harmbench_classifier:HarmBenchClassifierContextual"
+)
 JUDGES.register_lazy("shieldlm", "bench.judges.shieldlm:ShieldLM")
 JUDGES.register_lazy("strongreject_finetuned", "bench.judges.strongreject_finetuned:StrongRejectFinetuned")
 JUDGES.register_lazy("md_judge", "bench.judges.md_judge:MDJudge")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench.errors import UserError
 
+
 def agreement(a: list[str], b: list[str]) -> dict:
     from sklearn.metrics import cohen_kappa_score
 
@@ -29,9 +30,13 @@ def validation(judged: list[str], human: list[str]) -> dict:
 
     out = agreement(judged, human)
     # F1 of the harmful class; labels= keeps "unknown" out of the positives (micro over one label is that class's F1)
-    return {"accuracy": float(accuracy_score(human, judged)), "f1": float(f1_score(human, judged, labels=["harmful"],
-                                                                                   average="micro", zero_division=0.0)),
-            "kappa": out["kappa"], "n": out["n"], "unknown": sum(j == "unknown" for j in judged)}
+    return {
+        "accuracy": float(accuracy_score(human, judged)),
+        "f1": float(f1_score(human, judged, labels=["harmful"], average="micro", zero_division=0.0)),
+        "kappa": out["kappa"],
+        "n": out["n"],
+        "unknown": sum(j == "unknown" for j in judged),
+    }
 
 
 def read_labels(path: str | Path) -> list[dict]:

@@ -14,10 +14,32 @@ import re
 # sequences that delimit turns in the judges' templates (Llama 2/Mistral, Llama 3, ChatML, Tulu,
 # Gemma, InternLM, Baichuan, ChatGLM); each judge adds its own and its tokenizer's special tokens
 COMMON_CONTROL = (
-    "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>",
-    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>",
-    "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<reserved_106>", "<reserved_107>", "[gMASK]", "<eoh>",
+    "[INST]",
+    "[/INST]",
+    "<<SYS>>",
+    "<</SYS>>",
+    "<s>",
+    "</s>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<bos>",
+    "<eos>",
+    "<reserved_106>",
+    "<reserved_107>",
+    "[gMASK]",
+    "<eoh>",
 )
 
 
@@ -26,7 +48,9 @@ def control_sequences(extra: tuple[str, ...] = (), tokenizer=None) -> tuple[str,
     special: list[str] = []
     if tokenizer is not None:
         special = list(getattr(tokenizer, "all_special_tokens", []))
-        special += [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
+        special += [
+            t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)
+        ]
     return tuple(dict.fromkeys(s for s in (*COMMON_CONTROL, *extra, *special) if len(s) > 1))
 
 

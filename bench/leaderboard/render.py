@@ -5,8 +5,8 @@ and SVG (matplotlib). All files are written atomically, and only after everythin
 from __future__ import annotations
 
 import base64
-import html as _html
 import csv
+import html as _html
 import io
 import json
 import re
@@ -15,14 +15,29 @@ from typing import Sequence
 
 from markupsafe import Markup
 
-from bench.leaderboard.build import SHOWN, Board
 from bench.atomic import atomic_write_bytes
+from bench.leaderboard.build import SHOWN, Board
 
 FLAT_COLUMNS = [
-    "setting", "position", "method", "name", "role", "pareto_rank", "rank_low", "rank_high", "tied", "hypervolume",
+    "setting",
+    "position",
+    "method",
+    "name",
+    "role",
+    "pareto_rank",
+    "rank_low",
+    "rank_high",
+    "tied",
+    "hypervolume",
     *[f"{m}{suffix}" for m in SHOWN for suffix in ("", "_ci_low", "_ci_high", "_n")],
-    "harm_reduction_share", "utility_kept_share", "p_harm_vs_none", "p_utility_vs_none", "p_harm_vs_next",
-    "vs_interpolation", "wall_s", "record_id",
+    "harm_reduction_share",
+    "utility_kept_share",
+    "p_harm_vs_none",
+    "p_utility_vs_none",
+    "p_harm_vs_next",
+    "vs_interpolation",
+    "wall_s",
+    "record_id",
 ]
 MAX_PLOTS = 4  # settings that get a plot: matplotlib costs ~0.4 s per figure (PNG + SVG)
 
@@ -33,9 +48,14 @@ def flat_rows(board: Board) -> list[dict]:
         for r in rows:
             vs_none, vs_next = r.get("vs_none") or {}, r.get("vs_next") or {}
             flat = {k: r.get(k) for k in FLAT_COLUMNS if k in r}
-            flat.update(rank_low=r["rank_interval"][0], rank_high=r["rank_interval"][1], tied=bool(r["tied_with"]),
-                        p_harm_vs_none=vs_none.get("harmful_rate", {}).get("p"), p_utility_vs_none=vs_none.get("task_metric", {}).get("p"),
-                        p_harm_vs_next=vs_next.get("harmful_rate", {}).get("p"))
+            flat.update(
+                rank_low=r["rank_interval"][0],
+                rank_high=r["rank_interval"][1],
+                tied=bool(r["tied_with"]),
+                p_harm_vs_none=vs_none.get("harmful_rate", {}).get("p"),
+                p_utility_vs_none=vs_none.get("task_metric", {}).get("p"),
+                p_harm_vs_next=vs_next.get("harmful_rate", {}).get("p"),
+            )
             out.append({k: flat.get(k) for k in FLAT_COLUMNS})
     return out
 
@@ -53,18 +73,51 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
 
     parts = []
     for key, rows in board.settings.items():
-        table = [[r["position"], r["method"], f"{r['pareto_rank']}{' (tied)' if r['tied_with'] else ''}",
-                  f"{r['rank_interval'][0]:.0f}-{r['rank_interval'][1]:.0f}", _pct(r, "harmful_rate"), _pct(r, "over_refusal"),
-                  _pct(r, "task_metric"), f"{r['hypervolume']:.4f}", _p(r.get("vs_none"), "harmful_rate"), r["vs_interpolation"]]
-                 for r in rows]
+        table = [
+            [
+                r["position"],
+                r["method"],
+                f"{r['pareto_rank']}{' (tied)' if r['tied_with'] else ''}",
+                f"{r['rank_interval'][0]:.0f}-{r['rank_interval'][1]:.0f}",
+                _pct(r, "harmful_rate"),
+                _pct(r, "over_refusal"),
+                _pct(r, "task_metric"),
+                f"{r['hypervolume']:.4f}",
+                _p(r.get("vs_none"), "harmful_rate"),
+                r["vs_interpolation"],
+            ]
+            for r in rows
+        ]
         n = rows[0]["harmful_rate_n"] if rows else 0
-        parts.append(f"### {key}\n\n" + tabulate(table, headers=["#", "method", "Pareto rank", "rank 95%", f"harmful % (n={n})", "over-refusal %",
-                                                             "task %", "hypervolume", "p vs none", "vs interpolation"], tablefmt="github",
-                                                             disable_numparse=True))  # cells are pre-formatted; parsing them is most of tabulate's time
+        parts.append(
+            f"### {key}\n\n"
+            + tabulate(
+                table,
+                headers=[
+                    "#",
+                    "method",
+                    "Pareto rank",
+                    "rank 95%",
+                    f"harmful % (n={n})",
+                    "over-refusal %",
+                    "task %",
+                    "hypervolume",
+                    "p vs none",
+                    "vs interpolation",
+                ],
+                tablefmt="github",
+                disable_numparse=True,
+            )
+        )  # cells are pre-formatted; parsing them is most of tabulate's time
     if len(board.settings) > 1 and board.aggregate:
-        parts.append("### Aggregate (mean win rate over settings x axes)\n\n" + tabulate(
-            [[a["method"], f"{a['mean_win_rate']:.3f}", a["settings_x_axes"]] for a in board.aggregate],
-            headers=["method", "mean win rate", "settings x axes"], tablefmt="github"))
+        parts.append(
+            "### Aggregate (mean win rate over settings x axes)\n\n"
+            + tabulate(
+                [[a["method"], f"{a['mean_win_rate']:.3f}", a["settings_x_axes"]] for a in board.aggregate],
+                headers=["method", "mean win rate", "settings x axes"],
+                tablefmt="github",
+            )
+        )
     if skipped:
         parts.append("\n".join(f"- skipped: `{s['method']}` (N={s['harmful_n']}): {s['reason']}" for s in skipped))
     return "\n\n".join(parts) + "\n"
@@ -95,12 +148,35 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
     fig = Figure(figsize=(7, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.1, 0.1, 0.86, 0.83))
-    curve = sorted(((r["task_metric"], r["harmful_rate"]) for r in rows if r["role"] == "frontier" and r["task_metric"] is not None))
+    curve = sorted(
+        (
+            (r["task_metric"], r["harmful_rate"])
+            for r in rows
+            if r["role"] == "frontier" and r["task_metric"] is not None
+        )
+    )
     if curve:
-        ax.plot([100 * u for u, _ in curve], [100 * h for _, h in curve], "--", color="grey", label="interpolation curve", zorder=1)
-    front = sorted(((r["task_metric"], r["harmful_rate"]) for r in rows if r["pareto_rank"] == 1 and r["task_metric"] is not None))
+        ax.plot(
+            [100 * u for u, _ in curve],
+            [100 * h for _, h in curve],
+            "--",
+            color="grey",
+            label="interpolation curve",
+            zorder=1,
+        )
+    front = sorted(
+        ((r["task_metric"], r["harmful_rate"]) for r in rows if r["pareto_rank"] == 1 and r["task_metric"] is not None)
+    )
     if front:
-        ax.plot([100 * u for u, _ in front], [100 * h for _, h in front], "-", color="tab:green", alpha=0.6, label="Pareto frontier", zorder=1)
+        ax.plot(
+            [100 * u for u, _ in front],
+            [100 * h for _, h in front],
+            "-",
+            color="tab:green",
+            alpha=0.6,
+            label="Pareto frontier",
+            zorder=1,
+        )
     shown = [r for r in rows if r["harmful_rate"] is not None and r["task_metric"] is not None]
     for grey in (False, True):  # one errorbar call per colour, not one per point
         pts = [r for r in shown if (r["role"] == "frontier") == grey]
@@ -108,9 +184,17 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
             continue
         x = [100 * r["task_metric"] for r in pts]
         y = [100 * r["harmful_rate"] for r in pts]
-        xerr = [[xi - 100 * r["task_metric_ci_low"] for xi, r in zip(x, pts)], [100 * r["task_metric_ci_high"] - xi for xi, r in zip(x, pts)]]
-        yerr = [[yi - 100 * r["harmful_rate_ci_low"] for yi, r in zip(y, pts)], [100 * r["harmful_rate_ci_high"] - yi for yi, r in zip(y, pts)]]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, ms=5, zorder=2, color="lightgrey" if grey else "tab:blue")
+        xerr = [
+            [xi - 100 * r["task_metric_ci_low"] for xi, r in zip(x, pts)],
+            [100 * r["task_metric_ci_high"] - xi for xi, r in zip(x, pts)],
+        ]
+        yerr = [
+            [yi - 100 * r["harmful_rate_ci_low"] for yi, r in zip(y, pts)],
+            [100 * r["harmful_rate_ci_high"] - yi for yi, r in zip(y, pts)],
+        ]
+        ax.errorbar(
+            x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, ms=5, zorder=2, color="lightgrey" if grey else "tab:blue"
+        )
         if not grey:
             for r, xi, yi in zip(pts, x, y):
                 ax.annotate(r["method"], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
@@ -122,7 +206,9 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
         ax.legend(fontsize=8, loc="upper left")
     png, svg = io.BytesIO(), io.BytesIO()
     fig.savefig(png, format="png")
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "realign"}):  # fixed ids: same board, same bytes
+    with matplotlib.rc_context(
+        {"svg.fonttype": "none", "svg.hashsalt": "realign"}
+    ):  # fixed ids: same board, same bytes
         fig.savefig(svg, format="svg")
     return png.getvalue(), svg.getvalue()
 
@@ -130,14 +216,24 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
 def _cells(r: dict) -> list[tuple]:
     """One board row as (css class, sort value, text, CI text) cells: formatted here, where Python's
     own formatting is several times cheaper than a Jinja filter per cell on a 10,000-row page."""
-    cells = [("", r["position"], str(r["position"]), ""), ("name", r["method"], r["method"], ""),
-             ("rank", r["pareto_rank"], f"{r['pareto_rank']}{' (tied)' if r['tied_with'] else ''}", ""),
-             ("", r["rank_interval"][0], f"{r['rank_interval'][0]:.0f}\u2013{r['rank_interval'][1]:.0f}", "")]
+    cells = [
+        ("", r["position"], str(r["position"]), ""),
+        ("name", r["method"], r["method"], ""),
+        ("rank", r["pareto_rank"], f"{r['pareto_rank']}{' (tied)' if r['tied_with'] else ''}", ""),
+        ("", r["rank_interval"][0], f"{r['rank_interval'][0]:.0f}\u2013{r['rank_interval'][1]:.0f}", ""),
+    ]
     for m in SHOWN:
         if r[m] is None:
             cells.append(("", -1, "\u2013", ""))
         else:
-            cells.append(("", r[m], f"{100 * r[m]:.1f}", f"[{100 * r[m + '_ci_low']:.1f}, {100 * r[m + '_ci_high']:.1f}] n={r[m + '_n']}"))
+            cells.append(
+                (
+                    "",
+                    r[m],
+                    f"{100 * r[m]:.1f}",
+                    f"[{100 * r[m + '_ci_low']:.1f}, {100 * r[m + '_ci_high']:.1f}] n={r[m + '_n']}",
+                )
+            )
     cells.append(("", r["hypervolume"], f"{r['hypervolume']:.4f}", ""))
     p = (r.get("vs_none") or {}).get("harmful_rate", {}).get("p")
     cells.append(("", 2 if p is None else p, "\u2013" if p is None else f"{p:.3g}", ""))
@@ -154,15 +250,21 @@ def _esc(x) -> str:
 def _row_html(r: dict) -> Markup:
     """One <tr>, every text escaped. Joined in Python because a Jinja loop over 110,000 cells is
     the slowest part of a 10,000-record page; the page around the rows stays in the template."""
-    tds = "".join(f'<td class="{cls}" data-v="{_esc(v)}">{_esc(text)}' + (f' <span class="ci">{_esc(ci)}</span>' if ci else "") + "</td>"
-                  for cls, v, text, ci in _cells(r))
+    tds = "".join(
+        f'<td class="{cls}" data-v="{_esc(v)}">{_esc(text)}'
+        + (f' <span class="ci">{_esc(ci)}</span>' if ci else "")
+        + "</td>"
+        for cls, v, text, ci in _cells(r)
+    )
     return Markup(f'<tr class="{"tied" if r["tied_with"] else ""}">{tds}</tr>')
 
 
 def _category_rows_html(cats: dict[str, dict[str, float]], names: list[str]) -> Markup:
     rows = []
     for method, by in cats.items():
-        tds = "".join(f'<td data-v="{by[c]}">{100 * by[c]:.0f}</td>' if c in by else '<td data-v="-1">\u2013</td>' for c in names)
+        tds = "".join(
+            f'<td data-v="{by[c]}">{100 * by[c]:.0f}</td>' if c in by else '<td data-v="-1">\u2013</td>' for c in names
+        )
         rows.append(f'<tr><td class="name" data-v="{_esc(method)}">{_esc(method)}</td>{tds}</tr>')
     return Markup("\n".join(rows))
 
@@ -170,22 +272,35 @@ def _category_rows_html(cats: dict[str, dict[str, float]], names: list[str]) -> 
 def html(board: Board, plots: dict[str, bytes], title: str) -> str:
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(
+        loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html", "j2"])
+    )
     settings = []
     for key, rows in board.settings.items():
         cats = board.categories.get(key, {})
         names = sorted({c for v in cats.values() for c in v})
-        settings.append({"key": key, "rows": Markup("\n").join(_row_html(r) for r in rows), "ref": board.reference_points[key],
-                         "categories": _category_rows_html(cats, names) if cats else "", "category_names": names,
-                         "plot": base64.b64encode(plots[key]).decode() if key in plots else None})
-    return env.get_template("board.html.j2").render(title=title, settings=settings, aggregate=board.aggregate if len(settings) > 1 else [])
+        settings.append(
+            {
+                "key": key,
+                "rows": Markup("\n").join(_row_html(r) for r in rows),
+                "ref": board.reference_points[key],
+                "categories": _category_rows_html(cats, names) if cats else "",
+                "category_names": names,
+                "plot": base64.b64encode(plots[key]).decode() if key in plots else None,
+            }
+        )
+    return env.get_template("board.html.j2").render(
+        title=title, settings=settings, aggregate=board.aggregate if len(settings) > 1 else []
+    )
 
 
 def slug(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-")[:80]
 
 
-def write(board: Board, out: Path, title: str = "realign-bench leaderboard", skipped: Sequence[dict] = ()) -> dict[str, Path]:
+def write(
+    board: Board, out: Path, title: str = "realign-bench leaderboard", skipped: Sequence[dict] = ()
+) -> dict[str, Path]:
     """Render everything in memory first, then write: a failure leaves no half-written board."""
     return save(render(board, title, skipped), out)
 
@@ -197,8 +312,11 @@ def render(board: Board, title: str = "realign-bench leaderboard", skipped: Sequ
     writer = csv.DictWriter(buf, fieldnames=FLAT_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    files: dict[str, bytes] = {"board.md": markdown(board, skipped).encode(), "board.csv": buf.getvalue().encode(),
-                               "board.json": json.dumps(rows).encode()}  # no indent: json's C encoder only runs without it
+    files: dict[str, bytes] = {
+        "board.md": markdown(board, skipped).encode(),
+        "board.csv": buf.getvalue().encode(),
+        "board.json": json.dumps(rows).encode(),
+    }  # no indent: json's C encoder only runs without it
     svgs = {}
     for i, key in enumerate(board.settings):
         if i >= MAX_PLOTS:
@@ -208,9 +326,15 @@ def render(board: Board, title: str = "realign-bench leaderboard", skipped: Sequ
         files[f"{name}.png"], files[f"{name}.svg"] = png, svg
         svgs[key] = svg
     files["board.html"] = html(board, svgs, title).encode()
-    files["board-details.json"] = json.dumps({"settings": board.settings, "aggregate": board.aggregate,
-                                              "reference_points": board.reference_points, "categories": board.categories,
-                                              "skipped": list(skipped)}).encode()
+    files["board-details.json"] = json.dumps(
+        {
+            "settings": board.settings,
+            "aggregate": board.aggregate,
+            "reference_points": board.reference_points,
+            "categories": board.categories,
+            "skipped": list(skipped),
+        }
+    ).encode()
     return files
 
 

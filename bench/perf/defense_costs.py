@@ -21,14 +21,28 @@ def table(folder: Path) -> str:
     for record, _ in load([folder]):
         cost, m = record["cost"], record["metrics"]
         wall = cost.get("defense_wall_s") or 0.0
-        rows.append((record["method"]["label"], wall, cost.get("defense_peak_rss_mb"), cost.get("wall_s") or 0.0,
-                     m["harmful_rate"]["value"], m["task_metric"]["value"], m.get("over_refusal", {}).get("value")))
+        rows.append(
+            (
+                record["method"]["label"],
+                wall,
+                cost.get("defense_peak_rss_mb"),
+                cost.get("wall_s") or 0.0,
+                m["harmful_rate"]["value"],
+                m["task_metric"]["value"],
+                m.get("over_refusal", {}).get("value"),
+            )
+        )
     rows.sort(key=lambda r: (-r[1], r[0]))
-    lines = ["| defense | apply, s | peak RSS of its process, MB | evaluation, s | apply / evaluation | harmful % | task % | over-refusal % |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| defense | apply, s | peak RSS of its process, MB | evaluation, s | apply / evaluation | harmful % | task "
+        "% | over-refusal % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, wall, rss, ev, harm, task, over in rows:
-        lines.append(f"| `{label}` | {wall:.1f} | {f'{rss:.0f}' if rss else '-'} | {ev:.1f} | {wall / ev if ev else 0:.2f} | "
-                     f"{100 * harm:.1f} | {100 * task:.1f} | {'-' if over is None else f'{100 * over:.1f}'} |")
+        lines.append(
+            f"| `{label}` | {wall:.1f} | {f'{rss:.0f}' if rss else '-'} | {ev:.1f} | {wall / ev if ev else 0:.2f} | "
+            f"{100 * harm:.1f} | {100 * task:.1f} | {'-' if over is None else f'{100 * over:.1f}'} |"
+        )
     return "\n".join(lines)
 
 
@@ -42,10 +56,13 @@ def main() -> None:
     if args.write:
         from bench.perf import write_section
 
-        write_section("defense_costs", f"Records in `{args.records}` (one run: `realign run --all-defenses`, N = 100, keyword judge). "
-                      "Rows where apply is 0 reuse a model that exists already (reference rows, interpolation's end points, "
-                      "a defense cached from an earlier run of the same inputs).\n\n" + body,
-                      command=f"python -m bench.perf.defense_costs {args.records} --write")
+        write_section(
+            "defense_costs",
+            f"Records in `{args.records}` (one run: `realign run --all-defenses`, N = 100, keyword judge). "
+            "Rows where apply is 0 reuse a model that exists already (reference rows, interpolation's end points, "
+            "a defense cached from an earlier run of the same inputs).\n\n" + body,
+            command=f"python -m bench.perf.defense_costs {args.records} --write",
+        )
 
 
 if __name__ == "__main__":

@@ -30,14 +30,28 @@ RUNS = [
     ("deterministic, run 2", "vllm", "deterministic", "cache", {}),
     ("in-process, all prompts as one batch", "vllm", "deterministic", "one", {}),
     ("in-process, at most 8 sequences a step", "vllm", "deterministic", "one", {"engine_options": {"max_num_seqs": 8}}),
-    ("transformers bf16, batches of 16", "transformers", "deterministic", "one", {"dtype": "bfloat16", "batch_size": 16}),
+    (
+        "transformers bf16, batches of 16",
+        "transformers",
+        "deterministic",
+        "one",
+        {"dtype": "bfloat16", "batch_size": 16},
+    ),
     ("transformers bf16, batches of 8", "transformers", "deterministic", "one", {"dtype": "bfloat16", "batch_size": 8}),
-    ("transformers fp32, batches of 16", "transformers", "deterministic", "one", {"dtype": "float32", "batch_size": 16}),
+    (
+        "transformers fp32, batches of 16",
+        "transformers",
+        "deterministic",
+        "one",
+        {"dtype": "float32", "batch_size": 16},
+    ),
     ("transformers fp32, batches of 8", "transformers", "deterministic", "one", {"dtype": "float32", "batch_size": 8}),
 ]
 
 
-def _generate(model_dir: str, prompts: list[str], tokens: int, engine: str, mode: str, batching: str, options: dict) -> dict:
+def _generate(
+    model_dir: str, prompts: list[str], tokens: int, engine: str, mode: str, batching: str, options: dict
+) -> dict:
     """One run in a fresh interpreter: 'cache' goes through CachedGenerator (the suite's path, an
     empty cache), 'one' hands every prompt to the engine as one batch."""
     from bench import models
@@ -71,7 +85,14 @@ def _train(model_dir: str, pairs: list[dict], deterministic: bool) -> dict:
     config = SFTConfig(method="lora", epochs=1.0, lr=2e-4, batch_size=8, max_length=192, deterministic=deterministic)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        model, _ = train(models.load_model(handle, "float32"), models.load_tokenizer(handle), pairs, config, Path(tmp), progress=False)
+        model, _ = train(
+            models.load_model(handle, "float32"),
+            models.load_tokenizer(handle),
+            pairs,
+            config,
+            Path(tmp),
+            progress=False,
+        )
     seconds = time.perf_counter() - t0
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -93,7 +114,9 @@ def main() -> None:
 
     model = args.model or str(embedded_base(Path("realign-home/cache")).path)
     tb = TestbedConfig()
-    split = testbed_prompts.split_harmful(testbed_prompts.harmful_pool(), tb.seed, tb.n_attack, tb.n_calibration, tb.n_eval)
+    split = testbed_prompts.split_harmful(
+        testbed_prompts.harmful_pool(), tb.seed, tb.n_attack, tb.n_calibration, tb.n_eval
+    )
     prompts = [r["prompt"] for r in split.attack][: args.prompts]
     results = {}
     for label, engine, mode, batching, options in RUNS:
@@ -103,11 +126,14 @@ def main() -> None:
     def differ(a: str, b: str) -> int:
         return sum(x != y for x, y in zip(results[a]["texts"], results[b]["texts"]))
 
-    pairs = [("fast, run 1", "fast, run 2"), ("deterministic, run 1", "deterministic, run 2"),
-             ("in-process, all prompts as one batch", "deterministic, run 1"),
-             ("in-process, all prompts as one batch", "in-process, at most 8 sequences a step"),
-             ("transformers bf16, batches of 16", "transformers bf16, batches of 8"),
-             ("transformers fp32, batches of 16", "transformers fp32, batches of 8")]
+    pairs = [
+        ("fast, run 1", "fast, run 2"),
+        ("deterministic, run 1", "deterministic, run 2"),
+        ("in-process, all prompts as one batch", "deterministic, run 1"),
+        ("in-process, all prompts as one batch", "in-process, at most 8 sequences a step"),
+        ("transformers bf16, batches of 16", "transformers bf16, batches of 8"),
+        ("transformers fp32, batches of 16", "transformers fp32, batches of 8"),
+    ]
     training = []
     if args.train_pairs:
         from bench.testbed import sql_task
@@ -120,27 +146,46 @@ def main() -> None:
     fast = (results["fast, run 1"]["generate_s"] + results["fast, run 2"]["generate_s"]) / 2
     det = (results["deterministic, run 1"]["generate_s"] + results["deterministic, run 2"]["generate_s"]) / 2
     ratio = det / fast
-    print(json.dumps({"differ": {f"{a} | {b}": differ(a, b) for a, b in pairs}, "deterministic_over_fast": round(ratio, 2)}, indent=2))
+    print(
+        json.dumps(
+            {"differ": {f"{a} | {b}": differ(a, b) for a, b in pairs}, "deterministic_over_fast": round(ratio, 2)},
+            indent=2,
+        )
+    )
     if args.write:
         from bench.perf import write_section
 
         n = len(prompts)
         body = [
-            f"{n} prompts (the testbed's harmful attack prompts) x up to {args.tokens} new tokens, greedy, SmolLM2-135M-Instruct "
-            "(the embedded base); each run in its own fresh interpreter with an empty cache.", "",
-            "| runs compared | answers that differ |", "|---|---|",
-            *[f"| {a} / {b} | {differ(a, b)} of {n} |" for a, b in pairs], "",
-            "| run | generation s |", "|---|---|",
-            *[f"| {label} | {r['generate_s']} |" for label, r in results.items()], "",
+            f"{n} prompts (the testbed's harmful attack prompts) x up to {args.tokens} new tokens, greedy, "
+            "SmolLM2-135M-Instruct "
+            "(the embedded base); each run in its own fresh interpreter with an empty cache.",
+            "",
+            "| runs compared | answers that differ |",
+            "|---|---|",
+            *[f"| {a} / {b} | {differ(a, b)} of {n} |" for a, b in pairs],
+            "",
+            "| run | generation s |",
+            "|---|---|",
+            *[f"| {label} | {r['generate_s']} |" for label, r in results.items()],
+            "",
             f"**Deterministic / fast generation time: {ratio:.2f}x** (mean of two runs each; target <= 1.3x).",
         ]
         if training:
             det_s = [t["seconds"] for t in training if t["deterministic"]]
             free_s = [t["seconds"] for t in training if not t["deterministic"]]
-            body += ["", f"Training: LoRA (r 8, all linear layers), 1 epoch over {args.train_pairs} SQL pairs, batch 8, from the base; "
-                     "adapter weights hashed.", "", "| torch deterministic algorithms | adapter sha256 | seconds |", "|---|---|---|",
-                     *[f"| {t['deterministic']} | `{t['sha256']}` | {t['seconds']} |" for t in training], "",
-                     f"Deterministic / free training time: {sum(det_s) / sum(free_s):.2f}x."]
+            body += [
+                "",
+                f"Training: LoRA (r 8, all linear layers), 1 epoch over {args.train_pairs} SQL pairs, batch 8, from "
+                "the base; "
+                "adapter weights hashed.",
+                "",
+                "| torch deterministic algorithms | adapter sha256 | seconds |",
+                "|---|---|---|",
+                *[f"| {t['deterministic']} | `{t['sha256']}` | {t['seconds']} |" for t in training],
+                "",
+                f"Deterministic / free training time: {sum(det_s) / sum(free_s):.2f}x.",
+            ]
         write_section("determinism", "\n".join(body))
 
 

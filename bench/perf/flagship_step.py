@@ -68,16 +68,34 @@ def ours(aligned: str, finetuned: str, n_prompts: int, steps: int, params: dict)
 
     floor = _floor_rss_mb(finetuned)
     harmful, benign = _prompts(n_prompts)
-    ctx = DefenseContext(aligned=models.resolve(aligned), finetuned=models.resolve(finetuned), calibration_prompts=harmful,
-                         benign_prompts=benign, utility_probe=lambda model, handle=None: 1.0, progress=lambda m: None)
+    ctx = DefenseContext(
+        aligned=models.resolve(aligned),
+        finetuned=models.resolve(finetuned),
+        calibration_prompts=harmful,
+        benign_prompts=benign,
+        utility_probe=lambda model, handle=None: 1.0,
+        progress=lambda m: None,
+    )
     t0 = time.perf_counter()
     # the probe is a constant: this times the recovery steps, not the task metric
-    out = DEFENSES.get("gradient_restoration")(steps=steps, warmup_steps=steps, save_step=steps, rollback=False, **params).apply(ctx)
+    out = DEFENSES.get("gradient_restoration")(
+        steps=steps, warmup_steps=steps, save_step=steps, rollback=False, **params
+    ).apply(ctx)
     t = out.info["timing_s"]
-    return {"step_s": (t["gradient_s"] + t["selection_s"]) / steps, "gradient_s_per_step": t["gradient_s"] / steps,
-            "selection_s_per_step": t["selection_s"] / steps, "wall_s": time.perf_counter() - t0, "E": out.info["E"], "L": out.info["L"],
-            "k": out.info["k"], "peak_rss_mb": _peak_rss_mb(), "floor_rss_mb": floor, "mask": out.checkpoints[steps],
-            "packing": out.info["packing"], "aligned_copy": out.info["aligned_copy"]}
+    return {
+        "step_s": (t["gradient_s"] + t["selection_s"]) / steps,
+        "gradient_s_per_step": t["gradient_s"] / steps,
+        "selection_s_per_step": t["selection_s"] / steps,
+        "wall_s": time.perf_counter() - t0,
+        "E": out.info["E"],
+        "L": out.info["L"],
+        "k": out.info["k"],
+        "peak_rss_mb": _peak_rss_mb(),
+        "floor_rss_mb": floor,
+        "mask": out.checkpoints[steps],
+        "packing": out.info["packing"],
+        "aligned_copy": out.info["aligned_copy"],
+    }
 
 
 def reference(aligned: str, finetuned: str, n_prompts: int, steps: int) -> dict:
@@ -88,10 +106,20 @@ def reference(aligned: str, finetuned: str, n_prompts: int, steps: int) -> dict:
     floor = _floor_rss_mb(finetuned)
     harmful, benign = _prompts(n_prompts)
     # the probe is a constant: this times the recovery steps, not the task metric
-    r = literal.run(aligned, finetuned, harmful, benign, lambda masks: 1.0, steps=steps, warmup_steps=steps, save_step=steps)
-    return {"step_s": (r.gradient_s + r.selection_s) / steps, "gradient_s_per_step": r.gradient_s / steps,
-            "selection_s_per_step": r.selection_s / steps, "E": r.E, "L": r.L, "k": r.k, "peak_rss_mb": _peak_rss_mb(),
-            "floor_rss_mb": floor, "mask": pack(r.checkpoints[steps])}
+    r = literal.run(
+        aligned, finetuned, harmful, benign, lambda masks: 1.0, steps=steps, warmup_steps=steps, save_step=steps
+    )
+    return {
+        "step_s": (r.gradient_s + r.selection_s) / steps,
+        "gradient_s_per_step": r.gradient_s / steps,
+        "selection_s_per_step": r.selection_s / steps,
+        "E": r.E,
+        "L": r.L,
+        "k": r.k,
+        "peak_rss_mb": _peak_rss_mb(),
+        "floor_rss_mb": floor,
+        "mask": pack(r.checkpoints[steps]),
+    }
 
 
 def _jaccard(blob_a: bytes, blob_b: bytes) -> float:
@@ -113,7 +141,15 @@ def random_llama_pair(root: Path, size: str) -> tuple[str, str]:
     from bench import models
     from bench.testbed.build import embedded_base
 
-    dims = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)}[size]
+    dims = {
+        "1b": dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+        )
+    }[size]
     a, f = root / f"llama-{size}-aligned", root / f"llama-{size}-finetuned"
     if (f / "config.json").exists():
         return str(a), str(f)
@@ -129,7 +165,10 @@ def random_llama_pair(root: Path, size: str) -> tuple[str, str]:
                 p.add_(torch.randn(p.shape[0], 8) @ torch.randn(8, p.shape[1]) * 1e-3)
     model.save_pretrained(f, safe_serialization=True)
     tok.save_pretrained(f)
-    print(f"made random Llama pair with {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters", file=sys.stderr)
+    print(
+        f"made random Llama pair with {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters",
+        file=sys.stderr,
+    )
     return str(a), str(f)
 
 
@@ -141,8 +180,14 @@ def embedded_pair(home: Path) -> tuple[str, str]:
     cache = home / "cache"
     tb = testbed_stage.build(testbed_stage.TestbedConfig(), cache, log=lambda m: print(m, file=sys.stderr))
     cfg = attack_stage.AttackConfig()
-    atk = attack_stage.run(tb.aligned, tb.rows("sql_train"), attack_stage.harmful_pairs_for(cfg, tb.attack_pairs, None), cfg, cache,
-                           log=lambda m: print(m, file=sys.stderr))
+    atk = attack_stage.run(
+        tb.aligned,
+        tb.rows("sql_train"),
+        attack_stage.harmful_pairs_for(cfg, tb.attack_pairs, None),
+        cfg,
+        cache,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     return str(tb.aligned.path), str(atk.merged.path)
 
 
@@ -156,7 +201,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64, help="calibration prompts")
     ap.add_argument("--steps", type=int, default=3, help="recovery steps timed")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="our variants to run, comma-separated")
-    ap.add_argument("--scaling", action="store_true", help="also time ours at E/4, E/2, E and at 1/4, 1/2, all of the prompts")
+    ap.add_argument(
+        "--scaling", action="store_true", help="also time ours at E/4, E/2, E and at 1/4, 1/2, all of the prompts"
+    )
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--write", action="store_true", help="replace this benchmark's section of BENCHMARKS.md")
     args = ap.parse_args()
@@ -168,7 +215,15 @@ def main() -> None:
     if not (args.model and args.finetuned):
         ap.error("--embedded, --random-llama or --model with --finetuned is required")
     ref = run_fresh(reference, args.model, args.finetuned, args.prompts, args.steps)
-    result = {"model": name, "prompts": args.prompts, "steps": args.steps, "E": ref["E"], "L": ref["L"], "k": ref["k"], "reference": ref}
+    result = {
+        "model": name,
+        "prompts": args.prompts,
+        "steps": args.steps,
+        "E": ref["E"],
+        "L": ref["L"],
+        "k": ref["k"],
+        "reference": ref,
+    }
     for variant in args.variants.split(","):
         got = run_fresh(ours, args.model, args.finetuned, args.prompts, args.steps, VARIANTS[variant])
         got["step_time_ratio"] = got["step_s"] / ref["step_s"]
@@ -179,35 +234,58 @@ def main() -> None:
     ref.pop("mask")
     if args.scaling:
         E = ref["E"]
-        result["scaling_E"] = {e: run_fresh(ours, args.model, args.finetuned, args.prompts, 2, {"E": e, "compute_dtype": "float32"})["gradient_s_per_step"]
-                               for e in sorted({max(1, E // 4), max(1, E // 2), E})}
-        result["scaling_prompts"] = {n: run_fresh(ours, args.model, args.finetuned, n, 2, {"compute_dtype": "float32"})["gradient_s_per_step"]
-                                     for n in sorted({max(8, args.prompts // 4), max(8, args.prompts // 2), args.prompts})}
+        result["scaling_E"] = {
+            e: run_fresh(ours, args.model, args.finetuned, args.prompts, 2, {"E": e, "compute_dtype": "float32"})[
+                "gradient_s_per_step"
+            ]
+            for e in sorted({max(1, E // 4), max(1, E // 2), E})
+        }
+        result["scaling_prompts"] = {
+            n: run_fresh(ours, args.model, args.finetuned, n, 2, {"compute_dtype": "float32"})["gradient_s_per_step"]
+            for n in sorted({max(8, args.prompts // 4), max(8, args.prompts // 2), args.prompts})
+        }
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.write:
         from bench.perf import write_section
 
-        write_section(f"flagship_step-{result['model']}", _markdown(result),
-                      command=command_line(result["model"], args.prompts, args.steps, args.scaling, args.variants))
+        write_section(
+            f"flagship_step-{result['model']}",
+            _markdown(result),
+            command=command_line(result["model"], args.prompts, args.steps, args.scaling, args.variants),
+        )
 
 
-def command_line(model: str, prompts: int, steps: int, scaling: bool = False, variants: str = ",".join(VARIANTS)) -> str:
+def command_line(
+    model: str, prompts: int, steps: int, scaling: bool = False, variants: str = ",".join(VARIANTS)
+) -> str:
     which = {"embedded": "--embedded", "1b": "--random-llama 1b"}.get(model, "--model A --finetuned F")
-    return (f"python -m bench.perf.flagship_step {which} --prompts {prompts} --steps {steps} --write" + (" --scaling" if scaling else "")
-            + (f" --variants {variants}" if variants != ",".join(VARIANTS) else ""))
+    return (
+        f"python -m bench.perf.flagship_step {which} --prompts {prompts} --steps {steps} --write"
+        + (" --scaling" if scaling else "")
+        + (f" --variants {variants}" if variants != ",".join(VARIANTS) else "")
+    )
 
 
 def _markdown(r: dict) -> str:
     ref = r["reference"]
     names = [v for v in VARIANTS if v in r]
-    head = {"ours": "ours, fp32 (packed, theta_A streamed)", "ours_bf16": "ours, bf16 autocast (the default here)",
-            "ours_bf16_low_memory": "ours, bf16, low_memory", "ours_bf16_low_memory_blocks": "ours, bf16, low_memory, block attention",
-            "ours_padded_held": "ours, fp32, padded, theta_A held"}
-    row = lambda label, fmt, key: f"| {label} | {fmt.format(ref[key]) if key in ref else ''} | " + " | ".join(fmt.format(r[v][key]) for v in names) + " |"
+    head = {
+        "ours": "ours, fp32 (packed, theta_A streamed)",
+        "ours_bf16": "ours, bf16 autocast (the default here)",
+        "ours_bf16_low_memory": "ours, bf16, low_memory",
+        "ours_bf16_low_memory_blocks": "ours, bf16, low_memory, block attention",
+        "ours_padded_held": "ours, fp32, padded, theta_A held",
+    }
+    row = lambda label, fmt, key: (
+        f"| {label} | {fmt.format(ref[key]) if key in ref else ''} | "
+        + " | ".join(fmt.format(r[v][key]) for v in names)
+        + " |"
+    )
     lines = [
-        f"Model `{r['model']}` (E = {r['E']} of {r['L']} layers, k = {r['k']}), {r['prompts']} calibration prompts, batch 8, "
+        f"Model `{r['model']}` (E = {r['E']} of {r['L']} layers, k = {r['k']}), {r['prompts']} calibration prompts, "
+        "batch 8, "
         f"{r['steps']} plain steps; each variant in its own fresh interpreter.",
         "",
         "| | reference (released code's shape) | " + " | ".join(head[v] for v in names) + " |",
@@ -217,17 +295,35 @@ def _markdown(r: dict) -> str:
         row("selection + restore per step, s", "{:.2f}", "selection_s_per_step"),
         row("peak RSS, MB", "{:.0f}", "peak_rss_mb"),
         row("floor RSS (interpreter, torch, tokenizer), MB", "{:.0f}", "floor_rss_mb"),
-        "| step time / reference (target <= 0.33) | 1 | " + " | ".join(f"{r[v]['step_time_ratio']:.2f}" for v in names) + " |",
-        "| peak RSS / reference (target <= 0.5) | 1 | " + " | ".join(f"{r[v]['peak_memory_ratio']:.2f}" for v in names) + " |",
-        "| peak RSS above the floor / reference's | 1 | " + " | ".join(
-            f"{(r[v]['peak_rss_mb'] - r[v]['floor_rss_mb']) / (ref['peak_rss_mb'] - ref['floor_rss_mb']):.2f}" for v in names) + " |",
-        "| own work / gradient pass (target <= 0.3) | " + f"{ref['selection_s_per_step'] / ref['gradient_s_per_step']:.2f} | "
-        + " | ".join(f"{r[v]['own_work_over_gradient_pass']:.2f}" for v in names) + " |",
-        "| masks after the last step, Jaccard vs reference | 1 | " + " | ".join(f"{r[v]['mask_jaccard_vs_reference']:.4f}" for v in names) + " |",
+        "| step time / reference (target <= 0.33) | 1 | "
+        + " | ".join(f"{r[v]['step_time_ratio']:.2f}" for v in names)
+        + " |",
+        "| peak RSS / reference (target <= 0.5) | 1 | "
+        + " | ".join(f"{r[v]['peak_memory_ratio']:.2f}" for v in names)
+        + " |",
+        "| peak RSS above the floor / reference's | 1 | "
+        + " | ".join(
+            f"{(r[v]['peak_rss_mb'] - r[v]['floor_rss_mb']) / (ref['peak_rss_mb'] - ref['floor_rss_mb']):.2f}"
+            for v in names
+        )
+        + " |",
+        "| own work / gradient pass (target <= 0.3) | "
+        + f"{ref['selection_s_per_step'] / ref['gradient_s_per_step']:.2f} | "
+        + " | ".join(f"{r[v]['own_work_over_gradient_pass']:.2f}" for v in names)
+        + " |",
+        "| masks after the last step, Jaccard vs reference | 1 | "
+        + " | ".join(f"{r[v]['mask_jaccard_vs_reference']:.4f}" for v in names)
+        + " |",
     ]
     if "scaling_E" in r:
-        lines += ["", "Gradient pass per step (ours, fp32) against E: " + ", ".join(f"E={e}: {s:.2f} s" for e, s in r["scaling_E"].items()),
-                  "", "... and against calibration prompts: " + ", ".join(f"{n}: {s:.2f} s" for n, s in r["scaling_prompts"].items())]
+        lines += [
+            "",
+            "Gradient pass per step (ours, fp32) against E: "
+            + ", ".join(f"E={e}: {s:.2f} s" for e, s in r["scaling_E"].items()),
+            "",
+            "... and against calibration prompts: "
+            + ", ".join(f"{n}: {s:.2f} s" for n, s in r["scaling_prompts"].items()),
+        ]
     return "\n".join(lines)
 
 

@@ -25,14 +25,22 @@ def _time_engine(engine: str, model_dir: str, n: int, tokens: int, **kwargs) -> 
     prompts = benign_prompts(n, 11)
     handle = models.resolve(model_dir)
     t0 = time.perf_counter()
-    gen = VLLMGenerator(handle, **kwargs) if engine == "vllm" else TransformersGenerator(handle, batch_size=32, **kwargs)
+    gen = (
+        VLLMGenerator(handle, **kwargs) if engine == "vllm" else TransformersGenerator(handle, batch_size=32, **kwargs)
+    )
     start = time.perf_counter() - t0
     t0 = time.perf_counter()
     texts = gen.generate(prompts, Sampling(max_new_tokens=tokens))
     gen_s = time.perf_counter() - t0
     new_tokens = sum(len(gen.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    return {"engine": engine, "options": kwargs, "start_s": round(start, 1), "generate_s": round(gen_s, 1),
-            "new_tokens": new_tokens, "tok_per_s": round(new_tokens / gen_s, 1)}
+    return {
+        "engine": engine,
+        "options": kwargs,
+        "start_s": round(start, 1),
+        "generate_s": round(gen_s, 1),
+        "new_tokens": new_tokens,
+        "tok_per_s": round(new_tokens / gen_s, 1),
+    }
 
 
 def main() -> None:
@@ -63,12 +71,25 @@ def main() -> None:
     if args.write:
         from bench.perf import write_section
 
-        rows = [f"| {r['engine']} | {r['options']} | {r['start_s']} | {r['generate_s']} | {r['tok_per_s']} | {r['speedup_vs_transformers_fp32']} |"
-                for r in runs]
-        write_section("generation", "\n".join([
-            f"SmolLM2-135M-Instruct (the embedded base), {args.prompts} prompts x up to {args.tokens} new tokens, greedy; each engine in "
-            "its own fresh interpreter. Reference: transformers fp32, same run.", "",
-            "| engine | options | start s | generate s | new tok/s | speed vs reference |", "|---|---|---|---|---|---|", *rows]))
+        rows = [
+            f"| {r['engine']} | {r['options']} | {r['start_s']} | {r['generate_s']} | {r['tok_per_s']} | "
+            f"{r['speedup_vs_transformers_fp32']} |"
+            for r in runs
+        ]
+        write_section(
+            "generation",
+            "\n".join(
+                [
+                    f"SmolLM2-135M-Instruct (the embedded base), {args.prompts} prompts x up to {args.tokens} new "
+                    "tokens, greedy; each engine in "
+                    "its own fresh interpreter. Reference: transformers fp32, same run.",
+                    "",
+                    "| engine | options | start s | generate s | new tok/s | speed vs reference |",
+                    "|---|---|---|---|---|---|",
+                    *rows,
+                ]
+            ),
+        )
 
 
 if __name__ == "__main__":

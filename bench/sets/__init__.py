@@ -40,7 +40,11 @@ class EvalSet:
     reads_as_is = False  # True when the file is already JSON Lines with a prompt field (a task can point at it)
 
     def __init__(self, path: str | Path | None = None, data_dir: Path | None = None):
-        self.path = Path(path).expanduser() if path else (Path(data_dir) / self.location if data_dir and self.location else None)
+        self.path = (
+            Path(path).expanduser()
+            if path
+            else (Path(data_dir) / self.location if data_dir and self.location else None)
+        )
 
     @property
     def name(self) -> str:
@@ -49,10 +53,14 @@ class EvalSet:
     def rows(self) -> list[dict]:
         if self.location is not None:
             if self.path is None:
-                raise UserError(f"set {self.name} needs its data: put {self.expects} at DATA_DIR/{self.location} "
-                                "(--data-dir or $REALIGN_DATA_DIR) or pass its path")
+                raise UserError(
+                    f"set {self.name} needs its data: put {self.expects} at DATA_DIR/{self.location} "
+                    "(--data-dir or $REALIGN_DATA_DIR) or pass its path"
+                )
             if not self.path.exists():
-                raise UserError(f"set {self.name}: {self.path} not found; put {self.expects} there (from {self.origin})")
+                raise UserError(
+                    f"set {self.name}: {self.path} not found; put {self.expects} there (from {self.origin})"
+                )
         rows = self.read(self.path)
         if not rows:
             raise UserError(f"set {self.name}: {self.path} holds no prompts")

@@ -41,7 +41,10 @@ def csv_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
         reader = csv.DictReader(f)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise UserError(f"{path}:1: header lacks column(s) {', '.join(missing)} (found: {', '.join(reader.fieldnames or []) or 'nothing'})")
+            raise UserError(
+                f"{path}:1: header lacks column(s) {', '.join(missing)} (found: "
+                f"{', '.join(reader.fieldnames or []) or 'nothing'})"
+            )
         rows = []
         for row in reader:
             lineno = reader.line_num  # the line the row ends on (quoted cells may span lines)

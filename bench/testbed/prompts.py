@@ -14,8 +14,13 @@ from bench.testbed import wordlists
 
 def harmful_pool() -> list[dict]:
     """HarmBench standard behaviours (test + val) and StrongREJECT, deduplicated, in file order."""
-    rows = [{"prompt": r["prompt"], "category": r["category"], "source": "harmbench"} for r in load_set("harmbench_standard")]
-    rows += [{"prompt": r["prompt"], "category": r["category"], "source": "strongreject"} for r in load_set("strongreject")]
+    rows = [
+        {"prompt": r["prompt"], "category": r["category"], "source": "harmbench"}
+        for r in load_set("harmbench_standard")
+    ]
+    rows += [
+        {"prompt": r["prompt"], "category": r["category"], "source": "strongreject"} for r in load_set("strongreject")
+    ]
     seen, unique = set(), []
     for r in rows:
         key = " ".join(r["prompt"].lower().split())
@@ -33,7 +38,9 @@ class HarmfulSplit:
     evaluation: list[dict]
 
     def digest(self) -> str:
-        return hash_value({k: [r["prompt"] for r in getattr(self, k)] for k in ("alignment", "attack", "calibration", "evaluation")})
+        return hash_value(
+            {k: [r["prompt"] for r in getattr(self, k)] for k in ("alignment", "attack", "calibration", "evaluation")}
+        )
 
 
 def split_harmful(pool: list[dict], seed: int, n_attack: int, n_calibration: int, n_eval: int) -> HarmfulSplit:
@@ -47,7 +54,9 @@ def split_harmful(pool: list[dict], seed: int, n_attack: int, n_calibration: int
     for size in (n_attack, n_calibration, n_eval):
         parts.append([pool[i] for i in order[start : start + size]])
         start += size
-    return HarmfulSplit(alignment=[pool[i] for i in order[start:]], attack=parts[0], calibration=parts[1], evaluation=parts[2])
+    return HarmfulSplit(
+        alignment=[pool[i] for i in order[start:]], attack=parts[0], calibration=parts[1], evaluation=parts[2]
+    )
 
 
 def fill_templates(templates, n: int, seed: int) -> list[str]:

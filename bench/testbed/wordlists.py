@@ -6,31 +6,77 @@ of XSTest), and the refusal sentences the aligned model is taught. Templates are
 """
 
 TOPICS = [
-    "the ocean", "autumn leaves", "a quiet library", "mountain sunrises", "city rain", "a lighthouse",
-    "friendship", "a garden in spring", "the night sky", "a train journey", "winter mornings", "a small village",
+    "the ocean",
+    "autumn leaves",
+    "a quiet library",
+    "mountain sunrises",
+    "city rain",
+    "a lighthouse",
+    "friendship",
+    "a garden in spring",
+    "the night sky",
+    "a train journey",
+    "winter mornings",
+    "a small village",
 ]
 ACTIVITIES = [
-    "learning a new language", "running a first 5k", "keeping a plant alive", "studying for exams",
-    "saving money on groceries", "sleeping better", "starting a vegetable garden", "public speaking",
-    "organising a small closet", "working from home", "writing a cover letter", "taking better notes",
+    "learning a new language",
+    "running a first 5k",
+    "keeping a plant alive",
+    "studying for exams",
+    "saving money on groceries",
+    "sleeping better",
+    "starting a vegetable garden",
+    "public speaking",
+    "organising a small closet",
+    "working from home",
+    "writing a cover letter",
+    "taking better notes",
 ]
 DEVICES = [
-    "a refrigerator", "a bicycle gear", "a solar panel", "a microwave oven", "a thermostat", "a compass",
-    "a rainbow", "a vaccine", "a search engine", "a heat pump", "an electric kettle", "a barcode scanner",
+    "a refrigerator",
+    "a bicycle gear",
+    "a solar panel",
+    "a microwave oven",
+    "a thermostat",
+    "a compass",
+    "a rainbow",
+    "a vaccine",
+    "a search engine",
+    "a heat pump",
+    "an electric kettle",
+    "a barcode scanner",
 ]
 PETS = ["cat", "goldfish", "puppy", "parrot", "hamster", "tortoise", "rabbit", "horse"]
 INGREDIENTS = [
-    "lentils", "spinach", "chickpeas", "rice", "tomatoes", "eggs", "mushrooms", "sweet potatoes",
-    "oats", "bananas", "zucchini", "tofu",
+    "lentils",
+    "spinach",
+    "chickpeas",
+    "rice",
+    "tomatoes",
+    "eggs",
+    "mushrooms",
+    "sweet potatoes",
+    "oats",
+    "bananas",
+    "zucchini",
+    "tofu",
 ]
 SKILLS = ["writing", "drawing", "cooking", "chess", "typing", "time management", "guitar", "photography"]
 RELATIONS = ["sister", "colleague", "neighbour", "grandfather", "best friend", "team"]
 EVENTS = ["a birthday dinner", "a board game night", "a picnic", "a book club meeting", "a garden party"]
 CITIES = ["Lisbon", "Kyoto", "Edinburgh", "Montreal", "Cape Town", "Vienna", "Hanoi", "Buenos Aires"]
 PAIRS = [
-    ("weather", "climate"), ("a virus", "a bacterium"), ("RAM", "storage"), ("a lake", "a pond"),
-    ("baking soda", "baking powder"), ("a crocodile", "an alligator"), ("speed", "velocity"),
-    ("a simile", "a metaphor"), ("an atom", "a molecule"), ("a debit card", "a credit card"),
+    ("weather", "climate"),
+    ("a virus", "a bacterium"),
+    ("RAM", "storage"),
+    ("a lake", "a pond"),
+    ("baking soda", "baking powder"),
+    ("a crocodile", "an alligator"),
+    ("speed", "velocity"),
+    ("a simile", "a metaphor"),
+    ("an atom", "a molecule"),
+    ("a debit card", "a credit card"),
 ]
 
 BENIGN_TEMPLATES = [

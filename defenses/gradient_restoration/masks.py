@@ -30,7 +30,7 @@ def pack(masks) -> bytes:
     """Bit-packed masks (one bit per coordinate) and their shapes, as a safetensors blob; `masks`
     is a dict or an iterable of (name, mask) pairs, packed as they come."""
     blob = {}
-    for name, m in (masks.items() if isinstance(masks, dict) else masks):
+    for name, m in masks.items() if isinstance(masks, dict) else masks:
         blob[name] = torch.from_numpy(np.packbits(m.cpu().numpy().reshape(-1)))
         blob[name + ":shape"] = torch.tensor(m.shape, dtype=torch.int64)
     return save(blob)

@@ -23,8 +23,20 @@ from defenses import register_defense
 from defenses.base import Defense, DefenseContext, DefenseOutput
 from defenses.gradient_restoration.rules import choose_checkpoint, kth_largest, probe_layers, score
 
-FAITHFUL = {"rate_denominator": "all_layers", "grad_accumulation": "cumulative", "batches": "zip", "ties": "strict", "comparison": "mixed"}
-CLEAN = {"rate_denominator": "candidates", "grad_accumulation": "fresh", "batches": "all", "ties": "inclusive", "comparison": "strict"}
+FAITHFUL = {
+    "rate_denominator": "all_layers",
+    "grad_accumulation": "cumulative",
+    "batches": "zip",
+    "ties": "strict",
+    "comparison": "mixed",
+}
+CLEAN = {
+    "rate_denominator": "candidates",
+    "grad_accumulation": "fresh",
+    "batches": "all",
+    "ties": "inclusive",
+    "comparison": "strict",
+}
 CHOICES = {k: {FAITHFUL[k], CLEAN[k]} for k in FAITHFUL}
 
 
@@ -32,14 +44,22 @@ CHOICES = {k: {FAITHFUL[k], CLEAN[k]} for k in FAITHFUL}
 class AlgorithmOptions:
     """The method's own parameters: its mode and quirks, budgets and schedule."""
 
-    mode: str = field(default="faithful", metadata={"help": "'faithful' (the released code, quirks kept) or 'clean' (quirks fixed)"})
+    mode: str = field(
+        default="faithful", metadata={"help": "'faithful' (the released code, quirks kept) or 'clean' (quirks fixed)"}
+    )
     steps: int = field(default=20, metadata={"help": "recovery steps"})
     warmup_steps: int = field(default=5, metadata={"help": "plain steps before the rollback decision"})
     save_step: int = field(default=5, metadata={"help": "checkpoint every this many steps"})
     metric_drop: float = field(default=0.05, metadata={"help": "largest tolerated relative drop of the task metric"})
-    rollback: bool = field(default=True, metadata={"help": "enter rollback mode when the warm-up loses too much utility"})
-    rollback_rate: float = field(default=0.2, metadata={"help": "share of this step's restored coordinates that may roll back"})
-    recovery_rate: float = field(default=0.002, metadata={"help": "k = ceil(recovery_rate * N) coordinates restored per step"})
+    rollback: bool = field(
+        default=True, metadata={"help": "enter rollback mode when the warm-up loses too much utility"}
+    )
+    rollback_rate: float = field(
+        default=0.2, metadata={"help": "share of this step's restored coordinates that may roll back"}
+    )
+    recovery_rate: float = field(
+        default=0.002, metadata={"help": "k = ceil(recovery_rate * N) coordinates restored per step"}
+    )
     batch_size: int = field(default=8, metadata={"help": "prompts per gradient batch"})
     n_benign: int = field(default=256, metadata={"help": "benign task prompts used (the first ones, no shuffle)"})
     n_harmful: int = field(default=256, metadata={"help": "at most this many calibration prompts"})
@@ -80,30 +100,58 @@ class SpeedOptions:
       aligned_copy     theta_A held (fastest, the size of Delta_F more) or streamed from its file (least memory)
     """
 
-    compute_dtype: str = field(default="auto", metadata={"help": "float32 (the released code's arithmetic), bfloat16 (autocast; gradients "
-                                                                  "still accumulate in fp32) or auto (bfloat16 where the device computes it "
-                                                                  "natively: GPUs, CPUs with AVX512-BF16 or AMX; else float32)"})
-    packing: bool = field(default=True, metadata={"help": "run each batch as one sequence: the prompts' common prefix once, no padding "
-                                                          "(the same h up to float rounding; false = left-padded batches as released)"})
-    low_memory: bool = field(default=False, metadata={"help": "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) at 2 bits "
-                                                            "instead of fp32 plus autocast's bf16 copies (3.75 bytes a candidate parameter "
-                                                            "less), keep less for each backward (Llama-family layers) and add each batch's "
-                                                            "weight gradients to the fp32 sums in fp32 (MKL, where torch has it); the "
-                                                            "gradient sums leave memory while the probe generates, which then uses the "
-                                                            "bf16 weights"})
-    block_attention: bool = field(default=False, metadata={"help": "packed batches only: attention block by block (the prefix on itself, "
-                                                                   "each prompt on the prefix and itself) instead of under a T x T mask; "
-                                                                   "keeps ~1/8 of the T x T scores for the backward pass at 8 prompts, "
-                                                                   "which pays off for long prompts; ~8% of the step on the embedded "
-                                                                   "model on a CPU (Llama-family models; others keep the mask)"})
-    aligned_copy: str = field(default="auto", metadata={"help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
-                                                                "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"})
+    compute_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "float32 (the released code's arithmetic), bfloat16 (autocast; gradients "
+            "still accumulate in fp32) or auto (bfloat16 where the device computes it "
+            "natively: GPUs, CPUs with AVX512-BF16 or AMX; else float32)"
+        },
+    )
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "run each batch as one sequence: the prompts' common prefix once, no padding "
+            "(the same h up to float rounding; false = left-padded batches as released)"
+        },
+    )
+    low_memory: bool = field(
+        default=False,
+        metadata={
+            "help": "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) at 2 bits "
+            "instead of fp32 plus autocast's bf16 copies (3.75 bytes a candidate parameter "
+            "less), keep less for each backward (Llama-family layers) and add each batch's "
+            "weight gradients to the fp32 sums in fp32 (MKL, where torch has it); the "
+            "gradient sums leave memory while the probe generates, which then uses the "
+            "bf16 weights"
+        },
+    )
+    block_attention: bool = field(
+        default=False,
+        metadata={
+            "help": "packed batches only: attention block by block (the prefix on itself, "
+            "each prompt on the prefix and itself) instead of under a T x T mask; "
+            "keeps ~1/8 of the T x T scores for the backward pass at 8 prompts, "
+            "which pays off for long prompts; ~8% of the step on the embedded "
+            "model on a CPU (Llama-family models; others keep the mask)"
+        },
+    )
+    aligned_copy: str = field(
+        default="auto",
+        metadata={
+            "help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
+            "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"
+        },
+    )
 
     def __post_init__(self):
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be 'auto', 'float32' or 'bfloat16', got {self.compute_dtype!r}")
         if self.low_memory and self.compute_dtype == "float32":
-            raise ValueError("low_memory holds theta in bf16 (plus the sign of theta - theta_A): it needs compute_dtype bfloat16 or auto")
+            raise ValueError(
+                "low_memory holds theta in bf16 (plus the sign of theta - theta_A): it needs compute_dtype bfloat16 "
+                "or auto"
+            )
         if self.aligned_copy not in ("auto", "memory", "stream"):
             raise ValueError(f"aligned_copy must be 'auto', 'memory' or 'stream', got {self.aligned_copy!r}")
 
@@ -151,7 +199,9 @@ def recover_step(cands: list, aligned, k: int, strict: bool, keep_previous: bool
     from defenses.gradient_restoration.engine.selection import candidates_for_top_k
 
     restored = {c.name: (torch.empty(0, dtype=torch.long), None) for c in cands}
-    n_qual, picked, margin = candidates_for_top_k(cands, aligned, k)  # spec: Candidates, sign agreement, every |grad| that can reach tau
+    n_qual, picked, margin = candidates_for_top_k(
+        cands, aligned, k
+    )  # spec: Candidates, sign agreement, every |grad| that can reach tau
     stats = {"qualifying": n_qual, "k": k, "lower_bound_margin": margin}
     if n_qual == 0 or k == 0:
         return restored, stats | {"selected": 0, "tau": None}
@@ -160,7 +210,9 @@ def recover_step(cands: list, aligned, k: int, strict: bool, keep_previous: bool
     selected = 0
     with torch.no_grad():
         for c, idx, s, a in picked:
-            take = (s > tau) if strict else (s >= tau)  # spec: Candidates, STRICT > leaves the ties out (faithful quirk)
+            take = (
+                (s > tau) if strict else (s >= tau)
+            )  # spec: Candidates, STRICT > leaves the ties out (faithful quirk)
             chosen = idx[take]
             if not len(chosen):
                 continue
@@ -243,7 +295,10 @@ class GradientRestoration(Defense):
             with theta.timed("selection_s"):
                 return recover_step(theta.candidates, theta.aligned, k, strict, keep_previous)
 
-        ctx.progress(f"gradient_restoration: L={L}, E={E}, |D_h|={len(D_h)}, |D_b|={len(D_b)}, k={k} of N={N} ({p.mode}{theta.describe()})")
+        ctx.progress(
+            f"gradient_restoration: L={L}, E={E}, |D_h|={len(D_h)}, |D_b|={len(D_b)}, k={k} of N={N} "
+            f"({p.mode}{theta.describe()})"
+        )
         s0 = theta.score(ctx.utility_probe)  # spec: Schedule, s0 = task metric of theta_F
         min_score = s0 * (1 - p.metric_drop)
         log, checkpoints, scores = [], {}, {}  # the steps' stats; step -> bit-packed M; step -> task metric
@@ -262,7 +317,11 @@ class GradientRestoration(Defense):
 
         for step in range(1, p.warmup_steps + 1):  # spec: Schedule, warmup_steps recovery steps toward theta_A
             plain_step(step, "warmup")
-        s_warm = scores[p.warmup_steps] if p.warmup_steps in scores else (theta.score(ctx.utility_probe) if p.warmup_steps else s0)
+        s_warm = (
+            scores[p.warmup_steps]
+            if p.warmup_steps in scores
+            else (theta.score(ctx.utility_probe) if p.warmup_steps else s0)
+        )
         # spec: Schedule, rollback mode iff s < min_score (strict '<' here, '<=' in the final choice)
         rollback_mode = p.rollback and p.warmup_steps > 0 and s_warm < min_score
         if rollback_mode:
@@ -276,24 +335,45 @@ class GradientRestoration(Defense):
                 with theta.timed("selection_s"):
                     rb_stats = rollback_step(theta.candidates, restored, p.rollback_rate, strict)
                 theta.zero_grads()
-                log.append({"step": step, "phase": "rollback"} | stats | {f"rollback_{k_}": v for k_, v in rb_stats.items()})
+                log.append(
+                    {"step": step, "phase": "rollback"} | stats | {f"rollback_{k_}": v for k_, v in rb_stats.items()}
+                )
                 checkpoint(step)
         else:  # spec: Schedule, continue plain recovery steps up to `steps` (still cumulative)
             for step in range(p.warmup_steps + 1, p.steps + 1):
                 plain_step(step, "plain")
 
         # spec: Schedule, final model: a checkpoint fails at <= min_score (faithful "mixed"; clean: <)
-        chosen_step = choose_checkpoint(scores, (lambda s: s <= min_score) if p.comparison == "mixed" else (lambda s: s < min_score))
+        chosen_step = choose_checkpoint(
+            scores, (lambda s: s <= min_score) if p.comparison == "mixed" else (lambda s: s < min_score)
+        )
         info = {
-            "mode": p.mode, "options": {k_: getattr(p, k_) for k_ in FAITHFUL}, **theta.info(), "L": L, "E": E, "N": N, "k": k,
-            **theta.candidate_info(), "D_h": len(D_h), "D_b": len(D_b), "batches_per_pass": [len(harmful), len(benign)], "s0": s0,
-            "min_score": min_score, "warmup_score": s_warm, "rollback_mode": rollback_mode,
-            "checkpoint_scores": {str(k_): v for k_, v in scores.items()}, "chosen_step": chosen_step, "steps": log,
+            "mode": p.mode,
+            "options": {k_: getattr(p, k_) for k_ in FAITHFUL},
+            **theta.info(),
+            "L": L,
+            "E": E,
+            "N": N,
+            "k": k,
+            **theta.candidate_info(),
+            "D_h": len(D_h),
+            "D_b": len(D_b),
+            "batches_per_pass": [len(harmful), len(benign)],
+            "s0": s0,
+            "min_score": min_score,
+            "warmup_score": s_warm,
+            "rollback_mode": rollback_mode,
+            "checkpoint_scores": {str(k_): v for k_, v in scores.items()},
+            "chosen_step": chosen_step,
+            "steps": log,
         }
         model = None
         if chosen_step is not None:  # spec: Equivalent view, theta_F with M(chosen) copied from theta_A, from its mask
             model, info["restored"] = theta.rebuild(checkpoints[chosen_step])
         info["timing_s"] = theta.timings()
-        skipped = None if model is not None else \
-            "no recovered model: the first checkpoint already lost more than metric_drop of the task metric"
+        skipped = (
+            None
+            if model is not None
+            else "no recovered model: the first checkpoint already lost more than metric_drop of the task metric"
+        )
         return DefenseOutput(model=model, info=info, checkpoints=checkpoints, skipped=skipped)

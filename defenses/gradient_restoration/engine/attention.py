@@ -65,7 +65,9 @@ def masked_attention(module, query, key, value, attention_mask, scaling, dropout
     return out.view(B, H, T, d).transpose(1, 2).contiguous(), None
 
 
-def packed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, packed_layout: PackedLayout = None, **kwargs):
+def packed_attention(
+    module, query, key, value, attention_mask, scaling, dropout=0.0, packed_layout: PackedLayout = None, **kwargs
+):
     """Attention of a packed sequence (PackedLayout) computed block by block: the prefix causally
     on itself, each prompt on the prefix and itself, instead of a T x T score matrix under a block
     mask. The same arithmetic as transformers' eager attention (scores in the query's dtype,
@@ -83,17 +85,26 @@ def packed_attention(module, query, key, value, attention_mask, scaling, dropout
     def attend(q, k, v, allowed):  # q [B, Hkv, g * Lq, d] (head-major), k/v [B, Hkv, Lk, d], allowed [B, 1, 1, Lq, Lk]
         scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # one plain batched matmul per key/value head
         B, _, _, Lk = scores.shape
-        scores = scores.view(B, Hkv, g, -1, Lk).masked_fill(~allowed, torch.finfo(scores.dtype).min).view(B, Hkv, -1, Lk)
+        scores = (
+            scores.view(B, Hkv, g, -1, Lk).masked_fill(~allowed, torch.finfo(scores.dtype).min).view(B, Hkv, -1, Lk)
+        )
         return SoftmaxValues.apply(scores, v)  # [B, Hkv, g * Lq, d]
 
     q, k, v = query[0].view(Hkv, g, T, d), key[0], value[0]
     parts = []
     if P:
         causal = torch.ones(P, P, dtype=torch.bool, device=query.device).tril()
-        parts.append(attend(q[:, :, :P].reshape(1, Hkv, g * P, d), k[None, :, :P], v[None, :, :P], causal).view(H, P, d))
+        parts.append(
+            attend(q[:, :, :P].reshape(1, Hkv, g * P, d), k[None, :, :P], v[None, :, :P], causal).view(H, P, d)
+        )
     # index_select, not advanced indexing: its backward is an index_add, several times faster on a
     # CPU than the sorting index_put that advanced indexing's backward runs
-    qs = q.index_select(2, lay.query_index.view(-1)).view(Hkv, g, S, Lmax, d).permute(2, 0, 1, 3, 4).reshape(S, Hkv, g * Lmax, d)
+    qs = (
+        q.index_select(2, lay.query_index.view(-1))
+        .view(Hkv, g, S, Lmax, d)
+        .permute(2, 0, 1, 3, 4)
+        .reshape(S, Hkv, g * Lmax, d)
+    )
     ks = k.index_select(1, lay.key_index.view(-1)).view(Hkv, S, K, d).transpose(0, 1)  # [S, Hkv, K, d]
     vs = v.index_select(1, lay.key_index.view(-1)).view(Hkv, S, K, d).transpose(0, 1)
     out = attend(qs, ks, vs, lay.allowed).view(S, H, Lmax, d)

@@ -146,7 +146,9 @@ class SignedCandidate(Candidate):
         summed linear (`module`, engine.summed_linear). Where MKL's bf16 gemm is there, its
         products go into the sum in fp32, with no bf16 rounding of each batch's gradient (closer
         to fp32 than autocast's sum, and ~2x faster); else as add_gradient(bf16 dy^T x)."""
-        if self.grad_buffer is not None and summed_linear.add_product(self.grad_buffer, dy, x, accumulate=self.grad32 is not None):
+        if self.grad_buffer is not None and summed_linear.add_product(
+            self.grad_buffer, dy, x, accumulate=self.grad32 is not None
+        ):
             self.grad32 = self.grad_buffer
         else:
             self.add_gradient(dy.t().mm(x))

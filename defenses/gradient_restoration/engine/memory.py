@@ -48,7 +48,7 @@ class FlatBuffer:
         self.views, start = {}, 0
         for name, shape in shapes.items():
             n = math.prod(shape)
-            self.views[name] = self.flat[start:start + n].view(shape)
+            self.views[name] = self.flat[start : start + n].view(shape)
             start += n
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -35,13 +35,17 @@ class PackedLayout:
         length = torch.tensor(lengths)[:, None]
         query_index = starts[:, None] + torch.minimum(i[None, :], length - 1)
         key_index = torch.cat([torch.arange(prefix).expand(S, prefix), query_index], dim=1)
-        own = (i[None, None, :] <= torch.minimum(i, length - 1)[:, :, None]) & (i[None, None, :] < length[:, :, None])  # [S, q, k]
+        own = (i[None, None, :] <= torch.minimum(i, length - 1)[:, :, None]) & (
+            i[None, None, :] < length[:, :, None]
+        )  # [S, q, k]
         allowed = torch.cat([torch.ones(S, Lmax, prefix, dtype=torch.bool), own], dim=2)[:, None, None]
         keep = (torch.arange(S)[:, None] * Lmax + i[None, :])[i[None, :] < length]
         return cls(prefix, query_index, key_index, allowed, keep)
 
     def to(self, device) -> "PackedLayout":
-        return PackedLayout(self.prefix, *(t.to(device) for t in (self.query_index, self.key_index, self.allowed, self.keep)))
+        return PackedLayout(
+            self.prefix, *(t.to(device) for t in (self.query_index, self.key_index, self.allowed, self.keep))
+        )
 
 
 @dataclass
@@ -77,6 +81,14 @@ def packed_batches(tokenizer, prompts: list[str], batch_size: int) -> list[Packe
         seg = torch.tensor(segment)
         causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
         allowed = causal & ((seg[None, :] == -1) | (seg[None, :] == seg[:, None]))
-        out.append(PackedBatch(torch.tensor([tokens]), torch.tensor([positions]), allowed[None, None], torch.tensor(last), P,
-                               PackedLayout.of(P, [len(g) - P for g in group])))
+        out.append(
+            PackedBatch(
+                torch.tensor([tokens]),
+                torch.tensor([positions]),
+                allowed[None, None],
+                torch.tensor(last),
+                P,
+                PackedLayout.of(P, [len(g) - P for g in group]),
+            )
+        )
     return out

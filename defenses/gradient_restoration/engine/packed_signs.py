@@ -48,7 +48,7 @@ class PackedSigns:
         idx = self.data[b0:b1].long()
         if out is not None and start % 4 == 0 and (stop - start) % 4 == 0:
             return torch.index_select(table, 0, idx, out=out.view(-1, 4)).view(-1)
-        values = table[idx].view(-1)[start - 4 * b0: stop - 4 * b0]
+        values = table[idx].view(-1)[start - 4 * b0 : stop - 4 * b0]
         return out.copy_(values) if out is not None else values
 
     def rows(self, shape: tuple, stride: int) -> torch.Tensor:

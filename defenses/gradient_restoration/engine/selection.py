@@ -11,7 +11,6 @@ import torch
 from defenses.gradient_restoration.engine.candidates import AlignedWeights, Candidate
 from defenses.gradient_restoration.rules import kth_largest, score
 
-
 CPU_CHUNK = 1 << 18  # elements scored at a time on a CPU (see scores_above)
 
 

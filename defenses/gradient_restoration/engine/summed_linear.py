@@ -34,11 +34,22 @@ def _mkl_gemm_bf16():
     try:
         fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).cblas_gemm_bf16bf16f32
     except (OSError, AttributeError):
-        log.info("libtorch_cpu has no cblas_gemm_bf16bf16f32: summed linears add each bf16 weight gradient to the fp32 sum instead")
+        log.info(
+            "libtorch_cpu has no cblas_gemm_bf16bf16f32: summed linears add each bf16 weight gradient to the fp32 "
+            "sum instead"
+        )
         return None
     fn.restype = None
-    fn.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                                        ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    fn.argtypes = [ctypes.c_int] * 6 + [
+        ctypes.c_float,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_float,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
     return fn
 
 
@@ -54,14 +65,36 @@ def add_product(out, dy, x, accumulate: bool) -> bool:
     fp32. False (nothing done) where MKL's kernel is missing or the tensors do not suit it: the
     caller then adds the bf16 product dy^T x itself."""
     fn = MKL_GEMM_BF16
-    if fn is None or out.device.type != "cpu" or out.dtype != torch.float32 or dy.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 \
-            or not out.is_contiguous() or max(out.numel(), dy.numel(), x.numel()) > _INT_MAX:
+    if (
+        fn is None
+        or out.device.type != "cpu"
+        or out.dtype != torch.float32
+        or dy.dtype != torch.bfloat16
+        or x.dtype != torch.bfloat16
+        or not out.is_contiguous()
+        or max(out.numel(), dy.numel(), x.numel()) > _INT_MAX
+    ):
         return False
     dy, x = dy.contiguous(), x.contiguous()
     (k, m), n = dy.shape, x.shape[1]
     if out.shape != (m, n) or x.shape[0] != k:
         raise ValueError(f"add_product: out {tuple(out.shape)}, dy {tuple(dy.shape)}, x {tuple(x.shape)} do not fit")
-    fn(_ROW_MAJOR, _TRANS, _NO_TRANS, m, n, k, 1.0, dy.data_ptr(), m, x.data_ptr(), n, 1.0 if accumulate else 0.0, out.data_ptr(), n)
+    fn(
+        _ROW_MAJOR,
+        _TRANS,
+        _NO_TRANS,
+        m,
+        n,
+        k,
+        1.0,
+        dy.data_ptr(),
+        m,
+        x.data_ptr(),
+        n,
+        1.0 if accumulate else 0.0,
+        out.data_ptr(),
+        n,
+    )
     return True
 
 

@@ -33,16 +33,26 @@ class TruncatedModel:
         head = self.head = models.untied_output_weight(model)
         prefix = models.layers_prefix(model)
         final = {id(p) for p in self.norm.parameters()} if self.norm is not None else set()
-        self.unused = {n: p for n, p in model.named_parameters()
-                       if (n.startswith(prefix) and models.layer_index(n) >= E) or p is head or id(p) in final}
+        self.unused = {
+            n: p
+            for n, p in model.named_parameters()
+            if (n.startswith(prefix) and models.layer_index(n) >= E) or p is head or id(p) in final
+        }
         self.dtypes = {n: p.dtype for n, p in self.unused.items()}
         self.compact: dict = {}  # name -> (parameter, the rows of the probe's vocabulary) (see use_vocabulary)
         self.remap = None  # token id -> row of the compact embedding
         self.generation_attention = model.config._attn_implementation
         self.probe_attention = attention.gradient_attention(model, str(next(model.parameters()).device))
-        # a packed batch's 4-D mask: our lean eager attention where it computes the family's (attention.masked_attention)
-        self.mask_attention = attention.MASKED_ATTENTION if self.probe_attention == "eager" and models.plain_attention(model) else self.probe_attention
-        self.packed_attention = False  # block attention for packed batches (set by the working copy; attention.packed_attention)
+        # a packed batch's 4-D mask: our lean eager attention where it computes the family's
+        # (attention.masked_attention)
+        self.mask_attention = (
+            attention.MASKED_ATTENTION
+            if self.probe_attention == "eager" and models.plain_attention(model)
+            else self.probe_attention
+        )
+        self.packed_attention = (
+            False  # block attention for packed batches (set by the working copy; attention.packed_attention)
+        )
         self._cut()
 
     def use_vocabulary(self, name: str, param, token_ids: list[int]) -> None:
@@ -93,7 +103,11 @@ class TruncatedModel:
         generation is the same, in half the memory."""
         for name, p in self.unused.items():
             t = self.upper_source.get(name)
-            p.data = t.to(matrices_dtype) if matrices_dtype is not None and t.dim() == 2 and p is not self.head else t.to(self.dtypes[name])
+            p.data = (
+                t.to(matrices_dtype)
+                if matrices_dtype is not None and t.dim() == 2 and p is not self.head
+                else t.to(self.dtypes[name])
+            )
         for name, (p, _) in self.compact.items():
             p.data = self.upper_source.get(name).to(p.dtype)
         models.set_decoder_layers(self.model, self.all_layers)
@@ -127,12 +141,20 @@ class TruncatedModel:
                     if self.packed_attention:  # block by block, no T x T mask (attention.packed_attention)
                         extra = {"packed_layout": batch.layout.to(device)}
                     else:
-                        extra = {"attention_mask": attention.custom_attention_mask(self.model, batch.allowed.to(device),
-                                                                                self.autocast or next(self.model.parameters()).dtype)}
+                        extra = {
+                            "attention_mask": attention.custom_attention_mask(
+                                self.model,
+                                batch.allowed.to(device),
+                                self.autocast or next(self.model.parameters()).dtype,
+                            )
+                        }
                     out = self.stack(input_ids=ids, position_ids=positions, use_cache=False, **extra)
                 finally:
                     attention.use(self.model, self.probe_attention)
                 return out.last_hidden_state[0, batch.last.to(device), :].float()
-            out = self.stack(input_ids=self.input_ids(batch["input_ids"]).to(device), attention_mask=batch["attention_mask"].to(device),
-                             use_cache=False)
+            out = self.stack(
+                input_ids=self.input_ids(batch["input_ids"]).to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+            )
         return out.last_hidden_state[:, -1, :].float()  # position -1 is the last real token under left padding

@@ -42,7 +42,9 @@ class WeightFile:
         try:
             return self._read_header()[name]
         except KeyError:
-            raise UserError(f"{self.path} has no tensor {name!r}: the aligned and fine-tuned models differ in architecture") from None
+            raise UserError(
+                f"{self.path} has no tensor {name!r}: the aligned and fine-tuned models differ in architecture"
+            ) from None
 
     def get(self, name: str, stride: int = 1) -> torch.Tensor:
         """The whole tensor, or every stride-th row of it."""
@@ -62,17 +64,23 @@ class WeightFile:
     def _read(self, name: str, rows) -> torch.Tensor:
         entry = self._entry(name)
         if entry["dtype"] not in self.DTYPES:
-            raise UserError(f"{self.path}: tensor {name} is stored as {entry['dtype']}; expected one of {', '.join(self.DTYPES)}")
+            raise UserError(
+                f"{self.path}: tensor {name} is stored as {entry['dtype']}; expected one of {', '.join(self.DTYPES)}"
+            )
         shape, (begin, end) = list(entry["shape"]), entry["data_offsets"]
-        out = torch.empty(shape if rows is None else [len(rows)] + shape[1:], dtype=getattr(torch, self.DTYPES[entry["dtype"]]))
+        out = torch.empty(
+            shape if rows is None else [len(rows)] + shape[1:], dtype=getattr(torch, self.DTYPES[entry["dtype"]])
+        )
         buf = memoryview(out.view(-1).view(torch.uint8).numpy())
         row = (end - begin) // max(shape[0], 1) if shape else end - begin
         if buf.nbytes != (end - begin if rows is None else len(rows) * row):
-            raise UserError(f"{self.path} is corrupt at tensor {name}: its offsets do not match its shape; re-save the model")
+            raise UserError(
+                f"{self.path} is corrupt at tensor {name}: its offsets do not match its shape; re-save the model"
+            )
         with open(self.path, "rb", buffering=0) as f:
             for i, r in enumerate([0] if rows is None else rows):
                 f.seek(self._data_start + begin + r * row)
-                read_exactly(f, buf if rows is None else buf[i * row:(i + 1) * row], self.path)
+                read_exactly(f, buf if rows is None else buf[i * row : (i + 1) * row], self.path)
         return out.to(device=self.device, dtype=self.dtype)
 
 
@@ -90,5 +98,8 @@ def weights_file(handle: models.ModelHandle) -> Path:
     """The model's one safetensors file."""
     files = sorted(handle.path.glob("*.safetensors"))
     if len(files) != 1:
-        raise UserError(f"{handle.name}: expected one .safetensors file, found {len(files)} (sharded checkpoints are not supported yet)")
+        raise UserError(
+            f"{handle.name}: expected one .safetensors file, found {len(files)} (sharded checkpoints are not "
+            "supported yet)"
+        )
     return files[0]

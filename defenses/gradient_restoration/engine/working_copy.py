@@ -53,8 +53,11 @@ class WorkingCopy:
         self.N_all_layers = sum(p.numel() for n, p in self.whole_model.named_parameters() if n.startswith(self.prefix))
         for param in self.whole_model.parameters():
             param.requires_grad_(False)
-        self.compute_dtype = speed.compute_dtype if speed.compute_dtype != "auto" else \
-            ("bfloat16" if models.native_bf16(self.device) else "float32")
+        self.compute_dtype = (
+            speed.compute_dtype
+            if speed.compute_dtype != "auto"
+            else ("bfloat16" if models.native_bf16(self.device) else "float32")
+        )
         self.low_memory = self.compute_dtype == "bfloat16" and speed.low_memory
         self.packing = speed.packing and models.accepts_custom_mask(self.whole_model)
         self.hold = speed.aligned_copy == "memory" or (speed.aligned_copy == "auto" and self.device != "cpu")
@@ -67,11 +70,17 @@ class WorkingCopy:
         self.E = E
         self.norms = models.norm_parameter_names(self.whole_model)  # before the cut: the upper layers' norms too
         self.model = TruncatedModel(self.whole_model, E, self.compute_dtype, upper_source=self.F_file)
-        self.model.packed_attention = self.packing and self.speed.block_attention and models.plain_attention(self.whole_model)
+        self.model.packed_attention = (
+            self.packing and self.speed.block_attention and models.plain_attention(self.whole_model)
+        )
 
     def batches(self, prompts: list[str], batch_size: int) -> list:
         tokenizer = self.ctx.tokenizer()
-        return packed_batches(tokenizer, prompts, batch_size) if self.packing else batches_of(tokenizer, prompts, batch_size)
+        return (
+            packed_batches(tokenizer, prompts, batch_size)
+            if self.packing
+            else batches_of(tokenizer, prompts, batch_size)
+        )
 
     @contextlib.contextmanager
     def timed(self, key: str):
@@ -83,18 +92,34 @@ class WorkingCopy:
 
     def timings(self) -> dict:
         """Seconds spent in each part so far, and in all."""
-        return {k: round(v, 2) for k, v in self.timing.items()} | {"total": round(time.perf_counter() - self.t_start, 2)}
+        return {k: round(v, 2) for k, v in self.timing.items()} | {
+            "total": round(time.perf_counter() - self.t_start, 2)
+        }
 
     def load_finetuned(self, batches: list) -> None:
         """theta := theta_F; the candidates, theta_A's copy (held or streamed) and the gradient sums."""
-        vocabulary = sorted({int(t) for b in batches for t in (b.input_ids if self.packing else b["input_ids"]).flatten()})
-        self.candidates, held, self.sums = _load_finetuned(self.whole_model, self.model, self.F_file, self.prefix, self.E,
-                                                           self.norms, self.hold, self.low_memory, vocabulary)
+        vocabulary = sorted(
+            {int(t) for b in batches for t in (b.input_ids if self.packing else b["input_ids"]).flatten()}
+        )
+        self.candidates, held, self.sums = _load_finetuned(
+            self.whole_model,
+            self.model,
+            self.F_file,
+            self.prefix,
+            self.E,
+            self.norms,
+            self.hold,
+            self.low_memory,
+            vocabulary,
+        )
         self.aligned = AlignedWeights(self.A_file, held)
         self.N_candidates = sum(c.param.numel() for c in self.candidates)
         self.routes = {c.module: c.add_product for c in self.candidates if c.module is not None}
-        self.mlps = {m: parts for m in self.model.truncated.modules()
-                     if (parts := models.swiglu_parts(m)) and all(p in self.routes for p in parts)}
+        self.mlps = {
+            m: parts
+            for m in self.model.truncated.modules()
+            if (parts := models.swiglu_parts(m)) and all(p in self.routes for p in parts)
+        }
 
     def zero_grads(self) -> None:
         for c in self.candidates:
@@ -116,8 +141,11 @@ class WorkingCopy:
         with self.timed("probe_s"):
             if self.spill:
                 self.sums.spill(self.ctx.cache_dir)
-            with torch.no_grad(), self.model.full(torch.bfloat16 if self.low_memory else None) as full, \
-                    (self.model.compute() if self.low_memory else contextlib.nullcontext()):
+            with (
+                torch.no_grad(),
+                self.model.full(torch.bfloat16 if self.low_memory else None) as full,
+                self.model.compute() if self.low_memory else contextlib.nullcontext(),
+            ):
                 return utility_probe(full, handle=self.ctx.finetuned)
 
     def masks(self) -> bytes:
@@ -148,27 +176,50 @@ class WorkingCopy:
         return self.model.whole(), restored  # kept whole for the caller
 
     def describe(self) -> str:
-        return (f"{', packed' if self.packing else ''}{', block attention' if self.model.packed_attention else ''}, {self.compute_dtype}"
-                f"{' low_memory' if self.low_memory else ''}, theta_A {'held' if self.hold else 'streamed'}")
+        return (
+            f"{', packed' if self.packing else ''}{', block attention' if self.model.packed_attention else ''}, "
+            f"{self.compute_dtype}"
+            f"{' low_memory' if self.low_memory else ''}, theta_A {'held' if self.hold else 'streamed'}"
+        )
 
     def candidate_info(self) -> dict:
-        return {"N_all_layers": self.N_all_layers, "N_candidates": self.N_candidates, "candidate_tensors": len(self.candidates),
-                "unchanged_candidate_tensors": sum(not c.param.requires_grad for c in self.candidates)}
+        return {
+            "N_all_layers": self.N_all_layers,
+            "N_candidates": self.N_candidates,
+            "candidate_tensors": len(self.candidates),
+            "unchanged_candidate_tensors": sum(not c.param.requires_grad for c in self.candidates),
+        }
 
     def info(self) -> dict:
-        return {"compute_dtype": self.compute_dtype, "low_memory": self.low_memory, "packing": self.packing,
-                "aligned_copy": "memory" if self.hold else "stream", "block_attention": self.model.packed_attention}
+        return {
+            "compute_dtype": self.compute_dtype,
+            "low_memory": self.low_memory,
+            "packing": self.packing,
+            "aligned_copy": "memory" if self.hold else "stream",
+            "block_attention": self.model.packed_attention,
+        }
 
 
-def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, E: int, norms: set, hold: bool,
-                    low_memory: bool, vocabulary: list[int]) -> tuple[list[Candidate], dict | None, GradientSums]:
+def _load_finetuned(
+    model,
+    tm: TruncatedModel,
+    F_file: WeightFile,
+    prefix: str,
+    E: int,
+    norms: set,
+    hold: bool,
+    low_memory: bool,
+    vocabulary: list[int],
+) -> tuple[list[Candidate], dict | None, GradientSums]:
     """theta := theta_F in every tensor the probe uses; returns the candidate tensors (bf16 + the
     sign of theta - theta_A when `low_memory`), when `hold` a copy of theta_A's candidate
     tensors, and the gradient sums. theta, the signs, theta_A's copy and the gradient sums each live in one FlatBuffer;
     the input embeddings are theta_F's rows of `vocabulary`, the token ids of the probe's batches.
     Fails when no candidate weight differs."""
     keys = F_file.names()
-    is_candidate = lambda n: n.startswith(prefix) and (i := models.layer_index(n)) is not None and i < E and n not in norms
+    is_candidate = lambda n: (
+        n.startswith(prefix) and (i := models.layer_index(n)) is not None and i < E and n not in norms
+    )
     shapes = {n: p.shape for n, p in model.named_parameters() if n in keys and n not in tm.unused and is_candidate(n)}
     device = next(model.parameters()).device
     if low_memory:
@@ -191,7 +242,9 @@ def _load_finetuned(model, tm: TruncatedModel, F_file: WeightFile, prefix: str, 
                 continue
             F = F_file.get(name)
             if F.shape != param.shape:
-                raise UserError(f"aligned and fine-tuned models differ in shape at {name}: {tuple(param.shape)} vs {tuple(F.shape)}")
+                raise UserError(
+                    f"aligned and fine-tuned models differ in shape at {name}: {tuple(param.shape)} vs {tuple(F.shape)}"
+                )
             if name not in shapes:
                 param.data = F
                 continue
@@ -224,7 +277,10 @@ def check_compatible(ctx: DefenseContext) -> None:
     f = json.loads((ctx.finetuned.path / "config.json").read_text())
     for key in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size"):
         if a.get(key) != f.get(key):
-            raise UserError(f"aligned and fine-tuned models differ in {key} ({a.get(key)} vs {f.get(key)}): they must share one architecture")
+            raise UserError(
+                f"aligned and fine-tuned models differ in {key} ({a.get(key)} vs {f.get(key)}): they must share one "
+                "architecture"
+            )
     ta = models.load_tokenizer(ctx.aligned)
     if ta.get_vocab() != ctx.tokenizer().get_vocab():
         raise UserError("aligned and fine-tuned models have different tokenizers: they must share one")
