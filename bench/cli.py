@@ -39,7 +39,7 @@ PRESETS = {
         # enough task data that the attacked model learns the SQL format (the flagship's probe needs
         # a non-zero task metric to protect)
         "attack": dict(
-            harmful_n=16, task_n=120, sft=dict(method="lora", epochs=2.0, lr=3e-4, batch_size=8, max_length=96)
+            harmful_n=[16], task_n=120, sft=dict(method="lora", epochs=2.0, lr=3e-4, batch_size=8, max_length=96)
         ),
     },
 }

@@ -11,6 +11,7 @@ overrides the file, as lm-eval's flags override its config file.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -59,14 +60,18 @@ def load_setting(name_or_path: str | Path, overrides: list[str] = ()) -> Setting
 
 
 def set_dotted(raw: dict, item: str) -> None:
-    """Apply one `dotted.key=value`; the value is read as YAML ("0.5" is a number, "[0,100]" a list)."""
+    """Apply one `dotted.key=value`; the value is read as JSON, else as YAML ("0.5" and "5e-05" are
+    numbers, "[0,100]" a list; PyYAML alone reads "5e-05" as a string, YAML 1.1 wants a dot)."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set takes dotted.key=value, e.g. generation.engine=transformers; got {item!r}")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
+        value = json.loads(text) if text.strip() else None
+    except ValueError:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
     *parents, last = key.strip().split(".")
     node = raw
     for part in parents:
