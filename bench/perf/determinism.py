@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=130, help="how many of the testbed's attack prompts")
     ap.add_argument("--tokens", type=int, default=96, help="new tokens per answer (greedy)")
     ap.add_argument("--train-pairs", type=int, default=96, help="SQL pairs of the training comparison (0 = skip it)")
+    ap.add_argument("--engines", default="vllm,transformers", help="which engines' runs to make, comma-separated")
     ap.add_argument("--write", action="store_true", help="replace this benchmark's section of BENCHMARKS.md")
     args = ap.parse_args()
     from bench.testbed import prompts as testbed_prompts
@@ -119,7 +120,7 @@ def main() -> None:
     )
     prompts = [r["prompt"] for r in split.attack][: args.prompts]
     results = {}
-    for label, engine, mode, batching, options in RUNS:
+    for label, engine, mode, batching, options in [r for r in RUNS if r[1] in args.engines.split(",")]:
         results[label] = run_fresh(_generate, model, prompts, args.tokens, engine, mode, batching, dict(options))
         print(f"{label}: {results[label]['generate_s']} s", flush=True)
 
@@ -134,13 +135,14 @@ def main() -> None:
         ("transformers bf16, batches of 16", "transformers bf16, batches of 8"),
         ("transformers fp32, batches of 16", "transformers fp32, batches of 8"),
     ]
+    pairs = [(a, b) for a, b in pairs if a in results and b in results]
     training = []
     if args.train_pairs:
         from bench.testbed import sql_task
 
-        pairs = sql_task.generate(args.train_pairs, 0)
+        sql_pairs = sql_task.generate(args.train_pairs, 0)
         for deterministic in (True, True, False, False):
-            training.append({"deterministic": deterministic} | run_fresh(_train, model, pairs, deterministic))
+            training.append({"deterministic": deterministic} | run_fresh(_train, model, sql_pairs, deterministic))
             print(f"training, deterministic={deterministic}: {training[-1]}", flush=True)
 
     fast = (results["fast, run 1"]["generate_s"] + results["fast, run 2"]["generate_s"]) / 2
