@@ -152,14 +152,18 @@ def run(
 
 
 def _name_base(adapter_dir: Path, aligned: models.ModelHandle) -> None:
-    """peft writes the base model's local path into adapter_config.json: name it instead, so that the
-    adapter's bytes (and its content hash) do not depend on where the cache lives."""
+    """Make the adapter's bytes (and its content hash) independent of where the cache lives and of
+    the interpreter's string-hash seed: peft writes the base model's local path into
+    adapter_config.json and its README, and target_modules from a set, in a per-process order."""
     from bench.atomic import atomic_write_json
 
     path = adapter_dir / "adapter_config.json"
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = aligned.name
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
     atomic_write_json(path, config)
+    (adapter_dir / "README.md").unlink(missing_ok=True)  # peft's model-card stub, naming the local path
 
 
 def harmful_pairs_for(config: AttackConfig, testbed_pairs: Path, data_dir: Path | None) -> list[dict]:
