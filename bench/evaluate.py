@@ -17,6 +17,7 @@ from bench import metrics, models, reproducibility
 from bench.errors import UserError
 from bench.generation import CachedGenerator, GenerationCache
 from bench.judges import JUDGES
+from bench.killpoints import checkpoint
 from bench.lmeval_bridge import TaskRun, run_tasks
 
 
@@ -99,6 +100,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
     result_metrics: dict[str, dict] = {}
 
     harmful = out["realign_harmful"]["samples"]
+    checkpoint("judge", handle.content_hash()[:16])
     verdicts = judge.label([s["prompt"] for s in harmful], [s["answer"] for s in harmful])
     outcomes = [None if v.label == "unknown" else int(v.label == "harmful") for v in verdicts]
     for s, v, o in zip(harmful, verdicts, outcomes):

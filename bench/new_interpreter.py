@@ -64,7 +64,11 @@ def _main(call: str, result: str) -> int:
         out = ("user", str(exc))
     except BaseException as exc:  # report to the parent instead of dying silently
         out = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    Path(result).write_bytes(pickle.dumps(out))
+    # renamed into place: a child killed while writing leaves no result, never half a pickle (not
+    # bench.atomic, whose kill points are named after stage files, not after this private folder)
+    part = Path(result).with_suffix(".part")
+    part.write_bytes(pickle.dumps(out))
+    os.replace(part, result)
     return 0
 
 
