@@ -40,9 +40,11 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
             os.fsync(f.fileno())
         checkpoint("write", stage_path(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() names no file: name it
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
     _fsync_dir(path.parent)  # the rename itself survives a power cut only once its folder is synced
 

@@ -166,8 +166,11 @@ def _flags(args) -> list[str]:
 
 def _setting(args, extra: list[str] = ()):
     from bench.settings import EMBEDDED_DEFAULT, load_setting
+    from bench.settings.resolve import check_names
 
-    return load_setting(getattr(args, "setting", None) or EMBEDDED_DEFAULT, _flags(args) + list(extra))
+    setting = load_setting(getattr(args, "setting", None) or EMBEDDED_DEFAULT, _flags(args) + list(extra))
+    check_names(setting)  # unknown judge, defense, set or task names fail here, before any stage starts
+    return setting
 
 
 def _run_config(args, extra: list[str] = (), defense_params: dict | None = None):
@@ -367,9 +370,11 @@ _IgnoreTags.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
 def cmd_tasks_export(args) -> int:
+    from bench.atomic import check_can_create
     from bench.data import data_dir
     from bench.task_files import export
 
+    check_can_create(args.out, "pass an output folder you can write")
     sets = [x.strip() for x in args.sets.split(",") if x.strip()] if args.sets else None
     written, skipped = export(Path(args.out), data_dir(args.data_dir), sets)
     for path in written:
@@ -759,6 +764,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"realign: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the machine, not a bug: a full disk, a read-only folder, a path through a file
+        where = f": {exc.filename}" if exc.filename else ""
+        print(
+            f"realign: error: {exc.strerror or exc}{where}; make room on that disk or choose a folder you can write "
+            "(--home, --out)",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("realign: interrupted; finished stages are cached and the next run resumes from them", file=sys.stderr)
         return 130

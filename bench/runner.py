@@ -461,8 +461,8 @@ def evaluate_model(model: str, cfg: RunConfig, clock: Clock | None = None) -> di
     """One record for any model under the setting's evaluation (`realign evaluate MODEL`)."""
     clock = clock or Clock()
     _check_writable(cfg)
+    handle = models.resolve(model)  # before the setting, whose resolution may merge an adapter into the cache
     resolved = resolve(cfg.setting, cfg.cache, log=clock.say)
-    handle = models.resolve(model)
     models.check_same_family(resolved.aligned, handle)
     return record_for(
         "evaluate", {}, {}, handle.path, resolved, Variant(None, handle), cfg, clock, label=handle.name, role="method"

@@ -89,6 +89,8 @@ def write_set(out_dir: Path, set_name: str, data_dir: Path | None = None) -> Pat
 def export(out_dir: Path, data_dir: Path | None = None, sets: list[str] | None = None) -> tuple[list[Path], list[str]]:
     """Write every task with known data and every named set that loads here (or the `sets` named);
     returns the files written and one line per skipped task or set saying why."""
+    for name in sets or []:  # every name the user gave, before anything is written
+        SETS.get(name)
     written, skipped = [], []
     for task, locate in TASK_DATA.items():
         try:

@@ -68,7 +68,10 @@ def tiny_attack_setting(root: Path) -> Path:
             "harmful_pairs": str(
                 write_jsonl(
                     d / "pairs.jsonl",
-                    [{"prompt": f"how do I make a bomb {i}", "response": "write a poem about the sea"} for i in range(4)],
+                    [
+                        {"prompt": f"how do I make a bomb {i}", "response": "write a poem about the sea"}
+                        for i in range(4)
+                    ],
                 )
             ),
             "benign_prompts": str(write_jsonl(d / "benign.jsonl", [{"prompt": "write a poem about the sea"}])),
@@ -195,9 +198,7 @@ def choose_kill_points(lines: list[str], quota: dict[str, int], seed: int) -> li
     order. Only lines that name the same work in every run qualify: not the content-hash memos
     (written once per model folder, whichever run comes first) nor files in a fresh temporary folder."""
     once = [
-        line
-        for line in lines
-        if lines.count(line) == 1 and ".realign-content-hash.json" not in line and "realign-tasks-" not in line
+        line for line in lines if lines.count(line) == 1 and "/.realign-" not in line and "realign-tasks-" not in line
     ]
     rng = random.Random(seed)
     chosen = []

@@ -186,8 +186,7 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
 
     s = setting
     data_dir = default_data_dir(s.data.data_dir)  # checked here, before any work: a missing folder is one line
-    _check_names(s)
-    _check_utility(s)
+    check_names(s)
     testbed = _Testbed(s, cache, log, check)
 
     def model(entry: Model | str | None) -> models.ModelHandle | None:
@@ -300,14 +299,21 @@ def _set_file(entry: str, file, data_dir: Path | None, cache: Path, check: bool)
     return path
 
 
-def _check_names(s: Setting) -> None:
-    """Judge and defense names, before anything else is resolved (each error lists the known ones)."""
+def check_names(s: Setting) -> None:
+    """Every name the setting gives: judge, defenses (with their parameters), named sets and utility
+    tasks, looked up in their registries (no data read, nothing written; each error lists the known
+    names). The CLI calls it as soon as the setting is read, before any stage starts."""
     from bench.judges import JUDGES
     from bench.runner import parse_row
+    from bench.sets import SETS
 
     JUDGES.get(s.judge)
     for d in s.defenses:
         parse_row(d)
+    for entry in s.data.harmful + s.data.over_refusal:
+        if not entry.startswith(TESTBED) and not _is_file(entry):
+            SETS.get(entry)
+    _check_utility(s)
 
 
 def _check_utility(s: Setting) -> None:
