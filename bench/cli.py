@@ -6,6 +6,7 @@ Bad input ends with one line on stderr ("realign: error: ...") and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -748,6 +749,11 @@ def _quiet_libraries(verbosity: str) -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+# what the machine, not the input or the code, did wrong: a full disk or quota, a read-only or
+# forbidden folder, a path through a file
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -764,7 +770,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"realign: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:  # the machine, not a bug: a full disk, a read-only folder, a path through a file
+    except OSError as exc:
+        if exc.errno not in MACHINE_ERRNOS:  # anything else is a bug: its traceback says where
+            raise
         where = f": {exc.filename}" if exc.filename else ""
         print(
             f"realign: error: {exc.strerror or exc}{where}; make room on that disk or choose a folder you can write "

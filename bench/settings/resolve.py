@@ -12,6 +12,7 @@ where a model or a file came from; records carry content hashes, not origins.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +317,14 @@ def check_names(s: Setting) -> None:
     _check_utility(s)
 
 
+@functools.lru_cache(maxsize=1)
+def _stock_tasks() -> frozenset[str]:
+    """lm-eval's stock task names: indexing them takes lm-eval tens of seconds, so once a process."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
+
+
 def _check_utility(s: Setting) -> None:
     from bench.task_files import TASK_DATA, templates
 
@@ -325,9 +334,7 @@ def _check_utility(s: Setting) -> None:
 
 
 def _stock_task(name: str) -> None:
-    from lm_eval.tasks import TaskManager
-
-    if name not in TaskManager().all_tasks:
+    if name not in _stock_tasks():
         from bench.task_files import templates
 
         raise UserError(
