@@ -156,12 +156,14 @@ def work_done(lines: list[str]) -> list[str]:
 
 
 def check_integrity(home: Path) -> None:
-    """What a killed run leaves is whole: every visible JSON file parses, every record validates,
-    every visible stage folder holds its manifest."""
-    for path in home.rglob("*.json"):
+    """What a killed run leaves is whole: every visible JSON and JSON Lines file parses, every record
+    validates, every visible stage folder holds its manifest."""
+    for path in [*home.rglob("*.json"), *home.rglob("*.jsonl")]:
         if any(part.startswith(".") for part in path.relative_to(home).parts):
             continue  # a temporary file or folder of a write that was killed: never read
-        json.loads(path.read_text())
+        text = path.read_text()
+        for line in text.splitlines() if path.suffix == ".jsonl" else [text]:
+            json.loads(line)
     for path in (home / "runs").glob("*/records/*.json"):
         records.load(path)
     for stage in (home / "cache").glob("attack-*"):
