@@ -1,5 +1,5 @@
 """Fuzzing the parsers that read a user's files: whatever the bytes, the record loader, the JSONL
-reader and the setting parser either return a value or raise the project's validation error
+and CSV set readers and the setting parser either return a value or raise the project's validation error
 (UserError: one line, exit 2 in the CLI), never anything else.
 
 The sweep spec parser (`realign sweep`) is fuzzed the same way once it exists on this branch.
@@ -99,6 +99,17 @@ def test_record_loader_on_a_published_record_with_one_field_changed(path, value)
 @example(b"\xef\xbb\xbf{}")  # a byte-order mark
 def test_jsonl_reader_on_any_bytes(data):
     only_user_errors(lambda: in_file(data, ".jsonl", lambda p: read_jsonl(p, required=("prompt", "response"))))
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+@example(b"prompt\n\xff\n")  # not UTF-8
+@example(b'prompt\n"a\x00b"\n')  # a NUL inside quotes
+def test_csv_set_readers_on_any_bytes(data):
+    from bench.sets.files import csv_rows, headerless_csv_first_column
+
+    only_user_errors(lambda: in_file(data, ".csv", lambda p: csv_rows(p, ("prompt",))))
+    only_user_errors(lambda: in_file(data, ".csv", headerless_csv_first_column))
 
 
 # -------------------------------------------------------------------------------------------- settings
