@@ -80,6 +80,7 @@ def resolve(handle: str | os.PathLike, revision: str | None = None) -> ModelHand
 
 
 _WEIGHTS_MEMO = ".realign-weights-checked.json"
+_weights_checked: set[str] = set()  # this process's checks, for folders where the memo cannot be written
 
 
 def check_weights(path: Path, name: str) -> None:
@@ -94,6 +95,9 @@ def check_weights(path: Path, name: str) -> None:
 
     files = sorted(path.glob("*.safetensors"))
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    seen = json.dumps([str(path.resolve()), stamp])
+    if seen in _weights_checked:
+        return
     memo = path / _WEIGHTS_MEMO
     try:
         if json.loads(memo.read_text()).get("stamp") == stamp:
@@ -119,7 +123,8 @@ def check_weights(path: Path, name: str) -> None:
                 f"model {name!r}: {file.name} is not a readable safetensors file ({first}): it is truncated, "
                 "corrupt or in another format; save the model again with save_pretrained(safe_serialization=True)"
             ) from None
-    try:  # a read-only model folder is fine: it is checked again next time
+    _weights_checked.add(seen)
+    try:  # a read-only model folder is fine: it is checked again by the next process
         from bench.atomic import atomic_write_json
 
         atomic_write_json(memo, {"stamp": stamp, "finite": True})
