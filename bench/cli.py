@@ -6,14 +6,13 @@ Bad input ends with one line on stderr ("realign: error: ...") and exit code 2.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
 from pathlib import Path
 
 from bench import progress
-from bench.errors import UserError
+from bench.errors import UserError, machine_error
 from bench.progress import log
 
 DEFAULT_HOME = os.environ.get("REALIGN_HOME", "realign-home")
@@ -749,11 +748,6 @@ def _quiet_libraries(verbosity: str) -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
-# what the machine, not the input or the code, did wrong: a full disk or quota, a read-only or
-# forbidden folder, a path through a file
-MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -771,15 +765,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"realign: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        if exc.errno not in MACHINE_ERRNOS:  # anything else is a bug: its traceback says where
+        error = machine_error(exc)
+        if error is None:  # anything else is a bug: its traceback says where
             raise
-        where = f": {exc.filename}" if exc.filename else ""
-        print(
-            f"realign: error: {exc.strerror or exc}{where}; make room on that disk or choose a folder you can write "
-            "(--home, --out)",
-            file=sys.stderr,
-        )
-        return 2
+        print(f"realign: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("realign: interrupted; finished stages are cached and the next run resumes from them", file=sys.stderr)
         return 130

@@ -463,3 +463,16 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, models,
 
 def test_the_catalogue_covers_the_issue_list():
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_a_full_disk_in_a_fresh_interpreter_is_one_user_error(tmp_path):
+    """Defenses and evaluations run in fresh interpreters (bench.new_interpreter): a full disk there
+    reaches the CLI as the same one line, not as a child's traceback."""
+    from bench.errors import UserError
+    from bench.new_interpreter import run_fresh
+    from tests.helpers import fail_writing
+
+    with pytest.raises(UserError) as caught:
+        run_fresh(fail_writing, str(tmp_path / "model.safetensors"))
+    line = str(caught.value)
+    assert "No space left on device" in line and "model.safetensors" in line and "\n" not in line
