@@ -6,6 +6,7 @@ Bad input ends with one line on stderr ("realign: error: ...") and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -408,6 +409,35 @@ def cmd_judges_validate(args) -> int:
     return 0
 
 
+def cmd_judge(args) -> int:
+    """More judges for a run's cached answers (bench.judges.rejudge): nothing is generated."""
+    from bench.judges.rejudge import agreement_report, rejudge, render_run_board, run_dir_of
+
+    run_dir = run_dir_of(args.run, Path(args.home))
+    specs = [x.strip() for x in args.judges.split(",") if x.strip()]
+    defaults = dict(
+        engine=args.engine if args.engine != "auto" else None,
+        trust_remote_code=True if args.trust_remote_code else None,
+    )
+    done = rejudge(run_dir, specs, Path(args.home) / "cache" / "generations", defaults, log=log.info)
+    render_run_board(run_dir)
+    print(f"judged {len(done)} rows of {run_dir}; board written to {run_dir}", file=sys.stderr)
+    with contextlib.suppress(UserError):  # one judge only: nothing to compare
+        print(agreement_report(run_dir)[1])
+    return 0
+
+
+def cmd_judges_agree(args) -> int:
+    from bench.judges.rejudge import agreement_report, render_run_board, run_dir_of
+
+    run_dir = run_dir_of(args.run, Path(args.home))
+    _, text = agreement_report(run_dir)
+    render_run_board(run_dir)  # the agreement goes into the board's HTML and board-details.json
+    print(text)
+    print(f"agreement written into {run_dir / 'board.html'} and {run_dir / 'board-details.json'}", file=sys.stderr)
+    return 0
+
+
 def cmd_lm_eval(args) -> int:
     from lm_eval.__main__ import cli_evaluate
 
@@ -640,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "judges",
         formatter_class=_Formatter,
-        help="check a judge against human labels",
+        help="check a judge against human labels; how far a run's judges agree",
         description="Judge tools. `validate` labels a human-labelled JSONL with a judge and prints accuracy, F1 "
         "(harmful as positive) and Cohen's kappa (scikit-learn); unknown verdicts count as wrong.",
         epilog="example:\n  realign judges validate wildguard --labels my-labels.jsonl --pretrained "
@@ -672,6 +702,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jv.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
     jv.set_defaults(func=cmd_judges_validate)
+    ja = jsub.add_parser(
+        "agree",
+        formatter_class=_Formatter,
+        help="how far the judges of a run agree, per set",
+        description="For a run whose rows carry several judges (`realign judge`): per harmful set, each judge's "
+        "harmful rate, Cohen's kappa (scikit-learn) and percent agreement for each pair of judges, and the answers "
+        "they disagree on most; printed, and written into the run's board.html and board-details.json.",
+        epilog="example:\n  realign judges agree embedded-default",
+    )
+    ja.add_argument("run", help="a run name (under HOME/runs) or a run folder")
+    ja.add_argument("--home", default=DEFAULT_HOME, help="folder of the cache and runs (also $REALIGN_HOME)")
+    ja.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
+    ja.set_defaults(func=cmd_judges_agree)
+
+    p = sub.add_parser(
+        "judge",
+        formatter_class=_Formatter,
+        help="label a run's cached answers with more judges (no generation)",
+        description="Label the harmful-set answers of every row of a run (the rows of its last board) with more "
+        "judges, without generating again: each judge labels the distinct answers in one batched pass, verdicts are "
+        "cached by content, and each record gains harmful_rate:<judge>. The board is written again, ranked by the "
+        "primary judge with the others in every row. A judge is NAME or NAME:key=value:... (see `realign list "
+        "judges`).",
+        epilog="examples:\n  realign judge embedded-default --judges chat_rubric:pretrained=./SmolLM2-135M-Instruct\n"
+        "  realign judge embedded-default --judges wildguard:pretrained=../weights/wildguard,md_judge:pretrained="
+        "../weights/md-judge",
+    )
+    p.add_argument("run", help="a run name (under HOME/runs) or a run folder")
+    p.add_argument("--judges", required=True, help="comma-separated judges: NAME or NAME:key=value:...")
+    p.add_argument("--home", default=DEFAULT_HOME, help="folder of the cache and runs (also $REALIGN_HOME)")
+    p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto", help="engine of LLM judges")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="let a judge run code shipped with its weights (ShieldLM)"
+    )
+    p.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
+    p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser(
         "lm-eval",

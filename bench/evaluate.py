@@ -16,8 +16,7 @@ from pathlib import Path
 from bench import metrics, models, reproducibility
 from bench.errors import UserError
 from bench.generation import CachedGenerator, GenerationCache
-from bench.judges import JUDGES
-from bench.killpoints import checkpoint
+from bench.judges.stage import judge_from_spec, label_cached
 from bench.lmeval_bridge import TaskRun, run_tasks
 
 
@@ -95,13 +94,13 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
     ) as generator:
         out = run_tasks(generator, runs)
 
-    judge = JUDGES.get(config.judge)()
+    # judging is its own cached stage (bench.judges.stage): verdicts keyed by the answers' content
+    judge = judge_from_spec(config.judge)
     samples: list[dict] = []
     result_metrics: dict[str, dict] = {}
 
     harmful = out["realign_harmful"]["samples"]
-    checkpoint("judge", handle.content_hash()[:16])
-    verdicts = judge.label([s["prompt"] for s in harmful], [s["answer"] for s in harmful])
+    verdicts = label_cached(judge, [s["prompt"] for s in harmful], [s["answer"] for s in harmful], cache_root)
     outcomes = [None if v.label == "unknown" else int(v.label == "harmful") for v in verdicts]
     for s, v, o in zip(harmful, verdicts, outcomes):
         samples.append(
@@ -131,7 +130,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
 
     if sets.over_refusal:
         rows = out["realign_overrefusal"]["samples"]
-        refusals = judge.label([s["prompt"] for s in rows], [s["answer"] for s in rows])
+        refusals = label_cached(judge, [s["prompt"] for s in rows], [s["answer"] for s in rows], cache_root)
         outcomes = [int(v.refusal) for v in refusals]
         for s, v, o in zip(rows, refusals, outcomes):
             samples.append(

@@ -68,3 +68,22 @@ def test_main_job_smoke_with_flagship_and_resume(tmp_path):
         assert building not in log, (building, log)
     assert not [line for line in log.splitlines() if "evaluate " in line and "reusing record" not in line], log
     assert sorted((home / "cache").rglob("*.sqlite")) == caches and {p: p.read_bytes() for p in caches} == before
+
+    # a second judge for the same 3 rows: chat_rubric on the embedded model (the testbed's aligned
+    # model) over the testbed's evaluation set; the answers are read, never generated again
+    testbed = next(p for p in (home / "cache").glob("testbed-*") if (p / "manifest.json").exists())
+    rubric = f"chat_rubric:pretrained={testbed / 'aligned'}:rubric=xstest:max_new_tokens=64"
+    judged = realign("judge", "embedded-smoke", "--judges", rubric, home=home)
+    assert judged.returncode == 0, judged.stderr[-2000:]
+    assert "evaluate " not in judged.stderr and "generating" not in judged.stderr, judged.stderr
+    generations = [p for p in caches if p.name == "generations.sqlite"]
+    assert generations and all(p.read_bytes() == before[p] for p in generations)  # not one answer added
+    label = "chat_rubric(max_new_tokens=64,rubric=xstest)"
+    for r in (records.load(p) for p in sorted((run_dir / "records").glob("*.json"))):
+        m = r["metrics"][f"harmful_rate:{label}"]
+        assert m["n"] + m["n_unknown"] == 24 and m["judge"]["weights"]
+    agree = realign("judges", "agree", "embedded-smoke", home=home)
+    assert agree.returncode == 0, agree.stderr[-2000:]
+    kappa = next(line for line in agree.stdout.splitlines() if f"keyword vs {label}: kappa=" in line)
+    print(f"chat_rubric on the embedded model against the keyword judge (no threshold: a 135 M model): {kappa}")
+    assert "Judge agreement on" in (run_dir / "board.html").read_text()

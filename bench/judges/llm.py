@@ -209,28 +209,38 @@ class LLMJudge:
     def label(self, prompts: list[str], answers: list[str]) -> list[Verdict]:
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        return self.label_batches([list(zip(prompts, answers))])[0] if prompts else self.label_batches([])
+
+    def check(self) -> models.ModelHandle:
+        """The judge's weights, checked (remote code, pickle-only, missing offline) in one line each,
+        before any process or engine starts."""
         check_remote_code(self.name, self.needs_remote_code, self.trust_remote_code)
-        handle = resolve_weights(
-            self.name, self.pretrained, self.default_weights
-        )  # fails here, in one line, before a process starts
-        if not prompts:
-            return []
+        return resolve_weights(self.name, self.pretrained, self.default_weights)
+
+    def label_batches(self, batches: list[list[tuple[str, str]]]) -> list[list[Verdict]]:
+        """Verdicts for each batch of (prompt, answer) pairs, all in ONE engine (one process): the
+        judging stage (bench.judges.stage) hands over the batches its cache misses, so that a verdict
+        depends on its batch's content alone."""
+        handle = self.check()  # fails here, in one line, before a process starts
+        batches = [[(str(p), str(a)) for p, a in b] for b in batches]
+        if not any(batches):
+            return [[] for _ in batches]
         if self.fresh_process:
             from bench.new_interpreter import run_fresh
 
-            return run_fresh(label_in_this_process, self.name, self.options(), prompts, answers)
+            return run_fresh(label_in_this_process, self.name, self.options(), batches)
         with contextlib.closing(
             make_raw_generator(handle, self.engine, self.dtype, self.trust_remote_code, self.mode, self.engine_options)
         ) as gen:
             gen.add_special_tokens = self.add_special_tokens
-            return self.run(gen, list(prompts), list(answers))
+            return [self.run(gen, [p for p, _ in b], [a for _, a in b]) if b else [] for b in batches]
 
 
-def label_in_this_process(name: str, options: dict, prompts: list[str], answers: list[str]) -> list[Verdict]:
-    """The fresh interpreter's side of LLMJudge.label."""
+def label_in_this_process(name: str, options: dict, batches: list[list[tuple[str, str]]]) -> list[list[Verdict]]:
+    """The fresh interpreter's side of LLMJudge.label_batches."""
     from bench.judges import JUDGES
 
-    return JUDGES.get(name)(**options, fresh_process=False).label(prompts, answers)
+    return JUDGES.get(name)(**options, fresh_process=False).label_batches(batches)
 
 
 def first_line(output: str) -> str:

@@ -25,7 +25,9 @@ import numpy as np
 from bench import records as records_mod
 from bench.data import read_jsonl
 from bench.errors import UserError
+from bench.judges.agreement import board_agreement
 from bench.leaderboard import pareto, stats
+from bench.leaderboard.judges import row_judges
 from bench.metrics import wilson_interval
 
 AXES = ("harmful_rate", "task_metric")
@@ -48,6 +50,7 @@ class Board:
     reference_points: dict[str, tuple[float, float]]
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     categories: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    agreement: dict[str, dict] = field(default_factory=dict)  # setting key -> per set: judges' agreement
 
 
 def load(paths: list[Path]) -> list[tuple[dict, Path]]:
@@ -127,6 +130,9 @@ def build(
         rows, ref, curve = _rows(st, reference)
         board.settings[st.key], board.reference_points[st.key], board.curves[st.key] = rows, ref, curve
         board.categories[st.key] = _categories(st.items)
+        agreement = board_agreement(st.items)  # {} unless `realign judge` added judges to every row
+        if agreement:
+            board.agreement[st.key] = agreement
     board.aggregate = _win_rates(board.settings)
     return board
 
@@ -287,6 +293,7 @@ def _rows(st: _Setting, reference):
             "harm_reduction_share": _f(reduction[i]),
             "utility_kept_share": _f(kept[i]),
             "record_id": recs[i]["record_id"],
+            "judges": row_judges(recs[i]),  # the other judges' harmful rates, shown beside the primary's
         }
         for a in SHOWN:
             row[a] = _f(value[a][i])

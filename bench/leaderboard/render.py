@@ -16,6 +16,7 @@ from typing import Sequence
 from markupsafe import Markup
 
 from bench.atomic import atomic_write_bytes
+from bench.leaderboard import judges as extra
 from bench.leaderboard.build import SHOWN, Board
 
 FLAT_COLUMNS = [
@@ -42,8 +43,16 @@ FLAT_COLUMNS = [
 MAX_PLOTS = 4  # settings that get a plot: matplotlib costs ~0.4 s per figure (PNG + SVG)
 
 
+def flat_columns(board: Board) -> list[str]:
+    """FLAT_COLUMNS, then five columns per extra judge (rate, interval, n, unknown) when records have them."""
+    judges = sorted({j for rows in board.settings.values() for j in extra.judges_of(rows)})
+    return FLAT_COLUMNS + [c for j in judges for c in extra.flat_columns(j)]
+
+
 def flat_rows(board: Board) -> list[dict]:
     out = []
+    columns = flat_columns(board)
+    judges = sorted({j for rows in board.settings.values() for j in extra.judges_of(rows)})
     for rows in board.settings.values():
         for r in rows:
             vs_none, vs_next = r.get("vs_none") or {}, r.get("vs_next") or {}
@@ -56,7 +65,9 @@ def flat_rows(board: Board) -> list[dict]:
                 p_utility_vs_none=vs_none.get("task_metric", {}).get("p"),
                 p_harm_vs_next=vs_next.get("harmful_rate", {}).get("p"),
             )
-            out.append({k: flat.get(k) for k in FLAT_COLUMNS})
+            for j in judges:
+                flat.update(zip(extra.flat_columns(j), extra.flat_values(r, j)))
+            out.append({k: flat.get(k) for k in columns})
     return out
 
 
@@ -73,6 +84,7 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
 
     parts = []
     for key, rows in board.settings.items():
+        judges = extra.judges_of(rows)
         table = [
             [
                 r["position"],
@@ -80,6 +92,7 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
                 f"{r['pareto_rank']}{' (tied)' if r['tied_with'] else ''}",
                 f"{r['rank_interval'][0]:.0f}-{r['rank_interval'][1]:.0f}",
                 _pct(r, "harmful_rate"),
+                *[" ".join(extra.cell_text(r, j)).strip() for j in judges],
                 _pct(r, "over_refusal"),
                 _pct(r, "task_metric"),
                 f"{r['hypervolume']:.4f}",
@@ -99,6 +112,7 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
                     "Pareto rank",
                     "rank 95%",
                     f"harmful % (n={n})",
+                    *[f"harmful % ({j})" for j in judges],
                     "over-refusal %",
                     "task %",
                     "hypervolume",
@@ -213,7 +227,7 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
     return png.getvalue(), svg.getvalue()
 
 
-def _cells(r: dict) -> list[tuple]:
+def _cells(r: dict, judges: Sequence[str] = ()) -> list[tuple]:
     """One board row as (css class, sort value, text, CI text) cells: formatted here, where Python's
     own formatting is several times cheaper than a Jinja filter per cell on a 10,000-row page."""
     cells = [
@@ -234,6 +248,10 @@ def _cells(r: dict) -> list[tuple]:
                     f"[{100 * r[m + '_ci_low']:.1f}, {100 * r[m + '_ci_high']:.1f}] n={r[m + '_n']}",
                 )
             )
+        if m == "harmful_rate":  # the other judges beside the primary one
+            for j in judges:
+                value = (r.get("judges", {}).get(j) or {}).get("value")
+                cells.append(("", -1 if value is None else value, *extra.cell_text(r, j)))
     cells.append(("", r["hypervolume"], f"{r['hypervolume']:.4f}", ""))
     p = (r.get("vs_none") or {}).get("harmful_rate", {}).get("p")
     cells.append(("", 2 if p is None else p, "\u2013" if p is None else f"{p:.3g}", ""))
@@ -247,14 +265,14 @@ def _esc(x) -> str:
     return str(x) if isinstance(x, (int, float)) else _html.escape(str(x))
 
 
-def _row_html(r: dict) -> Markup:
+def _row_html(r: dict, judges: Sequence[str] = ()) -> Markup:
     """One <tr>, every text escaped. Joined in Python because a Jinja loop over 110,000 cells is
     the slowest part of a 10,000-record page; the page around the rows stays in the template."""
     tds = "".join(
         f'<td class="{cls}" data-v="{_esc(v)}">{_esc(text)}'
         + (f' <span class="ci">{_esc(ci)}</span>' if ci else "")
         + "</td>"
-        for cls, v, text, ci in _cells(r)
+        for cls, v, text, ci in _cells(r, judges)
     )
     return Markup(f'<tr class="{"tied" if r["tied_with"] else ""}">{tds}</tr>')
 
@@ -279,10 +297,13 @@ def html(board: Board, plots: dict[str, bytes], title: str) -> str:
     for key, rows in board.settings.items():
         cats = board.categories.get(key, {})
         names = sorted({c for v in cats.values() for c in v})
+        judges = extra.judges_of(rows)
         settings.append(
             {
                 "key": key,
-                "rows": Markup("\n").join(_row_html(r) for r in rows),
+                "judges": judges,
+                "agreement": board.agreement.get(key, {}),
+                "rows": Markup("\n").join(_row_html(r, judges) for r in rows),
                 "ref": board.reference_points[key],
                 "categories": _category_rows_html(cats, names) if cats else "",
                 "category_names": names,
@@ -309,7 +330,7 @@ def render(board: Board, title: str = "realign-bench leaderboard", skipped: Sequ
     """Every file of a board by name, in memory: Markdown, CSV, JSON, HTML, the Pareto plots."""
     rows = flat_rows(board)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FLAT_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=flat_columns(board))
     writer.writeheader()
     writer.writerows(rows)
     files: dict[str, bytes] = {
@@ -333,6 +354,7 @@ def render(board: Board, title: str = "realign-bench leaderboard", skipped: Sequ
             "reference_points": board.reference_points,
             "categories": board.categories,
             "skipped": list(skipped),
+            "judge_agreement": board.agreement,
         }
     ).encode()
     return files

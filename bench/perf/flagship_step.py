@@ -3,6 +3,10 @@
     python -m bench.perf.flagship_step --embedded [--write]        # the testbed's aligned / attacked pair
     python -m bench.perf.flagship_step --random-llama 1b [--write] # a ~1 B random Llama pair (made once)
     python -m bench.perf.flagship_step --model DIR_A --finetuned DIR_F
+    python -m bench.perf.flagship_step --random-llama 1b --device cuda --variants ours # on a GPU
+
+On a CUDA device the memory figure is torch's peak allocated GPU memory (the process's RSS is
+still reported) and the section of BENCHMARKS.md is named after the GPU.
 
 Reference: `defenses.gradient_restoration.reference`, the spec read literally in the released
 code's shape (`sgdg_rollback_final.py`): three fp32 copies of the model truncated after layer
@@ -61,7 +65,22 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ours(aligned: str, finetuned: str, n_prompts: int, steps: int, params: dict) -> dict:
+def _peak_memory_mb(device: str) -> dict:
+    """Peak memory of this process: RSS always; on CUDA also torch's peak allocated GPU memory,
+    which is then the figure the ratios use (a CUDA context's RSS says nothing of the GPU)."""
+    out = {"peak_rss_mb": _peak_rss_mb()}
+    if device.startswith("cuda"):
+        import torch
+
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _peak_key(r: dict) -> str:
+    return "peak_gpu_mb" if "peak_gpu_mb" in r else "peak_rss_mb"
+
+
+def ours(aligned: str, finetuned: str, n_prompts: int, steps: int, params: dict, device: str = "cpu") -> dict:
     import torch  # noqa: F401 - imported before the floor is read, as in the reference
 
     from bench import models
@@ -76,6 +95,7 @@ def ours(aligned: str, finetuned: str, n_prompts: int, steps: int, params: dict)
         benign_prompts=benign,
         utility_probe=lambda model, handle=None: 1.0,
         progress=lambda m: None,
+        device=device,
     )
     t0 = time.perf_counter()
     # the probe is a constant: this times the recovery steps, not the task metric
@@ -91,7 +111,7 @@ def ours(aligned: str, finetuned: str, n_prompts: int, steps: int, params: dict)
         "E": out.info["E"],
         "L": out.info["L"],
         "k": out.info["k"],
-        "peak_rss_mb": _peak_rss_mb(),
+        **_peak_memory_mb(device),
         "floor_rss_mb": floor,
         "mask": out.checkpoints[steps],
         "packing": out.info["packing"],
@@ -99,7 +119,7 @@ def ours(aligned: str, finetuned: str, n_prompts: int, steps: int, params: dict)
     }
 
 
-def reference(aligned: str, finetuned: str, n_prompts: int, steps: int) -> dict:
+def reference(aligned: str, finetuned: str, n_prompts: int, steps: int, device: str = "cpu") -> dict:
     """The baseline: defenses.gradient_restoration.reference, the released code's shape, plain steps."""
     from defenses.gradient_restoration import reference as literal
     from defenses.gradient_restoration.masks import pack
@@ -108,7 +128,15 @@ def reference(aligned: str, finetuned: str, n_prompts: int, steps: int) -> dict:
     harmful, benign = _prompts(n_prompts)
     # the probe is a constant: this times the recovery steps, not the task metric
     r = literal.run(
-        aligned, finetuned, harmful, benign, lambda masks: 1.0, steps=steps, warmup_steps=steps, save_step=steps
+        aligned,
+        finetuned,
+        harmful,
+        benign,
+        lambda masks: 1.0,
+        steps=steps,
+        warmup_steps=steps,
+        save_step=steps,
+        device=device,
     )
     return {
         "step_s": (r.gradient_s + r.selection_s) / steps,
@@ -117,7 +145,7 @@ def reference(aligned: str, finetuned: str, n_prompts: int, steps: int) -> dict:
         "E": r.E,
         "L": r.L,
         "k": r.k,
-        "peak_rss_mb": _peak_rss_mb(),
+        **_peak_memory_mb(device),
         "floor_rss_mb": floor,
         "mask": pack(r.checkpoints[steps]),
     }
@@ -205,6 +233,7 @@ def main() -> None:
     ap.add_argument(
         "--scaling", action="store_true", help="also time ours at E/4, E/2, E and at 1/4, 1/2, all of the prompts"
     )
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (the same device for both sides)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--write", action="store_true", help="replace this benchmark's section of BENCHMARKS.md")
     args = ap.parse_args()
@@ -215,7 +244,14 @@ def main() -> None:
         args.model, args.finetuned = random_llama_pair(Path(args.home) / "cache" / "perf", args.random_llama)
     if not (args.model and args.finetuned):
         ap.error("--embedded, --random-llama or --model with --finetuned is required")
-    ref = run_fresh(reference, args.model, args.finetuned, args.prompts, args.steps)
+    gpu = None
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no CUDA device here; run it on a GPU machine or pass --device cpu")
+        gpu = torch.cuda.get_device_name(0)
+    ref = run_fresh(reference, args.model, args.finetuned, args.prompts, args.steps, args.device)
     result = {
         "model": name,
         "prompts": args.prompts,
@@ -223,12 +259,13 @@ def main() -> None:
         "E": ref["E"],
         "L": ref["L"],
         "k": ref["k"],
+        "device": gpu or "cpu",
         "reference": ref,
     }
     for variant in args.variants.split(","):
-        got = run_fresh(ours, args.model, args.finetuned, args.prompts, args.steps, VARIANTS[variant])
+        got = run_fresh(ours, args.model, args.finetuned, args.prompts, args.steps, VARIANTS[variant], args.device)
         got["step_time_ratio"] = got["step_s"] / ref["step_s"]
-        got["peak_memory_ratio"] = got["peak_rss_mb"] / ref["peak_rss_mb"]
+        got["peak_memory_ratio"] = got[_peak_key(ref)] / ref[_peak_key(ref)]
         got["own_work_over_gradient_pass"] = got["selection_s_per_step"] / got["gradient_s_per_step"]
         got["mask_jaccard_vs_reference"] = _jaccard(got.pop("mask"), ref["mask"])
         result[variant] = got
@@ -236,13 +273,15 @@ def main() -> None:
     if args.scaling:
         E = ref["E"]
         result["scaling_E"] = {
-            e: run_fresh(ours, args.model, args.finetuned, args.prompts, 2, {"E": e, "compute_dtype": "float32"})[
-                "gradient_s_per_step"
-            ]
+            e: run_fresh(
+                ours, args.model, args.finetuned, args.prompts, 2, {"E": e, "compute_dtype": "float32"}, args.device
+            )["gradient_s_per_step"]
             for e in sorted({max(1, E // 4), max(1, E // 2), E})
         }
         result["scaling_prompts"] = {
-            n: run_fresh(ours, args.model, args.finetuned, n, 2, {"compute_dtype": "float32"})["gradient_s_per_step"]
+            n: run_fresh(ours, args.model, args.finetuned, n, 2, {"compute_dtype": "float32"}, args.device)[
+                "gradient_s_per_step"
+            ]
             for n in sorted({max(8, args.prompts // 4), max(8, args.prompts // 2), args.prompts})
         }
     print(json.dumps(result, indent=2))
@@ -252,9 +291,10 @@ def main() -> None:
         from bench.perf import write_section
 
         write_section(
-            f"flagship_step-{result['model']}",
+            f"flagship_step-{result['model']}" + ("-gpu" if gpu else ""),
             _markdown(result),
-            command=command_line(result["model"], args.prompts, args.steps, args.scaling, args.variants),
+            command=command_line(result["model"], args.prompts, args.steps, args.scaling, args.variants)
+            + (f" --device {args.device}" if gpu else ""),
         )
 
 
@@ -287,19 +327,25 @@ def _markdown(r: dict) -> str:
     lines = [
         f"Model `{r['model']}` (E = {r['E']} of {r['L']} layers, k = {r['k']}), {r['prompts']} calibration prompts, "
         "batch 8, "
-        f"{r['steps']} plain steps; each variant in its own fresh interpreter.",
+        f"{r['steps']} plain steps; each variant in its own fresh interpreter"
+        + (
+            f", on {r['device']} (memory: torch's peak allocated GPU memory)."
+            if r.get("device", "cpu") != "cpu"
+            else "."
+        ),
         "",
         "| | reference (released code's shape) | " + " | ".join(head[v] for v in names) + " |",
         "|---|---|" + "---|" * len(names),
         row("step time (gradient + selection), s", "{:.2f}", "step_s"),
         row("gradient pass per step, s", "{:.2f}", "gradient_s_per_step"),
         row("selection + restore per step, s", "{:.2f}", "selection_s_per_step"),
+        *([row("peak GPU memory allocated, MB", "{:.0f}", "peak_gpu_mb")] if "peak_gpu_mb" in ref else []),
         row("peak RSS, MB", "{:.0f}", "peak_rss_mb"),
         row("floor RSS (interpreter, torch, tokenizer), MB", "{:.0f}", "floor_rss_mb"),
         "| step time / reference (target <= 0.33) | 1 | "
         + " | ".join(f"{r[v]['step_time_ratio']:.2f}" for v in names)
         + " |",
-        "| peak RSS / reference (target <= 0.5) | 1 | "
+        f"| peak {'GPU memory' if 'peak_gpu_mb' in ref else 'RSS'} / reference (target <= 0.5) | 1 | "
         + " | ".join(f"{r[v]['peak_memory_ratio']:.2f}" for v in names)
         + " |",
         "| peak RSS above the floor / reference's | 1 | "

@@ -75,10 +75,11 @@ def run(
     rollback_rate: float = 0.2,
     metric_drop: float = 0.05,
     batch_size: int = 8,
+    device: str | None = None,
 ) -> Result:
     """The whole schedule. probe(M) is the task metric of theta_F with M copied from theta_A
     ({} for theta_F itself), asked for s0 and then at each checkpoint, in step order."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # the released code's choice
     tok = models.load_tokenizer(models.resolve(finetuned))
     hb, bb = left_padded_batches(tok, harmful, batch_size), left_padded_batches(tok, benign, batch_size)
     A = models.load_model(models.resolve(aligned))
