@@ -355,6 +355,7 @@ CASES = [
     Case(
         "unknown judge", RUN_VALID + ["--judge", "NAME_THAT_DOES_NOT_EXIST"], "unknown judge 'NAME_THAT_DOES_NOT_EXIST'"
     ),
+    Case("judge option without a value", RUN_VALID + ["--judge", "keyword:oops"], "judge options are written"),
     Case("unknown set", RUN_VALID + ["--set", 'data.harmful=["no_such_set"]'], "unknown set 'no_such_set'"),
     Case("tasks export: unknown set", ["tasks", "export", "{tmp}/tasks", "--sets", "no_such_set"], "unknown set"),
     Case(

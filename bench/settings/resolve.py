@@ -304,11 +304,11 @@ def check_names(s: Setting) -> None:
     """Every name the setting gives: judge, defenses (with their parameters), named sets and utility
     tasks, looked up in their registries (no data read, nothing written; each error lists the known
     names). The CLI calls it as soon as the setting is read, before any stage starts."""
-    from bench.judges import JUDGES
+    from bench.judges.stage import parse_spec
     from bench.runner import parse_row
     from bench.sets import SETS
 
-    JUDGES.get(s.judge)
+    parse_spec(s.judge)  # a judge is name or name:key=value:... (bench.judges.stage)
     for d in s.defenses:
         parse_row(d)
     for entry in s.data.harmful + s.data.over_refusal:
