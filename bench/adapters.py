@@ -18,6 +18,7 @@ from pathlib import Path
 from bench import models
 from bench.errors import UserError
 from bench.hashing import hash_model_dir, hash_value, short
+from bench.killpoints import checkpoint
 from bench.progress import log as logger
 
 MERGE_VERSION = 1
@@ -109,6 +110,7 @@ def merge_adapter(adapter: Path, aligned: models.ModelHandle, cache: Path, log=l
     from peft import PeftModel
 
     log(f"adapter: merging {adapter} onto {aligned.name}")
+    checkpoint("start", root.name)
     with building_dir(root) as tmp:
         tokenizer = models.load_tokenizer(aligned)
         model = models.load_model(aligned, "float32")

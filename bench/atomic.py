@@ -2,13 +2,15 @@
 
 Every file the suite writes goes through here, so that an interrupted run never leaves a
 half-written file or cache entry behind: files are written to a temporary name in the same
-folder and renamed into place; a stage directory is built under a temporary name and renamed
-when complete, so its existence means it is finished.
+folder, fsynced and renamed into place (and the folder fsynced, so the rename survives a power
+cut); a stage directory is built under a temporary name, every file in it fsynced, and renamed
+when complete, so its existence means it is finished. A stage counts as done only when its
+manifest, holding the content hash of its files, is inside it (`verified_manifest`).
 
-A builder killed outright (SIGKILL, power loss) cannot clean up: its temporary directory stays,
-but the stage never appears half-built. Temporary stage directories are named after the host and
-process that build them, and the next build of the same stage removes those whose process on
-this host is gone.
+A writer killed outright (SIGKILL, power loss) cannot clean up: its temporary file or directory
+stays, but the output never appears half-written. Temporary names hold the host and process of
+their writer, and the next write of the same output removes those whose process on this host is
+gone.
 """
 
 from __future__ import annotations
@@ -25,19 +27,47 @@ from typing import Any, Callable, Iterable, Iterator
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    from bench.killpoints import checkpoint, stage_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _sweep_folder(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_builder()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        checkpoint("write", stage_path(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() names no file: name it
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a power cut only once its folder is synced
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under root to disk: libraries (save_pretrained, safetensors)
+    write a stage's files without fsync, and the stage's rename must not reach the disk before them."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -64,7 +94,12 @@ def building_dir(final: Path | str) -> Iterator[Path]:
         if final.exists():  # another process finished the same content first; keep theirs
             shutil.rmtree(tmp)
         else:
+            from bench.killpoints import checkpoint
+
+            _fsync_tree(tmp)
+            checkpoint("stage", final.name)
             os.replace(tmp, final)
+            _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -75,17 +110,36 @@ def _builder() -> str:
 
 
 def sweep_dead_builders(final: Path) -> list[Path]:
-    """Remove the temporary directories of `final` left by builders on this host that no longer
-    run (killed before they could clean up); returns what was removed. Builders on other hosts
-    sharing the folder are left alone: their processes cannot be seen from here."""
+    """Remove the temporary files or directories of `final` left by writers on this host that no
+    longer run (killed before they could clean up); returns what was removed. Writers on other
+    hosts sharing the folder are left alone: their processes cannot be seen from here."""
     host = socket.gethostname()
     removed = []
     for tmp in final.parent.glob(f".{glob.escape(final.name)}.{glob.escape(host)}.*.tmp"):
         pid = tmp.name[len(f".{final.name}.{host}.") :].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+_swept: set[Path] = set()
+
+
+def _sweep_folder(folder: Path) -> None:
+    """Remove the temporary files that killed writers on this host left in `folder`, the first time
+    this process writes there (once, not per write: a records folder holds thousands of files)."""
+    if folder in _swept:
+        return
+    _swept.add(folder)
+    host = socket.gethostname()
+    for tmp in folder.glob(f".*.{glob.escape(host)}.*.tmp"):
+        pid = tmp.name.rsplit(f".{host}.", 1)[-1].split(".", 1)[0]
+        if tmp.is_file() and pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -104,6 +158,21 @@ def cached_dir(final: Path | str, build: Callable[[Path], None]) -> Path:
     if not final.exists():
         with building_dir(final) as tmp:
             build(tmp)
+    return final
+
+
+def replace_dir(final: Path | str, build: Callable[[Path], None]) -> Path:
+    """Build a folder under a temporary name and swap it in for `final` (which may exist): readers see
+    the old folder or the new one, never a half-written one. A kill between the two renames leaves
+    `final` absent and the old folder aside (`.NAME.*.stale`), never a mix."""
+    final = Path(final)
+    new = final.parent / f".{final.name}.new"
+    discard(new)  # left by a swap that was killed between its renames
+    with building_dir(new) as tmp:
+        build(tmp)
+    discard(final)
+    os.replace(new, final)
+    _fsync_dir(final.parent)
     return final
 
 

@@ -18,6 +18,7 @@ from bench.atomic import atomic_write_json, atomic_write_jsonl, building_dir, ve
 from bench.data import beavertails_pairs, read_jsonl
 from bench.errors import UserError
 from bench.hashing import hash_value, short
+from bench.killpoints import checkpoint
 from bench.sft import SFTConfig
 
 RECIPE_VERSION = 2  # 2: deterministic training; the machine in the key
@@ -125,6 +126,7 @@ def run(
     length = f"{config.sft.max_steps} steps" if config.sft.max_steps > 0 else f"{config.sft.epochs:g} epochs"
     log(f"attack: LoRA fine-tune on {len(mix) - config.harmful_n} task + {config.harmful_n} harmful pairs ({length})")
     t0 = time.perf_counter()
+    checkpoint("start", root.name)
     with building_dir(root) as tmp:
         atomic_write_jsonl(tmp / "training_mix.jsonl", mix)
         tokenizer = models.load_tokenizer(aligned)

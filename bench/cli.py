@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from bench import progress
-from bench.errors import UserError
+from bench.errors import UserError, machine_error
 from bench.progress import log
 
 DEFAULT_HOME = os.environ.get("REALIGN_HOME", "realign-home")
@@ -167,8 +167,11 @@ def _flags(args) -> list[str]:
 
 def _setting(args, extra: list[str] = ()):
     from bench.settings import EMBEDDED_DEFAULT, load_setting
+    from bench.settings.resolve import check_names
 
-    return load_setting(getattr(args, "setting", None) or EMBEDDED_DEFAULT, _flags(args) + list(extra))
+    setting = load_setting(getattr(args, "setting", None) or EMBEDDED_DEFAULT, _flags(args) + list(extra))
+    check_names(setting)  # unknown judge, defense, set or task names fail here, before any stage starts
+    return setting
 
 
 def _run_config(args, extra: list[str] = (), defense_params: dict | None = None):
@@ -368,9 +371,11 @@ _IgnoreTags.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
 def cmd_tasks_export(args) -> int:
+    from bench.atomic import check_can_create
     from bench.data import data_dir
     from bench.task_files import export
 
+    check_can_create(args.out, "pass an output folder you can write")
     sets = [x.strip() for x in args.sets.split(",") if x.strip()] if args.sets else None
     written, skipped = export(Path(args.out), data_dir(args.data_dir), sets)
     for path in written:
@@ -825,6 +830,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"realign: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        error = machine_error(exc)
+        if error is None:  # anything else is a bug: its traceback says where
+            raise
+        print(f"realign: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("realign: interrupted; finished stages are cached and the next run resumes from them", file=sys.stderr)
         return 130

@@ -20,22 +20,25 @@ def read_jsonl(path: Path | str, required: tuple[str, ...] = ("prompt",)) -> lis
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object"
-                ) from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            missing = [k for k in required if not isinstance(row.get(k), str) or not row[k].strip()]
-            if missing:
-                raise UserError(f"{path}:{lineno}: missing or empty field(s) {', '.join(missing)}")
-            rows.append(row)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); it needs one JSON object per line") from None
+    for lineno, line in enumerate(text.split("\n"), 1):  # lines as a file reads them (not at U+2028)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except RecursionError:
+            raise UserError(f"{path}:{lineno}: nested too deeply; each line must be one flat JSON object") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+        missing = [k for k in required if not isinstance(row.get(k), str) or not row[k].strip()]
+        if missing:
+            raise UserError(f"{path}:{lineno}: missing or empty field(s) {', '.join(missing)}")
+        rows.append(row)
     if not rows:
         raise UserError(f"{path}: file is empty; it needs one JSON object per line with {', '.join(required)}")
     return rows

@@ -46,6 +46,7 @@ from pathlib import Path
 from bench import models, reproducibility
 from bench.errors import UserError
 from bench.hashing import hash_value
+from bench.killpoints import checkpoint
 
 ENGINES = ("auto", "vllm", "transformers")
 
@@ -471,6 +472,7 @@ class CachedGenerator:
             if self._gen.identity(sampling) != ident:  # auto fell back to another engine: look again under its name
                 return self.generate(prompts, sampling)
         for batch in todo:
+            checkpoint("generate", GenerationCache.key(ident, batch)[:16])
             t0 = time.perf_counter()
             answers = self._gen.generate(batch, sampling)
             self.stats["seconds"] += time.perf_counter() - t0

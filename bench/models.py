@@ -61,6 +61,7 @@ def resolve(handle: str | os.PathLike, revision: str | None = None) -> ModelHand
                 "M.from_pretrained(d).save_pretrained(d + '-st'); T.from_pretrained(d).save_pretrained(d + "
                 f"'-st')\"` and pass {text}-st"
             )
+        check_weights(path, text)
         return ModelHandle(text, path.resolve())
     if not _HUB_ID.match(text):
         raise UserError(f"model {text!r}: no such directory, and not a hub id of the form org/name; check the path")
@@ -76,6 +77,59 @@ def resolve(handle: str | os.PathLike, revision: str | None = None) -> ModelHand
             "download it where the hub is reachable and pass the local folder instead"
         ) from None
     return ModelHandle(text, resolve(local).path)
+
+
+_WEIGHTS_MEMO = ".realign-weights-checked.json"
+_weights_checked: set[str] = set()  # this process's checks, for folders where the memo cannot be written
+
+
+def check_weights(path: Path, name: str) -> None:
+    """Refuse a model whose safetensors files do not read (truncated, corrupt, or another format
+    under the name: nothing but safetensors is ever parsed) or hold a NaN or inf weight: a defense
+    would run on them and report numbers about nothing. Tensor by tensor (memory-mapped), once per
+    content: the result is memoised in the folder by each file's size and mtime, as the content hash is."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    seen = json.dumps([str(path.resolve()), stamp])
+    if seen in _weights_checked:
+        return
+    memo = path / _WEIGHTS_MEMO
+    try:
+        if json.loads(memo.read_text()).get("stamp") == stamp:
+            return
+    except (OSError, ValueError):
+        pass
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as weights:
+                for key in weights.keys():
+                    tensor = weights.get_tensor(key)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        kind = "NaN" if torch.isnan(tensor).any() else "inf"
+                        raise UserError(
+                            f"model {name!r}: {file.name} holds {kind} weights in {key}: the model is broken (a "
+                            "diverged fine-tune or a bad conversion); point at a model with finite weights"
+                        )
+        except UserError:
+            raise
+        except Exception as exc:  # safetensors' own error types differ across versions
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(
+                f"model {name!r}: {file.name} is not a readable safetensors file ({first}): it is truncated, "
+                "corrupt or in another format; save the model again with save_pretrained(safe_serialization=True)"
+            ) from None
+    _weights_checked.add(seen)
+    try:  # a read-only model folder is fine: it is checked again by the next process
+        from bench.atomic import atomic_write_json
+
+        atomic_write_json(memo, {"stamp": stamp, "finite": True})
+    except OSError:
+        pass
 
 
 def check_same_family(a: ModelHandle, b: ModelHandle) -> None:

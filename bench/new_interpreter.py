@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench import progress
-from bench.errors import UserError
+from bench.errors import UserError, machine_error
 from bench.progress import log
 
 
@@ -62,9 +62,16 @@ def _main(call: str, result: str) -> int:
         out = ("ok", fn(*args, **kwargs))
     except UserError as exc:
         out = ("user", str(exc))
+    except OSError as exc:  # a full disk or a read-only folder is one line in the parent, like bad input
+        error = machine_error(exc)
+        out = ("user", str(error)) if error else ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     except BaseException as exc:  # report to the parent instead of dying silently
         out = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    Path(result).write_bytes(pickle.dumps(out))
+    # renamed into place: a child killed while writing leaves no result, never half a pickle (not
+    # bench.atomic, whose kill points are named after stage files, not after this private folder)
+    part = Path(result).with_suffix(".part")
+    part.write_bytes(pickle.dumps(out))
+    os.replace(part, result)
     return 0
 
 

@@ -100,9 +100,13 @@ def write(record: dict, samples: list[dict], directory: Path) -> Path:
 
 def load(path: Path) -> dict:
     try:
-        record = json.loads(Path(path).read_text())
+        record = json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no such record file") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); a record is a JSON file") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a record; a record is a JSON file") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     validate(record, str(path))

@@ -21,6 +21,7 @@ from bench import attack as attack_stage
 from bench import models, records, reproducibility
 from bench.evaluate import EvalConfig, EvalSets, evaluate
 from bench.hashing import hash_file, hash_model_dir, hash_value, short
+from bench.killpoints import checkpoint
 from bench.new_interpreter import run_fresh
 from bench.progress import log
 from bench.settings.resolve import Resolved, Variant, resolve
@@ -223,6 +224,7 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
         return _answer_dir(root, stored.get("model_path")), stored["info"], stored.get("skipped")
 
     t0 = time.perf_counter()
+    checkpoint("start", root.name)
     with building_dir(root) as tmp:
         # a fresh interpreter per defense: its peak RSS is the defense's own (not the run's so far),
         # and a defense's memory is returned to the system when it ends
@@ -348,9 +350,11 @@ def record_for(
     )[:24]
     path = cfg.run_dir / "records" / f"{record_id}.json"
     n_text = "" if variant.harmful_n is None else f" (N={variant.harmful_n})"
-    if path.exists():
+    # samples are written before their record (records.write): a record whose samples were deleted is redone
+    if path.exists() and (path.parent / f"{record_id}.samples.jsonl").exists():
         clock.say(f"evaluate {label}{n_text}: reusing record {record_id}")
         return records.load(path)
+    checkpoint("start", f"evaluate {record_id}")
     with clock.stage(f"evaluate {label}{n_text}"):
         result = run_fresh(evaluate, str(model.path), sets, cfg.eval, str(cfg.cache / "generations"))
     record = {
@@ -457,8 +461,8 @@ def evaluate_model(model: str, cfg: RunConfig, clock: Clock | None = None) -> di
     """One record for any model under the setting's evaluation (`realign evaluate MODEL`)."""
     clock = clock or Clock()
     _check_writable(cfg)
+    handle = models.resolve(model)  # before the setting, whose resolution may merge an adapter into the cache
     resolved = resolve(cfg.setting, cfg.cache, log=clock.say)
-    handle = models.resolve(model)
     models.check_same_family(resolved.aligned, handle)
     return record_for(
         "evaluate", {}, {}, handle.path, resolved, Variant(None, handle), cfg, clock, label=handle.name, role="method"
@@ -488,13 +492,12 @@ def publish(all_records: list[dict], files: dict[str, bytes], out: Path) -> None
     """A published board folder: records/ (the per-sample outcomes ride in each record; the raw
     answers, which include the attacked model's harmful completions, stay in the run folder) and
     every rendered file of the board."""
-    import shutil
-
-    from bench.atomic import atomic_write_json
+    from bench.atomic import atomic_write_json, replace_dir
     from bench.leaderboard.render import save
 
-    if (out / "records").exists():
-        shutil.rmtree(out / "records")
-    for r in all_records:
-        atomic_write_json(out / "records" / f"{r['record_id']}.json", r)
+    def write_records(folder: Path) -> None:
+        for r in all_records:
+            atomic_write_json(folder / f"{r['record_id']}.json", r)
+
+    replace_dir(out / "records", write_records)  # the old records give way to the new ones all at once
     save(files, out)

@@ -85,6 +85,19 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None):
     return total / (num_items_in_batch if num_items_in_batch is not None else keep.sum())
 
 
+def _step_checkpoints(work_dir: Path):
+    """A kill point after every optimiser step (bench.killpoints; off unless a test turns it on)."""
+    from transformers import TrainerCallback
+
+    from bench.killpoints import checkpoint, stage_path
+
+    class StepCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            checkpoint("train", f"{stage_path(work_dir)} step {state.global_step}")
+
+    return StepCheckpoints()
+
+
 def train(model, tokenizer, pairs: list[dict], config: SFTConfig, work_dir: Path, progress: bool = True):
     """Fine-tune `model` in place (full) or return a peft model (LoRA). Returns (model, log)."""
     import torch
@@ -145,6 +158,7 @@ def train(model, tokenizer, pairs: list[dict], config: SFTConfig, work_dir: Path
         args=args,
         train_dataset=data,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[_step_checkpoints(work_dir)],
     )
     result = trainer.train()
     tokenizer.padding_side = "left"

@@ -11,12 +11,12 @@ same task definition.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
+from bench.atomic import atomic_write_jsonl, atomic_write_text
 from bench.errors import UserError
 from bench.sets import SETS
 from bench.sets.files import package_data
@@ -60,7 +60,8 @@ def write_task(out_dir: Path, template_name: str, data_file: Path, name: str | N
         raise UserError(f"{data_file}: no such file (the documents of task {name or template_name})")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name or template_name}.yaml"
-    path.write_text(
+    atomic_write_text(
+        path,
         yaml.safe_dump(
             {
                 "include": str(template(template_name)),
@@ -68,7 +69,7 @@ def write_task(out_dir: Path, template_name: str, data_file: Path, name: str | N
                 "dataset_kwargs": {"data_files": {"test": str(data_file)}},
             },
             sort_keys=False,
-        )
+        ),
     )
     return path
 
@@ -81,13 +82,15 @@ def write_set(out_dir: Path, set_name: str, data_dir: Path | None = None) -> Pat
     data = evalset.path if evalset.reads_as_is else out_dir / "data" / f"{set_name}.jsonl"
     if data != evalset.path:
         data.parent.mkdir(parents=True, exist_ok=True)
-        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        atomic_write_jsonl(data, rows)
     return write_task(out_dir, SET_TEMPLATES[evalset.kind], data, name=set_name)
 
 
 def export(out_dir: Path, data_dir: Path | None = None, sets: list[str] | None = None) -> tuple[list[Path], list[str]]:
     """Write every task with known data and every named set that loads here (or the `sets` named);
     returns the files written and one line per skipped task or set saying why."""
+    for name in sets or []:  # every name the user gave, before anything is written
+        SETS.get(name)
     written, skipped = [], []
     for task, locate in TASK_DATA.items():
         try:

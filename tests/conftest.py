@@ -53,6 +53,7 @@ def make_llama(
     heads: int = 4,
     kv_heads: int = 2,
     max_positions: int = 256,
+    tie: bool = True,
 ):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -66,7 +67,7 @@ def make_llama(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

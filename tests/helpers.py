@@ -28,3 +28,11 @@ def vllm_mmlu(model_dir: str, cache_dir: str, limit: int) -> dict:
         "acc": out["results"]["acc,none"],
         "loglikelihoods": [s["loglikelihoods"] for s in out["samples"]],
     }
+
+
+def fail_writing(path: str) -> None:
+    """A write that fails as on a full disk (for the bad-input catalogue)."""
+    import errno
+    import os
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)

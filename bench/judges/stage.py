@@ -27,6 +27,7 @@ from bench.errors import UserError
 from bench.generation import GenerationCache, fixed_batches
 from bench.hashing import hash_value
 from bench.judges import JUDGES, Verdict
+from bench.killpoints import checkpoint
 
 # options that say how a judge runs, not what it decides: kept out of its board label
 _RUN_OPTIONS = (
@@ -150,6 +151,7 @@ def label_cached(judge, prompts: list[str], answers: list[str], cache_root: Path
         else:
             labelled = [judge.label([p for p, _ in b], [a for _, a in b]) for b in pairs]
         for batch, verdicts in zip(todo, labelled):
+            checkpoint("judge", JudgementCache.key(ident, batch)[:16])  # judged, not yet stored
             cache.store(ident, batch, [dataclasses.asdict(v) for v in verdicts])
             found.update(zip(batch, verdicts))
     return [found[k] for k in keys]

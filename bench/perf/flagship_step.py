@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.atomic import atomic_write_text
 from bench.new_interpreter import run_fresh
 
 VARIANTS = {  # name -> parameters of the defense
@@ -285,7 +286,7 @@ def main() -> None:
         }
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     if args.write:
         from bench.perf import write_section
 

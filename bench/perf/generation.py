@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
+from bench.atomic import atomic_write_text
 from bench.new_interpreter import run_fresh
 
 
@@ -67,7 +67,7 @@ def main() -> None:
         r["end_to_end_s"] = round(r["start_s"] + r["generate_s"], 1)
     print(json.dumps({"prompts": args.prompts, "tokens": args.tokens, "runs": runs}, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(runs, indent=2))
+        atomic_write_text(args.json, json.dumps(runs, indent=2))
     if args.write:
         from bench.perf import write_section
 

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.atomic import atomic_write_text
 from bench.new_interpreter import run_fresh
 
 
@@ -75,7 +76,7 @@ def main() -> None:
     ref.pop("loglikelihoods")
     print(json.dumps({"questions": args.limit, "runs": runs}, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(runs, indent=2))
+        atomic_write_text(args.json, json.dumps(runs, indent=2))
     if args.write:
         from bench.perf import write_section
 

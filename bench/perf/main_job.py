@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.atomic import atomic_write_text
+
 
 def _run(home: Path) -> dict:
     t0 = time.perf_counter()
@@ -51,7 +53,7 @@ def main() -> None:
                     f"{home} already has a cache, so a run there is not cold; pass an empty folder, or --cold-done"
                 )
             cold = _run(home)
-            kept.write_text(json.dumps(cold, indent=2))
+            atomic_write_text(kept, json.dumps(cold, indent=2))
         warm = _run(home)
     finally:
         if not args.home:

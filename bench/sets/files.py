@@ -6,6 +6,7 @@ Line numbers are the file's own (a CSV header is line 1), so a user can open the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 from pathlib import Path
@@ -35,9 +36,20 @@ def _text(path: Path, lineno: int, row: dict, field: str) -> str:
     return value.strip()
 
 
+@contextlib.contextmanager
+def _csv_errors(path: Path):
+    """A file that is not UTF-8 text, or that the csv module cannot split, as one line."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise UserError(f"{path}: not a readable CSV file ({exc}); check its quoting") from None
+
+
 def csv_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
     """(line number, row) of a CSV file with a header; the required columns must be non-empty."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with _csv_errors(path), open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
@@ -58,7 +70,7 @@ def csv_rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
 
 def headerless_csv_first_column(path: Path) -> list[str]:
     """The first cell of every line of a CSV file without a header (HEx-PHI's layout)."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with _csv_errors(path), open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         out = []
         for cells in reader:

@@ -43,13 +43,16 @@ def setting_file(name_or_path: str | Path) -> Path:
 def load_setting(name_or_path: str | Path, overrides: list[str] = ()) -> Setting:
     path = setting_file(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"setting {path}: not UTF-8 text (byte {exc.start}); a setting is a YAML file") from None
+    except RecursionError:
+        raise UserError(f"setting {path}: nested too deeply to be a setting; fix the file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(
-            f"setting {path}:{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); fix the syntax"
-        ) from None
+        where = f" line {mark.line + 1}:" if mark else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # PyYAML's own text spans lines
+        raise UserError(f"setting {path}:{where} not valid YAML ({problem}); fix the syntax") from None
     if not isinstance(raw, dict):
         raise UserError(
             f"setting {path}: expected a mapping of sections (models, data, ...), found {type(raw).__name__}"

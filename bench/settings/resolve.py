@@ -12,6 +12,7 @@ where a model or a file came from; records carry content hashes, not origins.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,8 +187,7 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
 
     s = setting
     data_dir = default_data_dir(s.data.data_dir)  # checked here, before any work: a missing folder is one line
-    _check_names(s)
-    _check_utility(s)
+    check_names(s)
     testbed = _Testbed(s, cache, log, check)
 
     def model(entry: Model | str | None) -> models.ModelHandle | None:
@@ -300,14 +300,29 @@ def _set_file(entry: str, file, data_dir: Path | None, cache: Path, check: bool)
     return path
 
 
-def _check_names(s: Setting) -> None:
-    """Judge and defense names, before anything else is resolved (each error lists the known ones)."""
-    from bench.judges import JUDGES
+def check_names(s: Setting) -> None:
+    """Every name the setting gives: judge, defenses (with their parameters), named sets and utility
+    tasks, looked up in their registries (no data read, nothing written; each error lists the known
+    names). The CLI calls it as soon as the setting is read, before any stage starts."""
+    from bench.judges.stage import parse_spec
     from bench.runner import parse_row
+    from bench.sets import SETS
 
-    JUDGES.get(s.judge)
+    parse_spec(s.judge)  # a judge is name or name:key=value:... (bench.judges.stage)
     for d in s.defenses:
         parse_row(d)
+    for entry in s.data.harmful + s.data.over_refusal:
+        if not entry.startswith(TESTBED) and not _is_file(entry):
+            SETS.get(entry)
+    _check_utility(s)
+
+
+@functools.lru_cache(maxsize=1)
+def _stock_tasks() -> frozenset[str]:
+    """lm-eval's stock task names: indexing them takes lm-eval tens of seconds, so once a process."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
 
 
 def _check_utility(s: Setting) -> None:
@@ -319,9 +334,7 @@ def _check_utility(s: Setting) -> None:
 
 
 def _stock_task(name: str) -> None:
-    from lm_eval.tasks import TaskManager
-
-    if name not in TaskManager().all_tasks:
+    if name not in _stock_tasks():
         from bench.task_files import templates
 
         raise UserError(

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import models, reproducibility
-from bench.atomic import atomic_write_json, atomic_write_jsonl, building_dir, cached_dir, verified_manifest
+from bench.atomic import atomic_write_json, atomic_write_jsonl, building_dir, discard, verified_manifest
 from bench.data import read_jsonl
 from bench.errors import UserError
 from bench.hashing import hash_file, hash_value, short
+from bench.killpoints import checkpoint
 from bench.sft import SFTConfig
 from bench.testbed import prompts as P
 from bench.testbed import sql_task
@@ -112,10 +113,26 @@ class Testbed:
         return self.root / "data" / "attack_pairs.jsonl"
 
 
-def embedded_base(cache: Path) -> models.ModelHandle:
+# the converted base's manifest: a dot file, which the model's content hash leaves out (bench.hashing)
+BASE_MANIFEST = ".realign-manifest.json"
+
+
+def embedded_base(cache: Path, log=print) -> models.ModelHandle:
+    """The embedded model converted to safetensors once; done only when its manifest, holding the
+    content hash of what the conversion wrote, is there too."""
+    from bench.hashing import hash_model_dir
+
     gguf = embedded_gguf()
     key = short(hash_file(gguf))
-    path = cached_dir(cache / "models" / f"base-smollm2-135m-{key}", convert_embedded)
+    path = cache / "models" / f"base-smollm2-135m-{key}"
+    content = lambda root: {"model": hash_model_dir(root)}
+    if verified_manifest(path, content, log, name=BASE_MANIFEST) is None:
+        if path.exists():  # converted by older code, which wrote no manifest: its content cannot be vouched for
+            log(f"{path.name}: made by older code (no manifest); converting it again")
+            discard(path)
+        with building_dir(path) as tmp:
+            convert_embedded(tmp)
+            atomic_write_json(tmp / BASE_MANIFEST, {"gguf": key, "content_hash": hash_value(content(tmp))})
     return models.ModelHandle("SmolLM2-135M-Instruct", path)
 
 
@@ -181,7 +198,7 @@ def build(
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    base_handle = models.resolve(base) if base else embedded_base(cache)
+    base_handle = models.resolve(base) if base else embedded_base(cache, log)
     timings["base_s"] = round(time.perf_counter() - t_start, 1)
     splits = _split_data(config)
     generation = {"engine": resolved_engine(engine), "mode": reproducibility.check_mode(mode)}
@@ -203,6 +220,7 @@ def build(
         return Testbed(root, manifest)
 
     log(f"testbed: building {root.name} (base {base_handle.name})")
+    checkpoint("start", root.name)
     with building_dir(root) as tmp:
         data_dir = tmp / "data"
         for name, rows in splits.items():
