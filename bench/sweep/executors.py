@@ -84,7 +84,7 @@ class RayExecutor:
             options["num_cpus"] = r.num_cpus
         if r.memory_gb:
             options["memory"] = int(r.memory_gb * 2**30)
-        task = ray.remote(run_job).options(**options)
+        task = ray.remote(run_ray_task).options(**options)
         refs = {task.remote(job, home, run_id): job for job in jobs}
         pending = list(refs)
         while pending:
@@ -158,6 +158,13 @@ class SlurmExecutor:
 
     def close(self) -> None:
         pass
+
+
+def run_ray_task(job: Job, home: str, run_id: str) -> dict:
+    """A Ray task: the job, told which GPUs Ray gave it."""
+    import ray
+
+    return run_job(job, home, run_id, gpu_ids=ray.get_gpu_ids())
 
 
 def forwarded_env() -> dict[str, str]:

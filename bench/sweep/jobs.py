@@ -246,9 +246,10 @@ def job_files(home: Path | str, key: str) -> JobFiles:
     return JobFiles(Path(home) / "sweeps" / "jobs" / short(key))
 
 
-def run_job(job: Job, home: str, run_id: str) -> dict:
+def run_job(job: Job, home: str, run_id: str, gpu_ids: list[str] | None = None) -> dict:
     """Run one job here (the executor chose the process); never raises for a failure of the job
-    itself: the result says failed, with a one-line reason and the log's path."""
+    itself: the result says failed, with a one-line reason and the log's path. `gpu_ids`: the GPUs
+    the executor gave it (default: CUDA_VISIBLE_DEVICES)."""
     from bench.atomic import atomic_write_json
 
     files = job_files(home, job.key)
@@ -265,7 +266,7 @@ def run_job(job: Job, home: str, run_id: str) -> dict:
         "log": str(files.log),
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "gpu_ids": _gpu_ids(),
+        "gpu_ids": _visible_gpus() if gpu_ids is None else [str(i) for i in gpu_ids],
         "started": time.time(),
     }
     atomic_write_json(files.status, status)
@@ -458,13 +459,7 @@ def _attempt(files: JobFiles, run_id: str) -> int:
     return sum(line.split(" ", 1)[0] == run_id for line in files.attempts.read_text().splitlines())
 
 
-def _gpu_ids() -> list:
-    """The GPUs this job was given: Ray's assignment inside a Ray task, else CUDA_VISIBLE_DEVICES."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        with contextlib.suppress(Exception):
-            if ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
-                return [str(i) for i in ray.get_gpu_ids()]
+def _visible_gpus() -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return [x for x in visible.split(",") if x]
 

@@ -28,16 +28,13 @@ class Progress:
         self._bars: dict = {}
 
     def stage_states(self) -> dict[str, dict[str, str]]:
-        """job key -> stage -> state, for this run."""
+        """job key -> stage -> state, in this run (a job this run has not started yet: left)."""
         out = {}
         for job in self.jobs:
-            status = self.final.get(job.key) or self._status(job)
-            stages = (status or {}).get("stages") or {}
-            out[job.key] = (
-                {s: stages.get(s, FAILED if (status or {}).get("state") == FAILED else LEFT) for s in job.stages}
-                if status
-                else {s: LEFT for s in job.stages}
-            )
+            status = self.final.get(job.key) or self._status(job) or {}
+            # a job whose process died reported no stages: each unfinished one counts as failed
+            missing = FAILED if status.get("state") == FAILED else LEFT
+            out[job.key] = {s: (status.get("stages") or {}).get(s, missing) for s in job.stages}
         return out
 
     def _status(self, job: Job) -> dict | None:
