@@ -1,7 +1,8 @@
 """Sweeps: the spec's schema and errors, the dry run, and one small grid of tiny random models run by
 each executor (here, on a real local Ray cluster, through submitit's local cluster): the same records,
 distinct GPUs for jobs that ran at once, a worker killed with os._exit retried to the end, and a
-second run that computes nothing."""
+second run that computes nothing. The tests on the grid are marked slow: its first (local) run
+takes about a minute, then each executor's run about as long; they share one Ray cluster."""
 
 from __future__ import annotations
 
@@ -108,6 +109,7 @@ def check_rerun_computes_nothing(spec: Path, home: Path, executor: str, jobs: in
 # ---------------------------------------------------------------------------------- spec and dry run
 
 
+@pytest.mark.slow  # shares the grid's local run (about a minute of CPU)
 def test_local_run_and_its_summary(local_run):
     run = local_run["run"]
     assert not run.failed, run.summary
@@ -126,6 +128,7 @@ def test_local_run_and_its_summary(local_run):
     assert lines[5].split() == ["evaluation", "4", "4", "0", "0", "0", "0"]
 
 
+@pytest.mark.slow  # shares the grid's local run (about a minute of CPU)
 def test_dry_run_shows_the_jobs_and_which_are_cached(grid, local_run, tmp_path, capsys):
     fresh = tmp_path / "fresh-home"
     assert main(["sweep", str(grid["spec"]), "--dry-run", "--home", str(fresh), "--verbosity", "WARNING"]) == 0
@@ -137,6 +140,7 @@ def test_dry_run_shows_the_jobs_and_which_are_cached(grid, local_run, tmp_path, 
     assert "7 cached" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # shares the grid's local run (about a minute of CPU)
 def test_local_rerun_computes_nothing(grid, local_run):
     check_rerun_computes_nothing(grid["spec"], local_run["home"], "local")
 
@@ -183,6 +187,7 @@ def test_unreadable_spec_files(grid, tmp_path, capsys):
     fails(capsys, ["sweep", str(tmp_path / "missing.yaml"), "--dry-run"], "no such file")
 
 
+@pytest.mark.slow  # shares the grid's local run (about a minute of CPU)
 def test_a_failed_job_is_listed_with_its_reason_and_log_and_its_rows_skipped(grid, local_run, capsys):
     """More harmful pairs than the data holds: the attack fails (at run time), its row is not run."""
     spec = yaml.safe_load(grid["spec"].read_text()) | {"harmful_n": [5], "defenses": ["none"]}
@@ -211,6 +216,7 @@ def gpu_ids_of_overlapping_jobs(run) -> list[tuple[list, list]]:
     ]
 
 
+@pytest.mark.slow  # shares the grid's local run (about a minute of CPU)
 def test_ray_fans_out_retries_a_killed_worker_and_matches_local(grid, local_run, ray_cluster, tmp_path, monkeypatch):
     from bench.sweep import run_sweep
 
@@ -233,6 +239,7 @@ def test_ray_fans_out_retries_a_killed_worker_and_matches_local(grid, local_run,
     check_rerun_computes_nothing(grid["spec"], home, "ray")
 
 
+@pytest.mark.slow  # shares the grid's local run (about a minute of CPU)
 def test_submitit_local_cluster_retries_and_matches_local(grid, local_run, tmp_path, monkeypatch):
     from bench.sweep import run_sweep
 

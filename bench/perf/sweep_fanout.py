@@ -123,6 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     ap.add_argument("--seeds", type=int, default=2, help="seeds of the grid (4 row jobs each)")
+    ap.add_argument("--write", action="store_true", help="replace this benchmark's section of BENCHMARKS.md")
     args = ap.parse_args()
 
     import ray
@@ -147,13 +148,29 @@ def main() -> None:
         rows = sum(j.kind == "row" for j in local.jobs)
         assert not local.failed and not fanned.failed, (local.summary, fanned.summary)
         same = records(root / "home-local") == records(root / "home-ray")
-        print(f"jobs: {len(local.jobs)} ({rows} rows), each 1 CPU; Ray cluster of {args.cpus} CPUs")
-        print(f"one after another (local executor): {local_s:.1f} s")
-        print(f"Ray fan-out: {ray_s:.1f} s (+ {start_s:.1f} s to start the cluster)")
-        print(
-            f"ratio Ray / one after another: {ray_s / local_s:.2f}x ({(ray_s + start_s) / local_s:.2f}x with the start)"
+    lines = [
+        f"{len(local.jobs)} jobs ({rows} rows, each a fresh interpreter that generates and judges; 1 setting and "
+        f"{len(local.jobs) - rows - 1} attack jobs before them), each asking for 1 CPU; tiny random Llama models, "
+        "transformers engine; each run from a cold home.",
+        "",
+        "| run | wall s |",
+        "|---|---|",
+        f"| one after another (local executor; the reference) | {local_s:.1f} |",
+        f"| Ray fan-out, local cluster of {args.cpus} CPUs | {ray_s:.1f} |",
+        f"| starting that Ray cluster | {start_s:.1f} |",
+        "",
+        f"**Ray / one after another: {ray_s / local_s:.2f}x** ({(ray_s + start_s) / local_s:.2f}x with the "
+        f"cluster's start). Records identical between the two runs: {'yes' if same else 'NO'}.",
+    ]
+    print("\n".join(lines))
+    if args.write:
+        from bench.perf import write_section
+
+        write_section(
+            "sweep_fanout",
+            "\n".join(lines),
+            command=f"python -m bench.perf.sweep_fanout --cpus {args.cpus} --seeds {args.seeds} --write",
         )
-        print(f"records identical: {same}")
 
 
 if __name__ == "__main__":
