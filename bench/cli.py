@@ -485,6 +485,18 @@ def cmd_board_check(args) -> int:
     return code
 
 
+def cmd_sweep(args) -> int:
+    """A grid of settings x harmful N x defenses x seeds x judges, as content-keyed jobs on an executor."""
+    from bench.sweep import dry_run, run_sweep
+
+    if args.dry_run:
+        print(dry_run(args.spec, args.home))
+        return 0
+    run = run_sweep(args.spec, args.home, args.executor, args.ray_address, args.slurm_cluster)
+    print(run.summary)
+    return 1 if run.failed else 0
+
+
 # ------------------------------------------------------------------------------------------ parser
 
 
@@ -531,6 +543,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the records and the rendered board to DIR (e.g. leaderboards/embedded-default)",
     )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "sweep",
+        formatter_class=_Formatter,
+        help="run a grid (settings x harmful N x defenses x seeds x judges) as cached jobs, here, on Ray or Slurm",
+        description="Expand a sweep spec (YAML, checked by a schema; README 'Sweeps') into independent jobs keyed by "
+        "the content hash of their inputs: one per setting, per attack (setting, N, seed) and per board row. Each "
+        "runs the pipeline's own cached stages (attack, defense, generation, judging), so a rerun computes nothing "
+        "and a retried job skips what finished. Progress per stage on stderr, a summary table at the end; exit 1 "
+        "when a job failed (each listed with its reason and log).",
+        epilog="examples:\n  realign sweep examples/sweeps/smoke-grid.yaml --dry-run\n"
+        "  realign sweep examples/sweeps/smoke-grid.yaml --executor ray --ray-address auto",
+    )
+    p.add_argument("spec", help="the sweep spec (YAML)")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded jobs and which are cached; run nothing")
+    p.add_argument("--executor", choices=("local", "ray", "slurm"), default="local", help="where the jobs run")
+    p.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join (e.g. auto, or ray://HOST:10001); default: Ray's own"
+    )
+    p.add_argument(
+        "--slurm-cluster",
+        choices=("slurm", "local"),
+        default=None,
+        help="submitit's cluster: slurm (default where sbatch exists) or local (the same path as local processes)",
+    )
+    p.add_argument(
+        "--home", default=DEFAULT_HOME, help="folder for the cache, runs and sweeps (shared by every node on a cluster)"
+    )
+    p.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "evaluate",

@@ -47,7 +47,9 @@ class EvalConfig:
     dtype: str | None = field(default=None, metadata={"help": "generation dtype (default: the engine's)"})
     engine_options: dict = field(
         default_factory=dict,
-        metadata={"help": "vLLM options: tensor_parallel_size, max_model_len, gpu_memory_utilization"},
+        metadata={
+            "help": "vLLM options: tensor_parallel_size, pipeline_parallel_size, max_model_len, gpu_memory_utilization"
+        },
     )
     utility: list[dict] = field(
         default_factory=list,
@@ -59,12 +61,13 @@ class EvalConfig:
         return asdict(self)
 
     def generator_options(self) -> dict:
-        """What CachedGenerator passes to the engine: vLLM's own options under their names."""
+        """What CachedGenerator passes to the engine: vLLM's own options under their names (those
+        VLLMGenerator takes as arguments, the rest in engine_options, which go to vllm.LLM as they are)."""
         options = dict(self.engine_options)
-        gpu_share = options.pop("gpu_memory_utilization", None)
+        passed = {k: options.pop(k) for k in ("gpu_memory_utilization", "pipeline_parallel_size") if k in options}
         return (
             options
-            | ({"engine_options": {"gpu_memory_utilization": gpu_share}} if gpu_share else {})
+            | ({"engine_options": passed} if passed else {})
             | ({"trust_remote_code": True} if self.trust_remote_code else {})
         )
 

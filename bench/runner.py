@@ -60,6 +60,7 @@ class RunConfig:
             k: v
             for k, v in (
                 ("tensor_parallel_size", g.tensor_parallel_size),
+                ("pipeline_parallel_size", g.pipeline_parallel_size),
                 ("gpu_memory_utilization", g.gpu_memory_utilization),
                 ("max_model_len", g.max_model_len),
             )

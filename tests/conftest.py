@@ -154,3 +154,13 @@ def random_lora(root: Path, tok, config, seed: int) -> None:
     peft_model.save_pretrained(root / "adapter")
     peft_model.merge_and_unload().save_pretrained(root / "finetuned", safe_serialization=True)
     tok.save_pretrained(root / "finetuned")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """ONE real local Ray cluster for the whole test session (Ray 2.60 has no local mode). It declares
+    two GPUs: Ray only schedules them (gives each task its ids); nothing touches CUDA."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    yield ray
+    ray.shutdown()

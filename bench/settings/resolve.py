@@ -107,7 +107,10 @@ class Resolved:
             "over_refusal_sets": sorted(self.over_refusal),
             "utility": [u.model_dump() for u in s.utility],
             "judge": s.judge,
-            "generation": s.generation.model_dump(),
+            # pipeline_parallel_size came later: unset, it stays out, so records made before it keep their ids
+            "generation": s.generation.model_dump(
+                exclude={"pipeline_parallel_size"} if not s.generation.pipeline_parallel_size else None
+            ),
             "inputs": self.inputs(),
         }
 

@@ -103,6 +103,9 @@ class Generation(_Strict):
         default=None, description="generation dtype (default: bfloat16 on vLLM, float32 on transformers)"
     )
     tensor_parallel_size: int | None = Field(default=None, ge=1, description="vLLM: GPUs per model")
+    pipeline_parallel_size: int | None = Field(
+        default=None, ge=1, description="vLLM: pipeline stages (GPUs per model = tensor x pipeline)"
+    )
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="vLLM: share of GPU memory")
     max_model_len: int | None = Field(default=None, ge=16, description="vLLM: context length")
     limit: int | None = Field(
