@@ -2,7 +2,7 @@
 and CSV set readers and the setting parser either return a value or raise the project's validation error
 (UserError: one line, exit 2 in the CLI), never anything else.
 
-The sweep spec parser (`realign sweep`) is fuzzed the same way once it exists on this branch.
+The sweep spec parser (`realign sweep`) is fuzzed the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from bench import records
 from bench.data import read_jsonl
 from bench.errors import UserError
 from bench.settings import load_setting, set_dotted, validate
+from bench.sweep.spec import load_spec
 
 PUBLISHED = sorted(
     (Path(__file__).resolve().parents[1] / "leaderboards" / "embedded-default" / "records").glob("*.json")
@@ -180,3 +181,34 @@ def test_set_overrides_on_any_text(items):
 def test_set_override_of_a_real_key_with_any_value(key, text):
     raw = copy.deepcopy(EMBEDDED)
     only_user_errors(lambda: (set_dotted(raw, f"{key}={text}"), validate(raw, "embedded-default")))
+
+
+# -------------------------------------------------------------------------------------------- sweep specs
+
+spec_like = st.dictionaries(
+    st.sampled_from(["name", "settings", "harmful_n", "defenses", "seeds", "judges", "resources", "executor", "x"]),
+    json_values,
+    max_size=6,
+)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+@example(b"[" * 100_000)
+@example(b"settings: [" + b"[" * 5_000)
+def test_sweep_spec_parser_on_any_bytes(data):
+    only_user_errors(lambda: in_file(data, ".yaml", load_spec))
+
+
+@FUZZ
+@given(spec_like)
+def test_sweep_spec_parser_on_any_mapping(raw):
+    only_user_errors(lambda: in_file(yaml.safe_dump(raw).encode(), ".yaml", load_spec))
+
+
+@FUZZ
+@given(st.sampled_from(["defenses", "settings", "resources", "harmful_n", "seeds"]), json_values)
+def test_sweep_spec_example_with_one_field_changed(key, value):
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "sweeps" / "smoke-grid.yaml").read_text())
+    raw[key] = value
+    only_user_errors(lambda: in_file(yaml.safe_dump(raw).encode(), ".yaml", load_spec))

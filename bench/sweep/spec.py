@@ -89,15 +89,16 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise UserError(f"sweep spec {str(path)!r}: no such file; check the path")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"sweep spec {path}: not UTF-8 text; give a YAML file") from None
+    except RecursionError:  # PyYAML's composer recurses once per level of nesting
+        raise UserError(f"sweep spec {path}: nested too deeply to be a sweep spec; fix the file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(
-            f"sweep spec {path}:{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); fix the syntax"
-        ) from None
-    except UnicodeDecodeError:
-        raise UserError(f"sweep spec {path}: not a text file; give a YAML file") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # PyYAML's own text spans lines
+        raise UserError(f"sweep spec {path}:{where}: not valid YAML ({problem}); fix the syntax") from None
     if not isinstance(raw, dict):
         raise UserError(
             f"sweep spec {path}: expected a mapping (name, settings, defenses, ...), found {type(raw).__name__}"
