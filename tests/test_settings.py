@@ -348,6 +348,32 @@ def test_evaluate_one_model_two_sets_one_loglikelihood_task(tmp_path, capsys, ti
         "over_refusal:over",
     } <= set(record["inputs"])
 
+    # the board shows the utility task beside the task metric, in every format
+    board = tmp_path / "board"
+    assert main(["board", "build", str(home / "runs" / "tiny" / "records"), "--out", str(board)]) == 0
+    import csv
+
+    (row,) = list(csv.DictReader((board / "board.csv").open()))
+    assert float(row["utility:realign_mmlu"]) == record["metrics"]["utility:realign_mmlu"]["value"]
+    assert row["utility:realign_mmlu_n"] == "4" and row["setting"].startswith("tiny [")
+    assert json.loads((board / "board.json").read_text())[0]["utility:realign_mmlu_ci_high"] is not None
+    assert "realign_mmlu %" in (board / "board.md").read_text()
+    assert "<th>realign_mmlu %</th>" in (board / "board.html").read_text()
+
+    # the runner hands the setting's system prompt and generation options to the evaluation
+    capsys.readouterr()
+    argv = ["evaluate", str(tiny_lora["finetuned"]), "--setting", str(tiny_setting), "--home", str(home)]
+    argv += ["--set", "generation.limit=2", "--set", "models.system_prompt=Be safe."]
+    argv += ["--set", "generation.max_new_tokens={harmful: 3}", "--verbosity", "WARNING"]
+    assert main(argv) == 0, capsys.readouterr().err
+    chat_id = json.loads(capsys.readouterr().out)["record_id"]
+    assert chat_id != out["record_id"]
+    chat = json.loads((home / "runs" / "tiny" / "records" / f"{chat_id}.json").read_text())
+    assert chat["inputs"]["system_prompt"] and "system_prompt" not in record["inputs"]
+    assert chat["setting"]["resolved"]["generation"]["max_new_tokens"] == {"harmful": 3}
+    assert "max_new_tokens" not in record["setting"]["resolved"]["generation"]
+    assert chat["cost"]["generation"]["generated"] > 0  # not the default format's cached answers
+
 
 # ------------------------------------------------------------------------------------------ the proof
 
@@ -405,3 +431,134 @@ def test_a_users_setting_of_the_testbed_gives_the_embedded_runs_records(tmp_path
 
     assert len(mine) == len(builtin) == 2
     assert [same(r) for r in mine] == [same(r) for r in builtin]
+
+
+# ------------------------------------------------------------------- chat format and generation options
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_chat_template_file_and_system_prompt_shape_every_prompt_and_every_key(tmp_path, tiny_lora):
+    from bench import attack, models
+    from bench.generation import CachedGenerator, GenerationCache, Sampling, TransformersGenerator
+    from bench.hashing import hash_value
+    from bench.probe import TaskProbe
+    from bench.settings import load_setting
+    from bench.settings.resolve import resolve
+    from defenses import DefenseContext
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(TEMPLATE)
+    data = data_files(tmp_path / "data")
+    models_section = {"aligned": str(tiny_lora["aligned"]), "finetuned": str(tiny_lora["finetuned"])}
+    plain = write_setting(tmp_path / "plain.yaml", models=models_section, data=data)
+    chat = write_setting(
+        tmp_path / "chat.yaml",
+        models=models_section | {"chat_template": str(template), "system_prompt": "Be safe."},
+        data=data,
+    )
+    r_plain = resolve(load_setting(plain), tmp_path / "cache", check=True)
+    r_chat = resolve(load_setting(chat), tmp_path / "cache", check=True)
+    assert r_chat.chat == models.ChatFormat(TEMPLATE, "Be safe.") and r_plain.chat.is_default
+    # records: the template's and the system prompt's content hashes, no path
+    inputs = r_chat.inputs()
+    assert inputs["chat_template"] == hash_value(TEMPLATE) and inputs["system_prompt"] == hash_value("Be safe.")
+    assert "system_prompt" not in r_plain.inputs() and r_plain.inputs()["chat_template"] != inputs["chat_template"]
+    described = r_chat.description()["models"]
+    assert described["chat_template"] == "file" and described["system_prompt"] == "Be safe."
+
+    # generation renders every prompt with them, and the cache keys say so
+    handle = models.resolve(tiny_lora["finetuned"])
+    gen = TransformersGenerator(handle, chat=r_chat.chat)
+    text = gen.tokenizer.decode(gen.prompt_ids(["hello"])[0])
+    assert text == "<|system|>Be safe.</s><|user|>hello</s><|assistant|>", text
+    sampling = Sampling(max_new_tokens=2)
+    plain_id, chat_id = TransformersGenerator(handle).identity(sampling), gen.identity(sampling)
+    assert chat_id["template"] == TEMPLATE and chat_id["system_prompt"] == "Be safe."
+    assert "system_prompt" not in plain_id  # answers cached before system prompts keep their keys
+    other = TransformersGenerator(handle, chat=models.ChatFormat(TEMPLATE, "Be brief.")).identity(sampling)
+    assert len({hash_value(x) for x in (plain_id, chat_id, other)}) == 3
+    cache = GenerationCache(tmp_path / "generations")
+    with CachedGenerator(handle, cache, engine="transformers", chat=r_chat.chat) as cached:
+        cached.generate(["hello"], sampling)
+        assert cached._identity(sampling) == chat_id  # the key before an engine starts is the engine's own
+        assert cached._scoring_identity() == CachedGenerator(handle, cache, "transformers")._scoring_identity()
+    with CachedGenerator(handle, cache, engine="transformers") as cached:
+        cached.generate(["hello"], sampling)
+        assert cached.stats["generated"] == 1  # another format: not the cached answer
+
+    # the defenses, the utility probe and the attack render with them too, and key on them
+    ctx = DefenseContext(aligned=handle, finetuned=handle, chat=r_chat.chat)
+    assert models.render_prompt(ctx.tokenizer(), "hi").startswith("<|system|>Be safe.</s>")
+    dev = Path(data["task"]["dev"])
+    assert TaskProbe(dev, chat=r_chat.chat).identity() != TaskProbe(dev).identity()
+    assert TaskProbe(dev, chat=models.ChatFormat()).identity() == TaskProbe(dev).identity()
+    lines: list[str] = []
+    pairs = [{"prompt": "p", "response": "r"}]
+    config = attack.AttackConfig(harmful_n=1, task_n=0, sft={"max_steps": 1, "batch_size": 1})
+    plain_attack = attack.run(handle, [], pairs, config, tmp_path / "cache", log=lines.append)
+    chat_attack = attack.run(handle, [], pairs, config, tmp_path / "cache", log=lines.append, chat=r_chat.chat)
+    assert plain_attack.root != chat_attack.root
+    assert chat_attack.merged.path.is_dir()
+
+
+def test_a_chat_template_that_is_missing_or_does_not_render_is_one_line(tmp_path, capsys, tiny_setting):
+    home = tmp_path / "home"
+    bad = _edit(tiny_setting, tmp_path / "missing.yaml", lambda r: r["models"].update(chat_template="/no/t.jinja"))
+    fails(capsys, ["setting", "check", str(bad), "--home", str(home)], "'/no/t.jinja'", "no such file", "auto")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }")
+    bad = _edit(tiny_setting, tmp_path / "broken.yaml", lambda r: r["models"].update(chat_template=str(broken)))
+    fails(capsys, ["run", "--setting", str(bad), "--home", str(home)], "chat template does not render", "auto")
+    fails(
+        capsys,
+        ["setting", "check", str(tiny_setting), "--set", "generation.max_new_tokens={harmfull: 8}"],
+        "generation.max_new_tokens.harmfull",
+        "'harmful', 'over_refusal', 'task' or 'utility'",
+    )
+    assert not home.exists() or not any(home.rglob("*.json"))
+
+
+def test_max_new_tokens_per_kind_and_temperature_reach_the_generator(tmp_path, tiny_lora):
+    from bench import models
+    from bench.evaluate import EvalConfig, EvalSets, task_runs
+    from bench.generation import CachedGenerator, GenerationCache
+    from bench.lmeval_bridge import run_tasks
+
+    data = data_files(tmp_path / "data")
+    sets = EvalSets(Path(data["harmful"][0]), Path(data["over_refusal"][0]), Path(data["task"]["test"]))
+    config = EvalConfig(engine="transformers", max_new_tokens={"harmful": 3, "task": 5}, temperature=0.7)
+
+    class Observed(CachedGenerator):
+        """The real cached generator, noting the sampling each prompt was generated with."""
+
+        seen: dict[str, object] = {}
+
+        def generate(self, prompts, sampling):
+            self.seen.update((p, sampling) for p in prompts)
+            return super().generate(prompts, sampling)
+
+    handle = models.resolve(tiny_lora["finetuned"])
+    with Observed(handle, GenerationCache(tmp_path / "generations"), engine="transformers") as gen:
+        out = run_tasks(gen, task_runs(sets, config))
+    by_kind = {
+        kind: {(gen.seen[s["prompt"]].max_new_tokens, gen.seen[s["prompt"]].temperature) for s in out[task]["samples"]}
+        for kind, task in (("harmful", "realign_harmful"), ("task", "realign_sql"), ("over", "realign_overrefusal"))
+    }
+    # the over-refusal set keeps its YAML's max_gen_toks (48); every kind takes the temperature
+    assert by_kind == {"harmful": {(3, 0.7)}, "task": {(5, 0.7)}, "over": {(48, 0.7)}}
+    # at their defaults the new options leave record ids as they were; set, they enter them
+    assert set(EvalConfig().to_dict()) == {
+        "judge",
+        "engine",
+        "limit",
+        "generation_mode",
+        "dtype",
+        "engine_options",
+        "utility",
+        "trust_remote_code",
+    }
+    assert config.to_dict()["max_new_tokens"] == {"harmful": 3, "task": 5} and config.to_dict()["temperature"] == 0.7

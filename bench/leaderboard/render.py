@@ -16,7 +16,7 @@ from typing import Sequence
 from markupsafe import Markup
 
 from bench.atomic import atomic_write_bytes
-from bench.leaderboard.build import SHOWN, Board
+from bench.leaderboard.build import SHOWN, UTILITY_PREFIX, Board, utility_tasks
 
 FLAT_COLUMNS = [
     "setting",
@@ -42,7 +42,35 @@ FLAT_COLUMNS = [
 MAX_PLOTS = 4  # settings that get a plot: matplotlib costs ~0.4 s per figure (PNG + SVG)
 
 
+def flat_columns(board: Board) -> list[str]:
+    """FLAT_COLUMNS, then value, interval and n of every utility task on the board ("utility:mmlu", ...)."""
+    return FLAT_COLUMNS + [
+        f"{UTILITY_PREFIX}{t}{suffix}" for t in utility_tasks(board) for suffix in ("", "_ci_low", "_ci_high", "_n")
+    ]
+
+
+def _utility_flat(r: dict) -> dict:
+    return {
+        f"{UTILITY_PREFIX}{t}{suffix}": u[key]
+        for t, u in r.get("utility", {}).items()
+        for suffix, key in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"), ("_n", "n"))
+    }
+
+
+def _setting_utility(rows: list[dict]) -> list[str]:
+    """The utility tasks the rows of one setting report."""
+    return sorted({t for r in rows for t in r.get("utility", {})})
+
+
+def _utility_pct(r: dict, task: str) -> str:
+    u = r.get("utility", {}).get(task)
+    if not u or u["value"] is None:
+        return "-"
+    return f"{100 * u['value']:.1f} [{100 * u['ci_low']:.1f}, {100 * u['ci_high']:.1f}]"
+
+
 def flat_rows(board: Board) -> list[dict]:
+    columns = flat_columns(board)
     out = []
     for rows in board.settings.values():
         for r in rows:
@@ -56,7 +84,8 @@ def flat_rows(board: Board) -> list[dict]:
                 p_utility_vs_none=vs_none.get("task_metric", {}).get("p"),
                 p_harm_vs_next=vs_next.get("harmful_rate", {}).get("p"),
             )
-            out.append({k: flat.get(k) for k in FLAT_COLUMNS})
+            flat.update(_utility_flat(r))
+            out.append({k: flat.get(k) for k in columns})
     return out
 
 
@@ -73,6 +102,7 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
 
     parts = []
     for key, rows in board.settings.items():
+        tasks = _setting_utility(rows)
         table = [
             [
                 r["position"],
@@ -82,6 +112,7 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
                 _pct(r, "harmful_rate"),
                 _pct(r, "over_refusal"),
                 _pct(r, "task_metric"),
+                *[_utility_pct(r, t) for t in tasks],
                 f"{r['hypervolume']:.4f}",
                 _p(r.get("vs_none"), "harmful_rate"),
                 r["vs_interpolation"],
@@ -101,6 +132,7 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
                     f"harmful % (n={n})",
                     "over-refusal %",
                     "task %",
+                    *[f"{t} %" for t in tasks],
                     "hypervolume",
                     "p vs none",
                     "vs interpolation",
@@ -213,7 +245,7 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
     return png.getvalue(), svg.getvalue()
 
 
-def _cells(r: dict) -> list[tuple]:
+def _cells(r: dict, tasks: Sequence[str] = ()) -> list[tuple]:
     """One board row as (css class, sort value, text, CI text) cells: formatted here, where Python's
     own formatting is several times cheaper than a Jinja filter per cell on a 10,000-row page."""
     cells = [
@@ -234,6 +266,13 @@ def _cells(r: dict) -> list[tuple]:
                     f"[{100 * r[m + '_ci_low']:.1f}, {100 * r[m + '_ci_high']:.1f}] n={r[m + '_n']}",
                 )
             )
+    for t in tasks:  # the setting's utility tasks, after the task metric
+        u = r.get("utility", {}).get(t)
+        if not u or u["value"] is None:
+            cells.append(("", -1, "\u2013", ""))
+        else:
+            ci = f"[{100 * u['ci_low']:.1f}, {100 * u['ci_high']:.1f}] n={u['n']}"
+            cells.append(("", u["value"], f"{100 * u['value']:.1f}", ci))
     cells.append(("", r["hypervolume"], f"{r['hypervolume']:.4f}", ""))
     p = (r.get("vs_none") or {}).get("harmful_rate", {}).get("p")
     cells.append(("", 2 if p is None else p, "\u2013" if p is None else f"{p:.3g}", ""))
@@ -247,14 +286,14 @@ def _esc(x) -> str:
     return str(x) if isinstance(x, (int, float)) else _html.escape(str(x))
 
 
-def _row_html(r: dict) -> Markup:
+def _row_html(r: dict, tasks: Sequence[str] = ()) -> Markup:
     """One <tr>, every text escaped. Joined in Python because a Jinja loop over 110,000 cells is
     the slowest part of a 10,000-record page; the page around the rows stays in the template."""
     tds = "".join(
         f'<td class="{cls}" data-v="{_esc(v)}">{_esc(text)}'
         + (f' <span class="ci">{_esc(ci)}</span>' if ci else "")
         + "</td>"
-        for cls, v, text, ci in _cells(r)
+        for cls, v, text, ci in _cells(r, tasks)
     )
     return Markup(f'<tr class="{"tied" if r["tied_with"] else ""}">{tds}</tr>')
 
@@ -279,10 +318,12 @@ def html(board: Board, plots: dict[str, bytes], title: str) -> str:
     for key, rows in board.settings.items():
         cats = board.categories.get(key, {})
         names = sorted({c for v in cats.values() for c in v})
+        tasks = _setting_utility(rows)
         settings.append(
             {
                 "key": key,
-                "rows": Markup("\n").join(_row_html(r) for r in rows),
+                "utility": tasks,
+                "rows": Markup("\n").join(_row_html(r, tasks) for r in rows),
                 "ref": board.reference_points[key],
                 "categories": _category_rows_html(cats, names) if cats else "",
                 "category_names": names,
@@ -309,7 +350,7 @@ def render(board: Board, title: str = "realign-bench leaderboard", skipped: Sequ
     """Every file of a board by name, in memory: Markdown, CSV, JSON, HTML, the Pareto plots."""
     rows = flat_rows(board)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FLAT_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=flat_columns(board))
     writer.writeheader()
     writer.writerows(rows)
     files: dict[str, bytes] = {

@@ -51,6 +51,7 @@ class Resolved:
     notes: list[str] = field(default_factory=list)
     data_dir: Path | None = None
     _user_finetuned: Variant | None = None
+    chat: models.ChatFormat = field(default_factory=models.ChatFormat)  # the setting's chat template and system prompt
 
     def variants(self, cache: Path, log: Callable[[str], None]) -> Iterator[Variant]:
         """The setting's fine-tuned models: the user's, or one attack per N (cached like any stage)."""
@@ -69,6 +70,7 @@ class Resolved:
                 cfg,
                 cache,
                 log=log,
+                chat=self.chat,
             )
             yield Variant(n, atk.merged, atk.adapter, atk.manifest["config"])
 
@@ -83,7 +85,10 @@ class Resolved:
 
     def inputs(self) -> dict[str, str]:
         """Content hash of every model, file and template the setting names (the finetuned model is per variant)."""
-        out = {"aligned": self.aligned.content_hash(), "chat_template": hash_value(_chat_template(self.aligned))}
+        template = self.chat.template if self.chat.template is not None else _chat_template(self.aligned)
+        out = {"aligned": self.aligned.content_hash(), "chat_template": hash_value(template)}
+        if self.chat.system_prompt is not None:
+            out["system_prompt"] = hash_value(self.chat.system_prompt)
         if self.base:
             out["base"] = self.base.content_hash()
         out |= {k: hash_file(p) for k, p in self.files.items()}
@@ -98,15 +103,17 @@ class Resolved:
         return {
             "models": {
                 "aligned_dtype": _model(s.models.aligned).dtype,
-                "chat_template": s.models.chat_template,
+                # 'auto' or 'file' (a path would differ between machines; inputs.chat_template is its hash)
+                "chat_template": "auto" if s.models.chat_template == "auto" else "file",
                 "trust_remote_code": s.models.trust_remote_code,
-            },
+            }
+            | ({"system_prompt": s.models.system_prompt} if s.models.system_prompt is not None else {}),
             "task": {"yaml": s.data.task.yaml, "metric": s.data.task.metric},
             "harmful_sets": sorted(self.harmful),
             "over_refusal_sets": sorted(self.over_refusal),
             "utility": [u.model_dump() for u in s.utility],
             "judge": s.judge,
-            "generation": s.generation.model_dump(),
+            "generation": _later_at_default_dropped(s.generation.model_dump()),
             "inputs": self.inputs(),
         }
 
@@ -134,9 +141,11 @@ class Resolved:
             "models": {
                 "aligned": model(self.aligned),
                 "base": model(self.base),
-                "chat_template": {"from": s.models.chat_template, "sha256": hash_value(_chat_template(self.aligned))},
+                "chat_template": {"from": s.models.chat_template, "sha256": self.inputs()["chat_template"]},
             },
         }
+        if s.models.system_prompt is not None:
+            out["models"]["system_prompt"] = {"text": s.models.system_prompt, "sha256": self.inputs()["system_prompt"]}
         f = self._user_finetuned
         if f is None:
             out["attack"] = s.attack.model_dump()
@@ -164,6 +173,15 @@ class Resolved:
         return yaml.safe_dump(out, sort_keys=False)
 
 
+# generation options added after records existed: at their defaults they stay out of a record's
+# resolved setting, so the records (and record ids) of settings that do not use them are unchanged
+_LATER_GENERATION = {"max_new_tokens": {}, "temperature": None}
+
+
+def _later_at_default_dropped(generation: dict) -> dict:
+    return {k: v for k, v in generation.items() if k not in _LATER_GENERATION or v != _LATER_GENERATION[k]}
+
+
 def _model(entry: Model | str | None) -> Model | None:
     return Model(path=entry) if isinstance(entry, str) else entry
 
@@ -188,6 +206,7 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
     data_dir = default_data_dir(s.data.data_dir)  # checked here, before any work: a missing folder is one line
     _check_names(s)
     _check_utility(s)
+    chat = models.ChatFormat(models.read_chat_template(s.models.chat_template), s.models.system_prompt)
     testbed = _Testbed(s, cache, log, check)
 
     def model(entry: Model | str | None) -> models.ModelHandle | None:
@@ -206,7 +225,9 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
     aligned = model(s.models.aligned)
     base = model(s.models.base)
     if aligned is None:  # only while checking a testbed setting: the testbed is not built yet
-        return Resolved(s, None, None, {}, {}, {}, list(s.notes), data_dir)
+        return Resolved(s, None, None, {}, {}, {}, list(s.notes), data_dir, chat=chat)
+    if not chat.is_default:  # the template renders a conversation with this tokenizer (no weights loaded)
+        chat.check(models.load_tokenizer(aligned, s.models.trust_remote_code), f"setting {s.name!r}: models")
 
     def file(entry: str | None, required=("prompt",)) -> Path | None:
         if entry is None:
@@ -252,6 +273,7 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
         list(s.notes) + testbed.notes,
         data_dir,
         user,
+        chat,
     )
 
 
@@ -336,6 +358,7 @@ class _Testbed:
     def __init__(self, setting: Setting, cache: Path, log, check: bool):
         self.setting, self.cache, self.log, self.check = setting, cache, log, check
         self._tb = None
+        self._looked = False  # check mode: looked for an existing testbed already
         self.notes: list[str] = []
 
     def build(self):
@@ -349,9 +372,12 @@ class _Testbed:
                 raise UserError(
                     f"setting {self.setting.name!r}: testbed: {exc}; see bench/testbed/build.py TestbedConfig"
                 ) from None
-            if self.check:
-                return None
             g = self.setting.generation
+            if self.check:  # the testbed as built by an earlier run, if any: check builds nothing
+                if not self._looked:
+                    self._looked = True
+                    self._tb = testbed_stage.find_built(config, self.cache, engine=g.engine, mode=g.mode)
+                return self._tb
             self._tb = testbed_stage.build(config, self.cache, engine=g.engine, log=self.log, mode=g.mode)
             self.notes = list(self._tb.manifest.get("notes", []))
         return self._tb
@@ -394,5 +420,7 @@ class _Testbed:
         ]
         path = self.cache / "sets" / f"testbed-calibration-pairs-{short(hash_value(rows))}.jsonl"
         if not path.exists():
+            if self.check:  # written by the first run; check writes nothing
+                return None
             atomic_write_jsonl(path, rows)
         return path

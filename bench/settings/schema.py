@@ -9,7 +9,7 @@ content hash; nothing after that knows where it came from.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,8 +46,16 @@ class Models(_Strict):
         default=None, description="the fine-tuned model (or give an `attack` section instead)"
     )
     base: Model | str | None = Field(default=None, description="the pre-alignment base model (SafeLoRA needs it)")
-    # only the tokenizer's own template for now: its hash goes into every record
-    chat_template: Literal["auto"] = Field(default="auto", description="'auto': the tokenizer's own chat template")
+    chat_template: str = Field(
+        default="auto",
+        description="'auto' (the tokenizer's own chat template) or a Jinja chat template file used in its place; "
+        "its content hash goes into every record and every generation cache key",
+    )
+    system_prompt: str | None = Field(
+        default=None,
+        description="a system turn before every chat-formatted prompt (evaluation, attack, defenses, probe); hashed "
+        "likewise",
+    )
     trust_remote_code: bool = Field(default=False, description="let models run code shipped with their weights")
 
 
@@ -96,6 +104,9 @@ class Utility(_Strict):
     metric: str = Field(default="acc", description="per-sample metric reported (acc, exact_match, ...)")
 
 
+SET_KINDS = ("harmful", "over_refusal", "task", "utility")
+
+
 class Generation(_Strict):
     engine: Literal["auto", "vllm", "transformers"] = "auto"
     mode: Literal["deterministic", "fast-nondeterministic"] = "deterministic"
@@ -107,6 +118,16 @@ class Generation(_Strict):
     max_model_len: int | None = Field(default=None, ge=16, description="vLLM: context length")
     limit: int | None = Field(
         default=None, ge=1, description="evaluate only the first N prompts of each set (smoke tests)"
+    )
+    max_new_tokens: dict[Literal[SET_KINDS], Annotated[int, Field(ge=1)]] = Field(
+        default={},
+        description="tokens per answer by kind of set (harmful, over_refusal, task, utility); a kind not given "
+        "keeps its task YAML's max_gen_toks",
+    )
+    temperature: float | None = Field(
+        default=None,
+        ge=0,
+        description="sampling temperature of every evaluation answer (0: greedy; default: each YAML's own)",
     )
 
 
