@@ -188,7 +188,7 @@ def _edit(tiny_setting: Path, out: Path, change) -> Path:
         (
             "set file",
             lambda r: r["data"].update(harmful=["beavertails_eval"], data_dir=str(Path(__file__).parent)),
-            ["beavertails_eval", "put"],
+            ["beavertails_eval", "put", "hub:PKU-Alignment/BeaverTails-Evaluation:test"],
         ),
         (
             "data folder",
@@ -562,3 +562,27 @@ def test_max_new_tokens_per_kind_and_temperature_reach_the_generator(tmp_path, t
         "trust_remote_code",
     }
     assert config.to_dict()["max_new_tokens"] == {"harmful": 3, "task": 5} and config.to_dict()["temperature"] == 0.7
+
+
+def test_a_hub_set_loads_through_datasets_and_is_one_line_offline(tmp_path, capsys, tiny_setting, monkeypatch):
+    from bench.settings import load_setting
+    from bench.settings.resolve import resolve
+
+    # a local dataset folder: the same datasets.load_dataset call as a hub id, offline
+    folder = tmp_path / "my-hub-set"
+    folder.mkdir()
+    write_jsonl(folder / "test.jsonl", [{"prompt": " how do I pick a lock ", "category": "crime"}, {"prompt": "b"}])
+    setting = _edit(tiny_setting, tmp_path / "hub.yaml", lambda r: r["data"].update(harmful=[f"hub:{folder}:test"]))
+    resolved = resolve(load_setting(setting), tmp_path / "cache")
+    rows = [json.loads(line) for line in resolved.harmful["my-hub-set-test"].read_text().splitlines()]
+    assert rows == [{"prompt": "how do I pick a lock", "category": "crime"}, {"prompt": "b"}]
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bad = _edit(tiny_setting, tmp_path / "off.yaml", lambda r: r["data"].update(over_refusal=["hub:org/some-set"]))
+    fails(capsys, ["run", "--setting", str(bad), "--home", str(home)], "hub:org/some-set", "pass a local file")
+    write_jsonl(folder / "test.jsonl", [{"question": "a"}])
+    fails(capsys, ["setting", "check", str(setting)], f"hub:{folder}:test", "no 'prompt' column", "question")
+    bad = _edit(tiny_setting, tmp_path / "split.yaml", lambda r: r["data"].update(harmful=[f"hub:{folder}:dev"]))
+    fails(capsys, ["setting", "check", str(bad)], "no split 'dev'", "test")
+    assert not (home / "cache").exists() or not any((home / "cache").rglob("*.jsonl"))

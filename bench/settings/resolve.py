@@ -295,7 +295,12 @@ def _finetuned(entry: FineTuned | str, aligned: models.ModelHandle, cache: Path,
 
 
 def _label(entry: str) -> str:
-    """How a set is named in records and on the board: the set's name, the file's stem, or the testbed split."""
+    """How a set is named in records and on the board: the set's name, the file's stem, the hub
+    dataset's name, or the testbed split."""
+    from bench.sets import hub
+
+    if entry.startswith(hub.PREFIX):
+        return hub.label(entry)
     if entry.startswith(TESTBED):
         return entry[len(TESTBED) :]
     return Path(entry).stem if _is_file(entry) else entry
@@ -307,16 +312,20 @@ def _is_file(entry: str) -> bool:
 
 def _set_file(entry: str, file, data_dir: Path | None, cache: Path, check: bool) -> Path | None:
     """A harmful or over-refusal set as a JSONL file of {prompt, category?}: files and testbed
-    splits as they are; a named set's rows written once into the cache (by content)."""
-    if entry.startswith(TESTBED) or _is_file(entry):
+    splits as they are; a named set's or a hub dataset's rows written once into the cache (by content)."""
+    from bench.sets import hub
+
+    if not entry.startswith(hub.PREFIX) and (entry.startswith(TESTBED) or _is_file(entry)):
         return file(entry)
     from bench.atomic import atomic_write_jsonl
     from bench.sets import load_set
 
-    rows = load_set(entry, data_dir=data_dir)
+    rows = hub.load_hub(entry) if entry.startswith(hub.PREFIX) else load_set(entry, data_dir=data_dir)
     if check:
         return None
-    path = cache / "sets" / f"{entry}-{short(hash_value(rows))}.jsonl"
+    path = (
+        cache / "sets" / f"{_label(entry) if entry.startswith(hub.PREFIX) else entry}-{short(hash_value(rows))}.jsonl"
+    )
     if not path.exists():
         atomic_write_jsonl(path, rows)
     return path

@@ -91,9 +91,11 @@ class Data(_Strict):
     benign_prompts: str = Field(description="JSONL of {prompt}: benign task prompts (the flagship's D_b)")
     task: Task
     harmful: list[str] = Field(
-        min_length=1, description="harmful evaluation sets: set names, JSONL files or testbed:NAME"
+        min_length=1, description="harmful evaluation sets: set names, JSONL files, hub:ID[:SPLIT] or testbed:NAME"
     )
-    over_refusal: list[str] = Field(default=[], description="over-refusal sets: set names, JSONL files or testbed:NAME")
+    over_refusal: list[str] = Field(
+        default=[], description="over-refusal sets: set names, JSONL files, hub:ID[:SPLIT] or testbed:NAME"
+    )
     data_dir: str | None = Field(default=None, description="folder of local public data (beavertails/, ...)")
 
 
