@@ -17,7 +17,7 @@ from pathlib import Path
 from bench import metrics, models, reproducibility
 from bench.errors import UserError
 from bench.generation import CachedGenerator, GenerationCache
-from bench.hashing import hash_value
+from bench.hashing import hash_folder, hash_value
 from bench.judges import JUDGES
 from bench.lmeval_bridge import TaskRun, run_tasks
 
@@ -70,6 +70,11 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        # a task folder by its content hash: record ids name content, not where it lives
+        out["utility"] = [
+            u | {"include_path": hash_folder(Path(u["include_path"]).expanduser())} if u.get("include_path") else u
+            for u in out["utility"]
+        ]
         if out["chat_template"] is not None:  # records carry its hash (the text is in the setting's file)
             out["chat_template"] = hash_value(out["chat_template"])
         return {k: v for k, v in out.items() if k not in self._LATER or v != self._LATER[k]}
@@ -256,6 +261,8 @@ def utility_run(u: dict) -> TaskRun:
     from bench.data import data_dir
     from bench.task_files import TASK_DATA
 
+    if u.get("include_path"):  # the user's own task folder
+        return TaskRun(u["task"], None, u.get("limit"), u.get("num_fewshot"), include_path=u["include_path"])
     data = TASK_DATA[u["task"]](data_dir(None)) if u["task"] in TASK_DATA else None
     return TaskRun(u["task"], data, u.get("limit"), u.get("num_fewshot"))
 

@@ -175,6 +175,7 @@ class TaskRun:
     # generation options over the YAML's generation_kwargs (max_gen_toks, temperature, do_sample), as
     # (key, value) pairs; ignored by loglikelihood tasks (lm-eval's gen_kwargs rule)
     generation: tuple[tuple[str, object], ...] = ()
+    include_path: str | None = None  # a folder of the user's own task YAMLs that defines yaml_name
 
 
 def _task_manager(runs: list[TaskRun], folder: Path):
@@ -187,7 +188,9 @@ def _task_manager(runs: list[TaskRun], folder: Path):
     for r in runs:
         if r.data_file is not None:
             write_task(folder, r.yaml_name, r.data_file)
-    manager = TaskManager(include_path=str(folder), include_defaults=any(r.data_file is None for r in runs))
+    own = sorted({str(Path(r.include_path).expanduser()) for r in runs if r.include_path})
+    stock = any(r.data_file is None and r.include_path is None for r in runs)
+    manager = TaskManager(include_path=[str(folder), *own], include_defaults=stock)
     unknown = [r.yaml_name for r in runs if r.yaml_name not in manager.all_tasks]
     if unknown:
         raise UserError(

@@ -71,7 +71,7 @@ class RunConfig:
             generation_mode=g.mode,
             dtype=g.dtype,
             engine_options=engine_options,
-            utility=[u.model_dump() for u in self.setting.utility],
+            utility=[u.for_record() for u in self.setting.utility],
             max_new_tokens=dict(g.max_new_tokens),
             temperature=g.temperature,
             chat_template=models.read_chat_template(self.setting.models.chat_template),

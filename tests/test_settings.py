@@ -586,3 +586,53 @@ def test_a_hub_set_loads_through_datasets_and_is_one_line_offline(tmp_path, caps
     bad = _edit(tiny_setting, tmp_path / "split.yaml", lambda r: r["data"].update(harmful=[f"hub:{folder}:dev"]))
     fails(capsys, ["setting", "check", str(bad)], "no split 'dev'", "test")
     assert not (home / "cache").exists() or not any((home / "cache").rglob("*.jsonl"))
+
+
+def test_a_utility_task_from_the_users_own_include_path(tmp_path, capsys, tiny_setting, tiny_lora, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "my-tasks"
+    folder.mkdir()
+    docs = write_jsonl(
+        folder / "capitals.jsonl",
+        [{"q": "The capital of France is", "choices": ["Paris", "Rome"], "label": 0}] * 2
+        + [{"q": "The capital of Italy is", "choices": ["Paris", "Rome"], "label": 1}],
+    )
+    (folder / "capitals.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "my_capitals",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(docs)}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "{{q}}",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "label",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            }
+        )
+    )
+    home = tmp_path / "home"
+    own = f"utility=[{{task: my_capitals, include_path: {folder}}}]"
+    argv = ["evaluate", str(tiny_lora["finetuned"]), "--setting", str(tiny_setting), "--home", str(home)]
+    assert main(argv + ["--set", own, "--set", "generation.limit=1", "--verbosity", "WARNING"]) == 0
+    record_id = json.loads(capsys.readouterr().out)["record_id"]
+    record = json.loads((home / "runs" / "tiny" / "records" / f"{record_id}.json").read_text())
+    assert record["metrics"]["utility:my_capitals"]["n"] == 3
+    from bench.hashing import hash_folder
+
+    # the record names the task folder by content, never by path
+    assert record["setting"]["resolved"]["utility"][0]["include_path"] == hash_folder(folder)
+    assert str(folder) not in json.dumps(record["setting"])
+    fails(
+        capsys,
+        ["setting", "check", str(tiny_setting), "--set", f"utility=[{{task: my_capital, include_path: {folder}}}]"],
+        "'my_capital'",
+        "my_capitals",
+    )
+    fails(
+        capsys,
+        ["setting", "check", str(tiny_setting), "--set", "utility=[{task: x, include_path: /no/such/folder}]"],
+        "/no/such/folder",
+        "not a folder",
+    )

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 from bench import models
 from bench.data import read_jsonl
 from bench.errors import UserError
-from bench.hashing import hash_file, hash_model_dir, hash_value, short
+from bench.hashing import hash_file, hash_folder, hash_model_dir, hash_value, short
 from bench.settings.schema import FineTuned, Model, Setting
 
 TESTBED = "testbed:"
@@ -111,7 +111,7 @@ class Resolved:
             "task": {"yaml": s.data.task.yaml, "metric": s.data.task.metric},
             "harmful_sets": sorted(self.harmful),
             "over_refusal_sets": sorted(self.over_refusal),
-            "utility": [u.model_dump() for u in s.utility],
+            "utility": [_hashed_include_path(u.for_record()) for u in s.utility],
             "judge": s.judge,
             "generation": _later_at_default_dropped(s.generation.model_dump()),
             "inputs": self.inputs(),
@@ -176,6 +176,13 @@ class Resolved:
 # generation options added after records existed: at their defaults they stay out of a record's
 # resolved setting, so the records (and record ids) of settings that do not use them are unchanged
 _LATER_GENERATION = {"max_new_tokens": {}, "temperature": None}
+
+
+def _hashed_include_path(utility: dict) -> dict:
+    """A utility entry with its task folder's content hash in place of the folder's path."""
+    if utility.get("include_path"):
+        utility = utility | {"include_path": hash_folder(Path(utility["include_path"]).expanduser())}
+    return utility
 
 
 def _later_at_default_dropped(generation: dict) -> dict:
@@ -345,8 +352,25 @@ def _check_utility(s: Setting) -> None:
     from bench.task_files import TASK_DATA, templates
 
     for u in s.utility:
-        if u.task not in templates() and u.task not in TASK_DATA:
+        if u.include_path is not None:
+            _own_task(u.task, u.include_path)
+        elif u.task not in templates() and u.task not in TASK_DATA:
             _stock_task(u.task)
+
+
+def _own_task(name: str, include_path: str) -> None:
+    """A task from the user's folder of lm-eval YAMLs: the folder exists and defines the task."""
+    from lm_eval.tasks import TaskManager
+
+    folder = Path(include_path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"utility task {name!r}: include_path {include_path!r} is not a folder; check the path")
+    known = TaskManager(include_path=str(folder), include_defaults=False).all_tasks
+    if name not in known:
+        raise UserError(
+            f"utility task {name!r}: no task of that name in {include_path} (it defines: "
+            f"{', '.join(sorted(known)[:12]) or 'no task'}); check the task name"
+        )
 
 
 def _stock_task(name: str) -> None:

@@ -104,6 +104,17 @@ class Utility(_Strict):
     num_fewshot: int | None = Field(default=None, ge=0, description="few-shot examples")
     limit: int | None = Field(default=None, ge=1, description="evaluate only the first N documents")
     metric: str = Field(default="acc", description="per-sample metric reported (acc, exact_match, ...)")
+    include_path: str | None = Field(
+        default=None, description="a folder of your own lm-eval task YAMLs holding the task (lm-eval's --include_path)"
+    )
+
+    def for_record(self) -> dict:
+        """The entry as records and the evaluation take it; include_path only when given (records made
+        before it existed keep their ids), as the folder's content hash in records."""
+        out = self.model_dump()
+        if out["include_path"] is None:
+            del out["include_path"]
+        return out
 
 
 SET_KINDS = ("harmful", "over_refusal", "task", "utility")
