@@ -379,7 +379,7 @@ def test_evaluate_one_model_two_sets_one_loglikelihood_task(tmp_path, capsys, ti
 
 
 @pytest.mark.slow
-def test_a_users_setting_of_the_testbed_gives_the_embedded_runs_records(tmp_path):
+def test_a_users_setting_of_the_testbed_gives_the_embedded_runs_records(tmp_path, capsys):
     """The smoke testbed's own files, written as a user's setting (aligned folder, the attack's LoRA
     ADAPTER, the data files): `realign run --setting` must give the built-in run's records."""
     from bench.reproducibility import comparable
@@ -390,9 +390,25 @@ def test_a_users_setting_of_the_testbed_gives_the_embedded_runs_records(tmp_path
         == 0
     )
     builtin = [json.loads(p.read_text()) for p in sorted((home / "runs" / "embedded-smoke" / "records").glob("*.json"))]
+
+    # setting check on a home where the testbed is built: every testbed entry with its hash, nothing written
+    from bench.cli import PRESETS
+    from bench.hashing import hash_model_dir
+
+    def listing():
+        return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in home.rglob("*") if p.is_file()}
+
+    before = listing()
+    smoke = [x for k, v in PRESETS["smoke"]["testbed"].items() for x in ("--set", f"testbed.{k}={json.dumps(v)}")]
+    capsys.readouterr()
+    assert main(["setting", "check", "embedded-default", "--home", str(home), *smoke]) == 0
+    checked = yaml.safe_load(capsys.readouterr().out)
+    assert listing() == before
     testbed = next(p for p in (home / "cache").glob("testbed-*") if (p / "manifest.json").exists())
     attack = next(p for p in (home / "cache").glob("attack-n16-*") if (p / "manifest.json").exists())
     manifest = json.loads((testbed / "manifest.json").read_text())
+    assert checked["models"]["aligned"]["sha256"] == hash_model_dir(testbed / "aligned")
+    assert checked["data"]["task_dev"]["path"] == str(testbed / "data" / "sql_dev.jsonl")
     calibration_pairs = next((home / "cache" / "sets").glob("testbed-calibration-pairs-*.jsonl"))
     d = testbed / "data"
     setting = write_setting(
