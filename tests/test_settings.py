@@ -506,6 +506,18 @@ def test_chat_template_file_and_system_prompt_shape_every_prompt_and_every_key(t
         cached.generate(["hello"], sampling)
         assert cached.stats["generated"] == 1  # another format: not the cached answer
 
+    # lm-eval's CLI reaches them through the realign backend's model_args
+    from bench.lmeval_bridge import RealignLM
+
+    lm = RealignLM(
+        pretrained=str(tiny_lora["finetuned"]),
+        engine="transformers",
+        cache_dir=str(tmp_path / "generations"),
+        chat_template=str(template),
+        system_prompt="Be safe.",
+    )
+    assert lm.generator._identity(sampling) == chat_id
+
     # the defenses, the utility probe and the attack render with them too, and key on them
     ctx = DefenseContext(aligned=handle, finetuned=handle, chat=r_chat.chat)
     assert models.render_prompt(ctx.tokenizer(), "hi").startswith("<|system|>Be safe.</s>")
