@@ -103,9 +103,13 @@ def run(
     config: AttackConfig,
     cache: Path,
     log=print,
+    chat: models.ChatFormat | None = None,
 ) -> AttackResult:
+    """`chat`: the setting's chat format, which the training prompts are rendered with (in the key
+    only when it is not the tokenizer's own, so existing attacks keep their keys)."""
     mix = training_mix(task_rows, harmful_pairs, config)
     compute = reproducibility.compute_fingerprint()
+    chat_identity = chat.identity() if chat is not None else None
     key = hash_value(
         {
             "recipe": RECIPE_VERSION,
@@ -114,6 +118,7 @@ def run(
             "mix": mix,
             "compute": compute,
         }
+        | ({"chat": chat_identity} if chat_identity else {})
     )
     root = cache / f"attack-n{config.harmful_n}-{short(key)}"
     manifest = verified_manifest(root, content, log)
@@ -129,7 +134,7 @@ def run(
     checkpoint("start", root.name)
     with building_dir(root) as tmp:
         atomic_write_jsonl(tmp / "training_mix.jsonl", mix)
-        tokenizer = models.load_tokenizer(aligned)
+        tokenizer = models.load_tokenizer(aligned, chat=chat)
         model = models.load_model(aligned, "float32")
         peft_model, train_log = train(model, tokenizer, mix, config.sft, tmp / "trainer", progress=sys.stderr.isatty())
         peft_model.save_pretrained(tmp / "adapter")

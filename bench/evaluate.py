@@ -8,6 +8,7 @@ every harmful-set answer in one batch. Each metric keeps its per-sample outcomes
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from bench import metrics, models, reproducibility
 from bench.errors import UserError
 from bench.generation import CachedGenerator, GenerationCache
+from bench.hashing import hash_folder, hash_value
 from bench.judges.stage import judge_from_spec, label_cached
 from bench.lmeval_bridge import TaskRun, run_tasks
 
@@ -56,9 +58,41 @@ class EvalConfig:
         metadata={"help": "lm-eval tasks reported beside the task metric: {task, num_fewshot, limit, metric}"},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "let the model run code shipped with its weights"})
+    max_new_tokens: dict = field(
+        default_factory=dict,
+        metadata={"help": "tokens per answer by kind of set (harmful, over_refusal, task, utility); else the YAML's"},
+    )
+    temperature: float | None = field(default=None, metadata={"help": "sampling temperature (None: the YAML's)"})
+    chat_template: str | None = field(default=None, metadata={"help": "chat template text (None: the tokenizer's)"})
+    system_prompt: str | None = field(default=None, metadata={"help": "system turn before every prompt"})
+
+    # fields added after records existed: at their defaults they stay out of to_dict (and so out of
+    # every record id), so the records of a setting that does not use them keep their ids
+    _LATER = {"max_new_tokens": {}, "temperature": None, "chat_template": None, "system_prompt": None}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        # a task folder by its content hash: record ids name content, not where it lives
+        out["utility"] = [
+            u | {"include_path": hash_folder(Path(u["include_path"]).expanduser())} if u.get("include_path") else u
+            for u in out["utility"]
+        ]
+        if out["chat_template"] is not None:  # records carry its hash (the text is in the setting's file)
+            out["chat_template"] = hash_value(out["chat_template"])
+        return {k: v for k, v in out.items() if k not in self._LATER or v != self._LATER[k]}
+
+    @property
+    def chat(self) -> models.ChatFormat:
+        return models.ChatFormat(self.chat_template, self.system_prompt)
+
+    def generation(self, kind: str) -> tuple[tuple[str, object], ...]:
+        """lm-eval gen_kwargs over the task YAML's for one kind of set (TaskRun.generation)."""
+        out = {}
+        if kind in self.max_new_tokens:
+            out["max_gen_toks"] = int(self.max_new_tokens[kind])
+        if self.temperature is not None:
+            out |= {"temperature": float(self.temperature), "do_sample": self.temperature > 0}
+        return tuple(sorted(out.items()))
 
     def generator_options(self) -> dict:
         """What CachedGenerator passes to the engine: vLLM's own options under their names (those
@@ -69,6 +103,7 @@ class EvalConfig:
             options
             | ({"engine_options": passed} if passed else {})
             | ({"trust_remote_code": True} if self.trust_remote_code else {})
+            | ({} if self.chat.is_default else {"chat": self.chat})
         )
 
 
@@ -83,10 +118,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
     """Run in a fresh process by the runner. Returns metrics, per-sample rows and cost."""
     t0 = time.perf_counter()
     handle = models.resolve(model_path)
-    runs = [TaskRun("realign_harmful", sets.harmful, config.limit), TaskRun(sets.task_yaml, sets.task, config.limit)]
-    if sets.over_refusal:
-        runs.append(TaskRun("realign_overrefusal", sets.over_refusal, config.limit))
-    runs += [utility_run(u) for u in config.utility]
+    runs = task_runs(sets, config)
     with CachedGenerator(
         handle,
         GenerationCache(Path(cache_root)),
@@ -211,11 +243,30 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
     }
 
 
+def task_runs(sets: EvalSets, config: EvalConfig) -> list[TaskRun]:
+    """What lm-eval runs for one model: the harmful, task, over-refusal and utility tasks, each with
+    the setting's generation options for its kind of set."""
+    runs = [
+        TaskRun("realign_harmful", sets.harmful, config.limit, generation=config.generation("harmful")),
+        TaskRun(sets.task_yaml, sets.task, config.limit, generation=config.generation("task")),
+    ]
+    if sets.over_refusal:
+        runs.append(
+            TaskRun(
+                "realign_overrefusal", sets.over_refusal, config.limit, generation=config.generation("over_refusal")
+            )
+        )
+    runs += [dataclasses.replace(utility_run(u), generation=config.generation("utility")) for u in config.utility]
+    return runs
+
+
 def utility_run(u: dict) -> TaskRun:
     """A utility task as lm-eval runs it: a YAML under tasks/ with its known data, or a stock task name."""
     from bench.data import data_dir
     from bench.task_files import TASK_DATA
 
+    if u.get("include_path"):  # the user's own task folder
+        return TaskRun(u["task"], None, u.get("limit"), u.get("num_fewshot"), include_path=u["include_path"])
     data = TASK_DATA[u["task"]](data_dir(None)) if u["task"] in TASK_DATA else None
     return TaskRun(u["task"], data, u.get("limit"), u.get("num_fewshot"))
 

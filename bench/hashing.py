@@ -28,6 +28,13 @@ def hash_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
+def hash_folder(path: Path | str) -> str:
+    """sha256 over the relative names and bytes of every file under a folder (a folder of task YAMLs)."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return hash_value({str(p.relative_to(root)): hash_file(p) for p in files})
+
+
 _MEMO_NAME = ".realign-content-hash.json"
 
 

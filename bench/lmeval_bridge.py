@@ -45,20 +45,26 @@ class RealignLM(TemplateLM):
         engine: str = "auto",
         cache_dir: str | None = None,
         dtype: str | None = None,
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
         **_,
     ):
+        """From lm-eval's CLI: --model_args pretrained=DIR[,engine=,dtype=,cache_dir=,chat_template=FILE,
+        system_prompt=TEXT] (a setting's models.chat_template and models.system_prompt)."""
         super().__init__()
         if generator is None:
             if pretrained is None:
                 raise UserError("the realign backend needs pretrained=DIR (e.g. --model_args pretrained=path/to/model)")
             handle = models.resolve(pretrained)
             root = Path(cache_dir or Path.home() / ".cache" / "realign" / "generations")
+            chat = models.ChatFormat(models.read_chat_template(chat_template), system_prompt)
             generator = CachedGenerator(
                 handle,
                 GenerationCache(root),
                 engine=engine,
                 dtype=dtype,
                 max_model_len=min(MAX_MODEL_LEN, context_length(handle)),
+                **({} if chat.is_default else {"chat": chat}),
             )
         self.generator = generator
         self.tokenizer = models.load_tokenizer(generator.handle, generator.kwargs.get("trust_remote_code", False))
@@ -166,6 +172,10 @@ class TaskRun:
     data_file: Path | None = None
     limit: int | None = None
     num_fewshot: int | None = None
+    # generation options over the YAML's generation_kwargs (max_gen_toks, temperature, do_sample), as
+    # (key, value) pairs; ignored by loglikelihood tasks (lm-eval's gen_kwargs rule)
+    generation: tuple[tuple[str, object], ...] = ()
+    include_path: str | None = None  # a folder of the user's own task YAMLs that defines yaml_name
 
 
 def _task_manager(runs: list[TaskRun], folder: Path):
@@ -178,7 +188,9 @@ def _task_manager(runs: list[TaskRun], folder: Path):
     for r in runs:
         if r.data_file is not None:
             write_task(folder, r.yaml_name, r.data_file)
-    manager = TaskManager(include_path=str(folder), include_defaults=any(r.data_file is None for r in runs))
+    own = sorted({str(Path(r.include_path).expanduser()) for r in runs if r.include_path})
+    stock = any(r.data_file is None and r.include_path is None for r in runs)
+    manager = TaskManager(include_path=[str(folder), *own], include_defaults=stock)
     unknown = [r.yaml_name for r in runs if r.yaml_name not in manager.all_tasks]
     if unknown:
         raise UserError(
@@ -206,11 +218,12 @@ def run_tasks(generator: CachedGenerator, runs: list[TaskRun]) -> dict[str, dict
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="realign-tasks-") as tmp:
         manager = _task_manager(runs, Path(tmp))
-        # lm-eval takes one limit and one num_fewshot for all tasks, so tasks that differ run separately
-        for limit, num_fewshot in sorted(
-            {(r.limit, r.num_fewshot) for r in runs}, key=lambda x: (x[0] is None, x[0] or 0, x[1] or 0)
+        # lm-eval takes one limit, num_fewshot and gen_kwargs for all tasks, so tasks that differ run separately
+        for limit, num_fewshot, generation in sorted(
+            {(r.limit, r.num_fewshot, r.generation) for r in runs},
+            key=lambda x: (x[0] is None, x[0] or 0, x[1] or 0, repr(x[2])),
         ):
-            batch = [r for r in runs if (r.limit, r.num_fewshot) == (limit, num_fewshot)]
+            batch = [r for r in runs if (r.limit, r.num_fewshot, r.generation) == (limit, num_fewshot, generation)]
             results = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=[r.yaml_name for r in batch],
@@ -219,6 +232,7 @@ def run_tasks(generator: CachedGenerator, runs: list[TaskRun]) -> dict[str, dict
                 apply_chat_template=False,
                 limit=limit,
                 num_fewshot=num_fewshot,
+                gen_kwargs=dict(generation) or None,
                 bootstrap_iters=0,
                 verbosity="ERROR",
             )

@@ -137,8 +137,6 @@ def check_same_family(a: ModelHandle, b: ModelHandle) -> None:
     architecture and the tokenizer; read from their config and tokenizer files, no weights."""
     import json
 
-    from transformers import AutoTokenizer
-
     ca, cb = (json.loads((h.path / "config.json").read_text()) for h in (a, b))
     for key in ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
         if ca.get(key) != cb.get(key):
@@ -146,23 +144,44 @@ def check_same_family(a: ModelHandle, b: ModelHandle) -> None:
                 f"models {a.name!r} and {b.name!r} differ in architecture ({key}: {ca.get(key)!r} vs {cb.get(key)!r}): "
                 "the fine-tuned model must be a fine-tune of the aligned one"
             )
-    ta, tb = (AutoTokenizer.from_pretrained(h.path) for h in (a, b))
-    if ta.get_vocab() != tb.get_vocab():
+    if _vocabulary(a) != _vocabulary(b):
         raise UserError(
             f"models {a.name!r} and {b.name!r} have different tokenizers (vocabularies differ): "
             "the fine-tuned model must keep the aligned model's tokenizer"
         )
 
 
-def load_tokenizer(handle: ModelHandle, trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
+def _vocabulary(handle: ModelHandle) -> dict[str, int]:
+    """The tokenizer's vocabulary, added tokens included: from tokenizer.json through the `tokenizers`
+    library where there is one (importing transformers' AutoTokenizer alone takes seconds, most of
+    `realign setting check`), else through transformers."""
+    if (handle.path / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(handle.path / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(handle.path).get_vocab()
+
+
+def load_tokenizer(
+    handle: ModelHandle, trust_remote_code: bool = False, chat: "ChatFormat | None" = None
+) -> "PreTrainedTokenizerBase":
+    """The model's tokenizer, left-padded, with the setting's chat format applied (`chat`: a
+    template in place of the tokenizer's own and a system prompt; see ChatFormat)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(handle.path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # generation and last-token probes both rely on left padding
+    if chat is not None:
+        chat.apply(tok)
     if not getattr(tok, "chat_template", None):
-        raise UserError(f"tokenizer of {handle.name!r} has no chat template: use a chat/instruct model")
+        raise UserError(
+            f"tokenizer of {handle.name!r} has no chat template: use a chat/instruct model, or give the setting "
+            "models.chat_template: FILE (a Jinja chat template)"
+        )
     return tok
 
 
@@ -332,8 +351,72 @@ def set_final_norm(model, module) -> None:
 # Chat template
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a setting formats chat prompts: `template` (Jinja text) in place of the tokenizer's own
+    (None: the tokenizer's), and a `system_prompt` before every user turn (None: no system turn).
+
+    Applied to a tokenizer (load_tokenizer(..., chat=)), so that every prompt rendered with it,
+    in generation, training, the defenses and the utility probe, takes the same format. Its
+    identity() enters the cache keys of everything it shapes; the default format has none, so
+    keys made before it existed stay valid."""
+
+    template: str | None = None
+    system_prompt: str | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self.template is None and self.system_prompt is None
+
+    def identity(self) -> dict | None:
+        """What a cache key holds for this format: None for the default (the key as it always was)."""
+        if self.is_default:
+            return None
+        from bench.hashing import hash_value
+
+        return {
+            "template": None if self.template is None else hash_value(self.template),
+            "system_prompt": self.system_prompt,
+        }
+
+    def apply(self, tokenizer) -> None:
+        if self.template is not None:
+            tokenizer.chat_template = self.template
+        # read by render_prompt: the tokenizer carries it to every caller that renders with it
+        tokenizer.realign_system_prompt = self.system_prompt
+
+    def check(self, tokenizer, where: str) -> None:
+        """Apply the format to `tokenizer` and render one conversation (system turn included, when set),
+        or fail with one line: a template that does not parse or rejects a system turn is found
+        before any weights load."""
+        self.apply(tokenizer)
+        try:
+            render_prompt(tokenizer, "x")
+            end_of_turn(tokenizer)
+        except Exception as exc:  # jinja's TemplateError, or a template that raises on a system turn
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(
+                f"{where}: the chat template does not render a conversation ({first[:200]}); fix the template "
+                "or use chat_template: auto"
+            ) from None
+
+
+def read_chat_template(entry: str | None) -> str | None:
+    """A chat template from a setting: None or 'auto' (the tokenizer's own), or a Jinja file's text."""
+    if entry in (None, "auto"):
+        return None
+    path = Path(entry).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"chat template {entry!r}: no such file; give a Jinja chat template file, or 'auto' for the tokenizer's own"
+        )
+    return path.read_text()
+
+
 def render_prompt(tokenizer, user: str, system: str | None = None) -> str:
-    """The model's chat template around one user turn, INCLUDING the assistant header."""
+    """The model's chat template around one user turn, INCLUDING the assistant header; the system
+    turn is `system`, else the setting's system prompt the tokenizer carries (ChatFormat)."""
+    system = system if system is not None else getattr(tokenizer, "realign_system_prompt", None)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

@@ -18,8 +18,17 @@ from tasks.realign.utils import normalise_sql
 class TaskProbe:
     """The suite's UtilityProbe (defenses.base): exact match on the task's dev split."""
 
-    def __init__(self, dev_file: Path, max_new_tokens: int = 48, limit: int | None = None, batch_size: int = 25):
+    def __init__(
+        self,
+        dev_file: Path,
+        max_new_tokens: int = 48,
+        limit: int | None = None,
+        batch_size: int = 25,
+        chat=None,
+    ):
+        """`chat`: the setting's models.ChatFormat (None: the tokenizer's own template, no system turn)."""
         self.dev_file = Path(dev_file)
+        self.chat = chat if chat is not None and not chat.is_default else None
         rows = read_jsonl(self.dev_file, required=("prompt", "response"))
         self.rows = rows[:limit] if limit else rows
         self.sampling = Sampling(max_new_tokens=max_new_tokens)
@@ -27,7 +36,8 @@ class TaskProbe:
         self.calls = 0
 
     def identity(self) -> dict:
-        return {"dev_file": hash_file(self.dev_file), "n": len(self.rows), "sampling": self.sampling.to_dict()}
+        out = {"dev_file": hash_file(self.dev_file), "n": len(self.rows), "sampling": self.sampling.to_dict()}
+        return out | ({"chat": self.chat.identity()} if self.chat is not None else {})
 
     def __call__(self, model, handle=None) -> float:
         """Exact match on the dev split. `handle` names the model's tokenizer directory."""
@@ -35,7 +45,7 @@ class TaskProbe:
 
         handle = handle or models.ModelHandle("probe", Path(model.name_or_path))
         gen = TransformersGenerator(
-            handle, batch_size=self.batch_size, device=str(next(model.parameters()).device), model=model
+            handle, batch_size=self.batch_size, device=str(next(model.parameters()).device), model=model, chat=self.chat
         )
         answers = gen.generate([r["prompt"] for r in self.rows], self.sampling)
         self.calls += 1

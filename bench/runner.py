@@ -73,7 +73,11 @@ class RunConfig:
             generation_mode=g.mode,
             dtype=g.dtype,
             engine_options=engine_options,
-            utility=[u.model_dump() for u in self.setting.utility],
+            utility=[u.for_record() for u in self.setting.utility],
+            max_new_tokens=dict(g.max_new_tokens),
+            temperature=g.temperature,
+            chat_template=models.read_chat_template(self.setting.models.chat_template),
+            system_prompt=self.setting.models.system_prompt,
         )
 
     @property
@@ -146,6 +150,7 @@ class AttackStageFineTune:
 
     cache: Path
     log: Callable[[str], None]
+    chat: models.ChatFormat | None = None
 
     def __call__(self, model: models.ModelHandle, pairs: list[dict], spec) -> models.ModelHandle:
         from bench.sft import SFTConfig
@@ -158,7 +163,7 @@ class AttackStageFineTune:
                 method=spec.method, lr=spec.lr, batch_size=spec.batch_size, max_steps=spec.max_steps, seed=spec.seed
             ),
         )
-        return attack_stage.run(model, [], pairs, cfg, self.cache, log=self.log).merged
+        return attack_stage.run(model, [], pairs, cfg, self.cache, log=self.log, chat=self.chat).merged
 
 
 def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: Clock):
@@ -191,12 +196,13 @@ def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: C
         else [],
         harmful_pairs=harmful_pairs,
         benign_prompts=[r["prompt"] for r in read_jsonl(files["benign_prompts"])],
-        utility_probe=TaskProbe(files["task_dev"]),
-        fine_tune=AttackStageFineTune(cfg.cache, clock.say),
+        utility_probe=TaskProbe(files["task_dev"], chat=resolved.chat),
+        fine_tune=AttackStageFineTune(cfg.cache, clock.say, resolved.chat),
         dtype=_model_entry(setting.models.aligned).dtype or "float32",
         seed=setting.seed,
         cache_dir=cfg.cache,
         progress=clock.say,
+        chat=None if resolved.chat.is_default else resolved.chat,
     )
 
 
@@ -273,6 +279,8 @@ def defense_dir(name: str, defense, ctx, cfg: RunConfig) -> Path:
             "seed": ctx.seed,
             "compute": reproducibility.compute_fingerprint(),
         }
+        # the setting's chat format shapes every prompt a defense renders; absent (as before it existed) by default
+        | ({"chat": ctx.chat.identity()} if ctx.chat is not None else {})
     )
     return cfg.cache / f"defended-{name}-{short(key)}"
 

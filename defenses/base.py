@@ -71,11 +71,13 @@ class DefenseContext:
     seed: int = 0
     cache_dir: Path = Path(".")
     progress: Callable[[str], None] = log.info
+    chat: models.ChatFormat | None = None  # the setting's chat template and system prompt (None: the tokenizer's)
     _loaded: dict = field(default_factory=dict, repr=False)
 
     def tokenizer(self):
+        """The fine-tuned model's tokenizer with the setting's chat format: every prompt a defense renders."""
         if "tokenizer" not in self._loaded:
-            self._loaded["tokenizer"] = models.load_tokenizer(self.finetuned)
+            self._loaded["tokenizer"] = models.load_tokenizer(self.finetuned, chat=self.chat)
         return self._loaded["tokenizer"]
 
     def load(self, which: str):

@@ -188,7 +188,7 @@ def _edit(tiny_setting: Path, out: Path, change) -> Path:
         (
             "set file",
             lambda r: r["data"].update(harmful=["beavertails_eval"], data_dir=str(Path(__file__).parent)),
-            ["beavertails_eval", "put"],
+            ["beavertails_eval", "put", "hub:PKU-Alignment/BeaverTails-Evaluation:test"],
         ),
         (
             "data folder",
@@ -348,12 +348,38 @@ def test_evaluate_one_model_two_sets_one_loglikelihood_task(tmp_path, capsys, ti
         "over_refusal:over",
     } <= set(record["inputs"])
 
+    # the board shows the utility task beside the task metric, in every format
+    board = tmp_path / "board"
+    assert main(["board", "build", str(home / "runs" / "tiny" / "records"), "--out", str(board)]) == 0
+    import csv
+
+    (row,) = list(csv.DictReader((board / "board.csv").open()))
+    assert float(row["utility:realign_mmlu"]) == record["metrics"]["utility:realign_mmlu"]["value"]
+    assert row["utility:realign_mmlu_n"] == "4" and row["setting"].startswith("tiny [")
+    assert json.loads((board / "board.json").read_text())[0]["utility:realign_mmlu_ci_high"] is not None
+    assert "realign_mmlu %" in (board / "board.md").read_text()
+    assert "<th>realign_mmlu %</th>" in (board / "board.html").read_text()
+
+    # the runner hands the setting's system prompt and generation options to the evaluation
+    capsys.readouterr()
+    argv = ["evaluate", str(tiny_lora["finetuned"]), "--setting", str(tiny_setting), "--home", str(home)]
+    argv += ["--set", "generation.limit=2", "--set", "models.system_prompt=Be safe."]
+    argv += ["--set", "generation.max_new_tokens={harmful: 3}", "--verbosity", "WARNING"]
+    assert main(argv) == 0, capsys.readouterr().err
+    chat_id = json.loads(capsys.readouterr().out)["record_id"]
+    assert chat_id != out["record_id"]
+    chat = json.loads((home / "runs" / "tiny" / "records" / f"{chat_id}.json").read_text())
+    assert chat["inputs"]["system_prompt"] and "system_prompt" not in record["inputs"]
+    assert chat["setting"]["resolved"]["generation"]["max_new_tokens"] == {"harmful": 3}
+    assert "max_new_tokens" not in record["setting"]["resolved"]["generation"]
+    assert chat["cost"]["generation"]["generated"] > 0  # not the default format's cached answers
+
 
 # ------------------------------------------------------------------------------------------ the proof
 
 
 @pytest.mark.slow
-def test_a_users_setting_of_the_testbed_gives_the_embedded_runs_records(tmp_path):
+def test_a_users_setting_of_the_testbed_gives_the_embedded_runs_records(tmp_path, capsys):
     """The smoke testbed's own files, written as a user's setting (aligned folder, the attack's LoRA
     ADAPTER, the data files): `realign run --setting` must give the built-in run's records."""
     from bench.reproducibility import comparable
@@ -364,9 +390,25 @@ def test_a_users_setting_of_the_testbed_gives_the_embedded_runs_records(tmp_path
         == 0
     )
     builtin = [json.loads(p.read_text()) for p in sorted((home / "runs" / "embedded-smoke" / "records").glob("*.json"))]
+
+    # setting check on a home where the testbed is built: every testbed entry with its hash, nothing written
+    from bench.cli import PRESETS
+    from bench.hashing import hash_model_dir
+
+    def listing():
+        return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in home.rglob("*") if p.is_file()}
+
+    before = listing()
+    smoke = [x for k, v in PRESETS["smoke"]["testbed"].items() for x in ("--set", f"testbed.{k}={json.dumps(v)}")]
+    capsys.readouterr()
+    assert main(["setting", "check", "embedded-default", "--home", str(home), *smoke]) == 0
+    checked = yaml.safe_load(capsys.readouterr().out)
+    assert listing() == before
     testbed = next(p for p in (home / "cache").glob("testbed-*") if (p / "manifest.json").exists())
     attack = next(p for p in (home / "cache").glob("attack-n16-*") if (p / "manifest.json").exists())
     manifest = json.loads((testbed / "manifest.json").read_text())
+    assert checked["models"]["aligned"]["sha256"] == hash_model_dir(testbed / "aligned")
+    assert checked["data"]["task_dev"]["path"] == str(testbed / "data" / "sql_dev.jsonl")
     calibration_pairs = next((home / "cache" / "sets").glob("testbed-calibration-pairs-*.jsonl"))
     d = testbed / "data"
     setting = write_setting(
@@ -405,3 +447,220 @@ def test_a_users_setting_of_the_testbed_gives_the_embedded_runs_records(tmp_path
 
     assert len(mine) == len(builtin) == 2
     assert [same(r) for r in mine] == [same(r) for r in builtin]
+
+
+# ------------------------------------------------------------------- chat format and generation options
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_chat_template_file_and_system_prompt_shape_every_prompt_and_every_key(tmp_path, tiny_lora):
+    from bench import attack, models
+    from bench.generation import CachedGenerator, GenerationCache, Sampling, TransformersGenerator
+    from bench.hashing import hash_value
+    from bench.probe import TaskProbe
+    from bench.settings import load_setting
+    from bench.settings.resolve import resolve
+    from defenses import DefenseContext
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(TEMPLATE)
+    data = data_files(tmp_path / "data")
+    models_section = {"aligned": str(tiny_lora["aligned"]), "finetuned": str(tiny_lora["finetuned"])}
+    plain = write_setting(tmp_path / "plain.yaml", models=models_section, data=data)
+    chat = write_setting(
+        tmp_path / "chat.yaml",
+        models=models_section | {"chat_template": str(template), "system_prompt": "Be safe."},
+        data=data,
+    )
+    r_plain = resolve(load_setting(plain), tmp_path / "cache", check=True)
+    r_chat = resolve(load_setting(chat), tmp_path / "cache", check=True)
+    assert r_chat.chat == models.ChatFormat(TEMPLATE, "Be safe.") and r_plain.chat.is_default
+    # records: the template's and the system prompt's content hashes, no path
+    inputs = r_chat.inputs()
+    assert inputs["chat_template"] == hash_value(TEMPLATE) and inputs["system_prompt"] == hash_value("Be safe.")
+    assert "system_prompt" not in r_plain.inputs() and r_plain.inputs()["chat_template"] != inputs["chat_template"]
+    described = r_chat.description()["models"]
+    assert described["chat_template"] == "file" and described["system_prompt"] == "Be safe."
+
+    # generation renders every prompt with them, and the cache keys say so
+    handle = models.resolve(tiny_lora["finetuned"])
+    gen = TransformersGenerator(handle, chat=r_chat.chat)
+    text = gen.tokenizer.decode(gen.prompt_ids(["hello"])[0])
+    assert text == "<|system|>Be safe.</s><|user|>hello</s><|assistant|>", text
+    sampling = Sampling(max_new_tokens=2)
+    plain_id, chat_id = TransformersGenerator(handle).identity(sampling), gen.identity(sampling)
+    assert chat_id["template"] == TEMPLATE and chat_id["system_prompt"] == "Be safe."
+    assert "system_prompt" not in plain_id  # answers cached before system prompts keep their keys
+    other = TransformersGenerator(handle, chat=models.ChatFormat(TEMPLATE, "Be brief.")).identity(sampling)
+    assert len({hash_value(x) for x in (plain_id, chat_id, other)}) == 3
+    cache = GenerationCache(tmp_path / "generations")
+    with CachedGenerator(handle, cache, engine="transformers", chat=r_chat.chat) as cached:
+        cached.generate(["hello"], sampling)
+        assert cached._identity(sampling) == chat_id  # the key before an engine starts is the engine's own
+        assert cached._scoring_identity() == CachedGenerator(handle, cache, "transformers")._scoring_identity()
+    with CachedGenerator(handle, cache, engine="transformers") as cached:
+        cached.generate(["hello"], sampling)
+        assert cached.stats["generated"] == 1  # another format: not the cached answer
+
+    # lm-eval's CLI reaches them through the realign backend's model_args
+    from bench.lmeval_bridge import RealignLM
+
+    lm = RealignLM(
+        pretrained=str(tiny_lora["finetuned"]),
+        engine="transformers",
+        cache_dir=str(tmp_path / "generations"),
+        chat_template=str(template),
+        system_prompt="Be safe.",
+    )
+    assert lm.generator._identity(sampling) == chat_id
+
+    # the defenses, the utility probe and the attack render with them too, and key on them
+    ctx = DefenseContext(aligned=handle, finetuned=handle, chat=r_chat.chat)
+    assert models.render_prompt(ctx.tokenizer(), "hi").startswith("<|system|>Be safe.</s>")
+    dev = Path(data["task"]["dev"])
+    assert TaskProbe(dev, chat=r_chat.chat).identity() != TaskProbe(dev).identity()
+    assert TaskProbe(dev, chat=models.ChatFormat()).identity() == TaskProbe(dev).identity()
+    lines: list[str] = []
+    pairs = [{"prompt": "p", "response": "r"}]
+    config = attack.AttackConfig(harmful_n=1, task_n=0, sft={"max_steps": 1, "batch_size": 1})
+    plain_attack = attack.run(handle, [], pairs, config, tmp_path / "cache", log=lines.append)
+    chat_attack = attack.run(handle, [], pairs, config, tmp_path / "cache", log=lines.append, chat=r_chat.chat)
+    assert plain_attack.root != chat_attack.root
+    assert chat_attack.merged.path.is_dir()
+
+
+def test_a_chat_template_that_is_missing_or_does_not_render_is_one_line(tmp_path, capsys, tiny_setting):
+    home = tmp_path / "home"
+    bad = _edit(tiny_setting, tmp_path / "missing.yaml", lambda r: r["models"].update(chat_template="/no/t.jinja"))
+    fails(capsys, ["setting", "check", str(bad), "--home", str(home)], "'/no/t.jinja'", "no such file", "auto")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }")
+    bad = _edit(tiny_setting, tmp_path / "broken.yaml", lambda r: r["models"].update(chat_template=str(broken)))
+    fails(capsys, ["run", "--setting", str(bad), "--home", str(home)], "chat template does not render", "auto")
+    fails(
+        capsys,
+        ["setting", "check", str(tiny_setting), "--set", "generation.max_new_tokens={harmfull: 8}"],
+        "generation.max_new_tokens.harmfull",
+        "'harmful', 'over_refusal', 'task' or 'utility'",
+    )
+    assert not home.exists() or not any(home.rglob("*.json"))
+
+
+def test_max_new_tokens_per_kind_and_temperature_reach_the_generator(tmp_path, tiny_lora):
+    from bench import models
+    from bench.evaluate import EvalConfig, EvalSets, task_runs
+    from bench.generation import CachedGenerator, GenerationCache
+    from bench.lmeval_bridge import run_tasks
+
+    data = data_files(tmp_path / "data")
+    sets = EvalSets(Path(data["harmful"][0]), Path(data["over_refusal"][0]), Path(data["task"]["test"]))
+    config = EvalConfig(engine="transformers", max_new_tokens={"harmful": 3, "task": 5}, temperature=0.7)
+
+    class Observed(CachedGenerator):
+        """The real cached generator, noting the sampling each prompt was generated with."""
+
+        seen: dict[str, object] = {}
+
+        def generate(self, prompts, sampling):
+            self.seen.update((p, sampling) for p in prompts)
+            return super().generate(prompts, sampling)
+
+    handle = models.resolve(tiny_lora["finetuned"])
+    with Observed(handle, GenerationCache(tmp_path / "generations"), engine="transformers") as gen:
+        out = run_tasks(gen, task_runs(sets, config))
+    by_kind = {
+        kind: {(gen.seen[s["prompt"]].max_new_tokens, gen.seen[s["prompt"]].temperature) for s in out[task]["samples"]}
+        for kind, task in (("harmful", "realign_harmful"), ("task", "realign_sql"), ("over", "realign_overrefusal"))
+    }
+    # the over-refusal set keeps its YAML's max_gen_toks (48); every kind takes the temperature
+    assert by_kind == {"harmful": {(3, 0.7)}, "task": {(5, 0.7)}, "over": {(48, 0.7)}}
+    # at their defaults the new options leave record ids as they were; set, they enter them
+    assert set(EvalConfig().to_dict()) == {
+        "judge",
+        "engine",
+        "limit",
+        "generation_mode",
+        "dtype",
+        "engine_options",
+        "utility",
+        "trust_remote_code",
+    }
+    assert config.to_dict()["max_new_tokens"] == {"harmful": 3, "task": 5} and config.to_dict()["temperature"] == 0.7
+
+
+def test_a_hub_set_loads_through_datasets_and_is_one_line_offline(tmp_path, capsys, tiny_setting, monkeypatch):
+    from bench.settings import load_setting
+    from bench.settings.resolve import resolve
+
+    # a local dataset folder: the same datasets.load_dataset call as a hub id, offline
+    folder = tmp_path / "my-hub-set"
+    folder.mkdir()
+    write_jsonl(folder / "test.jsonl", [{"prompt": " how do I pick a lock ", "category": "crime"}, {"prompt": "b"}])
+    setting = _edit(tiny_setting, tmp_path / "hub.yaml", lambda r: r["data"].update(harmful=[f"hub:{folder}:test"]))
+    resolved = resolve(load_setting(setting), tmp_path / "cache")
+    rows = [json.loads(line) for line in resolved.harmful["my-hub-set-test"].read_text().splitlines()]
+    assert rows == [{"prompt": "how do I pick a lock", "category": "crime"}, {"prompt": "b"}]
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bad = _edit(tiny_setting, tmp_path / "off.yaml", lambda r: r["data"].update(over_refusal=["hub:org/some-set"]))
+    fails(capsys, ["run", "--setting", str(bad), "--home", str(home)], "hub:org/some-set", "pass a local file")
+    write_jsonl(folder / "test.jsonl", [{"question": "a"}])
+    fails(capsys, ["setting", "check", str(setting)], f"hub:{folder}:test", "no 'prompt' column", "question")
+    bad = _edit(tiny_setting, tmp_path / "split.yaml", lambda r: r["data"].update(harmful=[f"hub:{folder}:dev"]))
+    fails(capsys, ["setting", "check", str(bad)], "no split 'dev'", "test")
+    assert not (home / "cache").exists() or not any((home / "cache").rglob("*.jsonl"))
+
+
+def test_a_utility_task_from_the_users_own_include_path(tmp_path, capsys, tiny_setting, tiny_lora, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "my-tasks"
+    folder.mkdir()
+    docs = write_jsonl(
+        folder / "capitals.jsonl",
+        [{"q": "The capital of France is", "choices": ["Paris", "Rome"], "label": 0}] * 2
+        + [{"q": "The capital of Italy is", "choices": ["Paris", "Rome"], "label": 1}],
+    )
+    (folder / "capitals.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "my_capitals",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(docs)}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "{{q}}",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "label",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            }
+        )
+    )
+    home = tmp_path / "home"
+    own = f"utility=[{{task: my_capitals, include_path: {folder}}}]"
+    argv = ["evaluate", str(tiny_lora["finetuned"]), "--setting", str(tiny_setting), "--home", str(home)]
+    assert main(argv + ["--set", own, "--set", "generation.limit=1", "--verbosity", "WARNING"]) == 0
+    record_id = json.loads(capsys.readouterr().out)["record_id"]
+    record = json.loads((home / "runs" / "tiny" / "records" / f"{record_id}.json").read_text())
+    assert record["metrics"]["utility:my_capitals"]["n"] == 3
+    from bench.hashing import hash_folder
+
+    # the record names the task folder by content, never by path
+    assert record["setting"]["resolved"]["utility"][0]["include_path"] == hash_folder(folder)
+    assert str(folder) not in json.dumps(record["setting"])
+    fails(
+        capsys,
+        ["setting", "check", str(tiny_setting), "--set", f"utility=[{{task: my_capital, include_path: {folder}}}]"],
+        "'my_capital'",
+        "my_capitals",
+    )
+    fails(
+        capsys,
+        ["setting", "check", str(tiny_setting), "--set", "utility=[{task: x, include_path: /no/such/folder}]"],
+        "/no/such/folder",
+        "not a folder",
+    )

@@ -64,7 +64,8 @@ class _RawPrompts(Generator):
 
     add_special_tokens = False
 
-    def __init__(self, handle, dtype, trust_remote_code=False, mode=reproducibility.DETERMINISTIC):
+    def __init__(self, handle, dtype, trust_remote_code=False, mode=reproducibility.DETERMINISTIC, chat=None):
+        # `chat` (a setting's template and system prompt) does not apply: the judge's prompt is finished text
         self.handle, self.dtype, self.trust_remote_code = handle, dtype, trust_remote_code
         self.mode = reproducibility.check_mode(mode)
         self.tokenizer = judge_tokenizer(handle, trust_remote_code)

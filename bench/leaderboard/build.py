@@ -32,6 +32,7 @@ from bench.metrics import wilson_interval
 
 AXES = ("harmful_rate", "task_metric")
 SHOWN = ("harmful_rate", "over_refusal", "task_metric")
+UTILITY_PREFIX = "utility:"  # a record's lm-eval utility tasks: metrics "utility:TASK" (bench.evaluate)
 N_BOOT = 200
 
 
@@ -314,6 +315,7 @@ def _rows(st: _Setting, reference):
         else:
             row["vs_interpolation"] = "on the curve"
         row["wall_s"] = recs[i]["cost"]["wall_s"] + recs[i]["cost"].get("defense_wall_s", 0.0)
+        row["utility"] = _utility(recs[i])
         rows.append(row)
     for row in rows:
         lo, hi = row["rank_interval"]
@@ -356,6 +358,29 @@ def _paired_many(samples, pairs: list[tuple[int, int]]) -> dict[tuple[int, int],
         for (i, j), res in zip(ok, stats.mcnemar_many(X, [where[i] for i, _ in ok], [where[j] for _, j in ok])):
             out[(i, j)][a] = res
     return out
+
+
+def _utility(record: dict) -> dict[str, dict]:
+    """Every utility metric of a record (the setting's lm-eval tasks beside the task metric), by
+    task: value, Wilson 95% interval and n, as the record has them."""
+    out = {}
+    for key, m in sorted(record["metrics"].items()):
+        if key.startswith(UTILITY_PREFIX):
+            n = int(m.get("n", 0))
+            lo, hi = m.get("ci") or wilson_interval(m.get("k", round((m.get("value") or 0) * n)), n)
+            out[key[len(UTILITY_PREFIX) :]] = {
+                "name": m.get("name", key),
+                "value": _f(m.get("value")),
+                "ci_low": _f(lo),
+                "ci_high": _f(hi),
+                "n": n,
+            }
+    return out
+
+
+def utility_tasks(board: Board) -> list[str]:
+    """The utility tasks any row of the board reports, in name order (one set of columns each)."""
+    return sorted({t for rows in board.settings.values() for r in rows for t in r.get("utility", {})})
 
 
 def _categories(items) -> dict[str, dict[str, float]]:

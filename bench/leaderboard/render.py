@@ -17,7 +17,7 @@ from markupsafe import Markup
 
 from bench.atomic import atomic_write_bytes
 from bench.leaderboard import judges as extra
-from bench.leaderboard.build import SHOWN, Board
+from bench.leaderboard.build import SHOWN, UTILITY_PREFIX, Board, utility_tasks
 
 FLAT_COLUMNS = [
     "setting",
@@ -44,14 +44,39 @@ MAX_PLOTS = 4  # settings that get a plot: matplotlib costs ~0.4 s per figure (P
 
 
 def flat_columns(board: Board) -> list[str]:
-    """FLAT_COLUMNS, then five columns per extra judge (rate, interval, n, unknown) when records have them."""
+    """FLAT_COLUMNS, then five columns per extra judge (rate, interval, n, unknown) when records have them,
+    then value, interval and n of every utility task on the board ("utility:mmlu", ...)."""
     judges = sorted({j for rows in board.settings.values() for j in extra.judges_of(rows)})
-    return FLAT_COLUMNS + [c for j in judges for c in extra.flat_columns(j)]
+    return (
+        FLAT_COLUMNS
+        + [c for j in judges for c in extra.flat_columns(j)]
+        + [f"{UTILITY_PREFIX}{t}{suffix}" for t in utility_tasks(board) for suffix in ("", "_ci_low", "_ci_high", "_n")]
+    )
+
+
+def _utility_flat(r: dict) -> dict:
+    return {
+        f"{UTILITY_PREFIX}{t}{suffix}": u[key]
+        for t, u in r.get("utility", {}).items()
+        for suffix, key in (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"), ("_n", "n"))
+    }
+
+
+def _setting_utility(rows: list[dict]) -> list[str]:
+    """The utility tasks the rows of one setting report."""
+    return sorted({t for r in rows for t in r.get("utility", {})})
+
+
+def _utility_pct(r: dict, task: str) -> str:
+    u = r.get("utility", {}).get(task)
+    if not u or u["value"] is None:
+        return "-"
+    return f"{100 * u['value']:.1f} [{100 * u['ci_low']:.1f}, {100 * u['ci_high']:.1f}]"
 
 
 def flat_rows(board: Board) -> list[dict]:
-    out = []
     columns = flat_columns(board)
+    out = []
     judges = sorted({j for rows in board.settings.values() for j in extra.judges_of(rows)})
     for rows in board.settings.values():
         for r in rows:
@@ -67,6 +92,7 @@ def flat_rows(board: Board) -> list[dict]:
             )
             for j in judges:
                 flat.update(zip(extra.flat_columns(j), extra.flat_values(r, j)))
+            flat.update(_utility_flat(r))
             out.append({k: flat.get(k) for k in columns})
     return out
 
@@ -85,6 +111,7 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
     parts = []
     for key, rows in board.settings.items():
         judges = extra.judges_of(rows)
+        tasks = _setting_utility(rows)
         table = [
             [
                 r["position"],
@@ -95,6 +122,7 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
                 *[" ".join(extra.cell_text(r, j)).strip() for j in judges],
                 _pct(r, "over_refusal"),
                 _pct(r, "task_metric"),
+                *[_utility_pct(r, t) for t in tasks],
                 f"{r['hypervolume']:.4f}",
                 _p(r.get("vs_none"), "harmful_rate"),
                 r["vs_interpolation"],
@@ -115,6 +143,7 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
                     *[f"harmful % ({j})" for j in judges],
                     "over-refusal %",
                     "task %",
+                    *[f"{t} %" for t in tasks],
                     "hypervolume",
                     "p vs none",
                     "vs interpolation",
@@ -227,7 +256,7 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
     return png.getvalue(), svg.getvalue()
 
 
-def _cells(r: dict, judges: Sequence[str] = ()) -> list[tuple]:
+def _cells(r: dict, judges: Sequence[str] = (), tasks: Sequence[str] = ()) -> list[tuple]:
     """One board row as (css class, sort value, text, CI text) cells: formatted here, where Python's
     own formatting is several times cheaper than a Jinja filter per cell on a 10,000-row page."""
     cells = [
@@ -252,6 +281,13 @@ def _cells(r: dict, judges: Sequence[str] = ()) -> list[tuple]:
             for j in judges:
                 value = (r.get("judges", {}).get(j) or {}).get("value")
                 cells.append(("", -1 if value is None else value, *extra.cell_text(r, j)))
+    for t in tasks:  # the setting's utility tasks, after the task metric
+        u = r.get("utility", {}).get(t)
+        if not u or u["value"] is None:
+            cells.append(("", -1, "\u2013", ""))
+        else:
+            ci = f"[{100 * u['ci_low']:.1f}, {100 * u['ci_high']:.1f}] n={u['n']}"
+            cells.append(("", u["value"], f"{100 * u['value']:.1f}", ci))
     cells.append(("", r["hypervolume"], f"{r['hypervolume']:.4f}", ""))
     p = (r.get("vs_none") or {}).get("harmful_rate", {}).get("p")
     cells.append(("", 2 if p is None else p, "\u2013" if p is None else f"{p:.3g}", ""))
@@ -265,14 +301,14 @@ def _esc(x) -> str:
     return str(x) if isinstance(x, (int, float)) else _html.escape(str(x))
 
 
-def _row_html(r: dict, judges: Sequence[str] = ()) -> Markup:
+def _row_html(r: dict, judges: Sequence[str] = (), tasks: Sequence[str] = ()) -> Markup:
     """One <tr>, every text escaped. Joined in Python because a Jinja loop over 110,000 cells is
     the slowest part of a 10,000-record page; the page around the rows stays in the template."""
     tds = "".join(
         f'<td class="{cls}" data-v="{_esc(v)}">{_esc(text)}'
         + (f' <span class="ci">{_esc(ci)}</span>' if ci else "")
         + "</td>"
-        for cls, v, text, ci in _cells(r, judges)
+        for cls, v, text, ci in _cells(r, judges, tasks)
     )
     return Markup(f'<tr class="{"tied" if r["tied_with"] else ""}">{tds}</tr>')
 
@@ -298,12 +334,14 @@ def html(board: Board, plots: dict[str, bytes], title: str) -> str:
         cats = board.categories.get(key, {})
         names = sorted({c for v in cats.values() for c in v})
         judges = extra.judges_of(rows)
+        tasks = _setting_utility(rows)
         settings.append(
             {
                 "key": key,
                 "judges": judges,
+                "utility": tasks,
                 "agreement": board.agreement.get(key, {}),
-                "rows": Markup("\n").join(_row_html(r, judges) for r in rows),
+                "rows": Markup("\n").join(_row_html(r, judges, tasks) for r in rows),
                 "ref": board.reference_points[key],
                 "categories": _category_rows_html(cats, names) if cats else "",
                 "category_names": names,

@@ -37,6 +37,7 @@ class EvalSet:
     expects: str = ""  # the files, in one line: shown by `realign list sets` and in every "missing" error
     origin: str = ""  # where a user gets the files (paper, repository or dataset page)
     location: str | None = None  # default place under the data directory; None when a package ships the data
+    hub: str | None = None  # the same rows as a hub dataset (ID:SPLIT, a prompt column), for `hub:` in a setting
     reads_as_is = False  # True when the file is already JSON Lines with a prompt field (a task can point at it)
 
     def __init__(self, path: str | Path | None = None, data_dir: Path | None = None):
@@ -52,14 +53,15 @@ class EvalSet:
 
     def rows(self) -> list[dict]:
         if self.location is not None:
+            online = f"; or, online, name it hub:{self.hub} in the setting" if self.hub else ""
             if self.path is None:
                 raise UserError(
                     f"set {self.name} needs its data: put {self.expects} at DATA_DIR/{self.location} "
-                    "(--data-dir or $REALIGN_DATA_DIR) or pass its path"
+                    f"(--data-dir or $REALIGN_DATA_DIR) or pass its path{online}"
                 )
             if not self.path.exists():
                 raise UserError(
-                    f"set {self.name}: {self.path} not found; put {self.expects} there (from {self.origin})"
+                    f"set {self.name}: {self.path} not found; put {self.expects} there (from {self.origin}){online}"
                 )
         rows = self.read(self.path)
         if not rows:

@@ -87,6 +87,7 @@ class BeaverTailsEval(EvalSet):
     expects = "eval.jsonl (JSON Lines: prompt, category, category_id)"
     origin = "BeaverTails-Evaluation (Ji et al. 2023) as released with the flagship paper's code"
     location = "beavertails/eval.jsonl"
+    hub = "PKU-Alignment/BeaverTails-Evaluation:test"
     reads_as_is = True
 
     def read(self, path: Path):

@@ -100,7 +100,8 @@ def validate(raw: dict, where: str) -> Setting:
 def describe(error: dict, where: str, count: int) -> str:
     """One line from pydantic's first error: file, dotted key, what was expected, what was found."""
     # a union's members add their class name to the location ("models.aligned.Model"); drop them
-    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and p[:1].isupper()))
+    # (and a mapping's key check adds "[key]")
+    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and (p[:1].isupper() or p == "[key]")))
     found = error.get("input")
     more = f" (and {count - 1} more problem{'s' * (count > 2)})" if count > 1 else ""
     if error["type"] == "extra_forbidden":

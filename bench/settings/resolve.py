@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 from bench import models
 from bench.data import read_jsonl
 from bench.errors import UserError
-from bench.hashing import hash_file, hash_model_dir, hash_value, short
+from bench.hashing import hash_file, hash_folder, hash_model_dir, hash_value, short
 from bench.settings.schema import FineTuned, Model, Setting
 
 TESTBED = "testbed:"
@@ -52,6 +52,7 @@ class Resolved:
     notes: list[str] = field(default_factory=list)
     data_dir: Path | None = None
     _user_finetuned: Variant | None = None
+    chat: models.ChatFormat = field(default_factory=models.ChatFormat)  # the setting's chat template and system prompt
 
     def variants(self, cache: Path, log: Callable[[str], None]) -> Iterator[Variant]:
         """The setting's fine-tuned models: the user's, or one attack per N (cached like any stage)."""
@@ -70,6 +71,7 @@ class Resolved:
                 cfg,
                 cache,
                 log=log,
+                chat=self.chat,
             )
             yield Variant(n, atk.merged, atk.adapter, atk.manifest["config"])
 
@@ -84,7 +86,10 @@ class Resolved:
 
     def inputs(self) -> dict[str, str]:
         """Content hash of every model, file and template the setting names (the finetuned model is per variant)."""
-        out = {"aligned": self.aligned.content_hash(), "chat_template": hash_value(_chat_template(self.aligned))}
+        template = self.chat.template if self.chat.template is not None else _chat_template(self.aligned)
+        out = {"aligned": self.aligned.content_hash(), "chat_template": hash_value(template)}
+        if self.chat.system_prompt is not None:
+            out["system_prompt"] = hash_value(self.chat.system_prompt)
         if self.base:
             out["base"] = self.base.content_hash()
         out |= {k: hash_file(p) for k, p in self.files.items()}
@@ -99,18 +104,17 @@ class Resolved:
         return {
             "models": {
                 "aligned_dtype": _model(s.models.aligned).dtype,
-                "chat_template": s.models.chat_template,
+                # 'auto' or 'file' (a path would differ between machines; inputs.chat_template is its hash)
+                "chat_template": "auto" if s.models.chat_template == "auto" else "file",
                 "trust_remote_code": s.models.trust_remote_code,
-            },
+            }
+            | ({"system_prompt": s.models.system_prompt} if s.models.system_prompt is not None else {}),
             "task": {"yaml": s.data.task.yaml, "metric": s.data.task.metric},
             "harmful_sets": sorted(self.harmful),
             "over_refusal_sets": sorted(self.over_refusal),
-            "utility": [u.model_dump() for u in s.utility],
+            "utility": [_hashed_include_path(u.for_record()) for u in s.utility],
             "judge": s.judge,
-            # pipeline_parallel_size came later: unset, it stays out, so records made before it keep their ids
-            "generation": s.generation.model_dump(
-                exclude={"pipeline_parallel_size"} if not s.generation.pipeline_parallel_size else None
-            ),
+            "generation": _later_at_default_dropped(s.generation.model_dump()),
             "inputs": self.inputs(),
         }
 
@@ -138,9 +142,11 @@ class Resolved:
             "models": {
                 "aligned": model(self.aligned),
                 "base": model(self.base),
-                "chat_template": {"from": s.models.chat_template, "sha256": hash_value(_chat_template(self.aligned))},
+                "chat_template": {"from": s.models.chat_template, "sha256": self.inputs()["chat_template"]},
             },
         }
+        if s.models.system_prompt is not None:
+            out["models"]["system_prompt"] = {"text": s.models.system_prompt, "sha256": self.inputs()["system_prompt"]}
         f = self._user_finetuned
         if f is None:
             out["attack"] = s.attack.model_dump()
@@ -168,6 +174,24 @@ class Resolved:
         return yaml.safe_dump(out, sort_keys=False)
 
 
+# generation options added after records existed: at their defaults they stay out of a record's
+# resolved setting, so the records (and record ids) of settings that do not use them are unchanged
+# generation keys added after records existed: unset, they stay out of the record, so records made
+# before them keep their ids
+_LATER_GENERATION = {"max_new_tokens": {}, "temperature": None, "pipeline_parallel_size": None}
+
+
+def _hashed_include_path(utility: dict) -> dict:
+    """A utility entry with its task folder's content hash in place of the folder's path."""
+    if utility.get("include_path"):
+        utility = utility | {"include_path": hash_folder(Path(utility["include_path"]).expanduser())}
+    return utility
+
+
+def _later_at_default_dropped(generation: dict) -> dict:
+    return {k: v for k, v in generation.items() if k not in _LATER_GENERATION or v != _LATER_GENERATION[k]}
+
+
 def _model(entry: Model | str | None) -> Model | None:
     return Model(path=entry) if isinstance(entry, str) else entry
 
@@ -191,6 +215,7 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
     s = setting
     data_dir = default_data_dir(s.data.data_dir)  # checked here, before any work: a missing folder is one line
     check_names(s)
+    chat = models.ChatFormat(models.read_chat_template(s.models.chat_template), s.models.system_prompt)
     testbed = _Testbed(s, cache, log, check)
 
     def model(entry: Model | str | None) -> models.ModelHandle | None:
@@ -209,7 +234,9 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
     aligned = model(s.models.aligned)
     base = model(s.models.base)
     if aligned is None:  # only while checking a testbed setting: the testbed is not built yet
-        return Resolved(s, None, None, {}, {}, {}, list(s.notes), data_dir)
+        return Resolved(s, None, None, {}, {}, {}, list(s.notes), data_dir, chat=chat)
+    if not chat.is_default:  # the template renders a conversation with this tokenizer (no weights loaded)
+        chat.check(models.load_tokenizer(aligned, s.models.trust_remote_code), f"setting {s.name!r}: models")
 
     def file(entry: str | None, required=("prompt",)) -> Path | None:
         if entry is None:
@@ -255,6 +282,7 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
         list(s.notes) + testbed.notes,
         data_dir,
         user,
+        chat,
     )
 
 
@@ -276,7 +304,12 @@ def _finetuned(entry: FineTuned | str, aligned: models.ModelHandle, cache: Path,
 
 
 def _label(entry: str) -> str:
-    """How a set is named in records and on the board: the set's name, the file's stem, or the testbed split."""
+    """How a set is named in records and on the board: the set's name, the file's stem, the hub
+    dataset's name, or the testbed split."""
+    from bench.sets import hub
+
+    if entry.startswith(hub.PREFIX):
+        return hub.label(entry)
     if entry.startswith(TESTBED):
         return entry[len(TESTBED) :]
     return Path(entry).stem if _is_file(entry) else entry
@@ -288,16 +321,20 @@ def _is_file(entry: str) -> bool:
 
 def _set_file(entry: str, file, data_dir: Path | None, cache: Path, check: bool) -> Path | None:
     """A harmful or over-refusal set as a JSONL file of {prompt, category?}: files and testbed
-    splits as they are; a named set's rows written once into the cache (by content)."""
-    if entry.startswith(TESTBED) or _is_file(entry):
+    splits as they are; a named set's or a hub dataset's rows written once into the cache (by content)."""
+    from bench.sets import hub
+
+    if not entry.startswith(hub.PREFIX) and (entry.startswith(TESTBED) or _is_file(entry)):
         return file(entry)
     from bench.atomic import atomic_write_jsonl
     from bench.sets import load_set
 
-    rows = load_set(entry, data_dir=data_dir)
+    rows = hub.load_hub(entry) if entry.startswith(hub.PREFIX) else load_set(entry, data_dir=data_dir)
     if check:
         return None
-    path = cache / "sets" / f"{entry}-{short(hash_value(rows))}.jsonl"
+    path = (
+        cache / "sets" / f"{_label(entry) if entry.startswith(hub.PREFIX) else entry}-{short(hash_value(rows))}.jsonl"
+    )
     if not path.exists():
         atomic_write_jsonl(path, rows)
     return path
@@ -332,8 +369,25 @@ def _check_utility(s: Setting) -> None:
     from bench.task_files import TASK_DATA, templates
 
     for u in s.utility:
-        if u.task not in templates() and u.task not in TASK_DATA:
+        if u.include_path is not None:
+            _own_task(u.task, u.include_path)
+        elif u.task not in templates() and u.task not in TASK_DATA:
             _stock_task(u.task)
+
+
+def _own_task(name: str, include_path: str) -> None:
+    """A task from the user's folder of lm-eval YAMLs: the folder exists and defines the task."""
+    from lm_eval.tasks import TaskManager
+
+    folder = Path(include_path).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"utility task {name!r}: include_path {include_path!r} is not a folder; check the path")
+    known = TaskManager(include_path=str(folder), include_defaults=False).all_tasks
+    if name not in known:
+        raise UserError(
+            f"utility task {name!r}: no task of that name in {include_path} (it defines: "
+            f"{', '.join(sorted(known)[:12]) or 'no task'}); check the task name"
+        )
 
 
 def _stock_task(name: str) -> None:
@@ -352,6 +406,7 @@ class _Testbed:
     def __init__(self, setting: Setting, cache: Path, log, check: bool):
         self.setting, self.cache, self.log, self.check = setting, cache, log, check
         self._tb = None
+        self._looked = False  # check mode: looked for an existing testbed already
         self.notes: list[str] = []
 
     def build(self):
@@ -365,9 +420,12 @@ class _Testbed:
                 raise UserError(
                     f"setting {self.setting.name!r}: testbed: {exc}; see bench/testbed/build.py TestbedConfig"
                 ) from None
-            if self.check:
-                return None
             g = self.setting.generation
+            if self.check:  # the testbed as built by an earlier run, if any: check builds nothing
+                if not self._looked:
+                    self._looked = True
+                    self._tb = testbed_stage.find_built(config, self.cache, engine=g.engine, mode=g.mode)
+                return self._tb
             self._tb = testbed_stage.build(config, self.cache, engine=g.engine, log=self.log, mode=g.mode)
             self.notes = list(self._tb.manifest.get("notes", []))
         return self._tb
@@ -410,5 +468,7 @@ class _Testbed:
         ]
         path = self.cache / "sets" / f"testbed-calibration-pairs-{short(hash_value(rows))}.jsonl"
         if not path.exists():
+            if self.check:  # written by the first run; check writes nothing
+                return None
             atomic_write_jsonl(path, rows)
         return path

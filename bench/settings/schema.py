@@ -9,7 +9,7 @@ content hash; nothing after that knows where it came from.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,8 +46,16 @@ class Models(_Strict):
         default=None, description="the fine-tuned model (or give an `attack` section instead)"
     )
     base: Model | str | None = Field(default=None, description="the pre-alignment base model (SafeLoRA needs it)")
-    # only the tokenizer's own template for now: its hash goes into every record
-    chat_template: Literal["auto"] = Field(default="auto", description="'auto': the tokenizer's own chat template")
+    chat_template: str = Field(
+        default="auto",
+        description="'auto' (the tokenizer's own chat template) or a Jinja chat template file used in its place; "
+        "its content hash goes into every record and every generation cache key",
+    )
+    system_prompt: str | None = Field(
+        default=None,
+        description="a system turn before every chat-formatted prompt (evaluation, attack, defenses, probe); hashed "
+        "likewise",
+    )
     trust_remote_code: bool = Field(default=False, description="let models run code shipped with their weights")
 
 
@@ -83,9 +91,11 @@ class Data(_Strict):
     benign_prompts: str = Field(description="JSONL of {prompt}: benign task prompts (the flagship's D_b)")
     task: Task
     harmful: list[str] = Field(
-        min_length=1, description="harmful evaluation sets: set names, JSONL files or testbed:NAME"
+        min_length=1, description="harmful evaluation sets: set names, JSONL files, hub:ID[:SPLIT] or testbed:NAME"
     )
-    over_refusal: list[str] = Field(default=[], description="over-refusal sets: set names, JSONL files or testbed:NAME")
+    over_refusal: list[str] = Field(
+        default=[], description="over-refusal sets: set names, JSONL files, hub:ID[:SPLIT] or testbed:NAME"
+    )
     data_dir: str | None = Field(default=None, description="folder of local public data (beavertails/, ...)")
 
 
@@ -94,6 +104,20 @@ class Utility(_Strict):
     num_fewshot: int | None = Field(default=None, ge=0, description="few-shot examples")
     limit: int | None = Field(default=None, ge=1, description="evaluate only the first N documents")
     metric: str = Field(default="acc", description="per-sample metric reported (acc, exact_match, ...)")
+    include_path: str | None = Field(
+        default=None, description="a folder of your own lm-eval task YAMLs holding the task (lm-eval's --include_path)"
+    )
+
+    def for_record(self) -> dict:
+        """The entry as records and the evaluation take it; include_path only when given (records made
+        before it existed keep their ids), as the folder's content hash in records."""
+        out = self.model_dump()
+        if out["include_path"] is None:
+            del out["include_path"]
+        return out
+
+
+SET_KINDS = ("harmful", "over_refusal", "task", "utility")
 
 
 class Generation(_Strict):
@@ -110,6 +134,16 @@ class Generation(_Strict):
     max_model_len: int | None = Field(default=None, ge=16, description="vLLM: context length")
     limit: int | None = Field(
         default=None, ge=1, description="evaluate only the first N prompts of each set (smoke tests)"
+    )
+    max_new_tokens: dict[Literal[SET_KINDS], Annotated[int, Field(ge=1)]] = Field(
+        default={},
+        description="tokens per answer by kind of set (harmful, over_refusal, task, utility); a kind not given "
+        "keeps its task YAML's max_gen_toks",
+    )
+    temperature: float | None = Field(
+        default=None,
+        ge=0,
+        description="sampling temperature of every evaluation answer (0: greedy; default: each YAML's own)",
     )
 
 

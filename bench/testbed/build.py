@@ -180,6 +180,38 @@ def _split_data(config: TestbedConfig) -> dict[str, list[dict]]:
     }
 
 
+def _key(config: TestbedConfig, base_handle: models.ModelHandle, splits: dict, engine: str, mode: str) -> str:
+    from bench.generation import resolved_engine
+
+    return hash_value(
+        {
+            "recipe": RECIPE_VERSION,
+            "config": config.to_dict(),
+            "base": base_handle.content_hash(),
+            "data": splits,
+            "generation": {"engine": resolved_engine(engine), "mode": reproducibility.check_mode(mode)},
+            "compute": reproducibility.compute_fingerprint(),
+        }
+    )
+
+
+def find_built(
+    config: TestbedConfig, cache: Path, engine: str = "auto", mode: str = reproducibility.DETERMINISTIC
+) -> Testbed | None:
+    """The testbed `build` would reuse, when it is built and intact; None otherwise. Builds, converts
+    and removes nothing (`realign setting check`, which must leave the home as it was)."""
+    base_dir = cache / "models" / f"base-smollm2-135m-{short(hash_file(embedded_gguf()))}"
+    if not (base_dir / "config.json").exists():
+        return None
+    root = cache / f"testbed-{short(_key(config, models.resolve(base_dir), _split_data(config), engine, mode))}"
+    if not (root / "manifest.json").exists():
+        return None
+    manifest = json.loads((root / "manifest.json").read_text())
+    if manifest.get("content_hash") != hash_value(content(root)):
+        return None
+    return Testbed(root, manifest)
+
+
 def build(
     config: TestbedConfig,
     cache: Path,
@@ -203,16 +235,7 @@ def build(
     splits = _split_data(config)
     generation = {"engine": resolved_engine(engine), "mode": reproducibility.check_mode(mode)}
     compute = reproducibility.compute_fingerprint()
-    key = hash_value(
-        {
-            "recipe": RECIPE_VERSION,
-            "config": config.to_dict(),
-            "base": base_handle.content_hash(),
-            "data": splits,
-            "generation": generation,
-            "compute": compute,
-        }
-    )
+    key = _key(config, base_handle, splits, engine, mode)
     root = cache / f"testbed-{short(key)}"
     manifest = verified_manifest(root, content, log)
     if manifest is not None:
