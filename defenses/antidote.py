@@ -3,9 +3,11 @@
 Read from the authors' released code: the modules scored are every linear layer whose name
 contains "lora" (LoRA mode: lora_A and lora_B of each adapted module) or, for full fine-tunes,
 q_proj / k_proj / v_proj. Wanda score S_ij = |W_ij| * sqrt(mean over calibration tokens of X_j^2),
-X = the module's input, collected layer by layer on the harmful set (Wanda's way: a decoder
-layer's inputs come from the already-pruned layers before it). Per output row, the top
-dense_ratio of entries by S get mask 1 and are zeroed: W := W * (1 - mask). One shot, no training.
+X = the module's input, collected layer by layer on the harmful set. As in the released code,
+every mask is computed on the UNPRUNED model first (a layer's inputs come from the unpruned layers
+before it) and only then are the masks applied. Per output row, the top ceil(dense_ratio * columns)
+entries by S (rounded UP, as the released code: with a rank-8 LoRA one of the 8 columns of each
+lora_B row) get mask 1 and are zeroed: W := W * (1 - mask). One shot, no training.
 
 Inputs: aligned + LoRA adapter (or the fine-tuned model for full fine-tunes), and a harmful set:
 `data=calibration` (the flagship's calibration prompts) or `data=harmful_pairs` (prompts with
@@ -14,6 +16,7 @@ harmful answers, a larger budget when one exists).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from bench import models
@@ -41,12 +44,18 @@ class AntidoteParams:
             raise ValueError(f"data must be 'calibration' or 'harmful_pairs', got {self.data!r}")
 
 
+def pruned_per_row(columns: int, ratio: float) -> int:
+    """ceil(columns * ratio), the released code's count; the product is rounded to 9 decimals first
+    so that float error (0.1 * 80 = 8.000000000000002) does not add an entry."""
+    return math.ceil(round(columns * ratio, 9))
+
+
 def wanda_mask(W, input_sq_mean, ratio: float):
-    """True at the top `ratio` of each row by |W| * sqrt(mean X^2) (Wanda's per-output sort)."""
+    """True at the top ceil(ratio * columns) of each row by |W| * sqrt(mean X^2) (Wanda's per-output sort)."""
     import torch
 
     score = W.abs() * torch.sqrt(input_sq_mean).unsqueeze(0)
-    n = int(W.shape[1] * ratio)
+    n = pruned_per_row(W.shape[1], ratio)
     mask = torch.zeros_like(W, dtype=torch.bool)
     if n:
         idx = torch.sort(score, dim=-1, descending=True, stable=True)[1][:, :n]
@@ -109,7 +118,7 @@ class Antidote(Defense):
             for i in range(0, len(texts), p.batch_size)
         ]
         scored = _scored(model, lora)
-        pruned = {}
+        masks = {}
 
         def visit(index, layer, feed, current):
             mine = {n: m for n, m in scored.items() if models.layer_index(n) == index}
@@ -125,12 +134,14 @@ class Antidote(Defense):
             feed()
             for h in hooks:
                 h.remove()
-            for n, m in mine.items():
-                mask = wanda_mask(m.weight.data.float(), sums[n] / max(counts[n], 1), p.dense_ratio)
-                m.weight.data[mask] = 0
-                pruned[n] = int(mask.sum())
+            for n, m in mine.items():  # masks only: the walk goes on through the unpruned layers
+                masks[n] = wanda_mask(m.weight.data.float(), sums[n] / max(counts[n], 1), p.dense_ratio)
 
         walk_layers(model, batches, visit)
+        pruned = {}
+        for n, mask in masks.items():
+            scored[n].weight.data[mask] = 0
+            pruned[n] = int(mask.sum())
         if lora:
             model = model.merge_and_unload()
         return DefenseOutput(

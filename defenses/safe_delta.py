@@ -6,9 +6,10 @@ weights beside them (specs/baselines.md, read from the authors' released runner)
 1. H = (2/n) sum x x^T over the safety set's tokens (x = the layer's input; running average as
    batches arrive, n counting sequences). Dead columns (H_jj = 0) get H_jj = 1.
 2. H += percdamp * mean(diag H) * I; U = upper Cholesky factor of H^-1; d_j = U_jj.
-3. Per block of columns: c_ij = 1 / d_j^2, l_ij = (W_F - W_A)_ij^2 / d_j^2. Order the block's
-   entries by c ascending, leave out the 15% with the largest c, keep (take W_F's value for) every
-   entry whose cumulative l in that order is <= mean(c) * (s / 2) * (rows / 4096).
+3. Per block of 2048 columns (the released run; the spec's 1024 is an error): c_ij = 1 / d_j^2,
+   l_ij = (W_F - W_A)_ij^2 / d_j^2. Order the block's entries by c ascending, leave out the 15%
+   with the largest c, keep (take W_F's value for) every entry whose cumulative l in that order
+   is <= mean(c) * (s / 2) * (rows / 4096).
 4. From W = W_A, walk the block in sub-blocks of 4 columns: q = w with kept entries set to W_F;
    err = (w - q) / d; later columns of the block -= err @ U[sub-block, later]; after the block, all
    later columns -= Err @ U[block, later] (OBS compensation).
@@ -32,7 +33,9 @@ from defenses.layerwise import real_tokens, walk_layers
 class SafeDeltaParams:
     s: float = field(default=0.11, metadata={"help": "safety budget scale (larger keeps more of the delta)"})
     percdamp: float = field(default=0.01, metadata={"help": "Hessian damping, a share of mean(diag H)"})
-    blocksize: int = field(default=1024, metadata={"help": "columns per block"})
+    blocksize: int = field(
+        default=2048, metadata={"help": "columns per block (2048, as the released run; the spec's 1024 is an error)"}
+    )
     sub_block: int = field(default=4, metadata={"help": "columns per compensation sub-block"})
     exclude: float = field(
         default=0.15, metadata={"help": "share of each block's entries (largest cost weight) never kept"}

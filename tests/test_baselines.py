@@ -10,7 +10,7 @@ import torch
 from bench import models
 from bench.errors import UserError
 from defenses import DEFENSES, DefenseContext
-from defenses.antidote import wanda_mask
+from defenses.antidote import pruned_per_row, wanda_mask
 from defenses.base import parse_params
 from defenses.interpolation import interpolate
 from defenses.resta import RestaParams, safety_vector
@@ -192,6 +192,13 @@ def test_safelora_selection_both_modes(tiny_lora):
             torch.testing.assert_close(got[w].data, sA[w] + m.scaling * (C @ m.B) @ m.A)
         else:
             assert torch.equal(got[w].data, sF[w])
+    # the count as a share of the adapter's modules (the default: 10/64, the paper's 10 of 64)
+    n = len(sims)
+    for share, expected in ((0.5, round(n / 2 + 0.01)), (10 / 64, int(10 / 64 * n + 0.5)), (0.0, 0), (1.0, n)):
+        out_s = cls(share=share).apply(ctx)
+        assert out_s.info["modules"] == n and len(out_s.info["projected"]) == expected
+        assert out_s.info["projected"] == sorted(sorted(sims, key=sims.get)[:expected])
+    assert SafeLoraParams().share == 10 / 64 and SafeLoraParams().count(210) == 33 and SafeLoraParams().count(64) == 10
     thr = sorted(sims.values())[4]
     out2 = cls(mode="threshold", threshold=thr).apply(ctx)
     assert sorted(out2.info["projected"]) == sorted(w for w, s in sims.items() if s <= thr)
@@ -244,14 +251,20 @@ def test_antidote_per_row_top_fraction_by_hand():
     W = torch.tensor([[1.0, -4.0, 2.0, 0.5] * 5])  # one row, 20 columns
     x = torch.ones(20)
     x[0] = 100.0  # column 0 has a huge input: |1| * 10 is the top score
-    mask = wanda_mask(W, x, 0.1)  # int(20 * 0.1) = 2 entries per row
+    mask = wanda_mask(W, x, 0.1)  # ceil(20 * 0.1) = 2 entries per row
     assert mask.sum() == 2 and mask[0, 0] and mask[0, 1]  # scores 10, then |-4| * 1 at the first -4
+    # a rank-8 lora_B row: the released code rounds UP, so 1 of 8 entries goes (rounding down prunes none)
+    mask = wanda_mask(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]]), torch.ones(8), 0.1)
+    assert mask.sum() == 1 and mask[0, 7]
+    assert pruned_per_row(80, 0.1) == 8  # 0.1 * 80 is 8.000000000000002 in floats: not 9
 
 
 def test_antidote_equals_a_two_layer_hand_computation(tiny, tmp_path):
-    """The released rule on a two-layer model with a rank-10 LoRA, computed by hand: whole-model
-    forward passes (no layer walk), layer 1's inputs taken after layer 0 was pruned, the top
-    int(0.1 * columns) of each row of lora_A and lora_B by |W_ij| * sqrt(mean_tokens X_j^2) zeroed."""
+    """The released rule on a two-layer model with a rank-8 LoRA, computed by hand: ONE forward pass
+    of the unpruned model gives every module's inputs (every mask is computed before any is
+    applied), then the top ceil(0.1 * columns) of each row of lora_A and lora_B by
+    |W_ij| * sqrt(mean_tokens X_j^2) are zeroed. Pruning layer 0 before scoring layer 1, or rounding
+    the count down (0 of lora_B's 8 columns), gives other weights."""
     from peft import LoraConfig, PeftModel
 
     from tests.conftest import make_llama, random_lora
@@ -260,7 +273,7 @@ def test_antidote_equals_a_two_layer_hand_computation(tiny, tmp_path):
     random_lora(
         tmp_path,
         tiny["tok"],
-        LoraConfig(r=10, lora_alpha=20, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"),
         seed=8,
     )
     t = {"aligned": tmp_path / "aligned", "finetuned": tmp_path / "finetuned", "adapter": tmp_path / "adapter"}
@@ -273,36 +286,33 @@ def test_antidote_equals_a_two_layer_hand_computation(tiny, tmp_path):
     assert bool(batch["attention_mask"].all())  # equal lengths: no padding, so whole-batch passes are exact
 
     hand = PeftModel.from_pretrained(ctx.load("aligned"), str(t["adapter"])).eval()
-    zeroed = 0
-    for layer in range(2):
-        mods = {
-            n: m
-            for n, m in hand.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lora" in n and f"layers.{layer}." in n
-        }
-        seen = {}
-        hooks = [
-            m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().float()))
-            for n, m in mods.items()
-        ]
-        with torch.no_grad():
-            hand(**batch)
-        for h in hooks:
-            h.remove()
-        for n, m in mods.items():  # pruned after the pass, as one layer's modules share one pass
-            W = m.weight.data
-            x_norm = seen[n].reshape(-1, W.shape[1]).pow(2).mean(0).sqrt()
-            keep_out = int(W.shape[1] * 0.1)
-            assert keep_out >= 1
-            for i in range(W.shape[0]):
-                score = [abs(float(W[i, j])) * float(x_norm[j]) for j in range(W.shape[1])]
-                for j in sorted(range(W.shape[1]), key=lambda j: -score[j])[:keep_out]:
-                    W[i, j] = 0.0
-                    zeroed += 1
+    mods = {n: m for n, m in hand.named_modules() if isinstance(m, torch.nn.Linear) and "lora" in n}
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().float()))
+        for n, m in mods.items()
+    ]
+    with torch.no_grad():
+        hand(**batch)  # the unpruned model, once
+    for h in hooks:
+        h.remove()
+    zeroed, lora_b_rows = 0, 0
+    for n, m in mods.items():
+        W = m.weight.data
+        x_norm = seen[n].reshape(-1, W.shape[1]).pow(2).mean(0).sqrt()
+        per_row = -(-W.shape[1] // 10)  # ceil(columns / 10), in integers
+        lora_b_rows += W.shape[0] if "lora_B" in n else 0
+        assert per_row == (1 if "lora_B" in n else -(-W.shape[1] // 10))
+        for i in range(W.shape[0]):
+            score = [abs(float(W[i, j])) * float(x_norm[j]) for j in range(W.shape[1])]
+            for j in sorted(range(W.shape[1]), key=lambda j: -score[j])[:per_row]:
+                W[i, j] = 0.0
+                zeroed += 1
     expected = dict(hand.merge_and_unload().named_parameters())
 
     out = DEFENSES.get("antidote")().apply(ctx)
     assert out.info["mode"] == "lora" and out.info["modules"] == 2 * 3 * 2 and out.info["zeroed"] == zeroed
+    assert lora_b_rows > 0  # lora_B rows lose one entry each: rounding down would prune none of them
     got = dict(out.model.named_parameters())
     assert got.keys() == expected.keys()
     for name in got:
@@ -399,6 +409,23 @@ def test_safe_delta_obs_compensation_on_a_4x3_layer():
     # entries not kept moved away from W_A by the compensation
     moved = (~mask) & (np.abs(W - A.numpy()) > 1e-6)
     assert moved.any()
+
+
+def test_safe_delta_blocks_are_2048_columns_as_the_released_run():
+    """The budget is per block: on a 1500-column layer the default keeps what ONE block over all
+    columns keeps (the released run's 2048), which 1024-column blocks do not."""
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 4, 1500
+    X = torch.randn(3000, cols, generator=g) * torch.linspace(0.2, 3.0, cols)
+    A = torch.randn(rows, cols, generator=g) * 0.1
+    F = A + torch.randn(rows, cols, generator=g) * 0.05
+    p = SafeDeltaParams(s=2000.0)
+    assert p.blocksize == 2048
+    U = inverse_cholesky_upper(X.T @ X / 3000, p.percdamp)
+    _, kept = adjust(A, F, U, p)
+    assert torch.equal(kept, keep_mask(F - A, torch.diag(U), p.s, rows, p.exclude))
+    _, kept_1024 = adjust(A, F, U, dataclasses.replace(p, blocksize=1024))
+    assert not torch.equal(kept_1024, kept)
 
 
 def test_safe_delta_runs_on_a_tiny_pair(tiny_lora):
