@@ -8,7 +8,6 @@ every harmful-set answer in one batch. Each metric keeps its per-sample outcomes
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from bench.errors import UserError
 from bench.generation import CachedGenerator, GenerationCache
 from bench.judges import JUDGES
 from bench.lmeval_bridge import TaskRun, run_tasks
+from bench.new_interpreter import own_peak_rss_mb
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         "samples": samples,
         "cost": {
             "wall_s": round(time.perf_counter() - t0, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": own_peak_rss_mb(),
             "device": _device(),
             "engine": generator.engine_used,
             "generation": generator.stats,

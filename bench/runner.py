@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from bench import attack as attack_stage
 from bench import models, records, reproducibility
 from bench.evaluate import EvalConfig, EvalSets, evaluate
 from bench.hashing import hash_file, hash_model_dir, hash_value, short
-from bench.new_interpreter import run_fresh
+from bench.new_interpreter import own_peak_rss_mb, run_fresh
 from bench.progress import log
 from bench.settings.resolve import Resolved, Variant, resolve
 
@@ -153,7 +152,12 @@ class AttackStageFineTune:
             task_n=0,
             seed=spec.seed,
             sft=SFTConfig(
-                method=spec.method, lr=spec.lr, batch_size=spec.batch_size, max_steps=spec.max_steps, seed=spec.seed
+                method=spec.method,
+                lr=spec.lr,
+                lr_scheduler=spec.lr_scheduler,
+                batch_size=spec.batch_size,
+                max_steps=spec.max_steps,
+                seed=spec.seed,
             ),
         )
         return attack_stage.run(model, [], pairs, cfg, self.cache, log=self.log).merged
@@ -161,6 +165,7 @@ class AttackStageFineTune:
 
 def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: Clock):
     from bench.data import read_jsonl
+    from bench.harm_probe import HarmProbe
     from bench.probe import TaskProbe
     from defenses import DefenseContext
 
@@ -191,6 +196,10 @@ def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: C
         benign_prompts=[r["prompt"] for r in read_jsonl(files["benign_prompts"])],
         utility_probe=TaskProbe(files["task_dev"]),
         fine_tune=AttackStageFineTune(cfg.cache, clock.say),
+        harm_probe=HarmProbe(
+            [r["prompt"] for r in read_jsonl(files["calibration_prompts"])], cfg.eval, cfg.cache / "generations"
+        ),
+        attack=variant.attack,
         dtype=_model_entry(setting.models.aligned).dtype or "float32",
         seed=setting.seed,
         cache_dir=cfg.cache,
@@ -270,6 +279,9 @@ def defense_dir(name: str, defense, ctx, cfg: RunConfig) -> Path:
             "seed": ctx.seed,
             "compute": reproducibility.compute_fingerprint(),
         }
+        # what this defense alone reads (RESTA: the harm probe); absent when empty, so that the
+        # other defenses' keys stay as they were
+        | ({"reads": extra} if (extra := defense.cache_inputs(ctx)) else {})
     )
     return cfg.cache / f"defended-{name}-{short(key)}"
 
@@ -292,7 +304,7 @@ def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | 
     result = DEFENSES.get(name)(**params).apply(ctx)
     info = dict(result.info) | {
         "apply_s": round(time.perf_counter() - t0, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": own_peak_rss_mb(),
     }
     if result.model is not None:
         models.save_model(result.model, ctx.tokenizer(), Path(out) / "model")

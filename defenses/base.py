@@ -44,12 +44,24 @@ class FineTuneSpec:
     max_steps: int
     seed: int = 0
     method: str = "lora"  # 'lora' (the adapter merged after) or 'full'
+    lr_scheduler: str = "linear"  # 'linear' (decay to 0) or 'constant'
 
 
 class FineTune(Protocol):
     """Fine-tune `model` on (prompt, response) `pairs` as `spec` says; returns the merged model's handle."""
 
     def __call__(self, model: models.ModelHandle, pairs: list[dict], spec: FineTuneSpec) -> models.ModelHandle: ...
+
+
+class HarmRate(Protocol):
+    """The harmful rate of saved models on the calibration prompts, generated and judged as the
+    evaluation does: [model handles] -> [{rate, k, n}]. The suite's is bench.harm_probe.HarmProbe."""
+
+    def __call__(self, handles: list[models.ModelHandle]) -> list[dict]: ...
+
+    def identity(self) -> dict:
+        """What the probe measures (prompts, judge, generation): part of a defense's cache key."""
+        ...
 
 
 @dataclass
@@ -66,6 +78,8 @@ class DefenseContext:
     benign_prompts: list[str] = field(default_factory=list)  # the task's training prompts
     utility_probe: UtilityProbe | None = None  # the task metric on the dev split: (model) -> float
     fine_tune: FineTune | None = None  # the suite's training stage, for defenses that train a model of their own
+    harm_probe: HarmRate | None = None  # harmful rate of saved models on the calibration prompts
+    attack: dict | None = None  # the attack's configuration (sft: lr, epochs, ...) when the setting made the fine-tune
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
@@ -125,6 +139,11 @@ class Defense:
 
     def describe(self) -> dict:
         return dataclasses.asdict(self.params)
+
+    def cache_inputs(self, ctx: DefenseContext) -> dict:
+        """Inputs this defense reads beyond those every defense's cache key names (the runner's
+        defense_dir): e.g. the harm probe's identity. Empty for most defenses."""
+        return {}
 
 
 def key_values(items: Iterable[str], written: str) -> dict[str, str]:
