@@ -160,7 +160,9 @@ def _flags(args) -> list[str]:
     if getattr(args, "fast_nondeterministic", False):
         out.append("generation.mode=fast-nondeterministic")
     if getattr(args, "defenses", None):
-        out.append(f"defenses={json.dumps([d.strip() for d in args.defenses.split(',') if d.strip()])}")
+        from defenses.base import split_rows
+
+        out.append(f"defenses={json.dumps(split_rows(args.defenses))}")
     return out + list(getattr(args, "overrides", []))
 
 
@@ -196,6 +198,10 @@ def cmd_run(args) -> int:
             dict.fromkeys(names_with_role("reference") + DEFENSES.names() + [d for d in cfg.defenses if ":" in d])
         )
         cfg = _run_config(args, [f"defenses={json.dumps(rows)}"])
+    if args.curves:  # each method swept over its main knob (its defense's `curve`), in the list syntax
+        from defenses.curves import with_curves
+
+        cfg = _run_config(args, [f"defenses={json.dumps(with_curves(cfg.defenses))}"])
     main_job(cfg)  # unknown names and bad parameters fail while the setting resolves, before any work
     return 0
 
@@ -313,6 +319,9 @@ def _list_defenses(args) -> None:
         print(f"  {'':<22} needs: {needs}")
         for p in params_help(cls.Params):
             print(f"  {'':<24}{p['name']} = {p['default']!r}  ({p['type']}) {p['help']}")
+        if getattr(cls, "curve", None):
+            sweeps = " x ".join(f"{k} in {v}" for k, v in cls.curve.items())
+            print(f"  {'':<22} curve (--curves): {sweeps}")
 
 
 def _list_judges() -> None:
@@ -479,16 +488,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  realign run --harmful-n 0,100 --defenses aligned,none\n"
         "  realign run --defenses aligned,none,gradient_restoration,gradient_restoration:mode=clean   # both "
         "flagship modes\n"
-        "  realign run --all-defenses --publish leaderboards/embedded-default",
+        "  realign run --all-defenses --publish leaderboards/embedded-default\n"
+        "  realign run --defenses aligned,none,resta:gamma=0.5..3:4   # 4 RESTA rows, gamma 0.5 to 3\n"
+        "  realign run --all-defenses --curves   # every method as a curve over its main knob",
     )
     p.add_argument(
         "--defenses",
         default=None,
         help="(default: the setting's, aligned,none,gradient_restoration in the embedded default) comma-separated "
         "board rows: a defense (see `realign list`) or name:key=value:... for a row with its own "
-        "parameters, e.g. gradient_restoration:mode=clean",
+        "parameters, e.g. gradient_restoration:mode=clean; a sweep gives a row per value: "
+        "resta:gamma=0.5..3:4 (4 evenly spaced values) or resta:gamma=[0.5,1,2] (a list; several sweeps: "
+        "their product)",
     )
     p.add_argument("--all-defenses", action="store_true", help="run every registered defense")
+    p.add_argument(
+        "--curves",
+        action="store_true",
+        help="sweep each defense of the list over its main knob (its default curve, shown by `realign list`; "
+        "a knob the entry fixes is kept): the board draws each method as a curve",
+    )
     p.add_argument(
         "--publish",
         default=None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +329,7 @@ def record_for(
     """Evaluate one row (or reuse its record) and write its record. `label` and `role` name a row
     that is no registered defense (`realign evaluate MODEL`)."""
     from defenses import DEFENSES
+    from defenses.curves import curve_label
 
     sets = eval_sets(resolved, cfg.cache)
     model = models.resolve(model_dir)
@@ -375,6 +377,7 @@ def record_for(
             "label": label,
             "role": role or DEFENSES.get(method).role,
             "params": params,
+            "curve": curve_label(method, params),  # the method's curve on the board (its knobs left out)
             "info": info,
         },
         "inputs": inputs,
@@ -397,35 +400,56 @@ def record_for(
 
 
 def parse_row(text: str) -> tuple[str, dict]:
-    """'name' or 'name:key=value:key=value' (one board row with its own parameters), checked
+    """'name' or 'name:key=value:key=value' (one board row with its own parameters), or a sweep of
+    rows ('resta:gamma=0.5..3:4', 'resta:gamma=[0.5,1,2]'; defenses.base.grid), every point checked
     against the defense's parameters before any work starts."""
     from defenses import DEFENSES
-    from defenses.base import key_values, parse_params
+    from defenses.base import SWEEP_FORMS, grid, key_values, parse_params
 
     name, *items = text.split(":")
-    params = key_values(items, "name:key=value:key=value")
-    parse_params(DEFENSES.get(name.strip()).Params, params)
+    params = key_values(items, f"name:key=value:key=value (a sweep: {SWEEP_FORMS})")
+    for point in grid(params):
+        parse_params(DEFENSES.get(name.strip()).Params, point)
     return name.strip(), params
 
 
 def expand(defenses: list[str], given: dict[str, dict]) -> list[tuple[str, dict]]:
     """(name, params) per board row. An entry is a defense name, or 'name:key=value:...' for a row
-    with its own parameters (the same defense may appear twice: both flagship modes on one board);
+    with its own parameters (the same defense may appear twice: both flagship modes on one board),
+    or a sweep of such rows (key=LOW..HIGH:COUNT or key=[a,b,c]: one row per point);
     a defense with a `sweep` gives one row per value, unless the user fixed that parameter."""
     from defenses import DEFENSES
+    from defenses.base import grid
 
     rows = []
     for entry in defenses:
-        name, inline = parse_row(entry)
-        params = dict(given.get(name, {})) | inline
-        sweep = getattr(DEFENSES.get(name), "sweep", {})
-        free = {k: v for k, v in sweep.items() if k not in params}
-        if free:
-            ((key, values),) = free.items()
-            rows += [(name, params | {key: v}) for v in values]
-        else:
-            rows.append((name, params))
-    return rows
+        name, written = parse_row(entry)
+        for inline in grid(written):
+            params = dict(given.get(name, {})) | inline
+            sweep = getattr(DEFENSES.get(name), "sweep", {})
+            free = {k: v for k, v in sweep.items() if k not in params}
+            if free:
+                ((key, values),) = free.items()
+                rows += [(name, params | {key: v}) for v in values]
+            else:
+                rows.append((name, params))
+    return _distinct(rows)
+
+
+def _distinct(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Rows in order, each once by its typed parameters (a sweep may list a point that another entry
+    gives too: gamma=1 and gamma=1.0 are one row)."""
+    from defenses import DEFENSES
+    from defenses.base import parse_params
+
+    seen, out = set(), []
+    for name, params in rows:
+        typed = dataclasses.asdict(parse_params(DEFENSES.get(name).Params, params))
+        key = (name, json.dumps(typed, sort_keys=True, default=str), tuple(sorted(params)))
+        if key not in seen:
+            seen.add(key)
+            out.append((name, params))
+    return out
 
 
 def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:

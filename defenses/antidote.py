@@ -83,6 +83,7 @@ class Antidote(Defense):
     needs = ("adapter or full fine-tune", "calibration or harmful_pairs")
     # the paper's question is how the harmful budget matters: a board row for each set
     sweep = {"data": ["calibration", "harmful_pairs"]}
+    curve = {"dense_ratio": [0.02, 0.05, 0.1, 0.2, 0.4]}
 
     def texts(self, ctx: DefenseContext, tok) -> list[str]:
         p: AntidoteParams = self.params

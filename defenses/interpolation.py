@@ -40,6 +40,7 @@ class Interpolation(Defense):
     Params = InterpolationParams
     role = "frontier"
     sweep = {"alpha": SWEEP}  # the runner makes one row per value
+    curve = {"alpha": SWEEP}
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         alpha = self.params.alpha

@@ -99,6 +99,7 @@ class Resta(Defense):
 
     Params = RestaParams
     needs = ("harmful_pairs", "fine_tune", "harm_probe")
+    curve = {"gamma": [0.25, 0.5, 1.0, 2.0, 3.0]}  # theta_U is built once and reused by every gamma
 
     def cache_inputs(self, ctx: DefenseContext) -> dict:
         return {

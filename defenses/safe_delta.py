@@ -129,6 +129,7 @@ class SafeDelta(Defense):
 
     Params = SafeDeltaParams
     needs = ("calibration_pairs",)
+    curve = {"s": [0.01, 0.11, 1.0, 10.0, 100.0]}  # the released default 0.11, a decade either way
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         import torch

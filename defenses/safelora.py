@@ -76,6 +76,7 @@ class SafeLora(Defense):
 
     Params = SafeLoraParams
     needs = ("base", "adapter")
+    curve = {"share": [0.05, 10 / 64, 0.3, 0.5, 1.0]}
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         p: SafeLoraParams = self.params

@@ -221,7 +221,7 @@ def test_a_fresh_interpreter_reports_its_own_peak_memory_not_its_parents():
     from bench.new_interpreter import own_peak_rss_mb, run_fresh
 
     ballast = bytearray(600 * 1024 * 1024)
-    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page: 600 MB resident here
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: 600 MB resident here
     assert own_peak_rss_mb() > 600
     assert run_fresh(own_peak_rss_mb) < 300  # the child imports little: far below its parent's 600 MB
     del ballast

@@ -254,6 +254,8 @@ class GradientRestoration(Defense):
 
     Params = GradientRestorationParams
     needs = ("calibration", "benign", "utility_probe")
+    # recovery_rate x steps: half, the paper's and twice the budget per step, for half and all the steps
+    curve = {"recovery_rate": [0.001, 0.002, 0.004], "steps": [10, 20]}
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         import torch
