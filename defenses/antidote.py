@@ -84,6 +84,13 @@ class Antidote(Defense):
     # the paper's question is how the harmful budget matters: a board row for each set
     sweep = {"data": ["calibration", "harmful_pairs"]}
     curve = {"dense_ratio": [0.02, 0.05, 0.1, 0.2, 0.4]}
+    deviations = """
+        None in the pruning rule: the count per row is rounded up and every mask is computed on the
+        unpruned model before any is applied, as the released code does. The harmful set is the
+        flagship's calibration prompts (`data=calibration`) or the attack's harmful pairs
+        (`data=harmful_pairs`); the authors used 2000 BeaverTails pairs, which the embedded testbed
+        does not have.
+    """
 
     def texts(self, ctx: DefenseContext, tok) -> list[str]:
         p: AntidoteParams = self.params

@@ -100,6 +100,16 @@ class Resta(Defense):
     Params = RestaParams
     needs = ("harmful_pairs", "fine_tune", "harm_probe")
     curve = {"gamma": [0.25, 0.5, 1.0, 2.0, 3.0]}  # theta_U is built once and reused by every gamma
+    deviations = """
+        theta_U is calibrated to the attack as the flagship paper's RESTA does (a constant learning
+        rate at least the attack's, here the attack's own; its steps doubled until its harmful rate on
+        the calibration prompts reaches the attacked model's), not the spec's lr 5e-5 with decay for
+        50 steps, which left theta_U far less harmful than the attack (a safety vector about 0.2x the
+        fine-tuning delta). theta_U learns the testbed's harmful pairs (the base model's own compliant
+        answers) where the authors used BeaverTails. The safety vector covers every weight of the
+        merged models. DARE is off unless dare_p is given. theta_U's harmful rates (each round's) are
+        in each row's info.
+    """
 
     def cache_inputs(self, ctx: DefenseContext) -> dict:
         return {

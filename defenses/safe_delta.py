@@ -130,6 +130,14 @@ class SafeDelta(Defense):
     Params = SafeDeltaParams
     needs = ("calibration_pairs",)
     curve = {"s": [0.01, 0.11, 1.0, 10.0, 100.0]}  # the released default 0.11, a decade either way
+    deviations = """
+        None in the algorithm (blocks of 2048 columns, as the released run; the spec's 1024 was an
+        error). The safety set is the testbed's calibration pairs (harmful prompts with refusals).
+        Its task metric of 0 at every s on the embedded testbed is the method's own behaviour on a
+        576-wide model (SmolLM2-135M), not a fault of this implementation: every rule is tested
+        against a hand computation, and the budget's constants (s, rows / 4096) were set for the
+        4096-wide Llama models of the paper.
+    """
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         import torch

@@ -77,6 +77,14 @@ class SafeLora(Defense):
     Params = SafeLoraParams
     needs = ("base", "adapter")
     curve = {"share": [0.05, 10 / 64, 0.3, 0.5, 1.0]}
+    deviations = """
+        One pass where the released `number` mode makes two (its first pass, at s <= 0.3, is
+        overwritten by the second: reported upstream as a bug). The count of projected modules is a
+        share of the adapter's modules (default 10/64, the paper's 10 of Llama-2-7B's 64 q/v
+        modules): the testbed's adapter covers every linear layer (210 modules), where a count of 10
+        would project 4.8% of them. The base model is the testbed's SmolLM2 base, which went through
+        Q4_1 quantisation.
+    """
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         p: SafeLoraParams = self.params
