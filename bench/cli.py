@@ -438,7 +438,12 @@ def cmd_board_build(args) -> int:
     from bench.atomic import check_can_create
 
     check_can_create(args.out, "pass --out a folder you can create")  # before any work, creating nothing
-    board = build(load([Path(p) for p in args.records]), multi_setting=args.multi_setting, reference=reference)
+    board = build(
+        load([Path(p) for p in args.records]),
+        multi_setting=args.multi_setting,
+        reference=reference,
+        utility_floor=args.utility_floor,
+    )
     try:
         files = write(board, Path(args.out), title=args.title)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile
@@ -715,9 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         help="rank methods and render Markdown, CSV, JSON, HTML and the Pareto plot",
         description="Rank methods per setting by Pareto rank on (harmful rate, task metric), then hypervolume; "
-        "Wilson 95% intervals, bootstrap rank intervals, McNemar tests against `none` and neighbours; writes "
-        "board.md, board.csv, "
-        "board.json, board.html, pareto.png and pareto.svg.",
+        "Wilson 95% intervals, bootstrap rank intervals, McNemar tests against `none` and neighbours; methods as "
+        "curves ranked by the hypervolume of each one's own frontier, with its best point under a utility floor "
+        "and overall; writes board.md, board.csv, board.json (one row per record), board-methods.csv/.json (one "
+        "row per method curve), board.html, pareto.png, pareto.svg and notes/ (one note per method).",
         epilog="example:\n  realign board build runs/a/records runs/b/records --multi-setting --out board/",
     )
     bb.add_argument("records", nargs="+", help="record files or folders of records")
@@ -731,6 +737,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference-point",
         default=None,
         help="HARM,UTILITY for the hypervolume (default: harm of none, utility of aligned)",
+    )
+    bb.add_argument(
+        "--utility-floor",
+        type=float,
+        default=0.95,
+        help="share of the undefended row's task metric a method's 'best under the floor' point must keep",
     )
     bb.add_argument("--title", default="realign-bench leaderboard", help="page title")
     bb.set_defaults(func=cmd_board_build)
