@@ -584,3 +584,23 @@ def test_curves_are_drawn_and_every_method_has_a_note(tmp_path):
     assert len(pd.read_csv(files["board.csv"])) == 11 and len(pd.read_json(files["board.json"])) == 11  # per row
     html = files["board.html"].read_text()
     assert 'id="note-resta"' in html and 'href="#note-resta"' in html
+
+
+def test_check_warns_when_records_come_from_another_testbed(tmp_path):
+    """Records of the published setting made from another testbed (its content hash and the aligned
+    model's hash differ) are still matched by setting name and method, with one warning line naming
+    the inputs that differ; records of the same testbed give no such line."""
+    published = Path(__file__).resolve().parents[1] / "leaderboards" / "embedded-default"
+    moved = tmp_path / "other-testbed"
+    moved.mkdir()
+    for f in sorted((published / "records").glob("*.json"))[:3]:
+        rec = json.loads(f.read_text())
+        rec["setting"]["key"] = "0123456789abcdef"
+        rec["setting"]["resolved"]["inputs"]["aligned"] = "9" * 64
+        (moved / f.name).write_text(json.dumps(rec))
+    code, report = check([moved], published)
+    lines = [line for line in report.splitlines() if "setting content hash" in line]
+    assert code == 0 and len(lines) == 1 and "inputs that differ: aligned)" in lines[0]
+    assert "0123456789abcdef" in lines[0] and lines[0].startswith("warning:")
+    code, report = check([published / "records"], published)
+    assert code == 0 and "setting content hash" not in report
