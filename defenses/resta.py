@@ -196,7 +196,7 @@ class Resta(Defense):
                 "dare_p": p.dare_p,
                 "safety_vector_norm": safety_norm_sq**0.5,
                 "finetune_delta_norm": delta_norm_sq**0.5,
-                "theta_U": str(theta_U.path),
+                "theta_U": theta_U.path.parent.name,  # its cache stage (content-keyed), not a machine path
                 "theta_U_lr": self.learning_rate(ctx),
                 "theta_U_steps": rounds[-1]["steps"],
                 "theta_U_harmful_rate": rounds[-1]["harmful_rate"],

@@ -191,7 +191,7 @@ def test_resta_trains_theta_u_through_the_context_services(tiny, tmp_path):
     assert info["theta_U_harmful_rate"] == info["calibration_rounds"][-1]["harmful_rate"]
     assert info["theta_U_calibrated"] == (info["theta_U_harmful_rate"] >= info["attacked_harmful_rate"])
     assert 0 <= info["harmful_rate_n"] <= 2
-    theta_U = models.resolve(info["theta_U"])
+    theta_U = models.resolve(tmp_path / info["theta_U"] / "merged")
     A, F, U = state(ctx.aligned), state(ctx.finetuned), state(theta_U)
     assert any(not torch.equal(A[k], U[k]) for k in A)  # theta_U was trained
     got = dict(out.model.named_parameters())
