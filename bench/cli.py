@@ -435,6 +435,10 @@ def cmd_board_build(args) -> int:
                 f"--reference-point takes HARM,UTILITY, e.g. 0.85,0.2; got {args.reference_point!r}"
             ) from None
         reference = (h, u)
+    if not 0 <= args.utility_floor <= 1:
+        raise UserError(
+            f"--utility-floor is a share of the undefended row's task metric in [0, 1], got {args.utility_floor}"
+        )
     from bench.atomic import check_can_create
 
     check_can_create(args.out, "pass --out a folder you can create")  # before any work, creating nothing

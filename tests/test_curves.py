@@ -106,3 +106,15 @@ def test_a_bad_sweep_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "h").exists()  # nothing written
     helped = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--help"], capture_output=True, text=True)
     assert "--curves" in helped.stdout and "resta:gamma=0.5..3:4" in helped.stdout
+
+
+def test_list_shows_each_curve_and_a_bad_utility_floor_is_one_line(tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["list", "defenses"]) == 0
+    out = capsys.readouterr().out
+    assert "curve (--curves): gamma in [0.25, 0.5, 1.0, 2.0, 3.0]" in out
+    assert "curve (--curves): recovery_rate in [0.001, 0.002, 0.004] x steps in [10, 20]" in out
+    assert main(["board", "build", str(tmp_path), "--out", str(tmp_path / "o"), "--utility-floor", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--utility-floor" in err and not (tmp_path / "o").exists()
