@@ -75,6 +75,10 @@ OTHER_TEXT = {
     "comparison": "strict",
     "compute_dtype": "float32",
     "aligned_copy": "memory",
+    # parameters whose default is None (derived from the context or unset)
+    "unalign_lr": "1e-4",
+    "unalign_steps": "5",
+    "num_proj_layers": "10",
 }
 
 
