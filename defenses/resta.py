@@ -16,6 +16,7 @@ probability p and rescale the rest by 1/(1-p), seeded. Inputs: aligned, fine-tun
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -158,12 +159,19 @@ class Resta(Defense):
                     f"resta needs a {name.replace('_', '-')} service in its DefenseContext: pass {name}= (the runner's "
                     f"{runner_class})"
                 )
+        seconds = {"harm_probe": 0.0, "train_theta_U": 0.0}  # where apply's time goes (BENCHMARKS.md)
+        t0 = time.perf_counter()
         (attacked,) = ctx.harm_probe([ctx.finetuned])
+        seconds["harm_probe"] += time.perf_counter() - t0
         built = {}
 
         def train_and_measure(steps: int) -> float:
+            t0 = time.perf_counter()
             built[steps] = self.unaligned(ctx, steps)
+            t1 = time.perf_counter()
             (rate,) = ctx.harm_probe([built[steps]])
+            seconds["train_theta_U"] += t1 - t0
+            seconds["harm_probe"] += time.perf_counter() - t1
             ctx.progress(
                 f"resta: theta_U after {steps} steps: harmful rate {rate['rate']:.3f} "
                 f"(attacked model {attacked['rate']:.3f})"
@@ -180,6 +188,7 @@ class Resta(Defense):
         # state dicts of theta_A, theta_F, theta_U, the vector and the output were five (BENCHMARKS.md)
         import torch
 
+        t0 = time.perf_counter()
         model = models.load_model(ctx.finetuned, "float32", ctx.device)
         weights = model.state_dict()  # the parameters themselves (shared storage)
         A, U = lazy_state(ctx.aligned), lazy_state(theta_U)
@@ -189,6 +198,7 @@ class Resta(Defense):
                 safety_norm_sq += float(v.pow(2).sum())
                 delta_norm_sq += float((weights[k].float() - A[k]).pow(2).sum())
                 weights[k].add_(v.to(weights[k].device), alpha=p.gamma)
+        seconds["safety_vector"] = time.perf_counter() - t0
         return DefenseOutput(
             model=model,
             info={
@@ -204,5 +214,6 @@ class Resta(Defense):
                 "harmful_rate_n": attacked["n"],
                 "theta_U_calibrated": calibrated,
                 "calibration_rounds": rounds,
+                "seconds": {k: round(v, 2) for k, v in seconds.items()},  # theta_U's training 0 when cached
             },
         )
