@@ -17,6 +17,7 @@ harmful answers, a larger budget when one exists).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 from bench import models
@@ -112,6 +113,7 @@ class Antidote(Defense):
                     skipped="antidote: no harmful pairs were given (the larger harmful budget)", info={"data": p.data}
                 )
             raise UserError("antidote: the calibration set is empty")
+        t0 = time.perf_counter()
         lora = ctx.adapter is not None and (ctx.adapter / "adapter_config.json").exists()
         if lora:
             from peft import PeftModel
@@ -127,6 +129,8 @@ class Antidote(Defense):
         ]
         scored = _scored(model, lora)
         masks = {}
+        seconds = {"load": time.perf_counter() - t0}  # where apply's time goes
+        t0 = time.perf_counter()
 
         def visit(index, layer, feed, current):
             mine = {n: m for n, m in scored.items() if models.layer_index(n) == index}
@@ -146,12 +150,15 @@ class Antidote(Defense):
                 masks[n] = wanda_mask(m.weight.data.float(), sums[n] / max(counts[n], 1), p.dense_ratio)
 
         walk_layers(model, batches, visit)
+        seconds["scores"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         pruned = {}
         for n, mask in masks.items():
             scored[n].weight.data[mask] = 0
             pruned[n] = int(mask.sum())
         if lora:
             model = model.merge_and_unload()
+        seconds["prune_and_merge"] = time.perf_counter() - t0
         return DefenseOutput(
             model=model,
             info={
@@ -160,5 +167,6 @@ class Antidote(Defense):
                 "examples": len(texts),
                 "modules": len(pruned),
                 "zeroed": sum(pruned.values()),
+                "seconds": {k: round(v, 2) for k, v in seconds.items()},
             },
         )

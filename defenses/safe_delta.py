@@ -20,6 +20,7 @@ safety set (harmful prompts with refusals). Works on every linear layer whose we
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from bench import models
@@ -155,9 +156,11 @@ class SafeDelta(Defense):
             tok(texts[i : i + p.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             for i in range(0, len(texts), p.batch_size)
         ]
+        t0 = time.perf_counter()
         model = ctx.load("aligned")
         F = state(ctx.finetuned)
         stats = {"layers": 0, "kept": 0, "entries": 0}
+        seconds = {"load": time.perf_counter() - t0, "hessians": 0.0, "obs": 0.0}  # where apply's time goes
 
         def visit(index, layer, feed, current):
             prefix = f"{models.layers_prefix(model)}{index}."
@@ -169,9 +172,12 @@ class SafeDelta(Defense):
                 hessians[w].add(real_tokens(args[0], current), sequences=args[0].shape[0] if args[0].dim() == 3 else 1)
 
             hooks = [m.register_forward_pre_hook(lambda mod, args, w=w: hook(mod, args, w)) for w, m in linears.items()]
+            t0 = time.perf_counter()
             feed()
+            seconds["hessians"] += time.perf_counter() - t0
             for h in hooks:
                 h.remove()
+            t0 = time.perf_counter()
             for w, m in linears.items():
                 U = inverse_cholesky_upper(hessians[w].H, p.percdamp)
                 new, kept = adjust(m.weight.data, F[w], U, p)
@@ -179,6 +185,8 @@ class SafeDelta(Defense):
                 stats["layers"] += 1
                 stats["kept"] += int(kept.sum())
                 stats["entries"] += int(F[w].numel())
+            seconds["obs"] += time.perf_counter() - t0
 
         walk_layers(model, batches, visit)
-        return DefenseOutput(model=model, info=stats | {"s": p.s, "examples": len(pairs)})
+        seconds = {k: round(v, 2) for k, v in seconds.items()}
+        return DefenseOutput(model=model, info=stats | {"s": p.s, "examples": len(pairs), "seconds": seconds})
