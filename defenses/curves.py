@@ -16,10 +16,12 @@ def with_curve(entry: str) -> str:
     from bench.runner import parse_row
 
     name, written = parse_row(entry)
+    cls = DEFENSES.get(name)
     added = [
         f"{key}=[{','.join(format(v, 'g') if isinstance(v, float) else str(v) for v in values)}]"
-        for key, values in DEFENSES.get(name).curve.items()
-        if key not in written
+        for key, values in cls.curve.items()
+        # a knob the entry sets is kept; one the runner sweeps anyway (interpolation's alpha) keeps its labels
+        if key not in written and getattr(cls, "sweep", {}).get(key) != values
     ]
     return ":".join([entry, *added]) if added else entry
 

@@ -74,6 +74,7 @@ def test_default_curves_and_curve_labels():
         "gradient_restoration:mode=clean:recovery_rate=[0.001,0.002,0.004]:steps=[10,20]"
     )
     assert with_curves(["aligned", "none"]) == ["aligned", "none"]  # reference rows have no curve
+    assert with_curve("interpolation") == "interpolation"  # the runner sweeps alpha already: labels unchanged
     for name in ("interpolation", "resta", "safelora", "antidote", "safe_delta", "gradient_restoration"):
         assert DEFENSES.get(name).curve, name  # every method declares its main knob's sweep
     assert curve_label("gradient_restoration", {"mode": "clean", "steps": 10, "recovery_rate": 0.001}) == (
