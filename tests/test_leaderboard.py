@@ -353,6 +353,9 @@ def test_html_renders_sorts_and_escapes_in_chromium(tmp_path):
         target = page.evaluate("location.hash")
         assert target.startswith("#note-") and page.locator(f"section{target} h3").inner_text() == hostile_curves[0]
         assert "What it is" not in page.locator(f"section{target}").inner_text()  # not registered: records only
+        assert HOSTILE[0] in page.locator("section.method-note").all_inner_texts()[-1] + "".join(
+            page.locator("section.method-note td").all_inner_texts()
+        )  # a row label inside a note is shown as the text it is, escaped once
         assert "Deviations from the released code" in page.locator("section#note-gradient_restoration").inner_text()
         assert page.evaluate("document.querySelectorAll('script').length") == 1  # the notes injected nothing
         shot = tmp_path / "board.png"

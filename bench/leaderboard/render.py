@@ -434,7 +434,9 @@ def _note_html(markdown_text: str) -> Markup:
     def flush():
         if table:
             head, *body = table
-            cells = lambda line, tag: "".join(f"<{tag}>{c.strip()}</{tag}>" for c in line.strip("|").split(" | "))  # noqa: E731
+            cells = lambda line, tag: "".join(  # noqa: E731
+                f"<{tag}>{c.strip().replace(chr(92) + '|', '|')}</{tag}>" for c in line.strip("|").split(" | ")
+            )
             out.append(
                 "<table><thead><tr>"
                 + cells(head, "th")
@@ -445,7 +447,9 @@ def _note_html(markdown_text: str) -> Markup:
             table.clear()
 
     for line in markdown_text.splitlines():
-        text = _html.escape(line, quote=False)
+        # the note's Markdown holds its text entity-escaped (a Markdown viewer renders raw HTML): back to
+        # plain text, then escaped once, last
+        text = _html.escape(_html.unescape(line), quote=False)
         if line.startswith("|"):
             table.append(text)
             continue
