@@ -8,6 +8,8 @@ row. A knob the entry already fixes (or sweeps) is left as written.
 
 from __future__ import annotations
 
+import functools
+
 from defenses import DEFENSES
 
 
@@ -30,14 +32,15 @@ def with_curves(entries: list[str]) -> list[str]:
     return [with_curve(e) for e in entries]
 
 
-def knobs(name: str) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def knobs(name: str) -> frozenset[str]:
     """The parameters a defense's curve runs over (its `curve` and its runner `sweep`); empty for a
     defense that is not registered here (a record from a plugin not installed)."""
     try:
         cls = DEFENSES.get(name)
     except Exception:  # noqa: BLE001 - an unknown or broken plugin: its rows are points, not a curve
-        return set()
-    return set(cls.curve) | (set(getattr(cls, "sweep", {})) if cls.role == "frontier" else set())
+        return frozenset()
+    return frozenset(cls.curve) | (frozenset(getattr(cls, "sweep", {})) if cls.role == "frontier" else frozenset())
 
 
 def curve_label(name: str, params: dict) -> str:
