@@ -93,6 +93,11 @@ class Antidote(Defense):
         does not have.
     """
 
+    def cache_inputs(self, ctx: DefenseContext) -> dict:
+        # the rule changed under the same parameters (count rounded up, masks from the unpruned
+        # model): a cache made by the earlier rule must not answer for this one
+        return {"rule": "ceil, unpruned masks"}
+
     def texts(self, ctx: DefenseContext, tok) -> list[str]:
         p: AntidoteParams = self.params
         if p.data == "calibration":

@@ -119,6 +119,30 @@ def test_runner_cache_key_changes_with_every_defense_parameter(tiny, tmp_path):
             assert where not in seen, f"{name}.{field.name}={value!r} shares a cache directory with {seen.get(where)}"
             seen[where] = (name, field.name)
     assert defense_dir("resta", DEFENSES.get("resta")(), dataclasses.replace(ctx, seed=1), cfg) not in seen
+    # Antidote's rule changed under unchanged parameters: its key names the rule, other keys are as they were
+    from bench import reproducibility
+    from bench.hashing import hash_value, short
+
+    antidote = DEFENSES.get("antidote")()
+    assert "reads" not in str(DEFENSES.get("interpolation")().cache_inputs(ctx))
+    assert antidote.cache_inputs(ctx) == {"rule": "ceil, unpruned masks"}
+    assert defense_dir("antidote", antidote, ctx, cfg).name == "defended-antidote-" + short(
+        hash_value(
+            {
+                "defense": "antidote",
+                "params": antidote.describe(),
+                "aligned": ctx.aligned.content_hash(),
+                "finetuned": ctx.finetuned.content_hash(),
+                "base": None,
+                "calibration": ctx.calibration_prompts,
+                "benign": ctx.benign_prompts,
+                "probe": None,
+                "seed": ctx.seed,
+                "compute": reproducibility.compute_fingerprint(),
+                "reads": {"rule": "ceil, unpruned masks"},
+            }
+        )
+    )
 
 
 def test_resta_arithmetic_and_dare_expectation():
