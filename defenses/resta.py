@@ -148,7 +148,8 @@ class Resta(Defense):
         p: RestaParams = self.params
         if len(ctx.harmful_pairs) < p.unalign_pairs:
             raise UserError(
-                f"resta needs {p.unalign_pairs} harmful pairs to build theta_U, and {len(ctx.harmful_pairs)} were given"
+                f"resta needs {p.unalign_pairs} harmful pairs to build theta_U, and {len(ctx.harmful_pairs)} were "
+                f"given: give more, or write the row resta:unalign_pairs={len(ctx.harmful_pairs)}"
             )
         for service, name, runner_class in (
             (ctx.fine_tune, "fine_tune", "AttackStageFineTune"),
