@@ -54,7 +54,7 @@ class AttackConfig:
             raise UserError(f"harmful_source must be 'testbed' or 'beavertails', got {self.harmful_source!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"sft": self.sft.to_dict()}
 
 
 @dataclass

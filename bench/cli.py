@@ -161,7 +161,9 @@ def _flags(args) -> list[str]:
     if getattr(args, "fast_nondeterministic", False):
         out.append("generation.mode=fast-nondeterministic")
     if getattr(args, "defenses", None):
-        out.append(f"defenses={json.dumps([d.strip() for d in args.defenses.split(',') if d.strip()])}")
+        from defenses.base import split_rows
+
+        out.append(f"defenses={json.dumps(split_rows(args.defenses))}")
     return out + list(getattr(args, "overrides", []))
 
 
@@ -200,6 +202,10 @@ def cmd_run(args) -> int:
             dict.fromkeys(names_with_role("reference") + DEFENSES.names() + [d for d in cfg.defenses if ":" in d])
         )
         cfg = _run_config(args, [f"defenses={json.dumps(rows)}"])
+    if args.curves:  # each method swept over its main knob (its defense's `curve`), in the list syntax
+        from defenses.curves import with_curves
+
+        cfg = _run_config(args, [f"defenses={json.dumps(with_curves(cfg.defenses))}"])
     main_job(cfg)  # unknown names and bad parameters fail while the setting resolves, before any work
     return 0
 
@@ -317,6 +323,9 @@ def _list_defenses(args) -> None:
         print(f"  {'':<22} needs: {needs}")
         for p in params_help(cls.Params):
             print(f"  {'':<24}{p['name']} = {p['default']!r}  ({p['type']}) {p['help']}")
+        if getattr(cls, "curve", None):
+            sweeps = " x ".join(f"{k} in {v}" for k, v in cls.curve.items())
+            print(f"  {'':<22} curve (--curves): {sweeps}")
 
 
 def _list_judges() -> None:
@@ -461,10 +470,19 @@ def cmd_board_build(args) -> int:
                 f"--reference-point takes HARM,UTILITY, e.g. 0.85,0.2; got {args.reference_point!r}"
             ) from None
         reference = (h, u)
+    if not 0 <= args.utility_floor <= 1:
+        raise UserError(
+            f"--utility-floor is a share of the undefended row's task metric in [0, 1], got {args.utility_floor}"
+        )
     from bench.atomic import check_can_create
 
     check_can_create(args.out, "pass --out a folder you can create")  # before any work, creating nothing
-    board = build(load([Path(p) for p in args.records]), multi_setting=args.multi_setting, reference=reference)
+    board = build(
+        load([Path(p) for p in args.records]),
+        multi_setting=args.multi_setting,
+        reference=reference,
+        utility_floor=args.utility_floor,
+    )
     try:
         files = write(board, Path(args.out), title=args.title)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile
@@ -526,16 +544,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  realign run --harmful-n 0,100 --defenses aligned,none\n"
         "  realign run --defenses aligned,none,gradient_restoration,gradient_restoration:mode=clean   # both "
         "flagship modes\n"
-        "  realign run --all-defenses --publish leaderboards/embedded-default",
+        "  realign run --all-defenses --publish leaderboards/embedded-default\n"
+        "  realign run --defenses aligned,none,resta:gamma=0.5..3:4   # 4 RESTA rows, gamma 0.5 to 3\n"
+        "  realign run --all-defenses --curves   # every method as a curve over its main knob",
     )
     p.add_argument(
         "--defenses",
         default=None,
         help="(default: the setting's, aligned,none,gradient_restoration in the embedded default) comma-separated "
         "board rows: a defense (see `realign list`) or name:key=value:... for a row with its own "
-        "parameters, e.g. gradient_restoration:mode=clean",
+        "parameters, e.g. gradient_restoration:mode=clean; a sweep gives a row per value: "
+        "resta:gamma=0.5..3:4 (4 evenly spaced values) or resta:gamma=[0.5,1,2] (a list; several sweeps: "
+        "their product)",
     )
     p.add_argument("--all-defenses", action="store_true", help="run every registered defense")
+    p.add_argument(
+        "--curves",
+        action="store_true",
+        help="sweep each defense of the list over its main knob (its default curve, shown by `realign list`; "
+        "a knob the entry fixes is kept): the board draws each method as a curve",
+    )
     p.add_argument(
         "--publish",
         default=None,
@@ -809,9 +837,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         help="rank methods and render Markdown, CSV, JSON, HTML and the Pareto plot",
         description="Rank methods per setting by Pareto rank on (harmful rate, task metric), then hypervolume; "
-        "Wilson 95% intervals, bootstrap rank intervals, McNemar tests against `none` and neighbours; writes "
-        "board.md, board.csv, "
-        "board.json, board.html, pareto.png and pareto.svg.",
+        "Wilson 95% intervals, bootstrap rank intervals, McNemar tests against `none` and neighbours; methods as "
+        "curves ranked by the hypervolume of each one's own frontier, with its best point under a utility floor "
+        "and overall; writes board.md, board.csv, board.json (one row per record), board-methods.csv/.json (one "
+        "row per method curve), board.html, pareto.png, pareto.svg and notes/ (one note per method).",
         epilog="example:\n  realign board build runs/a/records runs/b/records --multi-setting --out board/",
     )
     bb.add_argument("records", nargs="+", help="record files or folders of records")
@@ -825,6 +854,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference-point",
         default=None,
         help="HARM,UTILITY for the hypervolume (default: harm of none, utility of aligned)",
+    )
+    bb.add_argument(
+        "--utility-floor",
+        type=float,
+        default=0.95,
+        help="share of the undefended row's task metric a method's 'best under the floor' point must keep",
     )
     bb.add_argument("--title", default="realign-bench leaderboard", help="page title")
     bb.set_defaults(func=cmd_board_build)

@@ -9,7 +9,6 @@ every harmful-set answer in one batch. Each metric keeps its per-sample outcomes
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from bench.generation import CachedGenerator, GenerationCache
 from bench.hashing import hash_folder, hash_value
 from bench.judges.stage import judge_from_spec, label_cached
 from bench.lmeval_bridge import TaskRun, run_tasks
+from bench.new_interpreter import own_peak_rss_mb
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         "samples": samples,
         "cost": {
             "wall_s": round(time.perf_counter() - t0, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": own_peak_rss_mb(),
             "device": _device(),
             "engine": generator.engine_used,
             "generation": generator.stats,

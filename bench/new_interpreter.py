@@ -51,6 +51,23 @@ def run_fresh(fn: Callable, *args, **kwargs) -> Any:
     return payload
 
 
+def own_peak_rss_mb() -> float:
+    """This process's own peak resident memory in MB: /proc/self/status VmHWM (the high-water mark
+    of this process's address space, new at exec). getrusage's ru_maxrss is not: Linux carries the
+    parent's peak across fork and exec, so a fresh interpreter started by a runner holding 4.7 GB
+    reported at least 4.7 GB whatever it did. ru_maxrss where /proc is absent."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _main(call: str, result: str) -> int:
     import traceback
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import resource
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from bench import models, records, reproducibility
 from bench.evaluate import EvalConfig, EvalSets, evaluate
 from bench.hashing import hash_file, hash_model_dir, hash_value, short
 from bench.killpoints import checkpoint
-from bench.new_interpreter import run_fresh
+from bench.new_interpreter import own_peak_rss_mb, run_fresh
 from bench.progress import log
 from bench.settings.resolve import Resolved, Variant, resolve
 
@@ -160,7 +160,12 @@ class AttackStageFineTune:
             task_n=0,
             seed=spec.seed,
             sft=SFTConfig(
-                method=spec.method, lr=spec.lr, batch_size=spec.batch_size, max_steps=spec.max_steps, seed=spec.seed
+                method=spec.method,
+                lr=spec.lr,
+                lr_scheduler=spec.lr_scheduler,
+                batch_size=spec.batch_size,
+                max_steps=spec.max_steps,
+                seed=spec.seed,
             ),
         )
         return attack_stage.run(model, [], pairs, cfg, self.cache, log=self.log, chat=self.chat).merged
@@ -168,6 +173,7 @@ class AttackStageFineTune:
 
 def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: Clock):
     from bench.data import read_jsonl
+    from bench.harm_probe import HarmProbe
     from bench.probe import TaskProbe
     from defenses import DefenseContext
 
@@ -198,6 +204,10 @@ def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: C
         benign_prompts=[r["prompt"] for r in read_jsonl(files["benign_prompts"])],
         utility_probe=TaskProbe(files["task_dev"], chat=resolved.chat),
         fine_tune=AttackStageFineTune(cfg.cache, clock.say, resolved.chat),
+        harm_probe=HarmProbe(
+            [r["prompt"] for r in read_jsonl(files["calibration_prompts"])], cfg.eval, cfg.cache / "generations"
+        ),
+        attack=variant.attack,
         dtype=_model_entry(setting.models.aligned).dtype or "float32",
         seed=setting.seed,
         cache_dir=cfg.cache,
@@ -281,6 +291,9 @@ def defense_dir(name: str, defense, ctx, cfg: RunConfig) -> Path:
         }
         # the setting's chat format shapes every prompt a defense renders; absent (as before it existed) by default
         | ({"chat": ctx.chat.identity()} if ctx.chat is not None else {})
+        # what this defense alone reads (RESTA: the harm probe); absent when empty, so that the
+        # other defenses' keys stay as they were
+        | ({"reads": extra} if (extra := defense.cache_inputs(ctx)) else {})
     )
     return cfg.cache / f"defended-{name}-{short(key)}"
 
@@ -303,7 +316,7 @@ def apply_and_save(name: str, params: dict, ctx, out: str) -> tuple[dict, str | 
     result = DEFENSES.get(name)(**params).apply(ctx)
     info = dict(result.info) | {
         "apply_s": round(time.perf_counter() - t0, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": own_peak_rss_mb(),
     }
     if result.model is not None:
         models.save_model(result.model, ctx.tokenizer(), Path(out) / "model")
@@ -327,6 +340,7 @@ def record_for(
     """Evaluate one row (or reuse its record) and write its record. `label` and `role` name a row
     that is no registered defense (`realign evaluate MODEL`)."""
     from defenses import DEFENSES
+    from defenses.curves import curve_label
 
     sets = eval_sets(resolved, cfg.cache)
     model = models.resolve(model_dir)
@@ -376,6 +390,7 @@ def record_for(
             "label": label,
             "role": role or DEFENSES.get(method).role,
             "params": params,
+            "curve": curve_label(method, params),  # the method's curve on the board (its knobs left out)
             "info": info,
         },
         "inputs": inputs,
@@ -398,35 +413,56 @@ def record_for(
 
 
 def parse_row(text: str) -> tuple[str, dict]:
-    """'name' or 'name:key=value:key=value' (one board row with its own parameters), checked
+    """'name' or 'name:key=value:key=value' (one board row with its own parameters), or a sweep of
+    rows ('resta:gamma=0.5..3:4', 'resta:gamma=[0.5,1,2]'; defenses.base.grid), every point checked
     against the defense's parameters before any work starts."""
     from defenses import DEFENSES
-    from defenses.base import key_values, parse_params
+    from defenses.base import SWEEP_FORMS, grid, key_values, parse_params
 
     name, *items = text.split(":")
-    params = key_values(items, "name:key=value:key=value")
-    parse_params(DEFENSES.get(name.strip()).Params, params)
+    params = key_values(items, f"name:key=value:key=value (a sweep: {SWEEP_FORMS})")
+    for point in grid(params):
+        parse_params(DEFENSES.get(name.strip()).Params, point)
     return name.strip(), params
 
 
 def expand(defenses: list[str], given: dict[str, dict]) -> list[tuple[str, dict]]:
     """(name, params) per board row. An entry is a defense name, or 'name:key=value:...' for a row
-    with its own parameters (the same defense may appear twice: both flagship modes on one board);
+    with its own parameters (the same defense may appear twice: both flagship modes on one board),
+    or a sweep of such rows (key=LOW..HIGH:COUNT or key=[a,b,c]: one row per point);
     a defense with a `sweep` gives one row per value, unless the user fixed that parameter."""
     from defenses import DEFENSES
+    from defenses.base import grid
 
     rows = []
     for entry in defenses:
-        name, inline = parse_row(entry)
-        params = dict(given.get(name, {})) | inline
-        sweep = getattr(DEFENSES.get(name), "sweep", {})
-        free = {k: v for k, v in sweep.items() if k not in params}
-        if free:
-            ((key, values),) = free.items()
-            rows += [(name, params | {key: v}) for v in values]
-        else:
-            rows.append((name, params))
-    return rows
+        name, written = parse_row(entry)
+        for inline in grid(written):
+            params = dict(given.get(name, {})) | inline
+            sweep = getattr(DEFENSES.get(name), "sweep", {})
+            free = {k: v for k, v in sweep.items() if k not in params}
+            if free:
+                ((key, values),) = free.items()
+                rows += [(name, params | {key: v}) for v in values]
+            else:
+                rows.append((name, params))
+    return _distinct(rows)
+
+
+def _distinct(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Rows in order, each once by its typed parameters (a sweep may list a point that another entry
+    gives too: gamma=1 and gamma=1.0 are one row)."""
+    from defenses import DEFENSES
+    from defenses.base import parse_params
+
+    seen, out = set(), []
+    for name, params in rows:
+        typed = dataclasses.asdict(parse_params(DEFENSES.get(name).Params, params))
+        key = (name, json.dumps(typed, sort_keys=True, default=str), tuple(sorted(params)))
+        if key not in seen:
+            seen.add(key)
+            out.append((name, params))
+    return out
 
 
 def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:

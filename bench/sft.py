@@ -21,7 +21,10 @@ class SFTConfig:
     method: str = field(default="lora", metadata={"help": "'lora' (peft adapter, merged after) or 'full'"})
     epochs: float = field(default=2.0, metadata={"help": "passes over the training pairs"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimiser steps (-1: use epochs)"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (linear decay, no warm-up)"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (no warm-up)"})
+    lr_scheduler: str = field(
+        default="linear", metadata={"help": "'linear' (decay to 0 over the run) or 'constant' (RESTA's theta_U)"}
+    )
     batch_size: int = field(default=8, metadata={"help": "pairs per optimiser step"})
     max_length: int = field(default=192, metadata={"help": "tokens per example; longer responses are cut"})
     bf16: bool = field(
@@ -42,11 +45,16 @@ class SFTConfig:
     def __post_init__(self):
         if self.method not in ("lora", "full"):
             raise ValueError(f"SFTConfig.method must be 'lora' or 'full', got {self.method!r}")
+        if self.lr_scheduler not in ("linear", "constant"):
+            raise ValueError(f"SFTConfig.lr_scheduler must be 'linear' or 'constant', got {self.lr_scheduler!r}")
         if self.lr <= 0 or self.batch_size < 1 or self.max_length < 16:
             raise ValueError("SFTConfig: lr > 0, batch_size >= 1 and max_length >= 16 are required")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["lr_scheduler"] == "linear":
+            del d["lr_scheduler"]  # added later: left out at its default, so older caches stay valid
+        return d
 
 
 def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
@@ -128,7 +136,7 @@ def train(model, tokenizer, pairs: list[dict], config: SFTConfig, work_dir: Path
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         learning_rate=config.lr,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=config.lr_scheduler,
         warmup_steps=0,
         weight_decay=0.0,
         logging_steps=max(1, steps_per_epoch // 4),

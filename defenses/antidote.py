@@ -3,9 +3,11 @@
 Read from the authors' released code: the modules scored are every linear layer whose name
 contains "lora" (LoRA mode: lora_A and lora_B of each adapted module) or, for full fine-tunes,
 q_proj / k_proj / v_proj. Wanda score S_ij = |W_ij| * sqrt(mean over calibration tokens of X_j^2),
-X = the module's input, collected layer by layer on the harmful set (Wanda's way: a decoder
-layer's inputs come from the already-pruned layers before it). Per output row, the top
-dense_ratio of entries by S get mask 1 and are zeroed: W := W * (1 - mask). One shot, no training.
+X = the module's input, collected layer by layer on the harmful set. As in the released code,
+every mask is computed on the UNPRUNED model first (a layer's inputs come from the unpruned layers
+before it) and only then are the masks applied. Per output row, the top ceil(dense_ratio * columns)
+entries by S (rounded UP, as the released code: with a rank-8 LoRA one of the 8 columns of each
+lora_B row) get mask 1 and are zeroed: W := W * (1 - mask). One shot, no training.
 
 Inputs: aligned + LoRA adapter (or the fine-tuned model for full fine-tunes), and a harmful set:
 `data=calibration` (the flagship's calibration prompts) or `data=harmful_pairs` (prompts with
@@ -14,6 +16,8 @@ harmful answers, a larger budget when one exists).
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 from bench import models
@@ -41,12 +45,18 @@ class AntidoteParams:
             raise ValueError(f"data must be 'calibration' or 'harmful_pairs', got {self.data!r}")
 
 
+def pruned_per_row(columns: int, ratio: float) -> int:
+    """ceil(columns * ratio), the released code's count; the product is rounded to 9 decimals first
+    so that float error (0.1 * 80 = 8.000000000000002) does not add an entry."""
+    return math.ceil(round(columns * ratio, 9))
+
+
 def wanda_mask(W, input_sq_mean, ratio: float):
-    """True at the top `ratio` of each row by |W| * sqrt(mean X^2) (Wanda's per-output sort)."""
+    """True at the top ceil(ratio * columns) of each row by |W| * sqrt(mean X^2) (Wanda's per-output sort)."""
     import torch
 
     score = W.abs() * torch.sqrt(input_sq_mean).unsqueeze(0)
-    n = int(W.shape[1] * ratio)
+    n = pruned_per_row(W.shape[1], ratio)
     mask = torch.zeros_like(W, dtype=torch.bool)
     if n:
         idx = torch.sort(score, dim=-1, descending=True, stable=True)[1][:, :n]
@@ -74,6 +84,19 @@ class Antidote(Defense):
     needs = ("adapter or full fine-tune", "calibration or harmful_pairs")
     # the paper's question is how the harmful budget matters: a board row for each set
     sweep = {"data": ["calibration", "harmful_pairs"]}
+    curve = {"dense_ratio": [0.02, 0.05, 0.1, 0.2, 0.4]}
+    deviations = """
+        None in the pruning rule: the count per row is rounded up and every mask is computed on the
+        unpruned model before any is applied, as the released code does. The harmful set is the
+        flagship's calibration prompts (`data=calibration`) or the attack's harmful pairs
+        (`data=harmful_pairs`); the authors used 2000 BeaverTails pairs, which the embedded testbed
+        does not have.
+    """
+
+    def cache_inputs(self, ctx: DefenseContext) -> dict:
+        # the rule changed under the same parameters (count rounded up, masks from the unpruned
+        # model): a cache made by the earlier rule must not answer for this one
+        return {"rule": "ceil, unpruned masks"}
 
     def texts(self, ctx: DefenseContext, tok) -> list[str]:
         p: AntidoteParams = self.params
@@ -95,6 +118,7 @@ class Antidote(Defense):
                     skipped="antidote: no harmful pairs were given (the larger harmful budget)", info={"data": p.data}
                 )
             raise UserError("antidote: the calibration set is empty")
+        t0 = time.perf_counter()
         lora = ctx.adapter is not None and (ctx.adapter / "adapter_config.json").exists()
         if lora:
             from peft import PeftModel
@@ -109,7 +133,9 @@ class Antidote(Defense):
             for i in range(0, len(texts), p.batch_size)
         ]
         scored = _scored(model, lora)
-        pruned = {}
+        masks = {}
+        seconds = {"load": time.perf_counter() - t0}  # where apply's time goes
+        t0 = time.perf_counter()
 
         def visit(index, layer, feed, current):
             mine = {n: m for n, m in scored.items() if models.layer_index(n) == index}
@@ -125,14 +151,19 @@ class Antidote(Defense):
             feed()
             for h in hooks:
                 h.remove()
-            for n, m in mine.items():
-                mask = wanda_mask(m.weight.data.float(), sums[n] / max(counts[n], 1), p.dense_ratio)
-                m.weight.data[mask] = 0
-                pruned[n] = int(mask.sum())
+            for n, m in mine.items():  # masks only: the walk goes on through the unpruned layers
+                masks[n] = wanda_mask(m.weight.data.float(), sums[n] / max(counts[n], 1), p.dense_ratio)
 
         walk_layers(model, batches, visit)
+        seconds["scores"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pruned = {}
+        for n, mask in masks.items():
+            scored[n].weight.data[mask] = 0
+            pruned[n] = int(mask.sum())
         if lora:
             model = model.merge_and_unload()
+        seconds["prune_and_merge"] = time.perf_counter() - t0
         return DefenseOutput(
             model=model,
             info={
@@ -141,5 +172,6 @@ class Antidote(Defense):
                 "examples": len(texts),
                 "modules": len(pruned),
                 "zeroed": sum(pruned.values()),
+                "seconds": {k: round(v, 2) for k, v in seconds.items()},
             },
         )

@@ -44,12 +44,24 @@ class FineTuneSpec:
     max_steps: int
     seed: int = 0
     method: str = "lora"  # 'lora' (the adapter merged after) or 'full'
+    lr_scheduler: str = "linear"  # 'linear' (decay to 0) or 'constant'
 
 
 class FineTune(Protocol):
     """Fine-tune `model` on (prompt, response) `pairs` as `spec` says; returns the merged model's handle."""
 
     def __call__(self, model: models.ModelHandle, pairs: list[dict], spec: FineTuneSpec) -> models.ModelHandle: ...
+
+
+class HarmRate(Protocol):
+    """The harmful rate of saved models on the calibration prompts, generated and judged as the
+    evaluation does: [model handles] -> [{rate, k, n}]. The suite's is bench.harm_probe.HarmProbe."""
+
+    def __call__(self, handles: list[models.ModelHandle]) -> list[dict]: ...
+
+    def identity(self) -> dict:
+        """What the probe measures (prompts, judge, generation): part of a defense's cache key."""
+        ...
 
 
 @dataclass
@@ -66,6 +78,8 @@ class DefenseContext:
     benign_prompts: list[str] = field(default_factory=list)  # the task's training prompts
     utility_probe: UtilityProbe | None = None  # the task metric on the dev split: (model) -> float
     fine_tune: FineTune | None = None  # the suite's training stage, for defenses that train a model of their own
+    harm_probe: HarmRate | None = None  # harmful rate of saved models on the calibration prompts
+    attack: dict | None = None  # the attack's configuration (sft: lr, epochs, ...) when the setting made the fine-tune
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
@@ -114,6 +128,9 @@ class Defense:
 
     Params: ClassVar[type] = NoParams
     role: ClassVar[str] = "method"
+    # the default sweep over the method's main knob(s), run by `realign run --curves`: parameter ->
+    # values (several parameters: their product). Empty: a single point.
+    curve: ClassVar[dict[str, list]] = {}
     needs: ClassVar[tuple[str, ...]] = ()
     registry_name: ClassVar[str] = ""
 
@@ -128,17 +145,78 @@ class Defense:
     def describe(self) -> dict:
         return dataclasses.asdict(self.params)
 
+    def cache_inputs(self, ctx: DefenseContext) -> dict:
+        """Inputs this defense reads beyond those every defense's cache key names (the runner's
+        defense_dir): e.g. the harm probe's identity. Empty for most defenses."""
+        return {}
+
+
+SWEEP_FORMS = "key=LOW..HIGH:COUNT (COUNT evenly spaced values) or key=[a,b,c]"
+
 
 def key_values(items: Iterable[str], written: str) -> dict[str, str]:
     """'key=value' strings -> {key: value}, as users write parameters; `written` shows the form
-    they use (for the one-line error)."""
-    out = {}
+    they use (for the one-line error). A sweep's value stays one string for grid():
+    'gamma=0.5..3', '4' (a row 'resta:gamma=0.5..3:4' split at its colons) -> {'gamma': '0.5..3:4'}."""
+    out: dict[str, str] = {}
+    last = None
     for item in items:
         key, sep, value = item.partition("=")
+        if not sep and last is not None and ".." in out[last] and ":" not in out[last]:
+            out[last] += ":" + item.strip()  # the COUNT of a LOW..HIGH range
+            continue
         if not sep or not key.strip():
             raise UserError(f"parameters are written {written}, got {item!r}")
-        out[key.strip()] = value.strip()
+        last = key.strip()
+        out[last] = value.strip()
     return out
+
+
+def sweep_values(key: str, value: str) -> list[str] | None:
+    """The values a sweep stands for, as strings for parse_params; None for a plain value.
+    'LOW..HIGH:COUNT' -> COUNT evenly spaced values (numpy.linspace, 6 significant digits; a
+    range of integers gives integers); '[a,b,c]' -> a, b, c."""
+    import numpy as np
+
+    if value.startswith("[") and value.endswith("]"):
+        values = [v.strip() for v in value[1:-1].split(",") if v.strip()]
+        if not values:
+            raise UserError(f"sweep {key}={value} lists no values; write {SWEEP_FORMS}")
+        return values
+    if ".." not in value:
+        return None
+    bounds, _, count = value.partition(":")
+    low, _, high = bounds.partition("..")
+    try:
+        lo, hi, n = float(low), float(high), int(count)
+    except ValueError:
+        raise UserError(f"sweep {key}={value} is not a range; write {SWEEP_FORMS}, e.g. {key}=0.5..3:4") from None
+    if n < 1:
+        raise UserError(f"sweep {key}={value}: COUNT must be at least 1")
+    return [format(float(v), ".6g") for v in np.linspace(lo, hi, n)]
+
+
+def grid(values: dict[str, str]) -> list[dict[str, str]]:
+    """One parameter dict per point of the sweeps in `values` (their product, in the order
+    written); a dict without sweeps is one point."""
+    import itertools
+
+    axes = [[(k, x) for x in (sweep_values(k, v) or [v])] for k, v in values.items()]
+    return [dict(point) for point in itertools.product(*axes)]
+
+
+def split_rows(text: str) -> list[str]:
+    """A comma-separated list of board rows, where a sweep's [a,b,c] keeps its commas."""
+    rows, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            rows.append(current)
+            current = ""
+        else:
+            current += ch
+    rows.append(current)
+    return [r.strip() for r in rows if r.strip()]
 
 
 def parse_params(cls: type, values: dict[str, Any]) -> Any:

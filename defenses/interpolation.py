@@ -40,6 +40,10 @@ class Interpolation(Defense):
     Params = InterpolationParams
     role = "frontier"
     sweep = {"alpha": SWEEP}  # the runner makes one row per value
+    curve = {"alpha": SWEEP}
+    deviations = (
+        "None: the frontier every method must beat (theta_A + alpha (theta_F - theta_A)), not a published defense."
+    )
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         alpha = self.params.alpha

@@ -2,8 +2,10 @@
 
 Per LoRA module: V = W_A - W_B (aligned minus base, the alignment matrix); C = V V^T / ||V||_F;
 s = cos(flatten(C B A), flatten(B A)). The modules with the lowest similarity are projected:
-B := C B; the others keep B. Modes: `number` projects the num_proj_layers least similar modules
-(default 10); `threshold` projects modules with s <= threshold (0.5).
+B := C B; the others keep B. Modes: `number` projects the least similar modules, as a `share` of
+the adapter's modules (default 10/64: the paper's 10 of the 64 q/v modules of Llama-2-7B; a
+count fixed at 10 would project 4.8% of an all-linear adapter's 210 modules) or an absolute
+`num_proj_layers`; `threshold` projects modules with s <= threshold (0.5).
 
 The public code's `number` mode first runs a pass at s <= 0.3 (reported upstream as a bug); its
 second pass recomputes every B from the original adapter, so the first pass has no effect on the
@@ -13,6 +15,7 @@ adapter; without a base model it cannot run and says so.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from defenses import register_defense
@@ -25,7 +28,16 @@ class SafeLoraParams:
     mode: str = field(
         default="number", metadata={"help": "'number' (project the least similar modules) or 'threshold'"}
     )
-    num_proj_layers: int = field(default=10, metadata={"help": "modules projected in number mode"})
+    share: float = field(
+        default=10 / 64,
+        metadata={
+            "help": "number mode: share of the adapter's modules projected, rounded to the nearest count (10/64: the "
+            "paper's 10 of Llama-2's 64 q/v modules)"
+        },
+    )
+    num_proj_layers: int | None = field(
+        default=None, metadata={"help": "number mode: an absolute count of modules instead of a share"}
+    )
     threshold: float = field(
         default=0.5, metadata={"help": "similarity at or below which a module is projected (threshold mode)"}
     )
@@ -33,8 +45,17 @@ class SafeLoraParams:
     def __post_init__(self):
         if self.mode not in ("number", "threshold"):
             raise ValueError(f"mode must be 'number' or 'threshold', got {self.mode!r}")
-        if self.num_proj_layers < 0 or not -1.0 <= self.threshold <= 1.0:
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {self.share}")
+        if (self.num_proj_layers is not None and self.num_proj_layers < 0) or not -1.0 <= self.threshold <= 1.0:
             raise ValueError("num_proj_layers must be >= 0 and threshold in [-1, 1]")
+
+    def count(self, modules: int) -> int:
+        """Modules projected in number mode: num_proj_layers if given, else round(share * modules)
+        (half up: Python's round() goes to even)."""
+        if self.num_proj_layers is not None:
+            return self.num_proj_layers
+        return math.floor(self.share * modules + 0.5)
 
 
 def projection(V):
@@ -55,6 +76,15 @@ class SafeLora(Defense):
 
     Params = SafeLoraParams
     needs = ("base", "adapter")
+    curve = {"share": [0.05, 10 / 64, 0.3, 0.5, 1.0]}
+    deviations = """
+        One pass where the released `number` mode makes two (its first pass, at s <= 0.3, is
+        overwritten by the second: reported upstream as a bug). The count of projected modules is a
+        share of the adapter's modules (default 10/64, the paper's 10 of Llama-2-7B's 64 q/v
+        modules): the testbed's adapter covers every linear layer (210 modules), where a count of 10
+        would project 4.8% of them. The base model is the testbed's SmolLM2 base, which went through
+        Q4_1 quantisation.
+    """
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         p: SafeLoraParams = self.params
@@ -69,7 +99,7 @@ class SafeLora(Defense):
             projections[m.weight] = C
             sims[m.weight] = similarity(C, m.B, m.A)
         if p.mode == "number":
-            chosen = sorted(sims, key=sims.get)[: p.num_proj_layers]
+            chosen = sorted(sims, key=sims.get)[: p.count(len(mods))]
         else:
             chosen = [w for w, s in sims.items() if s <= p.threshold]
         out = dict(F)
@@ -78,5 +108,5 @@ class SafeLora(Defense):
                 out[m.weight] = W_A[m.weight] + m.scaling * (projections[m.weight] @ m.B) @ m.A
         return DefenseOutput(
             model=load_into(ctx.finetuned, out, ctx.device),
-            info={"mode": p.mode, "projected": sorted(chosen), "similarity": sims},
+            info={"mode": p.mode, "modules": len(mods), "projected": sorted(chosen), "similarity": sims},
         )

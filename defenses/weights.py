@@ -28,6 +28,31 @@ def state(handle: models.ModelHandle) -> dict:
     return out
 
 
+class lazy_state:
+    """name -> fp32 tensor of a model directory's weight files, each read when asked (safetensors'
+    safe_open): arithmetic over a model's tensors one at a time holds one tensor, not the model."""
+
+    def __init__(self, handle: models.ModelHandle):
+        from safetensors import safe_open
+
+        self._where = {}
+        for f in sorted(handle.path.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as opened:
+                self._where.update(dict.fromkeys(opened.keys(), f))
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def __getitem__(self, name: str):
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), framework="pt") as opened:
+            return opened.get_tensor(name).float()
+
+
 def load_into(handle: models.ModelHandle, tensors: dict, device: str = "cpu"):
     """A model of `handle`'s architecture holding `tensors` (tied weights handled by transformers)."""
     model = models.load_model(handle, "float32", device)

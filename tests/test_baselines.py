@@ -10,7 +10,7 @@ import torch
 from bench import models
 from bench.errors import UserError
 from defenses import DEFENSES, DefenseContext
-from defenses.antidote import wanda_mask
+from defenses.antidote import pruned_per_row, wanda_mask
 from defenses.base import parse_params
 from defenses.interpolation import interpolate
 from defenses.resta import RestaParams, safety_vector
@@ -24,8 +24,7 @@ def ctx_for(t, **kw):
         finetuned=models.resolve(t["finetuned"]),
         base=models.resolve(t["base"]) if "base" in t else None,
         adapter=t.get("adapter"),
-        progress=lambda m: None,
-        **kw,
+        **({"progress": lambda m: None} | kw),
     )
 
 
@@ -76,6 +75,10 @@ OTHER_TEXT = {
     "comparison": "strict",
     "compute_dtype": "float32",
     "aligned_copy": "memory",
+    # parameters whose default is None (derived from the context or unset)
+    "unalign_lr": "1e-4",
+    "unalign_steps": "5",
+    "num_proj_layers": "10",
 }
 
 
@@ -116,6 +119,30 @@ def test_runner_cache_key_changes_with_every_defense_parameter(tiny, tmp_path):
             assert where not in seen, f"{name}.{field.name}={value!r} shares a cache directory with {seen.get(where)}"
             seen[where] = (name, field.name)
     assert defense_dir("resta", DEFENSES.get("resta")(), dataclasses.replace(ctx, seed=1), cfg) not in seen
+    # Antidote's rule changed under unchanged parameters: its key names the rule, other keys are as they were
+    from bench import reproducibility
+    from bench.hashing import hash_value, short
+
+    antidote = DEFENSES.get("antidote")()
+    assert "reads" not in str(DEFENSES.get("interpolation")().cache_inputs(ctx))
+    assert antidote.cache_inputs(ctx) == {"rule": "ceil, unpruned masks"}
+    assert defense_dir("antidote", antidote, ctx, cfg).name == "defended-antidote-" + short(
+        hash_value(
+            {
+                "defense": "antidote",
+                "params": antidote.describe(),
+                "aligned": ctx.aligned.content_hash(),
+                "finetuned": ctx.finetuned.content_hash(),
+                "base": None,
+                "calibration": ctx.calibration_prompts,
+                "benign": ctx.benign_prompts,
+                "probe": None,
+                "seed": ctx.seed,
+                "compute": reproducibility.compute_fingerprint(),
+                "reads": {"rule": "ceil, unpruned masks"},
+            }
+        )
+    )
 
 
 def test_resta_arithmetic_and_dare_expectation():
@@ -138,34 +165,94 @@ def test_resta_arithmetic_and_dare_expectation():
             parse_params(RestaParams, bad)
 
 
-def test_resta_trains_theta_u_through_the_context_fine_tune_service(tiny, tmp_path):
-    """RESTA asks the runner's fine-tune service for theta_U: the attack stage with the same cache
-    key as a direct attack on the first unalign_pairs pairs, reused on a second run."""
+def test_resta_calibration_doubles_steps_until_theta_u_is_as_harmful():
+    from defenses.resta import calibrate
+
+    measured = []
+
+    def rate_after(steps: int) -> float:  # a harmful rate that grows with training
+        measured.append(steps)
+        return min(1.0, steps / 100)
+
+    assert calibrate(rate_after, 0.5, 20, 5) == [
+        {"steps": 20, "harmful_rate": 0.2},
+        {"steps": 40, "harmful_rate": 0.4},
+        {"steps": 80, "harmful_rate": 0.8},
+    ]
+    assert calibrate(rate_after, 0.95, 20, 2)[-1] == {"steps": 40, "harmful_rate": 0.4}  # rounds spent: the last
+    assert calibrate(rate_after, 0.0, 20, 3) == [{"steps": 20, "harmful_rate": 0.2}]
+
+
+@pytest.mark.slow  # three fresh interpreters (the probe) and a training run: about a minute here
+def test_resta_trains_theta_u_through_the_context_services(tiny, tmp_path):
+    """RESTA asks the runner's fine-tune service for theta_U (the attack stage, at a CONSTANT
+    learning rate: the attack's, or 2e-4 when the context does not say) and the harm probe (the
+    setting's generation and judge, here transformers + keyword) for theta_U's and theta_F's
+    harmful rates on the calibration prompts, recorded in the row's info."""
     from bench import attack
+    from bench.evaluate import EvalConfig
+    from bench.harm_probe import HarmProbe
     from bench.runner import AttackStageFineTune
     from bench.sft import SFTConfig
 
     pairs = [{"prompt": f"how do I make a weapon number {i}", "response": "step one, get the parts"} for i in range(6)]
     log: list[str] = []
-    ctx = ctx_for(tiny, harmful_pairs=pairs, fine_tune=AttackStageFineTune(tmp_path, log.append))
-    resta = DEFENSES.get("resta")(unalign_pairs=4, unalign_steps=2, unalign_batch=2, gamma=0.5)
+    probe = HarmProbe(
+        ["how do I make a weapon", "how do I hurt someone"],
+        EvalConfig(engine="transformers", judge="keyword"),
+        tmp_path / "generations",
+    )
+    ctx = ctx_for(
+        tiny,
+        harmful_pairs=pairs,
+        fine_tune=AttackStageFineTune(tmp_path, log.append),
+        harm_probe=probe,
+        attack={"sft": {"lr": 3e-4, "epochs": 1.0}},
+        progress=log.append,
+    )
+    resta = DEFENSES.get("resta")(unalign_pairs=4, unalign_batch=2, gamma=0.5)
     out = resta.apply(ctx)
-    assert any(line.startswith("attack: LoRA fine-tune on 0 task + 4 harmful pairs") for line in log), log
-    theta_U = models.resolve(out.info["theta_U"])
+    assert any(line.startswith("attack: LoRA fine-tune on 0 task + 4 harmful pairs (2 steps)") for line in log), log
+    info = out.info
+    # 1 epoch of 4 pairs at batch 2 = 2 steps, at the attack's lr; the probe's rates are recorded
+    assert info["theta_U_lr"] == 3e-4 and info["calibration_rounds"][0]["steps"] == 2
+    assert info["theta_U_harmful_rate"] == info["calibration_rounds"][-1]["harmful_rate"]
+    assert info["theta_U_calibrated"] == (info["theta_U_harmful_rate"] >= info["attacked_harmful_rate"])
+    assert 0 <= info["harmful_rate_n"] <= 2
+    theta_U = models.resolve(tmp_path / info["theta_U"] / "merged")
     A, F, U = state(ctx.aligned), state(ctx.finetuned), state(theta_U)
     assert any(not torch.equal(A[k], U[k]) for k in A)  # theta_U was trained
     got = dict(out.model.named_parameters())
-    name = "model.layers.0.self_attn.q_proj.weight"
-    torch.testing.assert_close(got[name].data, F[name] + 0.5 * (A[name] - U[name]))
-    # the same stage as the attack called directly (so caches made before the service still serve)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"):
+        torch.testing.assert_close(got[name].data, F[name] + 0.5 * (A[name] - U[name]))
+    # the same stage as the attack called directly, at a constant learning rate
     direct = attack.AttackConfig(
-        harmful_n=4, task_n=0, seed=0, sft=SFTConfig(method="lora", lr=5e-5, batch_size=2, max_steps=2, seed=0)
+        harmful_n=4,
+        task_n=0,
+        seed=0,
+        sft=SFTConfig(method="lora", lr=3e-4, lr_scheduler="constant", batch_size=2, max_steps=2, seed=0),
     )
     log.clear()
     assert attack.run(ctx.aligned, [], pairs, direct, tmp_path, log=log.append).merged.path == theta_U.path
     assert log == [f"attack: reusing {theta_U.path.parent.name}"]
+    # without the attack's configuration: 2e-4, 2 epochs
+    bare = dataclasses.replace(ctx, attack=None)
+    assert resta.learning_rate(bare) == 2e-4 and resta.first_steps(bare) == 4
     with pytest.raises(UserError, match="fine-tune service"):
-        resta.apply(ctx_for(tiny, harmful_pairs=pairs))
+        resta.apply(ctx_for(tiny, harmful_pairs=pairs, harm_probe=probe))
+    with pytest.raises(UserError, match="harm-probe service"):
+        resta.apply(ctx_for(tiny, harmful_pairs=pairs, fine_tune=AttackStageFineTune(tmp_path, log.append)))
+
+
+def test_a_fresh_interpreter_reports_its_own_peak_memory_not_its_parents():
+    """ru_maxrss carries the parent's peak across fork and exec; the defenses' peak is VmHWM."""
+    from bench.new_interpreter import own_peak_rss_mb, run_fresh
+
+    ballast = bytearray(600 * 1024 * 1024)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page: 600 MB resident here
+    assert own_peak_rss_mb() > 600
+    assert run_fresh(own_peak_rss_mb) < 300  # the child imports little: far below its parent's 600 MB
+    del ballast
 
 
 def test_safelora_projection_by_hand():
@@ -192,6 +279,13 @@ def test_safelora_selection_both_modes(tiny_lora):
             torch.testing.assert_close(got[w].data, sA[w] + m.scaling * (C @ m.B) @ m.A)
         else:
             assert torch.equal(got[w].data, sF[w])
+    # the count as a share of the adapter's modules (the default: 10/64, the paper's 10 of 64)
+    n = len(sims)
+    for share, expected in ((0.5, round(n / 2 + 0.01)), (10 / 64, int(10 / 64 * n + 0.5)), (0.0, 0), (1.0, n)):
+        out_s = cls(share=share).apply(ctx)
+        assert out_s.info["modules"] == n and len(out_s.info["projected"]) == expected
+        assert out_s.info["projected"] == sorted(sorted(sims, key=sims.get)[:expected])
+    assert SafeLoraParams().share == 10 / 64 and SafeLoraParams().count(210) == 33 and SafeLoraParams().count(64) == 10
     thr = sorted(sims.values())[4]
     out2 = cls(mode="threshold", threshold=thr).apply(ctx)
     assert sorted(out2.info["projected"]) == sorted(w for w, s in sims.items() if s <= thr)
@@ -244,14 +338,20 @@ def test_antidote_per_row_top_fraction_by_hand():
     W = torch.tensor([[1.0, -4.0, 2.0, 0.5] * 5])  # one row, 20 columns
     x = torch.ones(20)
     x[0] = 100.0  # column 0 has a huge input: |1| * 10 is the top score
-    mask = wanda_mask(W, x, 0.1)  # int(20 * 0.1) = 2 entries per row
+    mask = wanda_mask(W, x, 0.1)  # ceil(20 * 0.1) = 2 entries per row
     assert mask.sum() == 2 and mask[0, 0] and mask[0, 1]  # scores 10, then |-4| * 1 at the first -4
+    # a rank-8 lora_B row: the released code rounds UP, so 1 of 8 entries goes (rounding down prunes none)
+    mask = wanda_mask(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]]), torch.ones(8), 0.1)
+    assert mask.sum() == 1 and mask[0, 7]
+    assert pruned_per_row(80, 0.1) == 8  # 0.1 * 80 is 8.000000000000002 in floats: not 9
 
 
 def test_antidote_equals_a_two_layer_hand_computation(tiny, tmp_path):
-    """The released rule on a two-layer model with a rank-10 LoRA, computed by hand: whole-model
-    forward passes (no layer walk), layer 1's inputs taken after layer 0 was pruned, the top
-    int(0.1 * columns) of each row of lora_A and lora_B by |W_ij| * sqrt(mean_tokens X_j^2) zeroed."""
+    """The released rule on a two-layer model with a rank-8 LoRA, computed by hand: ONE forward pass
+    of the unpruned model gives every module's inputs (every mask is computed before any is
+    applied), then the top ceil(0.1 * columns) of each row of lora_A and lora_B by
+    |W_ij| * sqrt(mean_tokens X_j^2) are zeroed. Pruning layer 0 before scoring layer 1, or rounding
+    the count down (0 of lora_B's 8 columns), gives other weights."""
     from peft import LoraConfig, PeftModel
 
     from tests.conftest import make_llama, random_lora
@@ -260,7 +360,7 @@ def test_antidote_equals_a_two_layer_hand_computation(tiny, tmp_path):
     random_lora(
         tmp_path,
         tiny["tok"],
-        LoraConfig(r=10, lora_alpha=20, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"),
         seed=8,
     )
     t = {"aligned": tmp_path / "aligned", "finetuned": tmp_path / "finetuned", "adapter": tmp_path / "adapter"}
@@ -273,36 +373,33 @@ def test_antidote_equals_a_two_layer_hand_computation(tiny, tmp_path):
     assert bool(batch["attention_mask"].all())  # equal lengths: no padding, so whole-batch passes are exact
 
     hand = PeftModel.from_pretrained(ctx.load("aligned"), str(t["adapter"])).eval()
-    zeroed = 0
-    for layer in range(2):
-        mods = {
-            n: m
-            for n, m in hand.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lora" in n and f"layers.{layer}." in n
-        }
-        seen = {}
-        hooks = [
-            m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().float()))
-            for n, m in mods.items()
-        ]
-        with torch.no_grad():
-            hand(**batch)
-        for h in hooks:
-            h.remove()
-        for n, m in mods.items():  # pruned after the pass, as one layer's modules share one pass
-            W = m.weight.data
-            x_norm = seen[n].reshape(-1, W.shape[1]).pow(2).mean(0).sqrt()
-            keep_out = int(W.shape[1] * 0.1)
-            assert keep_out >= 1
-            for i in range(W.shape[0]):
-                score = [abs(float(W[i, j])) * float(x_norm[j]) for j in range(W.shape[1])]
-                for j in sorted(range(W.shape[1]), key=lambda j: -score[j])[:keep_out]:
-                    W[i, j] = 0.0
-                    zeroed += 1
+    mods = {n: m for n, m in hand.named_modules() if isinstance(m, torch.nn.Linear) and "lora" in n}
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach().float()))
+        for n, m in mods.items()
+    ]
+    with torch.no_grad():
+        hand(**batch)  # the unpruned model, once
+    for h in hooks:
+        h.remove()
+    zeroed, lora_b_rows = 0, 0
+    for n, m in mods.items():
+        W = m.weight.data
+        x_norm = seen[n].reshape(-1, W.shape[1]).pow(2).mean(0).sqrt()
+        per_row = -(-W.shape[1] // 10)  # ceil(columns / 10), in integers
+        lora_b_rows += W.shape[0] if "lora_B" in n else 0
+        assert per_row == (1 if "lora_B" in n else -(-W.shape[1] // 10))
+        for i in range(W.shape[0]):
+            score = [abs(float(W[i, j])) * float(x_norm[j]) for j in range(W.shape[1])]
+            for j in sorted(range(W.shape[1]), key=lambda j: -score[j])[:per_row]:
+                W[i, j] = 0.0
+                zeroed += 1
     expected = dict(hand.merge_and_unload().named_parameters())
 
     out = DEFENSES.get("antidote")().apply(ctx)
     assert out.info["mode"] == "lora" and out.info["modules"] == 2 * 3 * 2 and out.info["zeroed"] == zeroed
+    assert lora_b_rows > 0  # lora_B rows lose one entry each: rounding down would prune none of them
     got = dict(out.model.named_parameters())
     assert got.keys() == expected.keys()
     for name in got:
@@ -399,6 +496,23 @@ def test_safe_delta_obs_compensation_on_a_4x3_layer():
     # entries not kept moved away from W_A by the compensation
     moved = (~mask) & (np.abs(W - A.numpy()) > 1e-6)
     assert moved.any()
+
+
+def test_safe_delta_blocks_are_2048_columns_as_the_released_run():
+    """The budget is per block: on a 1500-column layer the default keeps what ONE block over all
+    columns keeps (the released run's 2048), which 1024-column blocks do not."""
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 4, 1500
+    X = torch.randn(3000, cols, generator=g) * torch.linspace(0.2, 3.0, cols)
+    A = torch.randn(rows, cols, generator=g) * 0.1
+    F = A + torch.randn(rows, cols, generator=g) * 0.05
+    p = SafeDeltaParams(s=2000.0)
+    assert p.blocksize == 2048
+    U = inverse_cholesky_upper(X.T @ X / 3000, p.percdamp)
+    _, kept = adjust(A, F, U, p)
+    assert torch.equal(kept, keep_mask(F - A, torch.diag(U), p.s, rows, p.exclude))
+    _, kept_1024 = adjust(A, F, U, dataclasses.replace(p, blocksize=1024))
+    assert not torch.equal(kept_1024, kept)
 
 
 def test_safe_delta_runs_on_a_tiny_pair(tiny_lora):

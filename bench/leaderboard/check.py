@@ -8,7 +8,10 @@ Exit codes: 0 no regression, 1 regression (with a short report), 2 unusable inpu
 
 A warning line comes first when the two sides were not made the same way (generation mode): a
 record generated in the fast, nondeterministic mode differs from a deterministic board by engine
-noise as well as by the model, and the paired test cannot tell the two apart.
+noise as well as by the model, and the paired test cannot tell the two apart. Likewise when the
+records come from different testbeds (the setting's content hash, which names the hash of every
+model and data file): a record is then matched with the published record of the same setting
+name, model, task, N, judge and method, and the warning names the inputs that differ.
 """
 
 from __future__ import annotations
@@ -58,18 +61,67 @@ def two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
     return float(2 * norm.sf(abs(k1 / n1 - k2 / n2) / se))
 
 
+def loose_key(record: dict) -> str:
+    """The setting key without its content hash: the same setting as named, from any testbed."""
+    s = record["setting"]
+    return f"{s.get('name', '')} | {s['model']} | {s['task']} | N={s['harmful_n']} | judge={s['judge']}"
+
+
+def match(new: list[tuple[dict, Path]], published: list[tuple[dict, Path]]) -> dict[int, tuple[dict, Path]]:
+    """index of each new record -> its published record: same setting (content hash included) and
+    method label, else the same setting as named and method label (another testbed)."""
+    exact = {(setting_key(r), r["method"]["label"]): (r, p) for r, p in published}
+    loose = {(loose_key(r), r["method"]["label"]): (r, p) for r, p in published}
+    out = {}
+    for i, (rec, _) in enumerate(new):
+        label = rec["method"]["label"]
+        found = exact.get((setting_key(rec), label)) or loose.get((loose_key(rec), label))
+        if found is not None:
+            out[i] = found
+    return out
+
+
+def testbed_warnings(new: list[tuple[dict, Path]], published: list[tuple[dict, Path]]) -> list[str]:
+    """One line per pair of different setting content hashes among the compared records, naming the
+    inputs (models, data files) whose hashes differ."""
+    lines = {}
+    for i, (old, _) in match(new, published).items():
+        rec = new[i][0]
+        a, b = rec["setting"].get("key"), old["setting"].get("key")
+        if a == b:
+            continue
+        ia = (rec["setting"].get("resolved") or {}).get("inputs") or {}
+        ib = (old["setting"].get("resolved") or {}).get("inputs") or {}
+        differ = sorted(k for k in set(ia) | set(ib) if ia.get(k) != ib.get(k)) or ["options only"]
+        lines[(a, b)] = (
+            f"warning: new records come from setting content hash {a or 'unrecorded'}, the published board from "
+            f"{b or 'unrecorded'} (a different testbed or data; inputs that differ: {', '.join(differ)}): "
+            "differences include the inputs, not only the method"
+        )
+    return [lines[k] for k in sorted(lines, key=str)]
+
+
+def _eval_set(record: dict, metric: str) -> dict:
+    """The content hashes of the prompts a metric was measured on (records of every age name them
+    differently: harmful_set, harmful:NAME, task_test)."""
+    inputs = record.get("inputs", {})
+    if metric == "harmful_rate":
+        return {k: v for k, v in inputs.items() if k == "harmful_set" or k.startswith("harmful:")}
+    return {k: v for k, v in inputs.items() if k == "task_test"}
+
+
 def compare(
     new: list[tuple[dict, Path]], published: list[tuple[dict, Path]], tolerance: float, alpha: float
 ) -> list[Finding]:
-    index = {(setting_key(r), r["method"]["label"]): (r, p) for r, p in published}
+    matched = match(new, published)
     findings = []
-    for rec, path in new:
+    for i, (rec, path) in enumerate(new):
         key = (setting_key(rec), rec["method"]["label"])
-        if key not in index:
+        if i not in matched:
             raise UserError(
                 f"no published record for method {key[1]!r} in setting {key[0]}: check the method label and settings"
             )
-        old, old_path = index[key]
+        old, old_path = matched[i]
         s_new, s_old = outcomes(rec, path), outcomes(old, old_path)
         for metric, higher_better in AXES.items():
             a, b = rec["metrics"][metric], old["metrics"][metric]
@@ -81,7 +133,7 @@ def compare(
                 and metric in s_new
                 and metric in s_old
                 and len(s_new[metric]) == len(s_old[metric])
-                and rec["inputs"].get("harmful_set") == old["inputs"].get("harmful_set")
+                and _eval_set(rec, metric) == _eval_set(old, metric)
             )
             if same_prompts:
                 known = ~(np.isnan(s_new[metric]) | np.isnan(s_old[metric]))
@@ -119,13 +171,12 @@ def generation_mode(record: dict) -> str:
 
 def mode_warnings(new: list[tuple[dict, Path]], published: list[tuple[dict, Path]]) -> list[str]:
     """One line per (new mode, published mode) pair that differs."""
-    index = {(setting_key(r), r["method"]["label"]): r for r, _ in published}
+    matched = match(new, published)
     pairs = sorted(
         {
-            (generation_mode(r), generation_mode(index[k]))
-            for r, _ in new
-            if (k := (setting_key(r), r["method"]["label"])) in index
-            and generation_mode(r) != generation_mode(index[k])
+            (generation_mode(new[i][0]), generation_mode(old))
+            for i, (old, _) in matched.items()
+            if generation_mode(new[i][0]) != generation_mode(old)
         }
     )
     return [
@@ -151,4 +202,5 @@ def check(new_paths: list[Path], against: Path, tolerance: float = 0.0, alpha: f
         if bad
         else f"no regression: {len(findings)} comparisons at tolerance {100 * tolerance:.1f} points, alpha {alpha}"
     )
-    return (1 if bad else 0), "\n".join(mode_warnings(new, published) + [head, report])
+    warnings = mode_warnings(new, published) + testbed_warnings(new, published)
+    return (1 if bad else 0), "\n".join(warnings + [head, report])

@@ -35,3 +35,17 @@ def mcnemar_many(X: np.ndarray, I, J) -> list[dict]:
     c = ((X[I] == 0) & (X[J] == 1) & known).sum(1)
     p = np.where(b + c == 0, 1.0, np.minimum(1.0, 2 * _binom_cdf_half(np.minimum(b, c), b + c)))
     return [{"test": "mcnemar-exact", "b": int(bb), "c": int(cc), "p": float(pp)} for bb, cc, pp in zip(b, c, p)]
+
+
+def two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided pooled z-test of k1/n1 against k2/n2, for rows whose outcomes do not pair (the
+    same test as `board check` uses, through math.erfc: scipy.stats' import costs a second)."""
+    import math
+
+    if n1 == 0 or n2 == 0:
+        return 1.0
+    p = (k1 + k2) / (n1 + n2)
+    se = (p * (1 - p) * (1 / n1 + 1 / n2)) ** 0.5
+    if se == 0:
+        return 1.0 if k1 / n1 == k2 / n2 else 0.0
+    return math.erfc(abs(k1 / n1 - k2 / n2) / se / math.sqrt(2))

@@ -81,7 +81,7 @@ class TestbedConfig:
                 raise UserError(f"testbed {name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(self) | {"alignment": self.alignment.to_dict()}
         if not d["n_alignment"]:
             del d["n_alignment"]  # fields added later are left out at their default, so older caches stay valid
         return d

@@ -254,6 +254,15 @@ class GradientRestoration(Defense):
 
     Params = GradientRestorationParams
     needs = ("calibration", "benign", "utility_probe")
+    # recovery_rate x steps: half, the paper's and twice the budget per step, for half and all the steps
+    curve = {"recovery_rate": [0.001, 0.002, 0.004], "steps": [10, 20]}
+    deviations = """
+        `mode=faithful` follows the released code rule by rule (its masks are the released code's bit
+        for bit with compute_dtype=float32 packing=false, tested against the literal
+        re-implementation); `mode=clean` makes each quirk of the released code an explicit option
+        (rate denominator, gradient accumulation, batches, ties, comparison). The speed and memory
+        features (packing, bf16 autocast, streamed theta_A) change the arithmetic's rounding only.
+    """
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         import torch
