@@ -107,7 +107,8 @@ class Resolved:
             "over_refusal_sets": sorted(self.over_refusal),
             "utility": [u.model_dump() for u in s.utility],
             "judge": s.judge,
-            "generation": s.generation.model_dump(),
+            # reuse_engine decides how rows are scheduled, never an answer: records keep their ids either way
+            "generation": s.generation.model_dump(exclude={"reuse_engine"}),
             "inputs": self.inputs(),
         }
 

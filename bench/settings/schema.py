@@ -108,6 +108,11 @@ class Generation(_Strict):
     limit: int | None = Field(
         default=None, ge=1, description="evaluate only the first N prompts of each set (smoke tests)"
     )
+    reuse_engine: bool = Field(
+        default=True,
+        description="vLLM: evaluate the rows in one engine, loading each row's weights into it (answers unchanged); "
+        "false starts an engine a row",
+    )
 
 
 class Testbed(_Strict):
