@@ -68,8 +68,8 @@ def engine_key(handle: models.ModelHandle, dtype: str, options: dict) -> str:
     files: dict[str, object] = {}
     for path in sorted(Path(handle.path).iterdir()):
         name = path.name
-        if not path.is_file() or name.startswith(".") or name.endswith((".safetensors", ".safetensors.index.json")):
-            continue  # weights (their layout is keyed below) and the hash memo
+        if not path.is_file() or name.startswith(".") or name.endswith(".safetensors"):
+            continue  # weights (their layout is keyed below) and the hash memo; a shard index is keyed as a file
         if name.endswith(".md"):
             continue  # a model card says nothing the engine reads
         if name in _NOT_READ:
