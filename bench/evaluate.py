@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import metrics, models, reproducibility
+from bench import engine_pool, metrics, models, reproducibility
 from bench.errors import UserError
 from bench.generation import CachedGenerator, GenerationCache
 from bench.hashing import hash_folder, hash_value
@@ -114,9 +114,14 @@ METRIC_HELP = {
 }
 
 
-def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: str) -> dict:
-    """Run in a fresh process by the runner. Returns metrics, per-sample rows and cost."""
+def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: str, reuse_engine: bool = False) -> dict:
+    """Run in a fresh process by the runner. Returns metrics, per-sample rows and cost.
+    `reuse_engine`: generate on this process's shared vLLM engine (bench.engine_pool), with this
+    model's weights loaded into it, when the runner evaluates several rows in one process."""
     t0 = time.perf_counter()
+    pool = engine_pool.shared() if reuse_engine else None
+    if pool is not None:
+        pool.last = None
     handle = models.resolve(model_path)
     runs = task_runs(sets, config)
     with CachedGenerator(
@@ -125,12 +130,15 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         engine=config.engine,
         dtype=config.dtype,
         mode=config.generation_mode,
+        pool=pool,
         **config.generator_options(),
     ) as generator:
         out = run_tasks(generator, runs)
 
     # judging is its own cached stage (bench.judges.stage): verdicts keyed by the answers' content
     judge = judge_from_spec(config.judge)
+    if pool is not None and engine_pool.judge_needs_the_device(judge):
+        pool.close()
     samples: list[dict] = []
     result_metrics: dict[str, dict] = {}
 
@@ -237,7 +245,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
             "peak_rss_mb": own_peak_rss_mb(),
             "device": _device(),
             "engine": generator.engine_used,
-            "generation": generator.stats,
+            "generation": generator.stats | ({"engine": pool.last} if pool is not None and pool.last else {}),
         },
         "evaluated_hash": handle.content_hash(),
     }

@@ -273,32 +273,25 @@ class VLLMGenerator(Generator):
         mode: str = reproducibility.DETERMINISTIC,
         engine_options: dict | None = None,
         chat: models.ChatFormat | None = None,
+        llm=None,
     ):
-        """engine_options go to vllm.LLM as they are (max_num_seqs, gpu_memory_utilization, ...)."""
+        """engine_options go to vllm.LLM as they are (max_num_seqs, gpu_memory_utilization, ...).
+        `llm`: a live engine that already holds this model's weights (bench.engine_pool); the
+        generator then only borrows it, and close() leaves it running for its owner."""
         super().__init__(handle, dtype, trust_remote_code, mode, chat)
-        import torch
-
-        if enforce_eager is None:
-            # on CPU, vLLM's torch.compile warm-up costs ~80 s per engine start for no decode gain
-            # (measured: start 114 s compiled vs 35 s eager, ~350 tok/s either way; BENCHMARKS.md)
-            enforce_eager = not torch.cuda.is_available()
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; enough for the embedded model
-        deterministic = mode == reproducibility.DETERMINISTIC
-        # in-process engine core: generate() queues every request before the first step, so a batch
-        # is the same batch on every run (in its own process the core stepped as requests arrived)
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if deterministic else "1"
-        from vllm import LLM
-
-        self.llm = LLM(
-            str(handle.path),
-            dtype=dtype,
-            seed=0,
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            trust_remote_code=trust_remote_code,
-            enforce_eager=enforce_eager,
-            **(engine_options or {}),
-        )
+        self.owns_engine = llm is None
+        if llm is None:
+            llm = start_vllm(
+                handle,
+                dtype,
+                trust_remote_code,
+                tensor_parallel_size,
+                max_model_len,
+                enforce_eager,
+                mode,
+                engine_options,
+            )
+        self.llm = llm
 
     def _generate(self, prompts, sampling):
         from vllm import SamplingParams
@@ -339,11 +332,51 @@ class VLLMGenerator(Generator):
 
     def close(self):
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            # the engine core (a child process in fast mode) and its worker must stop before exit
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
-            del llm
+        if llm is not None and self.owns_engine:
+            shutdown_vllm(llm)
+
+
+def start_vllm(
+    handle: models.ModelHandle,
+    dtype: str,
+    trust_remote_code: bool = False,
+    tensor_parallel_size: int = 1,
+    max_model_len: int = 2048,
+    enforce_eager: bool | None = None,
+    mode: str = reproducibility.DETERMINISTIC,
+    engine_options: dict | None = None,
+):
+    """A vllm.LLM for `handle`, as every generator of the suite starts one."""
+    import torch
+
+    if enforce_eager is None:
+        # on CPU, vLLM's torch.compile warm-up costs ~80 s per engine start for no decode gain
+        # (measured: start 114 s compiled vs 35 s eager, ~350 tok/s either way; BENCHMARKS.md)
+        enforce_eager = not torch.cuda.is_available()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; enough for the embedded model
+    deterministic = mode == reproducibility.DETERMINISTIC
+    # in-process engine core: generate() queues every request before the first step, so a batch
+    # is the same batch on every run (in its own process the core stepped as requests arrived)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if deterministic else "1"
+    from vllm import LLM
+
+    return LLM(
+        str(handle.path),
+        dtype=dtype,
+        seed=0,
+        max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        trust_remote_code=trust_remote_code,
+        enforce_eager=enforce_eager,
+        **(engine_options or {}),
+    )
+
+
+def shutdown_vllm(llm) -> None:
+    # the engine core (a child process in fast mode) and its worker must stop before exit
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
 
 
 def vllm_available() -> bool:
@@ -364,8 +397,11 @@ def default_dtype(engine: str) -> str:
     return "bfloat16" if engine == "vllm" else "float32"
 
 
-def make_generator(handle: models.ModelHandle, engine: str = "auto", dtype: str | None = None, **kwargs) -> Generator:
-    """Build a generator; 'auto' prefers vLLM and falls back to transformers (said once)."""
+def make_generator(
+    handle: models.ModelHandle, engine: str = "auto", dtype: str | None = None, pool=None, **kwargs
+) -> Generator:
+    """Build a generator; 'auto' prefers vLLM and falls back to transformers (said once). With a
+    `pool` (bench.engine_pool.EnginePool) a vLLM generator shares the pool's live engine."""
     if engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine in ("auto", "vllm"):
@@ -377,6 +413,8 @@ def make_generator(handle: models.ModelHandle, engine: str = "auto", dtype: str 
             reason = "vllm is not installed"
         else:
             try:
+                if pool is not None:
+                    return pool.vllm_generator(handle, dtype or default_dtype("vllm"), **kwargs)
                 return VLLMGenerator(handle, dtype or default_dtype("vllm"), **kwargs)
             except UserError:
                 raise
@@ -391,6 +429,8 @@ def make_generator(handle: models.ModelHandle, engine: str = "auto", dtype: str 
     kwargs.pop("max_model_len", None)
     kwargs.pop("enforce_eager", None)
     kwargs.pop("engine_options", None)
+    if pool is not None:
+        pool.say_once("the transformers engine has no engine to share (it loads each row's model)")
     return TransformersGenerator(handle, dtype or default_dtype("transformers"), **kwargs)
 
 
@@ -450,9 +490,13 @@ class CachedGenerator:
         engine: str = "auto",
         dtype: str | None = None,
         mode: str = reproducibility.DETERMINISTIC,
+        pool=None,
         **kwargs,
     ):
+        """`pool`: a bench.engine_pool.EnginePool whose live vLLM engine this model's generation
+        borrows (its weights swapped in), instead of an engine of its own."""
         self.handle, self.cache, self.engine, self.dtype, self.kwargs = handle, cache, engine, dtype, kwargs
+        self.pool = pool
         self.mode = reproducibility.check_mode(mode)
         self._gen: Generator | None = None
         self._engine_used: str | None = None  # the engine that generated, kept after close()
@@ -493,7 +537,9 @@ class CachedGenerator:
                 found.update(zip(batch, answers))
         self.stats["cached"] += sum(p in found for p in prompts)
         if todo and self._gen is None:
-            self._gen = make_generator(self.handle, self.engine, self.dtype, mode=self.mode, **self.kwargs)
+            self._gen = make_generator(
+                self.handle, self.engine, self.dtype, mode=self.mode, pool=self.pool, **self.kwargs
+            )
             self._engine_used = self._gen.engine
             if self._gen.identity(sampling) != ident:  # auto fell back to another engine: look again under its name
                 return self.generate(prompts, sampling)
@@ -525,7 +571,9 @@ class CachedGenerator:
                 found.update((k, (float(lp), bool(g))) for k, (lp, g) in zip(batch, scores))
         self.stats["scored_cached"] = self.stats.get("scored_cached", 0) + sum(k in found for k in keys)
         if todo and self._gen is None:
-            self._gen = make_generator(self.handle, self.engine, self.dtype, mode=self.mode, **self.kwargs)
+            self._gen = make_generator(
+                self.handle, self.engine, self.dtype, mode=self.mode, pool=self.pool, **self.kwargs
+            )
             self._engine_used = self._gen.engine
             if self._scoring_identity() != ident:  # auto fell back to another engine: look again under its name
                 return self.loglikelihoods(requests)

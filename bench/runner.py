@@ -22,7 +22,7 @@ from bench import models, records, reproducibility
 from bench.evaluate import EvalConfig, EvalSets, evaluate
 from bench.hashing import hash_file, hash_model_dir, hash_value, short
 from bench.killpoints import checkpoint
-from bench.new_interpreter import own_peak_rss_mb, run_fresh
+from bench.new_interpreter import Interpreter, own_peak_rss_mb, run_fresh
 from bench.progress import log
 from bench.settings.resolve import Resolved, Variant, resolve
 
@@ -336,9 +336,12 @@ def record_for(
     clock: Clock,
     label: str | None = None,
     role: str | None = None,
+    evaluator: Interpreter | None = None,
 ) -> dict:
     """Evaluate one row (or reuse its record) and write its record. `label` and `role` name a row
-    that is no registered defense (`realign evaluate MODEL`)."""
+    that is no registered defense (`realign evaluate MODEL`). With an `evaluator` (an interpreter
+    kept for the board's rows) the row is evaluated there on the rows' shared engine
+    (bench.engine_pool); without, in a fresh interpreter of its own."""
     from defenses import DEFENSES
     from defenses.curves import curve_label
 
@@ -379,7 +382,8 @@ def record_for(
         return records.load(path)
     checkpoint("start", f"evaluate {record_id}")
     with clock.stage(f"evaluate {label}{n_text}"):
-        result = run_fresh(evaluate, str(model.path), sets, cfg.eval, str(cfg.cache / "generations"))
+        call = (evaluate, str(model.path), sets, cfg.eval, str(cfg.cache / "generations"))
+        result = evaluator.call(*call, reuse_engine=True) if evaluator else run_fresh(*call)
     record = {
         "schema_version": records.SCHEMA_VERSION,
         "record_id": record_id,
@@ -476,18 +480,26 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
         resolved = resolve(cfg.setting, cfg.cache, log=clock.say)
     all_records: list[dict] = []
     skipped: list[dict] = []
-    for variant in _timed_variants(resolved, cfg, clock):
-        ctx = build_context(resolved, variant, cfg, clock)
-        n = variant.harmful_n
-        for name, params in expand(cfg.defenses, cfg.defense_params):
-            label = name + (f"({','.join(f'{k}={v}' for k, v in params.items())})" if params else "")
-            with clock.stage(f"defense {label} (N={n})"):
-                model_dir, info, reason = run_defense(name, params, ctx, cfg)
-            if reason:
-                clock.say(f"defense {label}: skipped: {reason}")
-                skipped.append({"method": label, "harmful_n": n, "reason": reason})
-                continue
-            all_records.append(record_for(name, params, info, model_dir, resolved, variant, cfg, clock))
+    # one interpreter evaluates every row, so the rows share one vLLM engine (bench.engine_pool); the
+    # defenses of a fine-tuned model all run first, so no defense trains beside the idle engine
+    with Interpreter() as evaluator:
+        for variant in _timed_variants(resolved, cfg, clock):
+            ctx = build_context(resolved, variant, cfg, clock)
+            n = variant.harmful_n
+            rows = []
+            for name, params in expand(cfg.defenses, cfg.defense_params):
+                label = name + (f"({','.join(f'{k}={v}' for k, v in params.items())})" if params else "")
+                with clock.stage(f"defense {label} (N={n})"):
+                    model_dir, info, reason = run_defense(name, params, ctx, cfg)
+                if reason:
+                    clock.say(f"defense {label}: skipped: {reason}")
+                    skipped.append({"method": label, "harmful_n": n, "reason": reason})
+                    continue
+                rows.append((name, params, info, model_dir))
+            shared = evaluator if cfg.setting.generation.reuse_engine else None
+            for name, params, info, model_dir in rows:
+                record = record_for(name, params, info, model_dir, resolved, variant, cfg, clock, evaluator=shared)
+                all_records.append(record)
     loaded = [(r, cfg.run_dir / "records" / f"{r['record_id']}.json") for r in all_records]
     files = render(build(loaded, multi_setting=True), title=f"realign-bench: {cfg.name}", skipped=skipped)
     save(files, cfg.run_dir)

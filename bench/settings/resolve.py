@@ -114,7 +114,8 @@ class Resolved:
             "over_refusal_sets": sorted(self.over_refusal),
             "utility": [_hashed_include_path(u.for_record()) for u in s.utility],
             "judge": s.judge,
-            "generation": _later_at_default_dropped(s.generation.model_dump()),
+            # reuse_engine decides how rows are scheduled, never an answer: records keep their ids either way
+            "generation": _later_at_default_dropped(s.generation.model_dump(exclude={"reuse_engine"})),
             "inputs": self.inputs(),
         }
 

@@ -145,6 +145,11 @@ class Generation(_Strict):
         ge=0,
         description="sampling temperature of every evaluation answer (0: greedy; default: each YAML's own)",
     )
+    reuse_engine: bool = Field(
+        default=True,
+        description="vLLM: evaluate the rows in one engine, loading each row's weights into it (answers unchanged); "
+        "false starts an engine a row",
+    )
 
 
 class Testbed(_Strict):
