@@ -437,13 +437,17 @@ def cmd_judge(args) -> int:
 
 
 def cmd_judges_agree(args) -> int:
-    from bench.judges.rejudge import agreement_report, render_run_board, run_dir_of
+    from bench.judges.rejudge import agreement_report, check_writable, render_run_board, run_dir_of
 
     run_dir = run_dir_of(args.run, Path(args.home))
+    out = Path(args.out) if args.out else run_dir
+    check_writable(
+        out, "pass --out DIR, a folder you can write" if out == run_dir else "pass --out a folder you can write"
+    )
     _, text = agreement_report(run_dir)
-    render_run_board(run_dir)  # the agreement goes into the board's HTML and board-details.json
+    render_run_board(run_dir, out)  # the agreement goes into the board's HTML and board-details.json
     print(text)
-    print(f"agreement written into {run_dir / 'board.html'} and {run_dir / 'board-details.json'}", file=sys.stderr)
+    print(f"agreement written into {out / 'board.html'} and {out / 'board-details.json'}", file=sys.stderr)
     return 0
 
 
@@ -782,6 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  realign judges agree embedded-default",
     )
     ja.add_argument("run", help="a run name (under HOME/runs) or a run folder")
+    ja.add_argument("--out", default=None, help="folder for board.html and board-details.json (default: the run's)")
     ja.add_argument("--home", default=DEFAULT_HOME, help="folder of the cache and runs (also $REALIGN_HOME)")
     ja.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
     ja.set_defaults(func=cmd_judges_agree)

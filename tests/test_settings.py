@@ -99,8 +99,7 @@ def test_unknown_key_and_wrong_type_name_file_key_expected_found(tmp_path, capsy
         capsys,
         ["setting", "check", str(tiny_setting), "--set", "judge=[1, 2]"],
         "judge:",
-        "expected a valid string",
-        "[1, 2]",
+        "expected a valid dictionary or instance of judge or a valid string, found [1, 2]",
     )
 
 
@@ -265,6 +264,103 @@ def test_hub_id_offline_and_pickle_checkpoint(tmp_path, capsys, tiny_setting, ti
     (pickled / "pytorch_model.bin").write_bytes(b"not unpickled")
     bad = _edit(tiny_setting, tmp_path / "pickle.yaml", lambda r: r["models"].update(finetuned=str(pickled)))
     fails(capsys, ["setting", "check", str(bad)], "pytorch_model.bin", "save_pretrained", "pickle is never loaded")
+
+
+# ------------------------------------------------------------------------------------------- the judge
+
+
+def test_judge_block_resolves_weights_by_content_and_the_plain_name_still_works(tmp_path, capsys, tiny_setting, tiny):
+    """`judge: {name, pretrained, options}`: check resolves and hashes the judge's weights; what a record
+    carries (the resolved setting) names their content, never their folder, so a copy elsewhere
+    describes the same setting; `judge: keyword` is described as records always described it."""
+    from bench import models
+    from bench.settings import load_setting
+    from bench.settings.resolve import resolve
+
+    judge = {"name": "chat_rubric", "pretrained": str(tiny["aligned"]), "options": {"rubric": "xstest"}}
+    block = _edit(tiny_setting, tmp_path / "block.yaml", lambda r: r.update(judge=judge))
+    assert main(["setting", "check", str(block), "--home", str(tmp_path / "home")]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)["judge"]
+    assert out["label"] == "chat_rubric(rubric=xstest)"
+    assert out["weights"] == {"path": str(tiny["aligned"]), "sha256": models.resolve(tiny["aligned"]).content_hash()}
+    assert out["options"] == {"engine": "transformers", "rubric": "xstest"}  # the generation engine by default
+
+    copy = tmp_path / "judge-copy"
+    shutil.copytree(tiny["aligned"], copy)
+    moved = _edit(block, tmp_path / "moved.yaml", lambda r: r["judge"].update(pretrained=str(copy)))
+    described = [resolve(load_setting(f), tmp_path / "cache", check=True).description() for f in (block, moved)]
+    assert described[0] == described[1]
+    assert described[0]["judge"] == {
+        "name": "chat_rubric",
+        "label": "chat_rubric(rubric=xstest)",
+        "options": {"engine": "transformers", "rubric": "xstest"},
+        "weights": models.resolve(tiny["aligned"]).content_hash(),
+    }
+    assert str(tiny["aligned"]) not in json.dumps(described[0]) and str(copy) not in json.dumps(described[1])
+    # the plain name, as before (record ids of existing runs stay as they were)
+    plain = resolve(load_setting(tiny_setting), tmp_path / "cache", check=True)
+    assert plain.description()["judge"] == "keyword" and plain.judge_weights is None
+    # the command line's --judge replaces a block with a name
+    from bench.cli import _setting, build_parser
+
+    assert (
+        _setting(build_parser().parse_args(["run", "--setting", str(block), "--judge", "keyword"])).judge == "keyword"
+    )
+
+
+@pytest.mark.parametrize(
+    "case, judge, words",
+    [
+        ("unknown judge", {"name": "no_judge"}, ["unknown judge 'no_judge'", "keyword"]),
+        ("misspelt key", {"name": "chat_rubric", "pretraind": "x"}, ["'judge.pretraind'", "known keys here: name"]),
+        ("rule-based with weights", {"name": "keyword", "pretrained": "/x"}, ["'keyword' takes no options"]),
+        (
+            "weights missing",
+            {"name": "chat_rubric", "pretrained": "/nonexistent/judge"},
+            ["'/nonexistent/judge' does not exist", "`judge: {pretrained: DIR}` in the setting"],
+        ),
+        # offline, the released weights (a hub id) are not here: the line names them and where to put a folder
+        (
+            "hub weights offline",
+            {"name": "llama_guard_3_1b"},
+            ["meta-llama/Llama-Guard-3-1B", "`judge: {pretrained: DIR}` in the setting"],
+        ),
+        (
+            "remote code without the flag",
+            {"name": "shieldlm", "pretrained": "/x"},
+            ["'shieldlm' runs code shipped with its weights", "judge: {trust_remote_code: true}"],
+        ),
+        (
+            "an option twice",
+            {"name": "chat_rubric", "engine": "vllm", "options": {"engine": "transformers"}},
+            ["'engine' is given as judge.engine and in judge.options"],
+        ),
+    ],
+)
+def test_bad_judge_blocks_are_one_line(tmp_path, capsys, tiny_setting, monkeypatch, case, judge, words):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    home = tmp_path / "home"
+    bad = _edit(tiny_setting, tmp_path / "bad.yaml", lambda r: r.update(judge=judge))
+    fails(capsys, ["setting", "check", str(bad), "--home", str(home)], *words)
+    fails(capsys, ["run", "--setting", str(bad), "--home", str(home)], *words)
+    assert not (home / "runs").exists() or not any((home / "runs").rglob("*.json"))
+
+
+def test_pickle_only_judge_weights_are_refused_with_the_conversion(tmp_path, capsys, tiny_setting):
+    pickled = tmp_path / "beaver-dam"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"not unpickled")
+    bad = _edit(
+        tiny_setting, tmp_path / "bad.yaml", lambda r: r.update(judge={"name": "md_judge", "pretrained": str(pickled)})
+    )
+    fails(
+        capsys,
+        ["setting", "check", str(bad)],
+        "pickled .bin",
+        "safe_serialization=True",
+        f"`judge: {{pretrained: {pickled}-safetensors}}` in the setting",
+    )
 
 
 def test_unwritable_output_folders_are_one_line(tmp_path, capsys, tiny_setting):

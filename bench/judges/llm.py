@@ -35,7 +35,7 @@ from bench.generation import (
 )
 from bench.judges import Verdict
 from bench.judges.escaping import control_sequences, escape
-from bench.judges.weights import check_remote_code, resolve_weights
+from bench.judges.weights import SUPPLY, check_remote_code, resolve_weights
 
 VLLM_ARGUMENTS = ("tensor_parallel_size", "max_model_len", "enforce_eager")
 
@@ -212,11 +212,11 @@ class LLMJudge:
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
         return self.label_batches([list(zip(prompts, answers))])[0] if prompts else self.label_batches([])
 
-    def check(self) -> models.ModelHandle:
+    def check(self, supply: str = SUPPLY) -> models.ModelHandle:
         """The judge's weights, checked (remote code, pickle-only, missing offline) in one line each,
-        before any process or engine starts."""
+        before any process or engine starts; `supply` says where the user gives a folder."""
         check_remote_code(self.name, self.needs_remote_code, self.trust_remote_code)
-        return resolve_weights(self.name, self.pretrained, self.default_weights)
+        return resolve_weights(self.name, self.pretrained, self.default_weights, supply)
 
     def label_batches(self, batches: list[list[tuple[str, str]]]) -> list[list[Verdict]]:
         """Verdicts for each batch of (prompt, answer) pairs, all in ONE engine (one process): the

@@ -37,6 +37,24 @@ def run_dir_of(run: str, home: Path) -> Path:
     )
 
 
+def check_writable(folder: Path, fix: str) -> None:
+    """One line (UserError) unless files can be written into `folder`: its permission bits
+    (bench.atomic.check_can_create), then a probe file made and removed at once, since root passes
+    every permission check while an immutable folder or a read-only mount refuses even root."""
+    import tempfile
+
+    from bench.atomic import check_can_create
+
+    check_can_create(folder, fix)
+    if not folder.exists():
+        return
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".realign-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}); {fix}") from None
+
+
 def run_rows(run_dir: Path) -> list[tuple[dict, Path]]:
     """The records of the run's last board (its board.json names them), with their paths; every
     record of records/ when the run has no board yet."""
@@ -78,6 +96,8 @@ def rejudge(
     labels = [spec.label for spec, _ in todo]
     if len(set(labels)) != len(labels):
         raise UserError(f"--judges names the same judge twice ({', '.join(labels)}); give each once")
+    for folder in (run_dir, run_dir / "records"):  # before any judge runs: its records are rewritten
+        check_writable(folder, "copy the run folder somewhere you can write and judge that copy")
 
     samples = {p: records.load_samples(p, rec) for rec, p in rows}
     harmful = {
@@ -132,9 +152,9 @@ def _shown(options: dict) -> dict:
     return {k: v for k, v in sorted(options.items()) if k != "pretrained" and v is not None}
 
 
-def render_run_board(run_dir: Path) -> dict[str, Path]:
-    """The run's board again from its (rewritten) records, as `realign run` renders it; the rows it
-    listed as skipped are kept."""
+def render_run_board(run_dir: Path, out: Path | None = None) -> dict[str, Path]:
+    """The run's board again from its (rewritten) records, as `realign run` renders it, into `out`
+    (default: the run folder); the rows it listed as skipped are kept."""
     from bench.leaderboard.build import build
     from bench.leaderboard.render import render, save
 
@@ -142,7 +162,8 @@ def render_run_board(run_dir: Path) -> dict[str, Path]:
     skipped = json.loads(details.read_text()).get("skipped", []) if details.exists() else []
     rows = run_rows(run_dir)
     name = rows[0][0]["setting"].get("name", run_dir.name)
-    return save(render(build(rows, multi_setting=True), title=f"realign-bench: {name}", skipped=skipped), run_dir)
+    board = render(build(rows, multi_setting=True), title=f"realign-bench: {name}", skipped=skipped)
+    return save(board, run_dir if out is None else out)
 
 
 def agreement_report(run_dir: Path) -> tuple[dict, str]:

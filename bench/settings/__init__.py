@@ -94,14 +94,28 @@ def validate(raw: dict, where: str) -> Setting:
     except ValidationError as exc:
         # an unknown key first: a misspelt key is also why the right one is "missing"
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise UserError(describe(errors[0], where, len(errors))) from None
+        # a value that fits no member of a union (a name or a block) fails once per member, at one key
+        first = [e for e in errors if _key(e) == _key(errors[0]) and e["type"] not in ("extra_forbidden", "missing")]
+        count = len({_key(e) for e in errors})
+        raise UserError(describe(errors[0], where, count, first[1:] if first[:1] == errors[:1] else [])) from None
 
 
-def describe(error: dict, where: str, count: int) -> str:
-    """One line from pydantic's first error: file, dotted key, what was expected, what was found."""
-    # a union's members add their class name to the location ("models.aligned.Model"); drop them
+def _key(error: dict) -> str:
+    # a union's members add their type to the location ("models.aligned.Model", "judge.str"); drop them
+    return ".".join(str(p) for p in error["loc"] if not _union_member(p))
+
+
+def _union_member(part) -> bool:
     # (and a mapping's key check adds "[key]")
-    key = ".".join(str(p) for p in error["loc"] if not (isinstance(p, str) and (p[:1].isupper() or p == "[key]")))
+    return isinstance(part, str) and (
+        part[:1].isupper() or part == "[key]" or part.split("[")[0] in ("str", "int", "float", "bool", "list")
+    )
+
+
+def describe(error: dict, where: str, count: int, alternatives: list[dict] = ()) -> str:
+    """One line from pydantic's first error: file, dotted key, what was expected (each member's
+    expectation, for a union), what was found."""
+    key = _key(error)
     found = error.get("input")
     more = f" (and {count - 1} more problem{'s' * (count > 2)})" if count > 1 else ""
     if error["type"] == "extra_forbidden":
@@ -110,7 +124,7 @@ def describe(error: dict, where: str, count: int) -> str:
         return f"setting {where}: unknown key {key!r}; known keys here: {known}{more}"
     if error["type"] == "missing":
         return f"setting {where}: {key}: expected a value, found nothing (the key is required){more}"
-    expected = error["msg"].removeprefix("Input should be ").lower()
+    expected = " or ".join(e["msg"].removeprefix("Input should be ").lower() for e in [error, *alternatives])
     return f"setting {where}: {key}: expected {expected}, found {found!r}{more}"
 
 
@@ -120,7 +134,7 @@ def _section(loc: tuple):
 
     cls = Setting
     for part in loc:
-        if isinstance(part, int) or (isinstance(part, str) and part[:1].isupper()):
+        if isinstance(part, int) or _union_member(part):
             continue
         field = cls.model_fields.get(part)
         if field is None:

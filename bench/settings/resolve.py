@@ -16,13 +16,16 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from bench import models
 from bench.data import read_jsonl
 from bench.errors import UserError
 from bench.hashing import hash_file, hash_folder, hash_model_dir, hash_value, short
-from bench.settings.schema import FineTuned, Model, Setting
+from bench.settings.schema import FineTuned, Judge, Model, Setting
+
+if TYPE_CHECKING:
+    from bench.judges.stage import JudgeSpec
 
 TESTBED = "testbed:"
 TESTBED_MODELS = ("aligned", "base")
@@ -53,6 +56,8 @@ class Resolved:
     data_dir: Path | None = None
     _user_finetuned: Variant | None = None
     chat: models.ChatFormat = field(default_factory=models.ChatFormat)  # the setting's chat template and system prompt
+    judge: JudgeSpec | None = None  # the judge with its options; pretrained is the weights' folder here
+    judge_weights: models.ModelHandle | None = None  # None: a rule-based judge (or a testbed not built yet)
 
     def variants(self, cache: Path, log: Callable[[str], None]) -> Iterator[Variant]:
         """The setting's fine-tuned models: the user's, or one attack per N (cached like any stage)."""
@@ -113,10 +118,23 @@ class Resolved:
             "harmful_sets": sorted(self.harmful),
             "over_refusal_sets": sorted(self.over_refusal),
             "utility": [_hashed_include_path(u.for_record()) for u in s.utility],
-            "judge": s.judge,
+            "judge": self.judge_description(),
             # reuse_engine decides how rows are scheduled, never an answer: records keep their ids either way
             "generation": _later_at_default_dropped(s.generation.model_dump(exclude={"reuse_engine"})),
             "inputs": self.inputs(),
+        }
+
+    def judge_description(self) -> str | dict:
+        """The judge as a record carries it: its name (a rule-based judge without options, as records
+        always said), else its name, label, options and the content hash of its weights; never a path."""
+        spec = self.judge or judge_spec(self.setting.judge)
+        if self.judge_weights is None and not spec.options:
+            return spec.name
+        return {
+            "name": spec.name,
+            "label": spec.label,
+            "options": {k: v for k, v in sorted(spec.options.items()) if k != "pretrained"},
+            "weights": None if self.judge_weights is None else self.judge_weights.content_hash(),
         }
 
     def report(self) -> str:
@@ -168,11 +186,58 @@ class Resolved:
             }
         out |= {
             "utility": [u.model_dump() for u in s.utility],
-            "judge": s.judge,
+            "judge": self._judge_report(),
             "generation": s.generation.model_dump(exclude_none=True),
             "defenses": s.defenses,
         }
         return yaml.safe_dump(out, sort_keys=False)
+
+    def _judge_report(self) -> str | dict:
+        spec = self.judge or judge_spec(self.setting.judge)
+        if self.judge_weights is None and not spec.options:
+            return spec.name
+        out = {"name": spec.name, "label": spec.label}
+        if self.judge_weights is not None:
+            out["weights"] = {"path": str(self.judge_weights.path), "sha256": self.judge_weights.content_hash()}
+        return out | {"options": {k: v for k, v in sorted(spec.options.items()) if k != "pretrained"}}
+
+
+def judge_spec(entry: Judge | str) -> JudgeSpec:
+    """The setting's judge as a spec (bench.judges.stage): a name (or name:key=value:...), or a
+    block's fields with its options; an unknown name is one line listing the known ones."""
+    from bench.judges.stage import JudgeSpec, parse_spec
+
+    if isinstance(entry, str):
+        return parse_spec(entry)
+    spec = parse_spec(entry.name)
+    fields = entry.model_dump(exclude={"name", "options"}, exclude_none=True)
+    twice = sorted(set(fields) & set(entry.options))
+    if twice:
+        raise UserError(f"judge: {twice[0]!r} is given as judge.{twice[0]} and in judge.options; give it once")
+    return JudgeSpec(spec.name, spec.options | fields | dict(entry.options))
+
+
+def resolve_judge(s: Setting, testbed: _Testbed) -> tuple[JudgeSpec, models.ModelHandle | None]:
+    """The setting's judge, built, and its weights checked (remote code without the flag,
+    pickle-only weights, weights missing offline: one line each, naming what to supply) before
+    anything is generated. An LLM judge runs on the generation engine unless it names its own."""
+    from bench.judges import JUDGES
+    from bench.judges.stage import JudgeSpec, judge_from_spec
+
+    spec = judge_spec(s.judge)
+    if not getattr(JUDGES.get(spec.name), "takes_options", False):
+        judge_from_spec(spec)  # a rule-based judge refuses options, in one line
+        return spec, None
+    options = {"engine": s.generation.engine} | spec.options
+    pretrained = options.get("pretrained")
+    if isinstance(pretrained, str) and pretrained.startswith(TESTBED):
+        handle = testbed.model(pretrained[len(TESTBED) :])
+        if handle is None:  # `realign setting check` of a testbed setting: nothing is built, nothing to hash
+            return JudgeSpec(spec.name, options), None
+        options["pretrained"] = str(handle.path)
+    spec = JudgeSpec(spec.name, options)
+    weights = judge_from_spec(spec).check(supply="`judge: {{pretrained: {}}}` in the setting")
+    return spec, weights
 
 
 # generation options added after records existed: at their defaults they stay out of a record's
@@ -218,6 +283,7 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
     check_names(s)
     chat = models.ChatFormat(models.read_chat_template(s.models.chat_template), s.models.system_prompt)
     testbed = _Testbed(s, cache, log, check)
+    judge, judge_weights = resolve_judge(s, testbed)
 
     def model(entry: Model | str | None) -> models.ModelHandle | None:
         m = _model(entry)
@@ -235,7 +301,9 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
     aligned = model(s.models.aligned)
     base = model(s.models.base)
     if aligned is None:  # only while checking a testbed setting: the testbed is not built yet
-        return Resolved(s, None, None, {}, {}, {}, list(s.notes), data_dir, chat=chat)
+        return Resolved(
+            s, None, None, {}, {}, {}, list(s.notes), data_dir, chat=chat, judge=judge, judge_weights=judge_weights
+        )
     if not chat.is_default:  # the template renders a conversation with this tokenizer (no weights loaded)
         chat.check(models.load_tokenizer(aligned, s.models.trust_remote_code), f"setting {s.name!r}: models")
 
@@ -284,6 +352,8 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
         data_dir,
         user,
         chat,
+        judge,
+        judge_weights,
     )
 
 
@@ -345,11 +415,10 @@ def check_names(s: Setting) -> None:
     """Every name the setting gives: judge, defenses (with their parameters), named sets and utility
     tasks, looked up in their registries (no data read, nothing written; each error lists the known
     names). The CLI calls it as soon as the setting is read, before any stage starts."""
-    from bench.judges.stage import parse_spec
     from bench.runner import parse_row
     from bench.sets import SETS
 
-    parse_spec(s.judge)  # a judge is name or name:key=value:... (bench.judges.stage)
+    judge_spec(s.judge)  # a name, name:key=value:..., or a block (bench.judges.stage)
     for d in s.defenses:
         parse_row(d)
     for entry in s.data.harmful + s.data.over_refusal:

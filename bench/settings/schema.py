@@ -152,6 +152,37 @@ class Generation(_Strict):
     )
 
 
+class Judge(_Strict):
+    """The judge of harmful answers with its weights and options (`realign list judges` names them).
+
+    judge: keyword                                              # a rule-based judge, by name
+    judge: {name: llama_guard_3_1b, pretrained: DIR}            # an LLM judge's weights: a folder or hub id
+    judge: {name: chat_rubric, pretrained: testbed:aligned, options: {rubric: xstest}}
+    """
+
+    name: str = Field(description="a registered judge (`realign list judges`)")
+    pretrained: str | None = Field(
+        default=None,
+        description="the judge's weights: a local folder (safetensors), a hub id, or testbed:aligned / testbed:base "
+        "(default: the judge's released weights)",
+    )
+    engine: Literal["auto", "vllm", "transformers"] | None = Field(
+        default=None, description="the judge's engine (default: generation.engine)"
+    )
+    dtype: str | None = Field(default=None, description="the judge's dtype (default: the engine's)")
+    trust_remote_code: bool | None = Field(
+        default=None, description="let the judge run code shipped with its weights (ShieldLM needs it)"
+    )
+    tensor_parallel_size: int | None = Field(default=None, ge=1, description="vLLM: GPUs for the judge")
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="vLLM: share of GPU memory")
+    max_model_len: int | None = Field(default=None, ge=16, description="vLLM: the judge's context length")
+    options: dict[str, str | int | float | bool] = Field(
+        default={},
+        description="the judge's own options (rubric, threshold, max_new_tokens, model_base) and any other vLLM "
+        "engine option; see `realign list judges`",
+    )
+
+
 class Testbed(_Strict):
     """Sizes of the embedded testbed (bench.testbed.build.TestbedConfig fields); used when an entry
     says testbed:NAME."""
@@ -167,7 +198,9 @@ class Setting(_Strict):
     attack: Attack | None = None
     data: Data
     utility: list[Utility] = []
-    judge: str = "keyword"
+    judge: Judge | str = Field(
+        default="keyword", description="the judge: a name, or a block with its weights and options (see Judge)"
+    )
     generation: Generation = Generation()
     defenses: list[str] = ["aligned", "none", "gradient_restoration"]
     testbed: Testbed | None = None
