@@ -40,23 +40,28 @@ def setting_file(name_or_path: str | Path) -> Path:
     )
 
 
-def load_setting(name_or_path: str | Path, overrides: list[str] = ()) -> Setting:
-    path = setting_file(name_or_path)
+def read_yaml_mapping(path: Path, what: str, sections: str) -> dict:
+    """A user's YAML file (a setting, a sweep spec) as a mapping, or one line saying what is wrong:
+    not UTF-8, nested past PyYAML's recursion, not YAML (with its line), or not a mapping."""
     try:
         raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise UserError(f"setting {path}: not UTF-8 text (byte {exc.start}); a setting is a YAML file") from None
-    except RecursionError:
-        raise UserError(f"setting {path}: nested too deeply to be a setting; fix the file") from None
+        raise UserError(f"{what} {path}: not UTF-8 text (byte {exc.start}); a {what} is a YAML file") from None
+    except RecursionError:  # PyYAML's composer recurses once per level of nesting
+        raise UserError(f"{what} {path}: nested too deeply to be a {what}; fix the file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}:" if mark else ""
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # PyYAML's own text spans lines
-        raise UserError(f"setting {path}:{where} not valid YAML ({problem}); fix the syntax") from None
+        raise UserError(f"{what} {path}:{where} not valid YAML ({problem}); fix the syntax") from None
     if not isinstance(raw, dict):
-        raise UserError(
-            f"setting {path}: expected a mapping of sections (models, data, ...), found {type(raw).__name__}"
-        )
+        raise UserError(f"{what} {path}: expected a mapping of {sections}, found {type(raw).__name__}")
+    return raw
+
+
+def load_setting(name_or_path: str | Path, overrides: list[str] = ()) -> Setting:
+    path = setting_file(name_or_path)
+    raw = read_yaml_mapping(path, "setting", "sections (models, data, ...)")
     for item in overrides:
         set_dotted(raw, item)
     return validate(raw, str(path))

@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from bench.errors import UserError
@@ -88,21 +87,9 @@ def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"sweep spec {str(path)!r}: no such file; check the path")
-    try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"sweep spec {path}: not UTF-8 text; give a YAML file") from None
-    except RecursionError:  # PyYAML's composer recurses once per level of nesting
-        raise UserError(f"sweep spec {path}: nested too deeply to be a sweep spec; fix the file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # PyYAML's own text spans lines
-        raise UserError(f"sweep spec {path}:{where}: not valid YAML ({problem}); fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise UserError(
-            f"sweep spec {path}: expected a mapping (name, settings, defenses, ...), found {type(raw).__name__}"
-        )
+    from bench.settings import read_yaml_mapping
+
+    raw = read_yaml_mapping(path, "sweep spec", "keys (name, settings, defenses, ...)")
     return validate(raw, str(path))
 
 
