@@ -3,29 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench import records
+from tests.conftest import SMOKE_COMMAND, copy_home, realign_cli
 
 pytestmark = pytest.mark.slow
 
 
 def realign(*args, home: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, "-m", "bench.cli", *args, "--home", str(home)], capture_output=True, text=True, env=env
-    )
+    return realign_cli(list(args), home)
 
 
-def test_main_job_smoke_with_flagship_and_resume(tmp_path):
-    home = tmp_path / "home"
-    proc = realign("defend", "gradient_restoration", "--preset", "smoke", "--param", "steps=10", home=home)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_main_job_smoke_with_flagship_and_resume(smoke_run, tmp_path):
+    """The smoke main job cold (the session's shared run of SMOKE_COMMAND), then run again in a copy
+    of its home: the rerun trains and generates nothing, and a second judge labels the cached answers."""
+    home = smoke_run["home"]
     run_dir = home / "runs" / "embedded-smoke"
     recs = [records.load(p) for p in sorted((run_dir / "records").glob("*.json"))]
     labels = sorted(r["method"]["label"] for r in recs)
@@ -46,10 +42,12 @@ def test_main_job_smoke_with_flagship_and_resume(tmp_path):
 
     # a second run trains and generates nothing: each stage says it reuses its cached result, no
     # stage says it builds, and the generation caches are byte for byte what the first run left
+    home = copy_home(home, tmp_path / "home")
+    run_dir = home / "runs" / "embedded-smoke"
     caches = sorted((home / "cache").rglob("*.sqlite"))
     assert caches, "the first run generated through no SQLite cache"
     before = {p: p.read_bytes() for p in caches}
-    again = realign("defend", "gradient_restoration", "--preset", "smoke", "--param", "steps=10", home=home)
+    again = realign(*SMOKE_COMMAND, home=home)
     assert again.returncode == 0, again.stderr[-2000:]
     log = again.stderr
     assert log.count("testbed: reusing") == 1, log

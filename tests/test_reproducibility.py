@@ -16,6 +16,7 @@ from bench import models, reproducibility
 from bench.atomic import verified_manifest
 from bench.generation import BATCH_TARGET, CachedGenerator, GenerationCache, Sampling, fixed_batches
 from bench.hashing import hash_value
+from tests.conftest import SMOKE_COMMAND, realign_cli
 
 PROMPTS = [
     f"question number {i}: how do I {w}?"
@@ -157,22 +158,14 @@ def test_vllm_deterministic_answers_repeat_and_the_process_exits(tiny, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_fresh_homes_give_identical_testbeds_and_records(tmp_path):
-    """The smoke main job, cold, in two fresh homes: identical files, models and records (times aside)."""
+def test_two_fresh_homes_give_identical_testbeds_and_records(smoke_run, tmp_path):
+    """The smoke main job, cold, in two fresh homes (the session's shared run and one more here):
+    identical files, models and records (times aside)."""
     from bench import records
 
-    rows = "aligned,none,gradient_restoration:steps=5"
-    runs = []
-    for name in ("one", "two"):
-        home = tmp_path / name
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.cli", "run", "--preset", "smoke", "--defenses", rows, "--home", str(home)],
-            capture_output=True,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs.append(home)
+    proc = realign_cli(SMOKE_COMMAND, tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [smoke_run["home"], tmp_path / "two"]
     manifests = []
     for home in runs:
         (testbed,) = (home / "cache").glob("testbed-*")
@@ -200,4 +193,4 @@ def test_two_fresh_homes_give_identical_testbeds_and_records(tmp_path):
     for record_id in one:
         assert one[record_id] == two[record_id], record_id
     assert all(r["reproducibility"]["generation_mode"] == "deterministic" for r, _ in one.values())
-    shutil.rmtree(tmp_path)  # two homes of models: give the disk back early
+    shutil.rmtree(tmp_path)  # a home of models: give the disk back early

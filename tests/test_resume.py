@@ -27,7 +27,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +35,7 @@ import yaml
 from bench import records
 from bench.killpoints import KILL_AT_ENV, TRACE_ENV
 from bench.reproducibility import comparable
-from tests.conftest import make_llama, make_tokenizer, write_jsonl
+from tests.conftest import SMOKE_COMMAND, make_llama, make_tokenizer, realign_cli, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ROWS = ["none", "gradient_restoration:steps=2:warmup_steps=1:save_step=1"]
@@ -103,23 +102,13 @@ def tiny_attack_setting(root: Path) -> Path:
     return path
 
 
-def realign_run(args: list[str], home: Path, trace: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    """`realign run ARGS` in its own session (so that the kill takes its whole process group and
+def realign_run(command: list[str], home: Path, trace: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """`realign COMMAND` in its own session (so that the kill takes its whole process group and
     nothing else), tracing its checkpoints into `trace`."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    env[TRACE_ENV] = str(trace)
-    env.pop(KILL_AT_ENV, None)
+    env = {k: v for k, v in os.environ.items() if k != KILL_AT_ENV} | {TRACE_ENV: str(trace)}
     if kill_at is not None:
         env[KILL_AT_ENV] = kill_at
-    return subprocess.run(
-        [sys.executable, "-m", "bench.cli", "run", *args, "--home", str(home), "--verbosity", "WARNING"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-        timeout=1800,
-    )
+    return realign_cli([*command, "--verbosity", "WARNING"], home, env=env, start_new_session=True, timeout=1800)
 
 
 def trace_lines(trace: Path) -> list[str]:
@@ -250,7 +239,7 @@ def kill_and_resume(
 @pytest.mark.slow
 def test_killed_at_ten_points_resumes_to_the_same_records(tmp_path):
     setting = tiny_attack_setting(tmp_path / "setting")
-    args = ["--setting", str(setting)]
+    args = ["run", "--setting", str(setting)]
     reference_home, reference_trace = tmp_path / "reference", tmp_path / "reference-trace.txt"
     proc = realign_run(args, reference_home, reference_trace)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -264,20 +253,19 @@ def test_killed_at_ten_points_resumes_to_the_same_records(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_setting_killed_at_three_points_resumes(tmp_path):
-    """The embedded smoke setting, killed while the attack trains, while vLLM (or transformers)
-    generates, and while a record is written. The resumed home starts with the reference's testbed
-    (its base conversion and aligned model, copied as a cache is shared): building it twice would
-    double the test's time, and the tiny test above kills a run inside every kind of stage."""
-    args = ["--preset", "smoke", "--defenses", "aligned,none"]
-    reference_home, reference_trace = tmp_path / "reference", tmp_path / "reference-trace.txt"
-    proc = realign_run(args, reference_home, reference_trace)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_smoke_setting_killed_at_three_points_resumes(smoke_run, tmp_path):
+    """The embedded smoke main job (the session's shared cold run is the reference), killed while
+    the attack trains, while vLLM (or transformers) generates, and while a record is written. The
+    resumed home starts with the reference's testbed (its base conversion and aligned model, copied
+    as a cache is shared): building it twice would double the test's time, and the tiny test above
+    kills a run inside every kind of stage."""
+    reference_home = smoke_run["home"]
     reference = outputs(reference_home, "embedded-smoke")
-    lines = trace_lines(reference_trace)
+    assert reference["records"] and reference["masks"] and reference["answers"]
+    lines = trace_lines(smoke_run["trace"])
     after_testbed = lines[next(i for i, line in enumerate(lines) if line.startswith("start attack-")) :]
     points = choose_kill_points(after_testbed, {"train": 1, "generate": 1}, 17) + [record_write(after_testbed)]
     home = tmp_path / "resumed"
     for stage in [*(reference_home / "cache").glob("testbed-*"), *(reference_home / "cache" / "models").glob("base-*")]:
         shutil.copytree(stage, home / stage.relative_to(reference_home))
-    kill_and_resume(args, "embedded-smoke", tmp_path, sorted(points, key=lines.index), reference, home)
+    kill_and_resume(SMOKE_COMMAND, "embedded-smoke", tmp_path, sorted(points, key=lines.index), reference, home)
