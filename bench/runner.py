@@ -538,14 +538,18 @@ def _check_writable(cfg: RunConfig) -> None:
 
 
 def _timed_variants(resolved: Resolved, cfg: RunConfig, clock: Clock) -> Iterator[Variant]:
-    """The setting's fine-tuned models, each attack timed as its own stage."""
+    """The setting's fine-tuned models, each attack timed as its own stage, "attack (N=100)" (the
+    attack logs its own progress lines while it trains)."""
     variants = resolved.variants(cfg.cache, clock.say)
+    label = "attack" if resolved.setting.attack is not None else "fine-tuned model"
     while True:
-        label = "attack" if resolved.setting.attack is not None else "fine-tuned model"
-        with clock.stage(label):
-            variant = next(variants, None)
+        t = time.perf_counter()
+        variant = next(variants, None)  # an attack trains here (or its cached model is read)
         if variant is None:
             return
+        stage = f"{label} (N={variant.harmful_n})"
+        clock.stages[stage] = round(time.perf_counter() - t, 1)
+        clock.say(f"{stage}: {clock.stages[stage]:.1f}s")
         yield variant
 
 

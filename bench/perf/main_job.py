@@ -4,9 +4,10 @@
     python -m bench.perf.main_job --home DIR --cold-done --write  # DIR holds a cold run of this benchmark: warm only
 
 Runs `realign run` as a user would (a subprocess), reads the stage times the main job writes to
-runs/embedded-default/timings.json, and reports them against the issue's targets (cold <= 20 min,
-warm <= 2 min). The reference is the cold run itself: the warm run's ratio to it is the cache's
-saving. Cold runs take about half an hour here; nothing else should run beside it.
+runs/embedded-default/timings.json, and reports them against the issue's targets (cold <= 15 min on
+an idle machine; a fully cached rerun <= 2 min, which is the stage cache's and manifests' overhead).
+The reference is the cold run itself: the warm run's ratio to it is the cache's saving. Cold runs
+take about 20 minutes here; nothing else should run beside it.
 """
 
 from __future__ import annotations
@@ -74,9 +75,11 @@ def main() -> None:
                     "| stage (cold) | seconds |",
                     "|---|---|",
                     *rows,
-                    f"| **total, cold** (target 1200 s) | **{cold['total_s']:.0f}** ({cold['total_s'] / 60:.1f} min) |",
-                    f"| **total, warm** (target 120 s) | **{warm['total_s']:.1f}** ({result['warm_over_cold']:.4f}x "
-                    "cold) |",
+                    f"| **total, cold** (target 900 s) | **{cold['total_s']:.0f}** ({cold['total_s'] / 60:.1f} min; "
+                    f"wall {cold['wall_s']:.0f} s with the interpreter's start) |",
+                    f"| **total, warm: every stage cached** (target 120 s) | **{warm['total_s']:.1f}** "
+                    f"({result['warm_over_cold']:.4f}x cold; wall {warm['wall_s']:.1f} s: start, imports, manifests "
+                    "and content hashes checked, board rendered) |",
                 ]
             ),
         )
