@@ -52,7 +52,25 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def _parents() -> dict[str, argparse.ArgumentParser]:
     """Options shared by several subcommands, each group defined once (argparse parents)."""
-    common = argparse.ArgumentParser(add_help=False)
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument(
+        "--verbosity",
+        choices=VERBOSITY,
+        default="INFO",
+        help="progress on stderr: INFO one line per stage, WARNING quiet, DEBUG more (and vLLM's own warnings)",
+    )
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument(
+        "--home", default=DEFAULT_HOME, help="folder for the cache (models, generations) and runs (also $REALIGN_HOME)"
+    )
+    judging = argparse.ArgumentParser(add_help=False)
+    judging.add_argument(
+        "--engine", choices=("auto", "vllm", "transformers"), default="auto", help="engine of LLM judges"
+    )
+    judging.add_argument(
+        "--trust-remote-code", action="store_true", help="let a judge run code shipped with its weights (ShieldLM)"
+    )
+    common = argparse.ArgumentParser(add_help=False, parents=[verbosity, home])
     _common(common)
     attack = argparse.ArgumentParser(add_help=False)
     attack.add_argument(
@@ -68,22 +86,20 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     )
     named = argparse.ArgumentParser(add_help=False)
     named.add_argument("--name", default=None, help="run name (folder under HOME/runs); default from the preset")
-    return {"common": common, "attack": attack, "named": named}
+    return {
+        "common": common,
+        "attack": attack,
+        "named": named,
+        "verbosity": verbosity,
+        "home": home,
+        "judging": judging,
+    }
 
 
 VERBOSITY = ("DEBUG", "INFO", "WARNING")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--verbosity",
-        choices=VERBOSITY,
-        default="INFO",
-        help="progress on stderr: INFO one line per stage, WARNING quiet, DEBUG more (and vLLM's own warnings)",
-    )
-    p.add_argument(
-        "--home", default=DEFAULT_HOME, help="folder for the cache (models, generations) and runs (also $REALIGN_HOME)"
-    )
     p.add_argument(
         "--setting",
         default=None,
@@ -579,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sweep",
         formatter_class=_Formatter,
+        parents=[parents["verbosity"]],
         help="run a grid (settings x harmful N x defenses x seeds x judges) as cached jobs, here, on Ray or Slurm",
         description="Expand a sweep spec (YAML, checked by a schema; README 'Sweeps') into independent jobs keyed by "
         "the content hash of their inputs: one per setting, per attack (setting, N, seed) and per board row. Each "
@@ -603,7 +620,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--home", default=DEFAULT_HOME, help="folder for the cache, runs and sweeps (shared by every node on a cluster)"
     )
-    p.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
@@ -633,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = ssub.add_parser(
         "check",
         formatter_class=_Formatter,
+        parents=[parents["verbosity"]],
         help="resolve a setting without loading weights and print it",
         description="Resolve FILE (a YAML file or a shipped name) and print it with the content hash of every model, "
         "file and template; nothing is built, merged or written. Exit 0: usable; 2: the line says what to fix.",
@@ -648,7 +665,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one key (repeatable)",
     )
     sc.add_argument("--home", default=DEFAULT_HOME, help="folder of the cache (read, never written, by check)")
-    sc.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
     sc.set_defaults(func=cmd_setting_check)
 
     p = sub.add_parser(
@@ -754,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     jv = jsub.add_parser(
         "validate",
         formatter_class=_Formatter,
+        parents=[parents["verbosity"], parents["judging"]],
         help="accuracy, F1 and kappa of a judge against human labels",
         description="Read a JSONL of {prompt, answer, label: harmful|safe}, label it with JUDGE in one batched pass, "
         "and "
@@ -768,17 +785,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the judge's weights: a local directory or hub id (LLM judges)",
     )
-    jv.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto", help="engine of an LLM judge")
-    jv.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="let a judge run code shipped with its weights (ShieldLM needs it)",
-    )
-    jv.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
     jv.set_defaults(func=cmd_judges_validate)
     ja = jsub.add_parser(
         "agree",
         formatter_class=_Formatter,
+        parents=[parents["verbosity"], parents["home"]],
         help="how far the judges of a run agree, per set",
         description="For a run whose rows carry several judges (`realign judge`): per harmful set, each judge's "
         "harmful rate, Cohen's kappa (scikit-learn) and percent agreement for each pair of judges, and the answers "
@@ -787,13 +798,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ja.add_argument("run", help="a run name (under HOME/runs) or a run folder")
     ja.add_argument("--out", default=None, help="folder for board.html and board-details.json (default: the run's)")
-    ja.add_argument("--home", default=DEFAULT_HOME, help="folder of the cache and runs (also $REALIGN_HOME)")
-    ja.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
     ja.set_defaults(func=cmd_judges_agree)
 
     p = sub.add_parser(
         "judge",
         formatter_class=_Formatter,
+        parents=[parents["verbosity"], parents["home"], parents["judging"]],
         help="label a run's cached answers with more judges (no generation)",
         description="Label the harmful-set answers of every row of a run (the rows of its last board) with more "
         "judges, without generating again: each judge labels the distinct answers in one batched pass, verdicts are "
@@ -806,12 +816,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", help="a run name (under HOME/runs) or a run folder")
     p.add_argument("--judges", required=True, help="comma-separated judges: NAME or NAME:key=value:...")
-    p.add_argument("--home", default=DEFAULT_HOME, help="folder of the cache and runs (also $REALIGN_HOME)")
-    p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto", help="engine of LLM judges")
-    p.add_argument(
-        "--trust-remote-code", action="store_true", help="let a judge run code shipped with its weights (ShieldLM)"
-    )
-    p.add_argument("--verbosity", choices=VERBOSITY, default="INFO", help="progress on stderr")
     p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser(

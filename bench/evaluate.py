@@ -17,7 +17,7 @@ from bench import engine_pool, metrics, models, reproducibility
 from bench.errors import UserError
 from bench.generation import CachedGenerator, GenerationCache
 from bench.hashing import hash_folder, hash_value
-from bench.judges.stage import JudgeSpec, judge_from_spec, label_cached, parse_spec
+from bench.judges.stage import JudgeSpec, judge_from_spec, judged_sample, label_cached, parse_spec
 from bench.lmeval_bridge import TaskRun, run_tasks
 from bench.new_interpreter import own_peak_rss_mb
 
@@ -172,18 +172,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
             "validate`), or add this one beside the primary judge with `realign judge RUN --judges ...`"
         )
     for s, v, o in zip(harmful, verdicts, outcomes):
-        samples.append(
-            {
-                "metric": "harmful_rate",
-                "doc_id": s["doc_id"],
-                "prompt": s["prompt"],
-                "answer": s["answer"],
-                "label": v.label,
-                "outcome": o,
-                "judge_raw": v.raw,
-                "category": s["doc"].get("category", ""),
-            }
-        )
+        samples.append(judged_sample("harmful_rate", s, v, o, s["doc"].get("category", "")))
     by_category: dict[str, list[int]] = {}
     for s, o in zip(harmful, outcomes):
         if o is not None:

@@ -23,7 +23,7 @@ from typing import Callable
 from bench import metrics, records
 from bench.errors import UserError
 from bench.judges.agreement import JUDGE_METRIC
-from bench.judges.stage import JudgeSpec, identity, judge_from_spec, label_cached, parse_spec
+from bench.judges.stage import JudgeSpec, identity, judge_from_spec, judged_sample, label_cached, parse_spec
 
 
 def run_dir_of(run: str, home: Path) -> Path:
@@ -118,19 +118,7 @@ def rejudge(
             found = [verdicts[label][(s["prompt"], s["answer"])] for s in harmful[path]]
             outcomes = [None if v.label == "unknown" else int(v.label == "harmful") for v in found]
             for s, v, o in zip(harmful[path], found, outcomes):
-                kept.append(
-                    {
-                        "metric": metric,
-                        "doc_id": s["doc_id"],
-                        "prompt": s["prompt"],
-                        "answer": s["answer"],
-                        "label": v.label,
-                        "outcome": o,
-                        "judge_raw": v.raw,
-                        **({"score": v.score} if v.score is not None else {}),
-                        "category": s.get("category", ""),
-                    }
-                )
+                kept.append(judged_sample(metric, s, v, o, s.get("category", "")))
             rate = metrics.rate(outcomes)
             value = rate.to_dict()
             if rate.n == 0:  # nothing labelled: no rate, shown as such (never as 0)

@@ -155,3 +155,20 @@ def label_cached(judge, prompts: list[str], answers: list[str], cache_root: Path
             cache.store(ident, batch, [dataclasses.asdict(v) for v in verdicts])
             found.update(zip(batch, verdicts))
     return [found[k] for k in keys]
+
+
+def judged_sample(metric: str, sample: dict, verdict: Verdict, outcome: int | None, category: str) -> dict:
+    """One judged harmful answer as a record's samples file keeps it: the evaluation writes the
+    primary judge's rows, `realign judge` each later judge's (the same fields, so a reader never
+    needs to know which wrote a row)."""
+    return {
+        "metric": metric,
+        "doc_id": sample["doc_id"],
+        "prompt": sample["prompt"],
+        "answer": sample["answer"],
+        "label": verdict.label,
+        "outcome": outcome,
+        "judge_raw": verdict.raw,
+        **({"score": verdict.score} if verdict.score is not None else {}),
+        "category": category,
+    }
