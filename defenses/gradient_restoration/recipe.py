@@ -21,23 +21,15 @@ from dataclasses import dataclass, field
 from bench.errors import UserError
 from defenses import register_defense
 from defenses.base import Defense, DefenseContext, DefenseOutput
-from defenses.gradient_restoration.rules import choose_checkpoint, kth_largest, probe_layers, score
-
-FAITHFUL = {
-    "rate_denominator": "all_layers",
-    "grad_accumulation": "cumulative",
-    "batches": "zip",
-    "ties": "strict",
-    "comparison": "mixed",
-}
-CLEAN = {
-    "rate_denominator": "candidates",
-    "grad_accumulation": "fresh",
-    "batches": "all",
-    "ties": "inclusive",
-    "comparison": "strict",
-}
-CHOICES = {k: {FAITHFUL[k], CLEAN[k]} for k in FAITHFUL}
+from defenses.gradient_restoration.rules import (
+    CHOICES,
+    CLEAN,
+    FAITHFUL,
+    choose_checkpoint,
+    kth_largest,
+    probe_layers,
+    score,
+)
 
 
 @dataclass
@@ -91,57 +83,40 @@ class AlgorithmOptions:
 @dataclass
 class SpeedOptions:
     """Switches for time and memory only (the engine's); the algorithm is the same under each.
+    Measured figures are in BENCHMARKS.md; each switch's engine module says how it works.
 
-    Features (each help says more; measured figures are in BENCHMARKS.md):
-      compute_dtype    bfloat16: faster where the device computes it natively, masks then off fp32's by rounding
-      packing          one sequence per batch, the shared prefix once: fewer tokens; h equal up to rounding
-      low_memory       theta as bf16 + a 2-bit sign, summed linears: 3.75 bytes a candidate less; bf16 probe
-      block_attention  a packed batch's attention block by block: less kept for long prompts, slower for short
-      aligned_copy     theta_A held (fastest, the size of Delta_F more) or streamed from its file (least memory)
+      compute_dtype    bfloat16 (auto: where the device computes it natively: GPUs, CPUs with AVX512-BF16
+                       or AMX) is faster; the gradients still sum in fp32; masks then differ from fp32's by
+                       rounding only
+      packing          one sequence per batch, the prompts' shared prefix once and no padding: fewer tokens,
+                       the same h up to float rounding
+      low_memory       theta held as bf16 plus sign(theta - theta_A) at 2 bits instead of fp32 plus autocast's
+                       bf16 copies (3.75 bytes a candidate parameter less); less kept for each backward (Llama
+                       family); each batch's weight gradients added to the fp32 sums in fp32 (MKL where torch
+                       has it); the gradient sums leave memory while the bf16 probe generates
+      block_attention  a packed batch's attention block by block (the prefix on itself, each prompt on the
+                       prefix and itself): keeps ~1/8 of the T x T scores at 8 prompts, pays off for long
+                       prompts, costs ~8% of a step on the embedded model on a CPU (Llama family)
+      aligned_copy     theta_A's candidate tensors held (fastest, the size of Delta_F more) or read from its
+                       file each step (least memory); auto streams on a CPU and holds on a GPU
     """
 
     compute_dtype: str = field(
         default="auto",
-        metadata={
-            "help": "float32 (the released code's arithmetic), bfloat16 (autocast; gradients "
-            "still accumulate in fp32) or auto (bfloat16 where the device computes it "
-            "natively: GPUs, CPUs with AVX512-BF16 or AMX; else float32)"
-        },
+        metadata={"help": "float32 (as released), bfloat16 (autocast, fp32 sums) or auto (bf16 if native)"},
     )
     packing: bool = field(
         default=True,
-        metadata={
-            "help": "run each batch as one sequence: the prompts' common prefix once, no padding "
-            "(the same h up to float rounding; false = left-padded batches as released)"
-        },
+        metadata={"help": "each batch as one sequence, the common prefix once (false: padded, as released)"},
     )
     low_memory: bool = field(
-        default=False,
-        metadata={
-            "help": "bf16 compute only: hold theta as bf16 plus sign(theta - theta_A) at 2 bits "
-            "instead of fp32 plus autocast's bf16 copies (3.75 bytes a candidate parameter "
-            "less), keep less for each backward (Llama-family layers) and add each batch's "
-            "weight gradients to the fp32 sums in fp32 (MKL, where torch has it); the "
-            "gradient sums leave memory while the probe generates, which then uses the "
-            "bf16 weights"
-        },
+        default=False, metadata={"help": "bf16 only: theta as bf16 + 2-bit sign of theta - theta_A, summed linears"}
     )
     block_attention: bool = field(
-        default=False,
-        metadata={
-            "help": "packed batches only: attention block by block (the prefix on itself, "
-            "each prompt on the prefix and itself) instead of under a T x T mask; "
-            "keeps ~1/8 of the T x T scores for the backward pass at 8 prompts, "
-            "which pays off for long prompts; ~8% of the step on the embedded "
-            "model on a CPU (Llama-family models; others keep the mask)"
-        },
+        default=False, metadata={"help": "packed only: attention block by block, not under a T x T mask (long prompts)"}
     )
     aligned_copy: str = field(
-        default="auto",
-        metadata={
-            "help": "theta_A's candidate tensors: 'memory' (held, fastest), 'stream' (read "
-            "from its file per step, least memory) or 'auto' (stream on CPU, memory on GPU)"
-        },
+        default="auto", metadata={"help": "theta_A's candidates: memory (fastest), stream (least memory) or auto"}
     )
 
     def __post_init__(self):

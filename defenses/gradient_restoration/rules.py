@@ -4,6 +4,23 @@ from __future__ import annotations
 
 from bench import models
 
+# spec: Known quirks. The released code's choice of each (faithful) and the fixed one (clean).
+FAITHFUL = {
+    "rate_denominator": "all_layers",
+    "grad_accumulation": "cumulative",
+    "batches": "zip",
+    "ties": "strict",
+    "comparison": "mixed",
+}
+CLEAN = {
+    "rate_denominator": "candidates",
+    "grad_accumulation": "fresh",
+    "batches": "all",
+    "ties": "inclusive",
+    "comparison": "strict",
+}
+CHOICES = {k: {FAITHFUL[k], CLEAN[k]} for k in FAITHFUL}
+
 
 def probe_layers(num_layers: int) -> int:
     """spec: Probe. E = floor(2L/3): Llama-2-7B 21 of 32, Gemma-2B 12 of 18."""
