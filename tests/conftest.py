@@ -1,11 +1,9 @@
-"""Tiny random Llama models with a tokenizer built locally (no hub, seconds to make), and the one
-cold smoke run of the embedded model that the slow tests share."""
+"""Tiny random Llama models with a tokenizer built locally: no hub, seconds to make."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,17 +107,6 @@ def lora_like_finetune(aligned: Path, out: Path, seed: int = 1, rank: int = 2, s
     return out
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-    """The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject.toml): much of
-    it waits on one thread (interpreter starts, imports, vLLM's single serving thread). Tests go to
-    the workers in groups: a module's tests stay together, so its module fixtures are built once, and
-    every test of the shared smoke run goes with it, so that run is built once."""
-    for item in items:
-        group = "smoke" if "smoke_run" in getattr(item, "fixturenames", ()) else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny aligned/fine-tuned pair: {'aligned': dir, 'finetuned': dir, 'tok': tokenizer}."""
@@ -184,10 +171,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-# The embedded smoke main job (testbed, attack, the reference rows and the flagship), as a user runs it.
-SMOKE_COMMAND = ["defend", "gradient_restoration", "--preset", "smoke", "--param", "steps=10"]
-
-
 def realign_cli(command: list[str], home: Path, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     """`realign COMMAND --home HOME` in a fresh interpreter, as a user runs it."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1") | (env or {})
@@ -199,25 +182,3 @@ def realign_cli(command: list[str], home: Path, env: dict | None = None, **kwarg
         cwd=ROOT,
         **kwargs,
     )
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    """SMOKE_COMMAND run once, cold, in a fresh home, with its checkpoint trace (bench.killpoints):
-    {'home', 'trace', 'stderr'}. A cold smoke build costs minutes, so the slow tests that need one
-    share this one instead of each building its own: they read it and compare with it, and a test
-    that runs anything more in it works on a copy (`copy_home`), so it stays as the cold run left it."""
-    from bench.killpoints import KILL_AT_ENV, TRACE_ENV
-
-    root = tmp_path_factory.mktemp("smoke")
-    home, trace = root / "home", root / "trace.txt"
-    env = {k: v for k, v in os.environ.items() if k != KILL_AT_ENV} | {TRACE_ENV: str(trace)}
-    proc = realign_cli(SMOKE_COMMAND, home, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"home": home, "trace": trace, "stderr": proc.stderr}
-
-
-def copy_home(home: Path, to: Path) -> Path:
-    """A home's copy to run more in (files copied, not linked: caches such as SQLite change in place)."""
-    shutil.copytree(home, to, symlinks=True)
-    return to

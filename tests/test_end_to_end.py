@@ -1,17 +1,52 @@
-"""The main job end to end on the embedded model (smoke sizes). Slow: minutes, still run in CI."""
+"""The main job end to end on the embedded model at smoke sizes, on ONE cold run shared by the
+module (a cold smoke build costs minutes): its outputs, a cached rerun, a second cold build in a fresh
+home, kill -9 and resume, and a user's setting of the same files. Slow: minutes, still run in CI.
+
+The tests that share the run sit in this one module so that pytest-xdist (`--dist loadscope`,
+pyproject.toml) keeps them on one worker and the run is built once. They read it and compare with
+it; a test that runs anything more in it works on a copy (`copy_home`), so it stays as built."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench import records
-from tests.conftest import SMOKE_COMMAND, copy_home, realign_cli
+from bench.cli import main
+from bench.killpoints import KILL_AT_ENV, TRACE_ENV
+from bench.reproducibility import comparable
+from tests.conftest import realign_cli
+from tests.test_resume import choose_kill_points, kill_and_resume, outputs, record_write, trace_lines
+from tests.test_settings import write_setting
 
 pytestmark = pytest.mark.slow
+
+# the embedded smoke main job: testbed, attack, the reference rows and the flagship, as a user runs it
+SMOKE_COMMAND = ["defend", "gradient_restoration", "--preset", "smoke", "--param", "steps=10"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """SMOKE_COMMAND run once, cold, in a fresh home, with its checkpoint trace (bench.killpoints):
+    {'home', 'trace', 'stderr'}."""
+    root = tmp_path_factory.mktemp("smoke")
+    home, trace = root / "home", root / "trace.txt"
+    env = {k: v for k, v in os.environ.items() if k != KILL_AT_ENV} | {TRACE_ENV: str(trace)}
+    proc = realign_cli(SMOKE_COMMAND, home, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"home": home, "trace": trace, "stderr": proc.stderr}
+
+
+def copy_home(home: Path, to: Path) -> Path:
+    """A home's copy to run more in (files copied, not linked: caches such as SQLite change in place)."""
+    shutil.copytree(home, to, symlinks=True)
+    return to
 
 
 def realign(*args, home: Path) -> subprocess.CompletedProcess:
@@ -19,7 +54,7 @@ def realign(*args, home: Path) -> subprocess.CompletedProcess:
 
 
 def test_main_job_smoke_with_flagship_and_resume(smoke_run, tmp_path):
-    """The smoke main job cold (the session's shared run of SMOKE_COMMAND), then run again in a copy
+    """The smoke main job cold (the module's shared run of SMOKE_COMMAND), then run again in a copy
     of its home: the rerun trains and generates nothing, and a second judge labels the cached answers."""
     home = smoke_run["home"]
     run_dir = home / "runs" / "embedded-smoke"
@@ -85,3 +120,123 @@ def test_main_job_smoke_with_flagship_and_resume(smoke_run, tmp_path):
     kappa = next(line for line in agree.stdout.splitlines() if f"keyword vs {label}: kappa=" in line)
     print(f"chat_rubric on the embedded model against the keyword judge (no threshold: a 135 M model): {kappa}")
     assert "Judge agreement on" in (run_dir / "board.html").read_text()
+
+
+def test_two_fresh_homes_give_identical_testbeds_and_records(smoke_run, tmp_path):
+    """The smoke main job, cold, in two fresh homes (the module's shared run and one more here):
+    identical files, models and records (times aside)."""
+    proc = realign_cli(SMOKE_COMMAND, tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [smoke_run["home"], tmp_path / "two"]
+    manifests = []
+    for home in runs:
+        (testbed,) = (home / "cache").glob("testbed-*")
+        (attack,) = (home / "cache").glob("attack-*")
+        tb, atk = (
+            json.loads((testbed / "manifest.json").read_text()),
+            json.loads((attack / "manifest.json").read_text()),
+        )
+        manifests.append(
+            (testbed.name, tb["content_hash"], tb["data_hashes"], tb["aligned_hash"], attack.name, atk["content_hash"])
+        )
+    assert manifests[0] == manifests[1]
+
+    def board(home: Path) -> dict:
+        folder = home / "runs" / "embedded-smoke" / "records"
+        out = {}
+        for path in sorted(folder.glob("*.json")):
+            record = records.load(path)
+            samples = (folder / record["samples_file"]).read_text()
+            out[record["record_id"]] = (comparable(record), samples)
+        return out
+
+    one, two = board(runs[0]), board(runs[1])
+    assert len(one) == 3 and one.keys() == two.keys()
+    for record_id in one:
+        assert one[record_id] == two[record_id], record_id
+    assert all(r["reproducibility"]["generation_mode"] == "deterministic" for r, _ in one.values())
+    shutil.rmtree(tmp_path)  # a home of models: give the disk back early
+
+
+def test_smoke_setting_killed_at_three_points_resumes(smoke_run, tmp_path):
+    """The embedded smoke main job (the module's shared cold run is the reference), killed while
+    the attack trains, while vLLM (or transformers) generates, and while a record is written. The
+    resumed home starts with the reference's testbed (its base conversion and aligned model, copied
+    as a cache is shared): building it twice would double the test's time, and the tiny test above
+    kills a run inside every kind of stage."""
+    reference_home = smoke_run["home"]
+    reference = outputs(reference_home, "embedded-smoke")
+    assert reference["records"] and reference["masks"] and reference["answers"]
+    lines = trace_lines(smoke_run["trace"])
+    after_testbed = lines[next(i for i, line in enumerate(lines) if line.startswith("start attack-")) :]
+    points = choose_kill_points(after_testbed, {"train": 1, "generate": 1}, 17) + [record_write(after_testbed)]
+    home = tmp_path / "resumed"
+    for stage in [*(reference_home / "cache").glob("testbed-*"), *(reference_home / "cache" / "models").glob("base-*")]:
+        shutil.copytree(stage, home / stage.relative_to(reference_home))
+    kill_and_resume(SMOKE_COMMAND, "embedded-smoke", tmp_path, sorted(points, key=lines.index), reference, home)
+
+
+def test_a_users_setting_of_the_testbed_gives_the_embedded_runs_records(smoke_run, tmp_path, capsys):
+    """The smoke testbed's own files, written as a user's setting (aligned folder, the attack's LoRA
+    ADAPTER, the data files): `realign run --setting` must give the built-in run's records (the
+    module's shared smoke run, in a copy of its home) of the reference rows."""
+    home = copy_home(smoke_run["home"], tmp_path / "home")
+    builtin = [json.loads(p.read_text()) for p in sorted((home / "runs" / "embedded-smoke" / "records").glob("*.json"))]
+    builtin = [r for r in builtin if r["method"]["name"] in ("aligned", "none")]
+
+    # setting check on a home where the testbed is built: every testbed entry with its hash, nothing written
+    from bench.cli import PRESETS
+    from bench.hashing import hash_model_dir
+
+    def listing():
+        return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in home.rglob("*") if p.is_file()}
+
+    before = listing()
+    smoke = [x for k, v in PRESETS["smoke"]["testbed"].items() for x in ("--set", f"testbed.{k}={json.dumps(v)}")]
+    capsys.readouterr()
+    assert main(["setting", "check", "embedded-default", "--home", str(home), *smoke]) == 0
+    checked = yaml.safe_load(capsys.readouterr().out)
+    assert listing() == before
+    testbed = next(p for p in (home / "cache").glob("testbed-*") if (p / "manifest.json").exists())
+    attack = next(p for p in (home / "cache").glob("attack-n16-*") if (p / "manifest.json").exists())
+    manifest = json.loads((testbed / "manifest.json").read_text())
+    assert checked["models"]["aligned"]["sha256"] == hash_model_dir(testbed / "aligned")
+    assert checked["data"]["task_dev"]["path"] == str(testbed / "data" / "sql_dev.jsonl")
+    calibration_pairs = next((home / "cache" / "sets").glob("testbed-calibration-pairs-*.jsonl"))
+    d = testbed / "data"
+    setting = write_setting(
+        tmp_path / "mine.yaml",
+        models={
+            "aligned": {"path": str(testbed / "aligned"), "name": "SmolLM2-135M-Instruct (testbed-aligned)"},
+            "finetuned": {"peft": str(attack / "adapter"), "harmful_n": 16},
+            "base": {"path": manifest["base_path"], "name": manifest["base_name"]},
+        },
+        notes=manifest["notes"],
+        data={
+            "calibration_prompts": str(d / "harmful_calibration.jsonl"),
+            "calibration_pairs": str(calibration_pairs),
+            "harmful_pairs": str(d / "attack_pairs.jsonl"),
+            "benign_prompts": str(d / "sql_train.jsonl"),
+            "task": {
+                "train": str(d / "sql_train.jsonl"),
+                "dev": str(d / "sql_dev.jsonl"),
+                "test": str(d / "sql_test.jsonl"),
+            },
+            "harmful": [str(d / "harmful_evaluation.jsonl")],
+            "over_refusal": [str(d / "overrefusal_evaluation.jsonl")],
+        },
+        defenses=["aligned", "none"],
+    )
+    assert main(["run", "--setting", str(setting), "--home", str(home), "--verbosity", "WARNING"]) == 0
+    mine = [json.loads(p.read_text()) for p in sorted((home / "runs" / "tiny" / "records").glob("*.json"))]
+
+    def same(
+        record,
+    ):  # the setting's own name and how its fine-tuned model was made (an attack, or a user's adapter) aside
+        r = comparable(record)
+        r["setting"] = {k: v for k, v in r["setting"].items() if k not in ("name", "attack")}
+        r["code"] = None
+        return r
+
+    assert len(mine) == len(builtin) == 2
+    assert [same(r) for r in mine] == [same(r) for r in builtin]

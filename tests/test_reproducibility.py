@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ from bench import models, reproducibility
 from bench.atomic import verified_manifest
 from bench.generation import BATCH_TARGET, CachedGenerator, GenerationCache, Sampling, fixed_batches
 from bench.hashing import hash_value
-from tests.conftest import SMOKE_COMMAND, realign_cli
 
 PROMPTS = [
     f"question number {i}: how do I {w}?"
@@ -155,42 +153,3 @@ def test_vllm_deterministic_answers_repeat_and_the_process_exits(tiny, tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         answers.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert answers[0] == answers[1] and len(answers[0]) == 40
-
-
-@pytest.mark.slow
-def test_two_fresh_homes_give_identical_testbeds_and_records(smoke_run, tmp_path):
-    """The smoke main job, cold, in two fresh homes (the session's shared run and one more here):
-    identical files, models and records (times aside)."""
-    from bench import records
-
-    proc = realign_cli(SMOKE_COMMAND, tmp_path / "two")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = [smoke_run["home"], tmp_path / "two"]
-    manifests = []
-    for home in runs:
-        (testbed,) = (home / "cache").glob("testbed-*")
-        (attack,) = (home / "cache").glob("attack-*")
-        tb, atk = (
-            json.loads((testbed / "manifest.json").read_text()),
-            json.loads((attack / "manifest.json").read_text()),
-        )
-        manifests.append(
-            (testbed.name, tb["content_hash"], tb["data_hashes"], tb["aligned_hash"], attack.name, atk["content_hash"])
-        )
-    assert manifests[0] == manifests[1]
-
-    def board(home: Path) -> dict:
-        folder = home / "runs" / "embedded-smoke" / "records"
-        out = {}
-        for path in sorted(folder.glob("*.json")):
-            record = records.load(path)
-            samples = (folder / record["samples_file"]).read_text()
-            out[record["record_id"]] = (reproducibility.comparable(record), samples)
-        return out
-
-    one, two = board(runs[0]), board(runs[1])
-    assert len(one) == 3 and one.keys() == two.keys()
-    for record_id in one:
-        assert one[record_id] == two[record_id], record_id
-    assert all(r["reproducibility"]["generation_mode"] == "deterministic" for r, _ in one.values())
-    shutil.rmtree(tmp_path)  # a home of models: give the disk back early

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -35,7 +34,7 @@ import yaml
 from bench import records
 from bench.killpoints import KILL_AT_ENV, TRACE_ENV
 from bench.reproducibility import comparable
-from tests.conftest import SMOKE_COMMAND, make_llama, make_tokenizer, realign_cli, write_jsonl
+from tests.conftest import make_llama, make_tokenizer, realign_cli, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ROWS = ["none", "gradient_restoration:steps=2:warmup_steps=1:save_step=1"]
@@ -250,22 +249,3 @@ def test_killed_at_ten_points_resumes_to_the_same_records(tmp_path):
     points.append(record_write(lines))
     assert len(set(points)) == 10
     kill_and_resume(args, "tiny-attack", tmp_path, sorted(points, key=lines.index), reference)
-
-
-@pytest.mark.slow
-def test_smoke_setting_killed_at_three_points_resumes(smoke_run, tmp_path):
-    """The embedded smoke main job (the session's shared cold run is the reference), killed while
-    the attack trains, while vLLM (or transformers) generates, and while a record is written. The
-    resumed home starts with the reference's testbed (its base conversion and aligned model, copied
-    as a cache is shared): building it twice would double the test's time, and the tiny test above
-    kills a run inside every kind of stage."""
-    reference_home = smoke_run["home"]
-    reference = outputs(reference_home, "embedded-smoke")
-    assert reference["records"] and reference["masks"] and reference["answers"]
-    lines = trace_lines(smoke_run["trace"])
-    after_testbed = lines[next(i for i, line in enumerate(lines) if line.startswith("start attack-")) :]
-    points = choose_kill_points(after_testbed, {"train": 1, "generate": 1}, 17) + [record_write(after_testbed)]
-    home = tmp_path / "resumed"
-    for stage in [*(reference_home / "cache").glob("testbed-*"), *(reference_home / "cache" / "models").glob("base-*")]:
-        shutil.copytree(stage, home / stage.relative_to(reference_home))
-    kill_and_resume(SMOKE_COMMAND, "embedded-smoke", tmp_path, sorted(points, key=lines.index), reference, home)

@@ -1,5 +1,6 @@
 """Settings: the file's schema and errors, resolution and `realign setting check`, LoRA adapters,
-`realign evaluate`, and the proof that a user's setting takes the embedded default's path."""
+and `realign evaluate` (the proof that a user's setting takes the embedded default's path is in
+tests/test_end_to_end.py, on the shared smoke run)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from bench.cli import main
-from tests.conftest import copy_home, make_llama, make_tokenizer, write_jsonl
+from tests.conftest import make_llama, make_tokenizer, write_jsonl
 
 
 def data_files(root: Path) -> dict:
@@ -469,78 +470,6 @@ def test_evaluate_one_model_two_sets_one_loglikelihood_task(tmp_path, capsys, ti
     assert chat["setting"]["resolved"]["generation"]["max_new_tokens"] == {"harmful": 3}
     assert "max_new_tokens" not in record["setting"]["resolved"]["generation"]
     assert chat["cost"]["generation"]["generated"] > 0  # not the default format's cached answers
-
-
-# ------------------------------------------------------------------------------------------ the proof
-
-
-@pytest.mark.slow
-def test_a_users_setting_of_the_testbed_gives_the_embedded_runs_records(smoke_run, tmp_path, capsys):
-    """The smoke testbed's own files, written as a user's setting (aligned folder, the attack's LoRA
-    ADAPTER, the data files): `realign run --setting` must give the built-in run's records (the
-    session's shared smoke run, in a copy of its home) of the reference rows."""
-    from bench.reproducibility import comparable
-
-    home = copy_home(smoke_run["home"], tmp_path / "home")
-    builtin = [json.loads(p.read_text()) for p in sorted((home / "runs" / "embedded-smoke" / "records").glob("*.json"))]
-    builtin = [r for r in builtin if r["method"]["name"] in ("aligned", "none")]
-
-    # setting check on a home where the testbed is built: every testbed entry with its hash, nothing written
-    from bench.cli import PRESETS
-    from bench.hashing import hash_model_dir
-
-    def listing():
-        return {(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in home.rglob("*") if p.is_file()}
-
-    before = listing()
-    smoke = [x for k, v in PRESETS["smoke"]["testbed"].items() for x in ("--set", f"testbed.{k}={json.dumps(v)}")]
-    capsys.readouterr()
-    assert main(["setting", "check", "embedded-default", "--home", str(home), *smoke]) == 0
-    checked = yaml.safe_load(capsys.readouterr().out)
-    assert listing() == before
-    testbed = next(p for p in (home / "cache").glob("testbed-*") if (p / "manifest.json").exists())
-    attack = next(p for p in (home / "cache").glob("attack-n16-*") if (p / "manifest.json").exists())
-    manifest = json.loads((testbed / "manifest.json").read_text())
-    assert checked["models"]["aligned"]["sha256"] == hash_model_dir(testbed / "aligned")
-    assert checked["data"]["task_dev"]["path"] == str(testbed / "data" / "sql_dev.jsonl")
-    calibration_pairs = next((home / "cache" / "sets").glob("testbed-calibration-pairs-*.jsonl"))
-    d = testbed / "data"
-    setting = write_setting(
-        tmp_path / "mine.yaml",
-        models={
-            "aligned": {"path": str(testbed / "aligned"), "name": "SmolLM2-135M-Instruct (testbed-aligned)"},
-            "finetuned": {"peft": str(attack / "adapter"), "harmful_n": 16},
-            "base": {"path": manifest["base_path"], "name": manifest["base_name"]},
-        },
-        notes=manifest["notes"],
-        data={
-            "calibration_prompts": str(d / "harmful_calibration.jsonl"),
-            "calibration_pairs": str(calibration_pairs),
-            "harmful_pairs": str(d / "attack_pairs.jsonl"),
-            "benign_prompts": str(d / "sql_train.jsonl"),
-            "task": {
-                "train": str(d / "sql_train.jsonl"),
-                "dev": str(d / "sql_dev.jsonl"),
-                "test": str(d / "sql_test.jsonl"),
-            },
-            "harmful": [str(d / "harmful_evaluation.jsonl")],
-            "over_refusal": [str(d / "overrefusal_evaluation.jsonl")],
-        },
-        defenses=["aligned", "none"],
-    )
-    assert main(["run", "--setting", str(setting), "--home", str(home), "--verbosity", "WARNING"]) == 0
-    mine = [json.loads(p.read_text()) for p in sorted((home / "runs" / "tiny" / "records").glob("*.json"))]
-
-    def same(
-        record,
-    ):  # the setting's own name and how its fine-tuned model was made (an attack, or a user's adapter) aside
-        r = comparable(record)
-        r["setting"] = {k: v for k, v in r["setting"].items() if k not in ("name", "attack")}
-        r["code"] = None
-        return r
-
-    assert len(mine) == len(builtin) == 2
-    assert [same(r) for r in mine] == [same(r) for r in builtin]
 
 
 # ------------------------------------------------------------------- chat format and generation options
