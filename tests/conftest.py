@@ -107,6 +107,13 @@ def lora_like_finetune(aligned: Path, out: Path, seed: int = 1, rank: int = 2, s
     return out
 
 
+def pytest_collection_modifyitems(items):
+    """The slowest module (the shared smoke run, minutes) first: under pytest-xdist (`--dist
+    loadscope`, pyproject.toml) it then starts at once on one worker while the other takes the rest,
+    instead of starting after others and finishing alone."""
+    items.sort(key=lambda item: item.module.__name__ != "tests.test_end_to_end")
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny aligned/fine-tuned pair: {'aligned': dir, 'finetuned': dir, 'tok': tokenizer}."""
