@@ -14,6 +14,17 @@ from bench.errors import UserError
 from bench.progress import log
 
 
+def option(default, help: str):
+    """A Params field with its help, which `realign list` and `--help` show (peft's self-documenting configs)."""
+    return field(default=default, metadata={"help": help})
+
+
+def check_choice(name: str, value, choices) -> None:
+    """A Params check: `value` must be one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
 @dataclass
 class NoParams:
     """This method has no parameters."""

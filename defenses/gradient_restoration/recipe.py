@@ -16,61 +16,42 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bench.errors import UserError
 from defenses import register_defense
-from defenses.base import Defense, DefenseContext, DefenseOutput
-from defenses.gradient_restoration.rules import (
-    CHOICES,
-    CLEAN,
-    FAITHFUL,
-    choose_checkpoint,
-    kth_largest,
-    probe_layers,
-    score,
-)
+from defenses.base import Defense, DefenseContext, DefenseOutput, check_choice, option
+from defenses.gradient_restoration import rules
 
 
 @dataclass
 class AlgorithmOptions:
     """The method's own parameters: its mode and quirks, budgets and schedule."""
 
-    mode: str = field(
-        default="faithful", metadata={"help": "'faithful' (the released code, quirks kept) or 'clean' (quirks fixed)"}
-    )
-    steps: int = field(default=20, metadata={"help": "recovery steps"})
-    warmup_steps: int = field(default=5, metadata={"help": "plain steps before the rollback decision"})
-    save_step: int = field(default=5, metadata={"help": "checkpoint every this many steps"})
-    metric_drop: float = field(default=0.05, metadata={"help": "largest tolerated relative drop of the task metric"})
-    rollback: bool = field(
-        default=True, metadata={"help": "enter rollback mode when the warm-up loses too much utility"}
-    )
-    rollback_rate: float = field(
-        default=0.2, metadata={"help": "share of this step's restored coordinates that may roll back"}
-    )
-    recovery_rate: float = field(
-        default=0.002, metadata={"help": "k = ceil(recovery_rate * N) coordinates restored per step"}
-    )
-    batch_size: int = field(default=8, metadata={"help": "prompts per gradient batch"})
-    n_benign: int = field(default=256, metadata={"help": "benign task prompts used (the first ones, no shuffle)"})
-    n_harmful: int = field(default=256, metadata={"help": "at most this many calibration prompts"})
-    seed: int = field(default=42, metadata={"help": "torch seed (the method itself is deterministic)"})
-    E: int = field(default=0, metadata={"help": "decoder layers probed; 0 = floor(2L/3) as in the paper"})
-    rate_denominator: str | None = field(default=None, metadata={"help": "all_layers | candidates (default from mode)"})
-    grad_accumulation: str | None = field(default=None, metadata={"help": "cumulative | fresh (default from mode)"})
-    batches: str | None = field(default=None, metadata={"help": "zip | all (default from mode)"})
-    ties: str | None = field(default=None, metadata={"help": "strict | inclusive (default from mode)"})
-    comparison: str | None = field(default=None, metadata={"help": "mixed | strict (default from mode)"})
+    mode: str = option("faithful", "'faithful' (the released code, quirks kept) or 'clean' (quirks fixed)")
+    steps: int = option(20, "recovery steps")
+    warmup_steps: int = option(5, "plain steps before the rollback decision")
+    save_step: int = option(5, "checkpoint every this many steps")
+    metric_drop: float = option(0.05, "largest tolerated relative drop of the task metric")
+    rollback: bool = option(True, "enter rollback mode when the warm-up loses too much utility")
+    rollback_rate: float = option(0.2, "share of this step's restored coordinates that may roll back")
+    recovery_rate: float = option(0.002, "k = ceil(recovery_rate * N) coordinates restored per step")
+    batch_size: int = option(8, "prompts per gradient batch")
+    n_benign: int = option(256, "benign task prompts used (the first ones, no shuffle)")
+    n_harmful: int = option(256, "at most this many calibration prompts")
+    seed: int = option(42, "torch seed (the method itself is deterministic)")
+    E: int = option(0, "decoder layers probed; 0 = floor(2L/3) as in the paper")
+    rate_denominator: str | None = option(None, "all_layers | candidates (default from mode)")
+    grad_accumulation: str | None = option(None, "cumulative | fresh (default from mode)")
+    batches: str | None = option(None, "zip | all (default from mode)")
+    ties: str | None = option(None, "strict | inclusive (default from mode)")
+    comparison: str | None = option(None, "mixed | strict (default from mode)")
 
     def __post_init__(self):
-        if self.mode not in ("faithful", "clean"):
-            raise ValueError(f"mode must be 'faithful' or 'clean', got {self.mode!r}")
-        for name, default in (FAITHFUL if self.mode == "faithful" else CLEAN).items():
-            if getattr(self, name) is None:
-                setattr(self, name, default)
-            elif getattr(self, name) not in CHOICES[name]:
-                raise ValueError(f"{name} must be one of {sorted(CHOICES[name])}, got {getattr(self, name)!r}")
+        check_choice("mode", self.mode, ("faithful", "clean"))
+        for name, default in (rules.FAITHFUL if self.mode == "faithful" else rules.CLEAN).items():
+            setattr(self, name, default if getattr(self, name) is None else getattr(self, name))
+            check_choice(name, getattr(self, name), rules.CHOICES[name])
         for name in ("recovery_rate", "rollback_rate", "metric_drop"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
@@ -82,53 +63,34 @@ class AlgorithmOptions:
 
 @dataclass
 class SpeedOptions:
-    """Switches for time and memory only (the engine's); the algorithm is the same under each.
-    Measured figures are in BENCHMARKS.md; each switch's engine module says how it works.
-
-      compute_dtype    bfloat16 (auto: where the device computes it natively: GPUs, CPUs with AVX512-BF16
-                       or AMX) is faster; the gradients still sum in fp32; masks then differ from fp32's by
-                       rounding only
-      packing          one sequence per batch, the prompts' shared prefix once and no padding: fewer tokens,
-                       the same h up to float rounding
-      low_memory       theta held as bf16 plus sign(theta - theta_A) at 2 bits instead of fp32 plus autocast's
-                       bf16 copies (3.75 bytes a candidate parameter less); less kept for each backward (Llama
-                       family); each batch's weight gradients added to the fp32 sums in fp32 (MKL where torch
-                       has it); the gradient sums leave memory while the bf16 probe generates
-      block_attention  a packed batch's attention block by block (the prefix on itself, each prompt on the
-                       prefix and itself): keeps ~1/8 of the T x T scores at 8 prompts, pays off for long
-                       prompts, costs ~8% of a step on the embedded model on a CPU (Llama family)
-      aligned_copy     theta_A's candidate tensors held (fastest, the size of Delta_F more) or read from its
-                       file each step (least memory); auto streams on a CPU and holds on a GPU
+    """Switches for time and memory only; the algorithm is the same under each. Each switch's trade-off
+    (figures in BENCHMARKS.md; its engine module says how it works):
+      compute_dtype    bf16 autocast, fp32 sums (auto: where native): faster; masks differ by rounding only
+      packing          a batch as one sequence, the shared prefix once, no padding: fewer tokens, same h
+      low_memory       theta as bf16 + 2-bit sign(theta - theta_A): 3.75 bytes a candidate less; gradient
+                       sums leave memory while the probe generates; slower where bf16 is not native
+      block_attention  packed attention block by block: ~1/8 of the T x T scores at 8 prompts, for long
+                       prompts; ~8% slower on the embedded model on a CPU
+      aligned_copy     theta_A's candidates held (fastest, +|Delta_F|) or read each step (least memory)
     """
 
-    compute_dtype: str = field(
-        default="auto",
-        metadata={"help": "float32 (as released), bfloat16 (autocast, fp32 sums) or auto (bf16 if native)"},
+    compute_dtype: str = option(
+        "auto", "float32 (as released), bfloat16 (autocast, fp32 sums) or auto (bf16 if native)"
     )
-    packing: bool = field(
-        default=True,
-        metadata={"help": "each batch as one sequence, the common prefix once (false: padded, as released)"},
+    packing: bool = option(True, "each batch as one sequence, the common prefix once (false: padded, as released)")
+    low_memory: bool = option(False, "bf16 only: theta as bf16 + 2-bit sign of theta - theta_A, summed linears")
+    block_attention: bool = option(
+        False, "packed only: attention block by block, not under a T x T mask (long prompts)"
     )
-    low_memory: bool = field(
-        default=False, metadata={"help": "bf16 only: theta as bf16 + 2-bit sign of theta - theta_A, summed linears"}
-    )
-    block_attention: bool = field(
-        default=False, metadata={"help": "packed only: attention block by block, not under a T x T mask (long prompts)"}
-    )
-    aligned_copy: str = field(
-        default="auto", metadata={"help": "theta_A's candidates: memory (fastest), stream (least memory) or auto"}
-    )
+    aligned_copy: str = option("auto", "theta_A's candidates: memory (fastest), stream (least memory) or auto")
 
     def __post_init__(self):
-        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"compute_dtype must be 'auto', 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        check_choice("compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16"))
+        check_choice("aligned_copy", self.aligned_copy, ("auto", "memory", "stream"))
         if self.low_memory and self.compute_dtype == "float32":
             raise ValueError(
-                "low_memory holds theta in bf16 (plus the sign of theta - theta_A): it needs compute_dtype bfloat16 "
-                "or auto"
+                "low_memory holds theta in bf16 (and 2-bit signs): it needs compute_dtype bfloat16 or auto"
             )
-        if self.aligned_copy not in ("auto", "memory", "stream"):
-            raise ValueError(f"aligned_copy must be 'auto', 'memory' or 'stream', got {self.aligned_copy!r}")
 
 
 @dataclass
@@ -174,20 +136,17 @@ def recover_step(cands: list, aligned, k: int, strict: bool, keep_previous: bool
     from defenses.gradient_restoration.engine.selection import candidates_for_top_k
 
     restored = {c.name: (torch.empty(0, dtype=torch.long), None) for c in cands}
-    n_qual, picked, margin = candidates_for_top_k(
-        cands, aligned, k
-    )  # spec: Candidates, sign agreement, every |grad| that can reach tau
+    # spec: Candidates, sign agreement; every qualifying |grad| that can reach tau
+    n_qual, picked, margin = candidates_for_top_k(cands, aligned, k)
     stats = {"qualifying": n_qual, "k": k, "lower_bound_margin": margin}
     if n_qual == 0 or k == 0:
         return restored, stats | {"selected": 0, "tau": None}
     # spec: Candidates, threshold tau = k-th largest qualifying |grad| (fewer than k qualify: all are taken)
-    tau = kth_largest(torch.cat([s for _, _, s, _ in picked]), k) if k <= n_qual else float("-inf")
+    tau = rules.kth_largest(torch.cat([s for _, _, s, _ in picked]), k) if k <= n_qual else float("-inf")
     selected = 0
     with torch.no_grad():
         for c, idx, s, a in picked:
-            take = (
-                (s > tau) if strict else (s >= tau)
-            )  # spec: Candidates, STRICT > leaves the ties out (faithful quirk)
+            take = (s > tau) if strict else (s >= tau)  # spec: Candidates, STRICT > leaves ties out (faithful)
             chosen = idx[take]
             if not len(chosen):
                 continue
@@ -208,12 +167,12 @@ def rollback_step(cands: list, restored: dict, rate: float, strict: bool) -> dic
     for c in cands:
         idx, previous = restored[c.name]
         if len(idx) and c.grad is not None:  # spec: Candidates, sign agreement toward theta_F, restricted to m
-            parts.append((c, idx, previous, score(c.sign_from(idx, previous), c.grad.view(-1)[idx])))
+            parts.append((c, idx, previous, rules.score(c.sign_from(idx, previous), c.grad.view(-1)[idx])))
     n_qual = sum(int(torch.count_nonzero(s)) for *_, s in parts)
     k = math.ceil(rate * n_qual)
     if k == 0:
         return {"qualifying": n_qual, "k": 0, "selected": 0, "tau": None}
-    tau = kth_largest(torch.cat([s[s > 0] for *_, s in parts]), k)
+    tau = rules.kth_largest(torch.cat([s[s > 0] for *_, s in parts]), k)
     selected = 0
     with torch.no_grad():
         for c, idx, previous, s in parts:
@@ -221,6 +180,9 @@ def rollback_step(cands: list, restored: dict, rate: float, strict: bool) -> dic
             c.put_back(idx, previous, back)
             selected += int(back.sum())
     return {"qualifying": n_qual, "k": k, "selected": selected, "tau": tau}
+
+
+NO_CHECKPOINT = "no recovered model: the first checkpoint already lost more than metric_drop of the task metric"
 
 
 @register_defense("gradient_restoration")
@@ -255,7 +217,7 @@ class GradientRestoration(Defense):
         if ctx.utility_probe is None:
             raise UserError("gradient_restoration needs a utility probe (the task metric on a dev split)")
         theta = WorkingCopy(ctx, p.speed)  # theta_A for now
-        L, E = theta.L, p.E or probe_layers(theta.L)  # spec: Probe, E = floor(2L/3)
+        L, E = theta.L, p.E or rules.probe_layers(theta.L)  # spec: Probe, E = floor(2L/3)
         theta.cut_after(E)  # spec: Probe, only layers 0..E-1 are run
         harmful, benign = theta.batches(D_h, p.batch_size), theta.batches(D_b, p.batch_size)
         with theta.timed("setup_s"):
@@ -279,20 +241,17 @@ class GradientRestoration(Defense):
             with theta.timed("selection_s"):
                 return recover_step(theta.candidates, theta.aligned, k, strict, keep_previous)
 
-        ctx.progress(
-            f"gradient_restoration: L={L}, E={E}, |D_h|={len(D_h)}, |D_b|={len(D_b)}, k={k} of N={N} "
-            f"({p.mode}{theta.describe()})"
-        )
+        ctx.progress(f"gradient_restoration: L={L}, E={E}, k={k} of N={N} ({p.mode}{theta.describe()})")
         s0 = theta.score(ctx.utility_probe)  # spec: Schedule, s0 = task metric of theta_F
         min_score = s0 * (1 - p.metric_drop)
         log, checkpoints, scores = [], {}, {}  # the steps' stats; step -> bit-packed M; step -> task metric
 
         def checkpoint(step: int) -> None:  # spec: Schedule, checkpoint every save_step steps
-            if step % p.save_step:
-                return
-            checkpoints[step] = theta.masks()
-            scores[step] = theta.score(ctx.utility_probe)
-            ctx.progress(f"gradient_restoration: step {step}: task metric {scores[step]:.3f} (floor {min_score:.3f})")
+            if step % p.save_step == 0:
+                checkpoints[step], scores[step] = theta.masks(), theta.score(ctx.utility_probe)
+                ctx.progress(
+                    f"gradient_restoration: step {step}: task metric {scores[step]:.3f} (floor {min_score:.3f})"
+                )
 
         def plain_step(step: int, phase: str) -> None:  # faithful: cumulative gradients (never zeroed)
             gradients(harmful, d_h, fresh=p.grad_accumulation == "fresh")
@@ -301,11 +260,9 @@ class GradientRestoration(Defense):
 
         for step in range(1, p.warmup_steps + 1):  # spec: Schedule, warmup_steps recovery steps toward theta_A
             plain_step(step, "warmup")
-        s_warm = (
-            scores[p.warmup_steps]
-            if p.warmup_steps in scores
-            else (theta.score(ctx.utility_probe) if p.warmup_steps else s0)
-        )
+        s_warm = scores[p.warmup_steps] if p.warmup_steps in scores else s0
+        if p.warmup_steps and p.warmup_steps not in scores:  # the warm-up ends between two checkpoints
+            s_warm = theta.score(ctx.utility_probe)
         # spec: Schedule, rollback mode iff s < min_score (strict '<' here, '<=' in the final choice)
         rollback_mode = p.rollback and p.warmup_steps > 0 and s_warm < min_score
         if rollback_mode:
@@ -319,45 +276,24 @@ class GradientRestoration(Defense):
                 with theta.timed("selection_s"):
                     rb_stats = rollback_step(theta.candidates, restored, p.rollback_rate, strict)
                 theta.zero_grads()
-                log.append(
-                    {"step": step, "phase": "rollback"} | stats | {f"rollback_{k_}": v for k_, v in rb_stats.items()}
-                )
+                rb_stats = {f"rollback_{k_}": v for k_, v in rb_stats.items()}
+                log.append({"step": step, "phase": "rollback"} | stats | rb_stats)
                 checkpoint(step)
         else:  # spec: Schedule, continue plain recovery steps up to `steps` (still cumulative)
             for step in range(p.warmup_steps + 1, p.steps + 1):
                 plain_step(step, "plain")
 
         # spec: Schedule, final model: a checkpoint fails at <= min_score (faithful "mixed"; clean: <)
-        chosen_step = choose_checkpoint(
-            scores, (lambda s: s <= min_score) if p.comparison == "mixed" else (lambda s: s < min_score)
-        )
-        info = {
-            "mode": p.mode,
-            "options": {k_: getattr(p, k_) for k_ in FAITHFUL},
-            **theta.info(),
-            "L": L,
-            "E": E,
-            "N": N,
-            "k": k,
-            **theta.candidate_info(),
-            "D_h": len(D_h),
-            "D_b": len(D_b),
-            "batches_per_pass": [len(harmful), len(benign)],
-            "s0": s0,
-            "min_score": min_score,
-            "warmup_score": s_warm,
-            "rollback_mode": rollback_mode,
-            "checkpoint_scores": {str(k_): v for k_, v in scores.items()},
-            "chosen_step": chosen_step,
-            "steps": log,
-        }
-        model = None
+        fails = (lambda s: s <= min_score) if p.comparison == "mixed" else (lambda s: s < min_score)
+        chosen_step = rules.choose_checkpoint(scores, fails)
+        info = {"mode": p.mode, "options": {k_: getattr(p, k_) for k_ in rules.FAITHFUL}} | theta.info()
+        info |= {"L": L, "E": E, "N": N, "k": k} | theta.candidate_info()
+        info |= {"D_h": len(D_h), "D_b": len(D_b), "batches_per_pass": [len(harmful), len(benign)]}
+        info |= {"s0": s0, "min_score": min_score, "warmup_score": s_warm, "rollback_mode": rollback_mode}
+        info |= {"checkpoint_scores": {str(k_): v for k_, v in scores.items()}, "chosen_step": chosen_step}
+        info["steps"] = log
+        out = DefenseOutput(info=info, checkpoints=checkpoints, skipped=NO_CHECKPOINT if chosen_step is None else None)
         if chosen_step is not None:  # spec: Equivalent view, theta_F with M(chosen) copied from theta_A, from its mask
-            model, info["restored"] = theta.rebuild(checkpoints[chosen_step])
+            out.model, info["restored"] = theta.rebuild(checkpoints[chosen_step])
         info["timing_s"] = theta.timings()
-        skipped = (
-            None
-            if model is not None
-            else "no recovered model: the first checkpoint already lost more than metric_drop of the task metric"
-        )
-        return DefenseOutput(model=model, info=info, checkpoints=checkpoints, skipped=skipped)
+        return out
