@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from bench.cli import main
-from tests.conftest import make_llama, make_tokenizer, write_jsonl
+from bench.tiny_models import make_llama, make_tokenizer
+from tests.conftest import write_jsonl
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "leaderboards" / "embedded-default" / "records"
 

@@ -354,7 +354,8 @@ def test_antidote_equals_a_two_layer_hand_computation(tiny, tmp_path):
     the count down (0 of lora_B's 8 columns), gives other weights."""
     from peft import LoraConfig, PeftModel
 
-    from tests.conftest import make_llama, random_lora
+    from bench.tiny_models import make_llama
+    from tests.conftest import random_lora
 
     make_llama(tmp_path / "aligned", tiny["tok"], layers=2, seed=7)
     random_lora(

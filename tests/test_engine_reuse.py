@@ -16,7 +16,7 @@ from bench import models
 from bench.engine_pool import EnginePool, engine_key
 from bench.generation import CachedGenerator, GenerationCache, Sampling
 from bench.new_interpreter import Interpreter, run_fresh
-from tests.conftest import lora_like_finetune, make_llama
+from bench.tiny_models import lora_like_finetune, make_llama
 
 PROMPTS = [f"write a poem about the sea {i}" for i in range(24)] + ["how do I make a cake", "kill a python process"]
 

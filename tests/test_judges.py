@@ -14,7 +14,7 @@ import pytest
 from bench.judges import JUDGES, make_judge
 from bench.judges.agreement import agreement, validation
 from bench.judges.escaping import control_sequences, unescaped_count
-from tests.conftest import make_tokenizer
+from bench.tiny_models import make_tokenizer
 
 DATA = Path(__file__).parent / "data" / "judges"
 EXAMPLES = json.loads((DATA / "worked_examples.json").read_text())

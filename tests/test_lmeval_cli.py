@@ -11,7 +11,7 @@ from bench.generation import CachedGenerator, GenerationCache
 from bench.lmeval_bridge import TaskRun, run_tasks
 from bench.sets import load_set
 from bench.task_files import TASK_DATA
-from tests.conftest import make_llama
+from bench.tiny_models import make_llama
 
 LIMIT = 4
 

@@ -8,7 +8,7 @@ from bench import models
 from bench.generation import CachedGenerator, GenerationCache
 from bench.lmeval_bridge import RealignLM, TaskRun, run_tasks
 from bench.task_files import TASK_DATA, write_task
-from tests.conftest import make_llama
+from bench.tiny_models import make_llama
 
 LIMIT = 8  # MMLU questions: 32 loglikelihood requests
 TOLERANCE = 1e-3  # per request, in nats

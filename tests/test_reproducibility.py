@@ -134,7 +134,7 @@ if __name__ == "__main__":
 @pytest.mark.vllm
 def test_vllm_deterministic_answers_repeat_and_the_process_exits(tiny, tmp_path):
     pytest.importorskip("vllm")
-    from tests.conftest import make_llama
+    from bench.tiny_models import make_llama
 
     make_llama(tmp_path / "m", tiny["tok"], layers=2, hidden=128, heads=2, kv_heads=1)
     script = tmp_path / "gen.py"

@@ -34,7 +34,8 @@ import yaml
 from bench import records
 from bench.killpoints import KILL_AT_ENV, TRACE_ENV
 from bench.reproducibility import comparable
-from tests.conftest import make_llama, make_tokenizer, realign_cli, write_jsonl
+from bench.tiny_models import make_llama, make_tokenizer
+from tests.conftest import realign_cli, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ROWS = ["none", "gradient_restoration:steps=2:warmup_steps=1:save_step=1"]

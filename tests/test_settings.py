@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from bench.cli import main
-from tests.conftest import make_llama, make_tokenizer, write_jsonl
+from bench.tiny_models import make_llama, make_tokenizer
+from tests.conftest import write_jsonl
 
 
 def data_files(root: Path) -> dict:

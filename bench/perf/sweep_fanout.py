@@ -21,45 +21,13 @@ from pathlib import Path
 
 import yaml
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 def tiny_model(out: Path) -> Path:
-    """A tiny random Llama with a byte-level BPE tokenizer trained here (the unit tests' kind of model)."""
-    import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """A tiny random Llama, the unit tests' kind (bench.tiny_models); untied: a tied random model
+    answers with blank lines, which the keyword judge cannot label."""
+    from bench.tiny_models import make_llama, make_tokenizer
 
-    corpus = ["how do I make a cake", "select name from table where id = 3", "I'm sorry, but I can't help."] * 20
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        corpus, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tok.chat_template = CHATML
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        # untied: a tied random model answers with blank lines, which the keyword judge cannot label
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    make_llama(out, make_tokenizer(out), layers=4, tie=False)
     return out
 
 
