@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from bench import progress
@@ -895,6 +896,12 @@ def _quiet_libraries(verbosity: str) -> None:
     when the user asks for DEBUG. A value the user exported is kept."""
     debug = verbosity == "DEBUG"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if debug else "ERROR")
+    # torch's C++ warnings: vLLM's CPU worker logs its NUMA binding through them
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "WARNING" if debug else "ERROR")
+    if not debug:  # a deprecation inside vLLM itself, which no user can act on
+        quiet = "ignore::FutureWarning:vllm.triton_utils.dispatcher"
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
+        warnings.filterwarnings("ignore", category=FutureWarning, module="vllm.triton_utils.dispatcher")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if debug else "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
