@@ -442,7 +442,7 @@ def _categories(items) -> dict[str, dict[str, float]]:
             if row["metric"] == "harmful_rate" and row.get("outcome") is not None:
                 by.setdefault(row.get("category") or "uncategorised", []).append(row["outcome"])
         out[rec["method"]["label"]] = {c: float(np.mean(v)) for c, v in sorted(by.items())}
-    return out
+    return dict(sorted(out.items()))  # method order, whatever order the records were read in
 
 
 def _win_rates(settings: dict[str, list[dict]]) -> list[dict]:

@@ -354,10 +354,9 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
         ax.legend(fontsize=7, loc="upper left")
     png, svg = io.BytesIO(), io.BytesIO()
     fig.savefig(png, format="png")
-    with matplotlib.rc_context(
-        {"svg.fonttype": "none", "svg.hashsalt": "realign"}
-    ):  # fixed ids: same board, same bytes
-        fig.savefig(svg, format="svg")
+    # fixed ids and no date in the metadata: the same board gives the same bytes
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "realign"}):
+        fig.savefig(svg, format="svg", metadata={"Date": None})
     return png.getvalue(), svg.getvalue()
 
 
