@@ -134,10 +134,11 @@ class SafeDelta(Defense):
     deviations = """
         None in the algorithm (blocks of 2048 columns, as the released run; the spec's 1024 was an
         error). The safety set is the testbed's calibration pairs (harmful prompts with refusals).
-        Its task metric of 0 at every s on the embedded testbed is the method's own behaviour on a
-        576-wide model (SmolLM2-135M), not a fault of this implementation: every rule is tested
-        against a hand computation, and the budget's constants (s, rows / 4096) were set for the
-        4096-wide Llama models of the paper.
+        On the embedded testbed (a 576-wide model, SmolLM2-135M) its task metric is 0 at the released
+        default s = 0.11 and below, and 66% (of the attacked model's 84%) from s = 1 up, with 2.7%
+        harmful: the method's own behaviour at this width, not a fault of this implementation (every
+        rule is tested against a hand computation); the budget's constants (s, rows / 4096) were set
+        for the 4096-wide Llama models of the paper.
     """
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
