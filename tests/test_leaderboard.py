@@ -582,9 +582,7 @@ def test_curves_are_drawn_and_every_method_has_a_note(tmp_path):
         assert part in note
     assert "apply 12.5 to 12.5 s a row, peak memory 900 to 900 MB" in note
     safe_delta = (tmp_path / "out" / "notes" / "safe_delta.md").read_text()
-    assert "task metric of 0 at every s on the embedded testbed is the method's own behaviour on a\n576-wide" in (
-        safe_delta
-    )
+    assert "its task metric is 0 at the released\ndefault s = 0.11" in safe_delta and "576-wide model" in safe_delta
     methods = pd.read_csv(files["board-methods.csv"])
     assert list(methods["curve"])[0] == "gradient_restoration(mode=clean)" and len(methods) == 4
     assert len(pd.read_csv(files["board.csv"])) == 11 and len(pd.read_json(files["board.json"])) == 11  # per row
