@@ -18,25 +18,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bench import models
 from bench.errors import UserError
 from defenses import register_defense
-from defenses.base import Defense, DefenseContext, DefenseOutput
+from defenses.base import Defense, DefenseContext, DefenseOutput, option
 from defenses.layerwise import real_tokens, walk_layers
 
 
 @dataclass
 class AntidoteParams:
-    dense_ratio: float = field(
-        default=0.1, metadata={"help": "share of each output row zeroed (the most harm-salient)"}
-    )
-    data: str = field(
-        default="calibration", metadata={"help": "'calibration' (prompts) or 'harmful_pairs' (prompt + harmful answer)"}
-    )
-    max_examples: int = field(default=2000, metadata={"help": "at most this many examples of the harmful set"})
-    batch_size: int = field(default=8, metadata={"help": "examples per forward batch"})
+    dense_ratio: float = option(0.1, "share of each output row zeroed (the most harm-salient)")
+    data: str = option("calibration", "'calibration' (prompts) or 'harmful_pairs' (prompt + harmful answer)")
+    max_examples: int = option(2000, "at most this many examples of the harmful set")
+    batch_size: int = option(8, "examples per forward batch")
 
     def __post_init__(self):
         if not 0.0 < self.dense_ratio < 1.0:

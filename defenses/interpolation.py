@@ -8,10 +8,10 @@ equal utility adds nothing). Inputs: aligned and fine-tuned weights only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from defenses import register_defense
-from defenses.base import Defense, DefenseContext, DefenseOutput
+from defenses.base import Defense, DefenseContext, DefenseOutput, option
 from defenses.weights import load_into, state
 
 SWEEP = [round(0.1 * i, 1) for i in range(11)]
@@ -19,9 +19,7 @@ SWEEP = [round(0.1 * i, 1) for i in range(11)]
 
 @dataclass
 class InterpolationParams:
-    alpha: float = field(
-        default=0.5, metadata={"help": "share of the fine-tuning delta kept (0 = aligned, 1 = fine-tuned)"}
-    )
+    alpha: float = option(0.5, "share of the fine-tuning delta kept (0 = aligned, 1 = fine-tuned)")
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from bench import models
 from bench.errors import UserError
 from defenses import register_defense
-from defenses.base import Defense, DefenseContext, DefenseOutput, FineTuneSpec
+from defenses.base import Defense, DefenseContext, DefenseOutput, FineTuneSpec, option
 from defenses.weights import lazy_state
 
 ATTACK_LR = 2e-4  # the testbed attack's learning rate: theta_U's when the context does not say the attack's
@@ -31,25 +31,23 @@ ATTACK_LR = 2e-4  # the testbed attack's learning rate: theta_U's when the conte
 
 @dataclass
 class RestaParams:
-    gamma: float = field(
-        default=1.0, metadata={"help": "strength of the safety vector (flagship authors 1.0; 0.5 elsewhere)"}
+    gamma: float = option(1.0, "strength of the safety vector (flagship authors 1.0; 0.5 elsewhere)")
+    dare_p: float = option(0.0, "DARE drop probability on the safety vector (0 = off)")
+    unalign_pairs: int = option(100, "harmful pairs theta_U is fine-tuned on")
+    unalign_lr: float | None = option(
+        None,
+        "constant learning rate of theta_U's LoRA fine-tune (none: the attack's, else 2e-4)",
     )
-    dare_p: float = field(default=0.0, metadata={"help": "DARE drop probability on the safety vector (0 = off)"})
-    unalign_pairs: int = field(default=100, metadata={"help": "harmful pairs theta_U is fine-tuned on"})
-    unalign_lr: float | None = field(
-        default=None,
-        metadata={"help": "constant learning rate of theta_U's LoRA fine-tune (none: the attack's, else 2e-4)"},
+    unalign_steps: int | None = option(
+        None,
+        "steps of the first calibration round (none: the attack's epochs over the pairs)",
     )
-    unalign_steps: int | None = field(
-        default=None,
-        metadata={"help": "steps of the first calibration round (none: the attack's epochs over the pairs)"},
+    unalign_rounds: int = option(
+        3,
+        "calibration rounds at most, each twice the steps of the last, until theta_U is as harmful",
     )
-    unalign_rounds: int = field(
-        default=3,
-        metadata={"help": "calibration rounds at most, each twice the steps of the last, until theta_U is as harmful"},
-    )
-    unalign_batch: int = field(default=10, metadata={"help": "batch size of the un-aligning fine-tune"})
-    seed: int = field(default=0, metadata={"help": "seed of DARE and of the un-aligning fine-tune"})
+    unalign_batch: int = option(10, "batch size of the un-aligning fine-tune")
+    seed: int = option(0, "seed of DARE and of the un-aligning fine-tune")
 
     def __post_init__(self):
         if not 0.0 < self.gamma <= 10.0:

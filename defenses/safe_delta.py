@@ -21,28 +21,24 @@ safety set (harmful prompts with refusals). Works on every linear layer whose we
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bench import models
 from bench.errors import UserError
 from defenses import register_defense
-from defenses.base import Defense, DefenseContext, DefenseOutput
+from defenses.base import Defense, DefenseContext, DefenseOutput, option
 from defenses.layerwise import real_tokens, walk_layers
 
 
 @dataclass
 class SafeDeltaParams:
-    s: float = field(default=0.11, metadata={"help": "safety budget scale (larger keeps more of the delta)"})
-    percdamp: float = field(default=0.01, metadata={"help": "Hessian damping, a share of mean(diag H)"})
-    blocksize: int = field(
-        default=2048, metadata={"help": "columns per block (2048, as the released run; the spec's 1024 is an error)"}
-    )
-    sub_block: int = field(default=4, metadata={"help": "columns per compensation sub-block"})
-    exclude: float = field(
-        default=0.15, metadata={"help": "share of each block's entries (largest cost weight) never kept"}
-    )
-    max_examples: int = field(default=256, metadata={"help": "at most this many safety-set examples"})
-    batch_size: int = field(default=8, metadata={"help": "examples per forward batch"})
+    s: float = option(0.11, "safety budget scale (larger keeps more of the delta)")
+    percdamp: float = option(0.01, "Hessian damping, a share of mean(diag H)")
+    blocksize: int = option(2048, "columns per block (2048, as the released run; the spec's 1024 is an error)")
+    sub_block: int = option(4, "columns per compensation sub-block")
+    exclude: float = option(0.15, "share of each block's entries (largest cost weight) never kept")
+    max_examples: int = option(256, "at most this many safety-set examples")
+    batch_size: int = option(8, "examples per forward batch")
 
     def __post_init__(self):
         if self.s <= 0 or not 0 <= self.percdamp < 1 or not 0 <= self.exclude < 1:

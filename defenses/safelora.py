@@ -19,15 +19,13 @@ import math
 from dataclasses import dataclass, field
 
 from defenses import register_defense
-from defenses.base import Defense, DefenseContext, DefenseOutput
+from defenses.base import Defense, DefenseContext, DefenseOutput, option
 from defenses.weights import load_into, lora_modules, state
 
 
 @dataclass
 class SafeLoraParams:
-    mode: str = field(
-        default="number", metadata={"help": "'number' (project the least similar modules) or 'threshold'"}
-    )
+    mode: str = option("number", "'number' (project the least similar modules) or 'threshold'")
     share: float = field(
         default=10 / 64,
         metadata={
@@ -35,12 +33,8 @@ class SafeLoraParams:
             "paper's 10 of Llama-2's 64 q/v modules)"
         },
     )
-    num_proj_layers: int | None = field(
-        default=None, metadata={"help": "number mode: an absolute count of modules instead of a share"}
-    )
-    threshold: float = field(
-        default=0.5, metadata={"help": "similarity at or below which a module is projected (threshold mode)"}
-    )
+    num_proj_layers: int | None = option(None, "number mode: an absolute count of modules instead of a share")
+    threshold: float = option(0.5, "similarity at or below which a module is projected (threshold mode)")
 
     def __post_init__(self):
         if self.mode not in ("number", "threshold"):
