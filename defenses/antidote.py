@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from bench import models
 from bench.errors import UserError
 from defenses import register_defense
-from defenses.base import Defense, DefenseContext, DefenseOutput, option
+from defenses.base import Defense, DefenseContext, DefenseOutput, check_choice, option
 from defenses.layerwise import real_tokens, walk_layers
 
 
@@ -37,8 +37,7 @@ class AntidoteParams:
     def __post_init__(self):
         if not 0.0 < self.dense_ratio < 1.0:
             raise ValueError(f"dense_ratio must be in (0, 1), got {self.dense_ratio}")
-        if self.data not in ("calibration", "harmful_pairs"):
-            raise ValueError(f"data must be 'calibration' or 'harmful_pairs', got {self.data!r}")
+        check_choice("data", self.data, ("calibration", "harmful_pairs"))
 
 
 def pruned_per_row(columns: int, ratio: float) -> int:

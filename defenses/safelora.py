@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from defenses import register_defense
-from defenses.base import Defense, DefenseContext, DefenseOutput, option
+from defenses.base import Defense, DefenseContext, DefenseOutput, check_choice, option
 from defenses.weights import load_into, lora_modules, state
 
 
@@ -37,8 +37,7 @@ class SafeLoraParams:
     threshold: float = option(0.5, "similarity at or below which a module is projected (threshold mode)")
 
     def __post_init__(self):
-        if self.mode not in ("number", "threshold"):
-            raise ValueError(f"mode must be 'number' or 'threshold', got {self.mode!r}")
+        check_choice("mode", self.mode, ("number", "threshold"))
         if not 0.0 <= self.share <= 1.0:
             raise ValueError(f"share must be in [0, 1], got {self.share}")
         if (self.num_proj_layers is not None and self.num_proj_layers < 0) or not -1.0 <= self.threshold <= 1.0:

@@ -143,6 +143,21 @@ def test_one_typed_parser_for_key_value_parameters():
         key_values(["steps"], "name:key=value")
 
 
+@pytest.mark.parametrize(
+    "defense, field, choices",
+    [
+        ("safelora", "mode", "'number', 'threshold'"),
+        ("antidote", "data", "'calibration', 'harmful_pairs'"),
+        ("gradient_restoration", "mode", "'faithful', 'clean'"),
+        ("gradient_restoration", "compute_dtype", "'auto', 'float32', 'bfloat16'"),
+    ],
+)
+def test_choice_parameters_name_their_choices(defense, field, choices):
+    """Every defense's choice field goes through defenses.base.check_choice: one message shape."""
+    with pytest.raises(UserError, match=re.escape(f"{field} must be one of {choices}, got 'bogus'")):
+        DEFENSES.get(defense)(**{field: "bogus"})
+
+
 def test_defend_checks_its_parameters_before_any_work(tmp_path):
     proc = subprocess.run(
         [
