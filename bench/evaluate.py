@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench import engine_pool, metrics, models, reproducibility
 from bench.errors import UserError
-from bench.generation import CachedGenerator, GenerationCache
+from bench.generation import BATCH_TARGET, CachedGenerator, GenerationCache
 from bench.hashing import hash_folder, hash_value
 from bench.judges.stage import JudgeSpec, judge_from_spec, judged_sample, label_cached, parse_spec
 from bench.lmeval_bridge import TaskRun, run_tasks
@@ -51,6 +51,10 @@ class EvalConfig:
         },
     )
     dtype: str | None = field(default=None, metadata={"help": "generation dtype (default: the engine's)"})
+    batch_target: int = field(
+        default=BATCH_TARGET,
+        metadata={"help": "deterministic mode: prompts per fixed batch, on average (every answer depends on it)"},
+    )
     engine_options: dict = field(
         default_factory=dict,
         metadata={
@@ -78,6 +82,7 @@ class EvalConfig:
         "chat_template": None,
         "system_prompt": None,
         "judge_options": {},
+        "batch_target": BATCH_TARGET,
     }
 
     def to_dict(self) -> dict:
@@ -149,6 +154,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         dtype=config.dtype,
         mode=config.generation_mode,
         pool=pool,
+        batch_target=config.batch_target,
         **config.generator_options(),
     ) as generator:
         out = run_tasks(generator, runs)

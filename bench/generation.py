@@ -491,12 +491,15 @@ class CachedGenerator:
         dtype: str | None = None,
         mode: str = reproducibility.DETERMINISTIC,
         pool=None,
+        batch_target: int = BATCH_TARGET,
         **kwargs,
     ):
         """`pool`: a bench.engine_pool.EnginePool whose live vLLM engine this model's generation
-        borrows (its weights swapped in), instead of an engine of its own."""
+        borrows (its weights swapped in), instead of an engine of its own. `batch_target`: the
+        deterministic mode's prompts per fixed batch (`fixed_batches`); every answer depends on it."""
         self.handle, self.cache, self.engine, self.dtype, self.kwargs = handle, cache, engine, dtype, kwargs
         self.pool = pool
+        self.batch_target = batch_target
         self.mode = reproducibility.check_mode(mode)
         self._gen: Generator | None = None
         self._engine_used: str | None = None  # the engine that generated, kept after close()
@@ -520,7 +523,7 @@ class CachedGenerator:
 
     def _batches(self, prompts: list[str]) -> list[list[str]]:
         if self.mode == reproducibility.DETERMINISTIC:
-            return fixed_batches(prompts)
+            return fixed_batches(prompts, self.batch_target)
         return [list(dict.fromkeys(prompts))]
 
     def generate(self, prompts: list[str], sampling: Sampling) -> list[str]:

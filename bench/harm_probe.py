@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bench import models
 from bench.evaluate import EvalConfig
+from bench.generation import BATCH_TARGET
 from bench.hashing import hash_value
 
 MAX_NEW_TOKENS = 64  # the realign_harmful task's max_gen_toks
@@ -31,7 +32,7 @@ class HarmProbe:
 
     def identity(self) -> dict:
         """What the probe measures: part of the cache key of a defense that calls it."""
-        return {
+        out = {
             "prompts": hash_value(self.prompts),
             "judge": self.config.judge,
             "engine": self.config.engine,
@@ -39,6 +40,8 @@ class HarmProbe:
             "dtype": self.config.dtype,
             "max_new_tokens": MAX_NEW_TOKENS,
         }
+        # the batch target entered later: at its default it stays out, so RESTA's earlier keys hold
+        return out | ({"batch_target": self.config.batch_target} if self.config.batch_target != BATCH_TARGET else {})
 
     def __call__(self, handles: list[models.ModelHandle]) -> list[dict]:
         """{rate, k, n} per model: k answers judged harmful of n judged (unknown verdicts left out)."""
@@ -61,6 +64,7 @@ def harmful_rates(paths: list[str], prompts: list[str], config: EvalConfig, cach
             engine=config.engine,
             dtype=config.dtype,
             mode=config.generation_mode,
+            batch_target=config.batch_target,
             **config.generator_options(),
         ) as generator:
             answers = generator.generate(prompts, Sampling(max_new_tokens=MAX_NEW_TOKENS))

@@ -74,6 +74,7 @@ class RunConfig:
             limit=g.limit,
             generation_mode=g.mode,
             dtype=g.dtype,
+            batch_target=g.batch_target,
             engine_options=engine_options,
             utility=[u.for_record() for u in self.setting.utility],
             max_new_tokens=dict(g.max_new_tokens),

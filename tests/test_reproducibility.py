@@ -22,16 +22,31 @@ PROMPTS = [
 ]
 
 
-def test_fixed_batches_depend_on_content_only():
-    batches = fixed_batches(PROMPTS)
+@pytest.mark.parametrize("target", [64, BATCH_TARGET])
+def test_fixed_batches_depend_on_content_only(target):
+    batches = fixed_batches(PROMPTS, target)
     assert sorted(p for b in batches for p in b) == sorted(set(PROMPTS))  # every distinct prompt once
-    assert fixed_batches(PROMPTS[::-1] + PROMPTS[:5]) == batches  # order and duplicates do not matter
-    assert all(len(b) <= 2 * BATCH_TARGET for b in batches) and len(batches) > 1
+    assert fixed_batches(PROMPTS[::-1] + PROMPTS[:5], target) == batches  # order and duplicates do not matter
+    assert all(len(b) <= 2 * target for b in batches) and len(batches) > 1
     # one more prompt changes the batch it joins (and the one after, where a batch was cut at the cap),
     # not every batch after it
-    grown = fixed_batches(PROMPTS + ["a brand new question"])
+    grown = fixed_batches(PROMPTS + ["a brand new question"], target)
     changed = [b for b in grown if b not in batches]
-    assert len(batches) >= 10 and 1 <= len(changed) <= 3
+    assert len(batches) >= len(PROMPTS) // (2 * target) and 1 <= len(changed) <= 3
+
+
+def test_batch_target_decides_the_batches_and_the_keys(tiny, tmp_path):
+    """The setting's generation.batch_target reaches the generator: other batches, other cache keys."""
+    cache = GenerationCache(tmp_path / "gen")
+    handle = models.resolve(tiny["aligned"])
+    sampling = Sampling(max_new_tokens=3)
+    prompts = PROMPTS[:12]
+    with CachedGenerator(handle, cache, engine="transformers", batch_target=2) as small:
+        small.generate(prompts, sampling)
+    assert small.stats["batches_generated"] == len(fixed_batches(prompts, 2)) > 1
+    with CachedGenerator(handle, cache, engine="transformers") as default:
+        default.generate(prompts, sampling)  # one batch at the default target: nothing reused from the small ones
+    assert default.stats["generated"] == 12 and default.stats["batches_generated"] == 1
 
 
 def test_cache_key_names_the_batch(tiny, tmp_path):

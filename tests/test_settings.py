@@ -462,7 +462,8 @@ def test_evaluate_one_model_two_sets_one_loglikelihood_task(tmp_path, capsys, ti
     capsys.readouterr()
     argv = ["evaluate", str(tiny_lora["finetuned"]), "--setting", str(tiny_setting), "--home", str(home)]
     argv += ["--set", "generation.limit=2", "--set", "models.system_prompt=Be safe."]
-    argv += ["--set", "generation.max_new_tokens={harmful: 3}", "--verbosity", "WARNING"]
+    argv += ["--set", "generation.max_new_tokens={harmful: 3}", "--set", "generation.batch_target=1"]
+    argv += ["--verbosity", "WARNING"]
     assert main(argv) == 0, capsys.readouterr().err
     chat_id = json.loads(capsys.readouterr().out)["record_id"]
     assert chat_id != out["record_id"]
@@ -470,6 +471,8 @@ def test_evaluate_one_model_two_sets_one_loglikelihood_task(tmp_path, capsys, ti
     assert chat["inputs"]["system_prompt"] and "system_prompt" not in record["inputs"]
     assert chat["setting"]["resolved"]["generation"]["max_new_tokens"] == {"harmful": 3}
     assert "max_new_tokens" not in record["setting"]["resolved"]["generation"]
+    assert chat["setting"]["resolved"]["generation"]["batch_target"] == 1
+    assert "batch_target" not in record["setting"]["resolved"]["generation"]  # at its default: ids as before
     assert chat["cost"]["generation"]["generated"] > 0  # not the default format's cached answers
 
 

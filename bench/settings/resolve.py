@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from bench import models
 from bench.data import read_jsonl
 from bench.errors import UserError
+from bench.generation import BATCH_TARGET
 from bench.hashing import hash_file, hash_folder, hash_model_dir, hash_value, short
 from bench.settings.schema import FineTuned, Judge, Model, Setting
 
@@ -242,9 +243,12 @@ def resolve_judge(s: Setting, testbed: _Testbed) -> tuple[JudgeSpec, models.Mode
 
 # generation options added after records existed: at their defaults they stay out of a record's
 # resolved setting, so the records (and record ids) of settings that do not use them are unchanged
-# generation keys added after records existed: unset, they stay out of the record, so records made
-# before them keep their ids
-_LATER_GENERATION = {"max_new_tokens": {}, "temperature": None, "pipeline_parallel_size": None}
+_LATER_GENERATION = {
+    "max_new_tokens": {},
+    "temperature": None,
+    "pipeline_parallel_size": None,
+    "batch_target": BATCH_TARGET,
+}
 
 
 def _hashed_include_path(utility: dict) -> dict:

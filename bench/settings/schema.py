@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bench.generation import BATCH_TARGET
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -125,6 +127,12 @@ class Generation(_Strict):
     mode: Literal["deterministic", "fast-nondeterministic"] = "deterministic"
     dtype: str | None = Field(
         default=None, description="generation dtype (default: bfloat16 on vLLM, float32 on transformers)"
+    )
+    batch_target: int = Field(
+        default=BATCH_TARGET,
+        ge=1,
+        description="deterministic mode: prompts per fixed batch, on average (cut by content, at most twice this); "
+        "larger is faster where memory allows, and every answer depends on it",
     )
     tensor_parallel_size: int | None = Field(default=None, ge=1, description="vLLM: GPUs per model")
     pipeline_parallel_size: int | None = Field(

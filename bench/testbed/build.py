@@ -28,6 +28,10 @@ from bench.testbed import sql_task
 from bench.testbed.embedded_model import convert_embedded, embedded_gguf
 
 RECIPE_VERSION = 2  # bump when the build steps change what they produce (2: deterministic generation and training)
+# the base's answers (the alignment's and the attack's training data) in fixed batches of 64 prompts:
+# part of recipe 2, fixed here so that the evaluation's batch size (bench.generation.BATCH_TARGET,
+# a setting option) never changes the testbed's models
+ANSWER_BATCH_TARGET = 64
 
 SPLITS = (
     "harmful_alignment",
@@ -143,7 +147,11 @@ def _answer(
     from bench.generation import CachedGenerator, GenerationCache, Sampling
 
     with CachedGenerator(
-        models.resolve(model_path), GenerationCache(Path(cache_root)), engine=engine, mode=mode
+        models.resolve(model_path),
+        GenerationCache(Path(cache_root)),
+        engine=engine,
+        mode=mode,
+        batch_target=ANSWER_BATCH_TARGET,
     ) as gen:
         return gen.generate(prompts, Sampling(max_new_tokens=max_new_tokens))
 
