@@ -691,3 +691,12 @@ def test_a_utility_task_from_the_users_own_include_path(tmp_path, capsys, tiny_s
         "/no/such/folder",
         "not a folder",
     )
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples" / "settings").glob("*.yaml")))
+def test_example_settings_pass_the_schema(path):
+    """The README's examples are settings a user copies: each one loads against today's schema."""
+    from bench.settings import load_setting
+
+    setting = load_setting(path)
+    assert setting.name and setting.generation.mode in ("deterministic", "fast-nondeterministic")
