@@ -85,6 +85,10 @@ class EvalConfig:
         "batch_target": BATCH_TARGET,
     }
 
+    def later_set(self, *names: str) -> dict:
+        """Those of the named later fields that differ from their defaults (the rest stay out of keys)."""
+        return {k: getattr(self, k) for k in names if getattr(self, k) != self._LATER[k]}
+
     def to_dict(self) -> dict:
         out = asdict(self)
         # a task folder by its content hash: record ids name content, not where it lives

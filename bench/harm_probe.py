@@ -15,7 +15,6 @@ from pathlib import Path
 
 from bench import models
 from bench.evaluate import EvalConfig
-from bench.generation import BATCH_TARGET
 from bench.hashing import hash_value
 
 MAX_NEW_TOKENS = 64  # the realign_harmful task's max_gen_toks
@@ -41,7 +40,7 @@ class HarmProbe:
             "max_new_tokens": MAX_NEW_TOKENS,
         }
         # the batch target entered later: at its default it stays out, so RESTA's earlier keys hold
-        return out | ({"batch_target": self.config.batch_target} if self.config.batch_target != BATCH_TARGET else {})
+        return out | self.config.later_set("batch_target")
 
     def __call__(self, handles: list[models.ModelHandle]) -> list[dict]:
         """{rate, k, n} per model: k answers judged harmful of n judged (unknown verdicts left out)."""

@@ -202,6 +202,10 @@ def test_resta_trains_theta_u_through_the_context_services(tiny, tmp_path):
         EvalConfig(engine="transformers", judge="keyword"),
         tmp_path / "generations",
     )
+    # the probe's identity (part of RESTA's key) names a batch target only when it is not the default
+    assert "batch_target" not in probe.identity()
+    bigger = HarmProbe(probe.prompts, EvalConfig(engine="transformers", judge="keyword", batch_target=128), tmp_path)
+    assert bigger.identity() == probe.identity() | {"batch_target": 128}
     ctx = ctx_for(
         tiny,
         harmful_pairs=pairs,
