@@ -205,7 +205,7 @@ def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: C
         else [],
         harmful_pairs=harmful_pairs,
         benign_prompts=[r["prompt"] for r in read_jsonl(files["benign_prompts"])],
-        utility_probe=TaskProbe(files["task_dev"], chat=resolved.chat),
+        utility_probe=TaskProbe(files["task_dev"], chat=resolved.chat, **probe_engine(resolved, cfg)),
         fine_tune=AttackStageFineTune(cfg.cache, clock.say, resolved.chat),
         harm_probe=HarmProbe(
             [r["prompt"] for r in read_jsonl(files["calibration_prompts"])], cfg.eval, cfg.cache / "generations"
@@ -217,6 +217,12 @@ def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: C
         progress=clock.say,
         chat=None if resolved.chat.is_default else resolved.chat,
     )
+
+
+def probe_engine(resolved: Resolved, cfg: RunConfig) -> dict:
+    """The utility probe's engine (the setting's generation.probe_engine), in the evaluation's dtype."""
+    engine = resolved.setting.generation.probe_engine
+    return {} if engine == "transformers" else {"engine": engine, "dtype": cfg.eval.dtype}
 
 
 def _model_entry(entry):

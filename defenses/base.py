@@ -158,8 +158,11 @@ class Defense:
 
     def cache_inputs(self, ctx: DefenseContext) -> dict:
         """Inputs this defense reads beyond those every defense's cache key names (the runner's
-        defense_dir): e.g. the harm probe's identity. Empty for most defenses."""
-        return {}
+        defense_dir): e.g. the harm probe's identity; the utility probe's engine, for a defense that
+        calls the probe (its scores depend on it). Empty for most defenses."""
+        probe = ctx.utility_probe if "utility_probe" in self.needs else None
+        engine = getattr(probe, "engine_identity", dict)() if probe is not None else {}
+        return {"probe_engine": engine} if engine else {}
 
 
 SWEEP_FORMS = "key=LOW..HIGH:COUNT (COUNT evenly spaced values) or key=[a,b,c]"

@@ -36,3 +36,28 @@ def fail_writing(path: str) -> None:
     import os
 
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def vllm_probe_answers(dev_file: str, started_from: str, in_memory: list[str]) -> dict:
+    """The vLLM utility probe (bench.probe) started from one model's folder, fed models held in memory
+    one after another (the last one under bf16 autocast, as a low_memory working copy probes):
+    their answers, their scores and how many engines the probe started."""
+    from pathlib import Path
+
+    import torch
+
+    from bench import models
+    from bench.probe import TaskProbe
+
+    probe = TaskProbe(Path(dev_file), max_new_tokens=8, engine="vllm", dtype="float32", max_model_len=256)
+    handle = models.resolve(started_from)
+    out: dict = {"answers": [], "scores": [], "engines": set()}
+    for i, folder in enumerate(in_memory):
+        model = models.load_model(models.resolve(folder), "float32", "cpu")
+        autocast = i == len(in_memory) - 1
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out["answers"].append(probe.answers(model, handle))
+            out["scores"].append(probe(model, handle))
+        out["engines"].add(id(probe._vllm.llm))
+    probe.close()
+    return out | {"engines": len(out["engines"])}

