@@ -34,6 +34,14 @@ class SFTConfig:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     seed: int = field(default=0, metadata={"help": "seed of data order and initialisation"})
+    sampling: str = field(
+        default="random",
+        metadata={
+            "help": "'random' (a shuffled order, each batch padded to its longest pair) or 'group_by_length' "
+            "(the Trainer's length-grouped sampler: pairs of similar length batched together, less padding, "
+            "another order and so another model; BENCHMARKS.md, 'Fine-tunes: length-grouped batches')"
+        },
+    )
     deterministic: bool = field(
         default=True,
         metadata={
@@ -47,13 +55,16 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.method must be 'lora' or 'full', got {self.method!r}")
         if self.lr_scheduler not in ("linear", "constant"):
             raise ValueError(f"SFTConfig.lr_scheduler must be 'linear' or 'constant', got {self.lr_scheduler!r}")
+        if self.sampling not in ("random", "group_by_length"):
+            raise ValueError(f"SFTConfig.sampling must be 'random' or 'group_by_length', got {self.sampling!r}")
         if self.lr <= 0 or self.batch_size < 1 or self.max_length < 16:
             raise ValueError("SFTConfig: lr > 0, batch_size >= 1 and max_length >= 16 are required")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["lr_scheduler"] == "linear":
-            del d["lr_scheduler"]  # added later: left out at its default, so older caches stay valid
+        for added_later, default in (("lr_scheduler", "linear"), ("sampling", "random")):
+            if d[added_later] == default:
+                del d[added_later]  # left out at its default, so older caches stay valid
         return d
 
 
@@ -146,6 +157,7 @@ def train(model, tokenizer, pairs: list[dict], config: SFTConfig, work_dir: Path
         bf16=config.bf16 and models.native_bf16("cuda" if torch.cuda.is_available() else "cpu"),
         seed=config.seed,
         data_seed=config.seed,
+        train_sampling_strategy=config.sampling,
         # on a CPU at a fixed thread count training repeats bit for bit either way; the switch makes
         # it fail loudly where it would not (GPU kernels); the cost is in BENCHMARKS.md
         full_determinism=config.deterministic,

@@ -48,3 +48,37 @@ def test_response_only_loss_through_a_peft_model_and_its_gradients(tiny):
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, expected[n], atol=1e-6, rtol=1e-4)
+
+
+def test_length_grouped_sampling_pads_less_and_is_seeded(tiny, tmp_path, monkeypatch):
+    """sampling='group_by_length' batches pairs of similar length (the Trainer's own sampler): fewer pad
+    tokens than the shuffled order, the same batches on a rerun, and a key of its own."""
+    import pytest
+
+    import bench.sft
+    from bench.sft import SFTConfig, train
+
+    original, seen = bench.sft.response_only_loss, []
+
+    def spy(model, inputs, num_items_in_batch=None):
+        seen.append(int((inputs["attention_mask"] == 0).sum()))  # pad tokens of the batch
+        return original(model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(bench.sft, "response_only_loss", spy)
+    handle = models.resolve(tiny["aligned"])
+    # lengths from 1 to 32 words, so a shuffled batch of 4 mixes short and long pairs; 64 pairs make
+    # the sampler's mega-batches 16 pairs (it sorts within a mega-batch of 4 batches at least)
+    pairs = [{"prompt": "say " + "word " * (n % 32), "response": "ok " * (1 + n % 3)} for n in range(64)]
+    padding = {}
+    for run, sampling in enumerate(["random", "group_by_length", "group_by_length"]):
+        seen.clear()
+        config = SFTConfig(epochs=1, batch_size=4, bf16=False, sampling=sampling)
+        train(models.load_model(handle), models.load_tokenizer(handle), pairs, config, tmp_path / f"t{run}", False)
+        padding[run] = list(seen)
+    assert len(padding[0]) == len(padding[1]) == 16
+    assert sum(padding[1]) < sum(padding[0]) / 2, padding
+    assert padding[1] == padding[2]  # seeded: the same batches again
+    assert "sampling" not in SFTConfig().to_dict()  # at its default: attack keys as before
+    assert SFTConfig(sampling="group_by_length").to_dict()["sampling"] == "group_by_length"
+    with pytest.raises(ValueError, match="sampling must be 'random' or 'group_by_length'"):
+        SFTConfig(sampling="sorted")
