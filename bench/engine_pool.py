@@ -135,13 +135,11 @@ class EnginePool:
         return VLLMGenerator(handle, dtype, trust_remote_code, mode=mode, chat=chat, llm=self._llm)
 
     def _reload(self, handle: models.ModelHandle) -> None:
+        from bench.generation import load_weights_in_place
+
         t0 = time.perf_counter()
-        # vLLM's public path for new weights in a live engine: every worker reloads from the directory
-        self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(handle.path)})
-        self._weights = handle.content_hash()  # set before the reset: a failure below closes the engine anyway
-        # cached prefixes hold KV computed with the old weights
-        if not self._llm.reset_prefix_cache():
-            raise RuntimeError("the prefix cache could not be reset after the reload")
+        load_weights_in_place(self._llm, weights_path=str(handle.path))  # a failure closes the engine
+        self._weights = handle.content_hash()
         self.stats["reloads"] += 1
         self.stats["reload_s"] = round(self.stats["reload_s"] + time.perf_counter() - t0, 2)
 

@@ -372,6 +372,15 @@ def start_vllm(
     )
 
 
+def load_weights_in_place(llm, **source) -> None:
+    """New weights into a live engine, by vLLM's public path: every worker's `reload_weights` with
+    `weights_path=` (a folder) or `weights_iterator=` ((name, tensor) pairs, e.g. a state dict held
+    in memory); then the prefix cache is emptied, since its KV was computed with the old weights."""
+    llm.collective_rpc("reload_weights", kwargs=source)
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("the prefix cache could not be reset after the reload")
+
+
 def shutdown_vllm(llm) -> None:
     # the engine core (a child process in fast mode) and its worker must stop before exit
     with contextlib.suppress(Exception):

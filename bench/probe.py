@@ -17,7 +17,6 @@ batch): the same weights give the same answers on every run.
 from __future__ import annotations
 
 import atexit
-import contextlib
 from pathlib import Path
 
 from bench.data import read_jsonl
@@ -95,21 +94,16 @@ class TaskProbe:
     def _on_vllm(self, model, handle, prompts: list[str]) -> list[str]:
         import torch
 
-        from bench.generation import VLLMGenerator
+        from bench.generation import VLLMGenerator, load_weights_in_place
 
         if self._vllm is None:
             # its own engine (deterministic mode), started from the handle's files, replaced below
             self._vllm = VLLMGenerator(handle, self.dtype, max_model_len=self.max_model_len, chat=self.chat)
             atexit.register(self.close)
-        llm = self._vllm.llm
-        with torch.no_grad():
-            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(model.state_dict().items())})
-        if not llm.reset_prefix_cache():
-            raise RuntimeError("the probe's engine could not empty its prefix cache after loading new weights")
-        # the caller may generate under autocast (a low_memory working copy); vLLM runs its own dtype
-        with contextlib.ExitStack() as stack:
-            for device in {"cpu", str(next(model.parameters()).device).split(":")[0]}:
-                stack.enter_context(torch.autocast(device, enabled=False))
+        load_weights_in_place(self._vllm.llm, weights_iterator=iter(model.state_dict().items()))
+        # the caller may generate under autocast (a low_memory working copy); vLLM runs its own dtype.
+        # The vLLM probe runs on a CPU only (bench.settings.resolve checks it)
+        with torch.autocast("cpu", enabled=False):
             return self._vllm.generate(prompts, self.sampling)
 
     def close(self) -> None:

