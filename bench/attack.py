@@ -26,8 +26,21 @@ RECIPE_VERSION = 2  # 2: deterministic training; the machine in the key
 
 def _default_lora() -> SFTConfig:
     # r 8, alpha 16, all linear layers, 2 epochs at lr 2e-4. One epoch at 3e-4 (half the time) was
-    # tried: its SQL skill was fragile enough that the flagship's warm-up lost 5% of the dev metric
-    return SFTConfig(method="lora", epochs=2.0, lr=2e-4, batch_size=8, max_length=192, lora_r=8, lora_alpha=16, seed=0)
+    # tried: its SQL skill was fragile enough that the flagship's warm-up lost 5% of the dev metric.
+    # Length-grouped batches cut padding from 21% to 4% of the tokens and training time by 15%, with
+    # the same harmfulness and SQL skill (BENCHMARKS.md, "Fine-tunes: length-grouped batches"). The
+    # safety fine-tune keeps random batches: grouped, its aligned model over-refused 2.6x as often.
+    return SFTConfig(
+        method="lora",
+        epochs=2.0,
+        lr=2e-4,
+        batch_size=8,
+        max_length=192,
+        lora_r=8,
+        lora_alpha=16,
+        seed=0,
+        sampling="group_by_length",
+    )
 
 
 @dataclass
@@ -46,8 +59,8 @@ class AttackConfig:
     sft: SFTConfig = field(default_factory=_default_lora, metadata={"help": "fine-tune hyper-parameters"})
 
     def __post_init__(self):
-        if isinstance(self.sft, dict):
-            self.sft = SFTConfig(**self.sft)
+        if isinstance(self.sft, dict):  # a setting's partial sft: the fields it names, over the attack's own
+            self.sft = SFTConfig(**(asdict(_default_lora()) | self.sft))
         if self.harmful_n < 0:
             raise UserError(f"--harmful-n must be >= 0, got {self.harmful_n}")
         if self.harmful_source not in ("testbed", "beavertails"):

@@ -82,3 +82,18 @@ def test_length_grouped_sampling_pads_less_and_is_seeded(tiny, tmp_path, monkeyp
     assert SFTConfig(sampling="group_by_length").to_dict()["sampling"] == "group_by_length"
     with pytest.raises(ValueError, match="sampling must be 'random' or 'group_by_length'"):
         SFTConfig(sampling="sorted")
+
+
+def test_the_attack_batches_by_length_and_a_partial_sft_keeps_its_defaults():
+    """The attack's LoRA groups batches by length (the safety fine-tune does not); a setting that names
+    some sft fields changes only those, so overriding the learning rate does not switch grouping off."""
+    from bench.attack import AttackConfig
+    from bench.sft import SFTConfig
+
+    default = AttackConfig().sft
+    assert default.sampling == "group_by_length" and SFTConfig().sampling == "random"
+    partial = AttackConfig(sft={"lr": 1e-4}).sft
+    assert partial.lr == 1e-4 and partial.sampling == "group_by_length" and partial.epochs == default.epochs
+    assert AttackConfig(sft={"sampling": "random"}).sft.sampling == "random"
+    # the same fine-tune named in full or left to the defaults: one cache key
+    assert AttackConfig(sft={"sampling": "group_by_length"}).to_dict() == AttackConfig().to_dict()

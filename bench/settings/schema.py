@@ -71,7 +71,10 @@ class Attack(_Strict):
         default="testbed", description="where harmful pairs come from"
     )
     task_n: int = Field(default=300, ge=0, description="task training examples")
-    sft: dict = Field(default_factory=dict, description="fine-tune hyper-parameters (bench.sft.SFTConfig fields)")
+    sft: dict = Field(
+        default_factory=dict,
+        description="fine-tune hyper-parameters (bench.sft.SFTConfig fields); unnamed ones keep the attack's defaults",
+    )
 
 
 class Task(_Strict):
