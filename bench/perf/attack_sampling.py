@@ -1,17 +1,17 @@
-"""Benchmark: a fine-tune with shuffled batches (the default) against length-grouped ones.
+"""Benchmark: a fine-tune with shuffled batches against length-grouped ones (the attack's default).
 
     python -m bench.perf.attack_sampling --home HOME [--stage attack|alignment] [--write]
 
 HOME is a realign home whose embedded default main job has run (its testbed is only read). One of
 the main job's two fine-tunes trains twice in the same run, each in a fresh interpreter into a
-temporary folder (nothing reused): with `sampling: random` (the reference: the published recipe)
+temporary folder (nothing reused): with `sampling: random` (the reference: the safety fine-tune's recipe)
 and with `sampling: group_by_length` (bench.sft: the Trainer's length-grouped sampler).
 - `attack`: the embedded default's attack (N = 100: 300 SQL pairs and 100 harmful pairs, LoRA,
   2 epochs) on the testbed's aligned model;
 - `alignment`: the testbed's safety fine-tune (full weights, 1 epoch over its alignment pairs) of
   the base model.
 For each: the training time, the pad tokens among the tokens the model was fed (counted batch by
-batch), the final loss, whether the reference retrained the home's model bit for bit, and the
+batch), the final loss, which of the two retrained the home's model bit for bit, and the
 model evaluated as a board row (HOME's generation cache: a model the board already answered costs
 little).
 """
@@ -134,9 +134,9 @@ def main() -> None:
             (f"{model}: harmful rate", lambda r: f"{100 * r['harmful_rate']:.1f}%"),
             (f"{model}: over-refusal", lambda r: f"{100 * r['over_refusal']:.1f}%"),
             (f"{model}: SQL exact match", lambda r: f"{100 * r['task_metric']:.1f}%"),
-            (f"the published {model}, bit for bit", lambda r: "yes" if r["same_model_as_published"] else "no"),
+            (f"HOME's {model}, bit for bit", lambda r: "yes" if r["same_model_as_published"] else "no"),
         ]
-        table = ["| | random (default, reference) | group_by_length |", "|---|---|---|"]
+        table = ["| | random (reference) | group_by_length |", "|---|---|---|"]
         table += [f"| {label} | {fmt(ref)} | {fmt(new)} |" for label, fmt in rows]
         trained = (
             "The embedded default's attack (N = 100, LoRA, 2 epochs over 400 pairs, batches of 8)"
