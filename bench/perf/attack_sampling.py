@@ -101,18 +101,18 @@ def main() -> None:
     cfg = RunConfig(home=args.home)
     resolved = resolve(cfg.setting, cfg.cache, log=lambda _: None)
     if args.stage == "attack":
-        published = next(resolved.variants(cfg.cache, lambda _: None)).finetuned.content_hash()
+        home_model = next(resolved.variants(cfg.cache, lambda _: None)).finetuned.content_hash()
     else:
-        published = resolved.aligned.content_hash()
+        home_model = resolved.aligned.content_hash()
     runs = {}
     with tempfile.TemporaryDirectory(prefix="realign-sampling-") as tmp:
+        sets = eval_sets(resolved, cfg.cache)
         for sampling in SAMPLINGS:
             run = run_fresh(train_once, str(args.home), args.stage, sampling, f"{tmp}/{sampling}")
-            sets = eval_sets(resolved, cfg.cache)
             result = run_fresh(evaluate, run.pop("model"), sets, cfg.eval, str(cfg.cache / "generations"))
             m = result["metrics"]
             run |= {k: m[k]["value"] for k in ("harmful_rate", "over_refusal", "task_metric")}
-            run["same_model_as_published"] = run["model_hash"] == published
+            run["same_model_as_home"] = run["model_hash"] == home_model
             runs[sampling] = run
             print(f"{sampling}: {json.dumps(run)}", flush=True)
     ref, new = runs["random"], runs["group_by_length"]
@@ -134,7 +134,7 @@ def main() -> None:
             (f"{model}: harmful rate", lambda r: f"{100 * r['harmful_rate']:.1f}%"),
             (f"{model}: over-refusal", lambda r: f"{100 * r['over_refusal']:.1f}%"),
             (f"{model}: SQL exact match", lambda r: f"{100 * r['task_metric']:.1f}%"),
-            (f"HOME's {model}, bit for bit", lambda r: "yes" if r["same_model_as_published"] else "no"),
+            (f"HOME's {model}, bit for bit", lambda r: "yes" if r["same_model_as_home"] else "no"),
         ]
         table = ["| | random (reference) | group_by_length |", "|---|---|---|"]
         table += [f"| {label} | {fmt(ref)} | {fmt(new)} |" for label, fmt in rows]

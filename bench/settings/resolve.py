@@ -85,9 +85,8 @@ class Resolved:
         from bench import attack as attack_stage
 
         a = self.setting.attack
-        extra = {"sft": a.sft} if a.sft else {}  # an empty sft keeps the attack's own LoRA defaults
-        return attack_stage.AttackConfig(
-            harmful_n=n, harmful_source=a.harmful_source, task_n=a.task_n, seed=self.setting.seed, **extra
+        return attack_stage.AttackConfig(  # the sft fields a setting names, over the attack's defaults
+            harmful_n=n, harmful_source=a.harmful_source, task_n=a.task_n, seed=self.setting.seed, sft=dict(a.sft)
         )
 
     def inputs(self) -> dict[str, str]:
