@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,15 @@ def test_main_job_smoke_with_flagship_and_resume(smoke_run, tmp_path):
     for name in ("board.csv", "board.html", "pareto.png", "pareto.svg"):
         assert (run_dir / name).stat().st_size > 0
     assert json.loads((run_dir / "board.json").read_text())[0]["method"]
+
+    # no model folder of the cache names this machine: a path in a hashed file (the base's config once
+    # held the installation's) makes the testbed's key and every record's setting key differ by machine
+    machine = {sys.prefix, str(Path(sys.prefix).resolve()), str(home), str(home.resolve())}
+    folders = {p.parent for p in (home / "cache").rglob("*.safetensors")}
+    names = {f.name.split("-")[0] for f in folders}
+    assert names >= {"base", "aligned", "adapter", "merged", "model"}, folders
+    for f in (f for folder in folders for f in folder.iterdir() if f.suffix in (".json", ".jinja", ".txt")):
+        assert not [m for m in machine if m in f.read_text()], f"{f} names a path of this machine"
 
     # a second run trains and generates nothing: each stage says it reuses its cached result, no
     # stage says it builds, and the generation caches are byte for byte what the first run left

@@ -66,14 +66,14 @@ def train_once(home: str, stage: str, sampling: str, out: str) -> dict:
         )
         log, model_dir, model_hash = result.manifest["train_log"], result.merged.path, result.manifest["finetuned_hash"]
     else:
-        from bench.testbed.build import TestbedConfig, _fine_tune
+        from bench.testbed.build import Testbed, TestbedConfig, _fine_tune
 
         testbed = resolved.aligned.path.parent  # the testbed's folder: aligned/, data/, manifest.json
         manifest = json.loads((testbed / "manifest.json").read_text())
         sft = dataclasses.replace(TestbedConfig(**manifest["config"]).alignment, sampling=sampling)
         pairs = read_jsonl(testbed / "data" / "alignment_pairs.jsonl", required=("prompt", "response"))
         model_dir = Path(out) / "aligned"
-        base = models.resolve(manifest["base_path"])
+        base = Testbed(testbed, manifest).base
         log = _fine_tune(base, pairs, sft, model_dir, Path(out) / "trainer")
         model_hash = models.ModelHandle("aligned", model_dir).content_hash()
     return counts | {

