@@ -923,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"realign: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:
+    except Exception as exc:
         error = machine_error(exc)
         if error is None:  # anything else is a bug: its traceback says where
             raise

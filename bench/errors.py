@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 
 class UserError(Exception):
@@ -16,12 +18,31 @@ class UserError(Exception):
 MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
 
 
-def machine_error(exc: OSError) -> UserError | None:
-    """The one-line UserError for an OSError the machine caused, or None for any other (a bug,
-    whose traceback says where)."""
-    if exc.errno not in MACHINE_ERRNOS:
+# how Rust's std::io::Error ends its text: libraries written in Rust (safetensors, tokenizers) raise
+# their own exception types, not OSError, on a full disk ("... No space left on device (os error 28)")
+_RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`: itself, or one rebuilt from a Rust library's "(os error N)" text."""
+    if isinstance(exc, OSError):
+        return exc
+    found = _RUST_IO_ERROR.search(str(exc))
+    if found is None:
         return None
-    where = f": {exc.filename}" if exc.filename else ""
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
+def machine_error(exc: BaseException) -> UserError | None:
+    """The one-line UserError for an error the machine caused (a full disk, a read-only folder),
+    whether an OSError or a Rust library's I/O error; None for any other (a bug, whose traceback
+    says where)."""
+    os_error = os_error_of(exc)
+    if os_error is None or os_error.errno not in MACHINE_ERRNOS:
+        return None
+    where = f": {os_error.filename}" if os_error.filename else ""
     return UserError(
-        f"{exc.strerror or exc}{where}; make room on that disk or choose a folder you can write (--home, --out)"
+        f"{os_error.strerror or os_error}{where}; make room on that disk or choose a folder you can write "
+        "(--home, --out)"
     )

@@ -432,5 +432,13 @@ def end_of_turn(tokenizer) -> str:
 
 def save_model(model, tokenizer, out_dir: Path) -> None:
     """Save as safetensors with the tokenizer beside it (tied weights handled by transformers)."""
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    from bench.errors import os_error_of
+
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    except Exception as exc:  # safetensors' and tokenizers' I/O errors name no file: name the folder
+        os_error = os_error_of(exc)
+        if os_error is None:
+            raise
+        raise OSError(os_error.errno, os_error.strerror, str(out_dir)) from exc

@@ -164,7 +164,7 @@ def _main(call: str, result: str) -> int:
         out = ("ok", fn(*args, **kwargs))
     except UserError as exc:
         out = ("user", str(exc))
-    except OSError as exc:  # a full disk or a read-only folder is one line in the parent, like bad input
+    except Exception as exc:  # a full disk or a read-only folder is one line in the parent, like bad input
         error = machine_error(exc)
         out = ("user", str(error)) if error else ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     except BaseException as exc:  # report to the parent instead of dying silently

@@ -61,3 +61,13 @@ def vllm_probe_answers(dev_file: str, started_from: str, in_memory: list[str]) -
         out["engines"].add(id(probe._vllm.llm))
     probe.close()
     return out | {"engines": len(out["engines"])}
+
+
+def save_a_copy(model_dir: str, out_dir: str) -> None:
+    """Load a model and save it where the test says (bench.models.save_model, as every defense saves)."""
+    from pathlib import Path
+
+    from bench import models
+
+    handle = models.resolve(model_dir)
+    models.save_model(models.load_model(handle, "float32"), models.load_tokenizer(handle), Path(out_dir))

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -482,3 +483,37 @@ def test_a_full_disk_in_a_fresh_interpreter_is_one_user_error(tmp_path):
         run_fresh(fail_writing, str(tmp_path / "model.safetensors"))
     line = str(caught.value)
     assert "No space left on device" in line and "model.safetensors" in line and "\n" not in line
+
+
+def test_a_rust_librarys_io_error_is_a_machine_error():
+    """safetensors (Rust) raises its own type on a full disk, not OSError: the text it gave when this
+    machine's disk filled during a board build is one line; its other errors stay bugs."""
+    from safetensors import SafetensorError
+
+    from bench.errors import machine_error
+
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    error = machine_error(full)
+    assert error is not None and str(error).startswith("No space left on device; make room on that disk")
+    assert machine_error(SafetensorError("Error while deserializing header: HeaderTooLarge")) is None
+    assert machine_error(ValueError("no such tensor (os error 2)")) is None  # ENOENT: not the machine's doing
+
+
+def test_a_real_full_disk_while_saving_a_model_is_one_user_error(tiny, tmp_path):
+    """A model saved (as every defense saves it, in a fresh interpreter) onto a real 64 KiB tmpfs: the
+    disk fills inside safetensors' Rust writer, and the CLI gets one line naming the folder."""
+    from bench.errors import UserError
+    from bench.new_interpreter import run_fresh
+    from tests.helpers import save_a_copy
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root; the unit test above covers the error's text")
+    try:
+        with pytest.raises(UserError) as caught:
+            run_fresh(save_a_copy, str(tiny["aligned"]), str(small / "model"))
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    line = str(caught.value)
+    assert line.startswith("No space left on device: ") and str(small / "model") in line and "\n" not in line
