@@ -136,14 +136,9 @@ def embedded_base(cache: Path, log=print) -> models.ModelHandle:
             discard(path)
         with building_dir(path) as tmp:
             convert_embedded(tmp)
-            atomic_write_json(
-                tmp / BASE_MANIFEST,
-                {
-                    "gguf": short(hash_file(embedded_gguf())),
-                    "conversion": CONVERSION_VERSION,
-                    "content_hash": hash_value(content(tmp)),
-                },
-            )
+            # the folder's name already carries the GGUF's hash: no second pass over its bytes
+            manifest = {"conversion": CONVERSION_VERSION, "content_hash": hash_value(content(tmp))}
+            atomic_write_json(tmp / BASE_MANIFEST, manifest)
     return models.ModelHandle("SmolLM2-135M-Instruct", path)
 
 
