@@ -74,6 +74,9 @@ class Registry:
             except (ImportError, AttributeError) as exc:
                 raise UserError(f"{self.kind} {name!r} could not be loaded from {self._lazy[name]}: {exc}") from None
             self._objects.setdefault(name, obj)
-            if not hasattr(obj, "registry_name"):
+            # the class's own name, not one inherited from a registered parent (a judge or set that
+            # subclasses another would otherwise take its parent's name when the parent loaded first,
+            # and with it the parent's cache keys and fresh-process constructor)
+            if "registry_name" not in vars(obj):
                 obj.registry_name = name
         return self._objects[name]

@@ -198,3 +198,28 @@ def test_verbosity_sets_progress_lines_and_vllm_logging(tmp_path):
         and runs["INFO"].stdout.strip() == "ERROR"
     )
     assert "debug line" in runs["DEBUG"].stderr and runs["DEBUG"].stdout.strip() == "DEBUG"
+
+
+def test_a_registered_subclass_keeps_its_own_name_whatever_loaded_first():
+    """harmbench_classifier_contextual subclasses harmbench_classifier (and xstest_unsafe
+    xstest_safe, strongreject_small strongreject). Loaded after its parent, a subclass once took the
+    parent's registry name, and a judge's name is its verdict cache's key and what a fresh
+    interpreter rebuilds it from: the contextual judge would have been served the plain judge's
+    verdicts. A fresh interpreter, so that the parents load first whatever other tests loaded."""
+    code = (
+        "from bench.judges import JUDGES; from bench.sets import SETS\n"
+        "pairs = [(JUDGES, 'harmbench_classifier', 'harmbench_classifier_contextual'),\n"
+        "         (SETS, 'xstest_safe', 'xstest_unsafe'), (SETS, 'strongreject', 'strongreject_small')]\n"
+        "for registry, parent, child in pairs:\n"
+        "    registry.get(parent)\n"
+        "    print(registry.get(parent).registry_name, registry.get(child).registry_name)\n"
+        "print(JUDGES.get('harmbench_classifier_contextual')(pretrained='x').name)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:4] == [
+        "harmbench_classifier harmbench_classifier_contextual",
+        "xstest_safe xstest_unsafe",
+        "strongreject strongreject_small",
+        "harmbench_classifier_contextual",
+    ]
