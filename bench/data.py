@@ -51,7 +51,11 @@ def data_dir(explicit: str | None = None) -> Path | None:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise UserError(f"data directory {value!r} does not exist: pass --data-dir DIR or unset REALIGN_DATA_DIR")
+        source = "data.data_dir in the setting, or --data-dir" if explicit else "$REALIGN_DATA_DIR"
+        raise UserError(
+            f"data directory {value!r} (from {source}; a relative path starts at the current folder) does not "
+            "exist: point it at the folder that holds beavertails/, tasks/, ..."
+        )
     return path
 
 

@@ -31,6 +31,7 @@ class EvalSets:
     task: Path
     task_yaml: str = "realign_sql"
     task_metric: str = "exact_match"
+    utility: dict[str, Path] = field(default_factory=dict)  # a suite utility task -> its documents
 
 
 @dataclass
@@ -289,19 +290,19 @@ def task_runs(sets: EvalSets, config: EvalConfig) -> list[TaskRun]:
                 "realign_overrefusal", sets.over_refusal, config.limit, generation=config.generation("over_refusal")
             )
         )
-    runs += [dataclasses.replace(utility_run(u), generation=config.generation("utility")) for u in config.utility]
+    runs += [
+        dataclasses.replace(utility_run(u, sets.utility.get(u["task"])), generation=config.generation("utility"))
+        for u in config.utility
+    ]
     return runs
 
 
-def utility_run(u: dict) -> TaskRun:
-    """A utility task as lm-eval runs it: a YAML under tasks/ with its known data, or a stock task name."""
-    from bench.data import data_dir
-    from bench.task_files import TASK_DATA
-
+def utility_run(u: dict, documents: Path | None = None) -> TaskRun:
+    """A utility task as lm-eval runs it: a YAML under tasks/ with its documents (the setting
+    resolved them), a task of the user's include_path, or a stock task name."""
     if u.get("include_path"):  # the user's own task folder
         return TaskRun(u["task"], None, u.get("limit"), u.get("num_fewshot"), include_path=u["include_path"])
-    data = TASK_DATA[u["task"]](data_dir(None)) if u["task"] in TASK_DATA else None
-    return TaskRun(u["task"], data, u.get("limit"), u.get("num_fewshot"))
+    return TaskRun(u["task"], documents, u.get("limit"), u.get("num_fewshot"))
 
 
 def _device() -> str:

@@ -123,6 +123,7 @@ def eval_sets(resolved: Resolved, cache: Path) -> EvalSets:
         task=resolved.files["task_test"],
         task_yaml=s.data.task.yaml,
         task_metric=s.data.task.metric,
+        utility=resolved.utility_data,
     )
 
 

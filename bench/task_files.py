@@ -40,9 +40,38 @@ def _sql(data_dir: Path | None) -> Path | None:
 TASK_DATA: dict[str, Callable[[Path | None], Path | None]] = {"realign_mmlu": _mmlu, "realign_sql": _sql}
 
 
+def utility_documents(task: str, data_dir: Path | None) -> Path:
+    """The documents of a suite task asked as a utility task; one line saying what is missing else.
+    (A stock lm-eval task or a task of the user's include_path brings its own.)"""
+    if task not in TASK_DATA:
+        raise UserError(
+            f"utility task {task!r} is the template of the suite's own sets, not a utility task: "
+            "list its sets under data.harmful or data.over_refusal instead"
+        )
+    path = TASK_DATA[task](data_dir)
+    if path is None or not path.is_file():
+        raise UserError(
+            f"utility task {task!r} reads {TASK_DATA[task].__doc__.split(' (')[0]}, and "
+            + ("no data directory is set" if data_dir is None else f"{path} is not there")
+            + ": set data.data_dir in the setting (or pass --data-dir) to a folder that has it"
+        )
+    return path
+
+
 def templates() -> dict[str, Path]:
     """Task name -> its YAML under tasks/."""
     return {p.stem: p for p in sorted(TASKS_DIR.rglob("*.yaml"))}
+
+
+def template_metrics(name: str) -> list[str]:
+    """The per-sample metrics a suite task YAML reports (its metric_list), read without lm-eval."""
+
+    class _Loader(yaml.SafeLoader):  # `!function utils.x` entries are lm-eval's; here they are nothing
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    config = yaml.load(template(name).read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    return [m["metric"] for m in config.get("metric_list") or []]
 
 
 def template(name: str) -> Path:

@@ -484,6 +484,57 @@ TEMPLATE = (
 )
 
 
+def test_a_suite_utility_task_reads_the_settings_data_dir_and_its_documents_key_the_record(
+    tmp_path, capsys, tiny_setting, monkeypatch
+):
+    """realign_sql as a utility task reads DATA_DIR/tasks/sql/eval.jsonl from the setting's
+    data.data_dir (not only from $REALIGN_DATA_DIR), and the documents' content hash is an input of
+    the record: other documents, another record. Without a data directory it is one line, before
+    any work."""
+    from bench.hashing import hash_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("REALIGN_DATA_DIR", raising=False)
+    home = tmp_path / "home"
+    documents = tmp_path / "my-data" / "tasks" / "sql" / "eval.jsonl"
+    documents.parent.mkdir(parents=True)
+    rows = [
+        {"prompt": f"Generate a SQL for: count rows of t{i}", "response": f"SELECT COUNT(*) FROM t{i}"}
+        for i in range(3)
+    ]
+    write_jsonl(documents, rows)
+    aligned = yaml.safe_load(tiny_setting.read_text())["models"]["aligned"]
+    argv = ["evaluate", aligned, "--setting", str(tiny_setting), "--home", str(home), "--verbosity", "WARNING"]
+    argv += ["--set", "generation.limit=2", "--set", "utility=[{task: realign_sql, limit: 2, metric: exact_match}]"]
+
+    def evaluate() -> dict:
+        capsys.readouterr()
+        code = main(argv + ["--set", f"data.data_dir={json.dumps(str(documents.parents[2]))}"])
+        assert code == 0, capsys.readouterr().err
+        out = json.loads(capsys.readouterr().out)
+        return json.loads((home / "runs" / "tiny" / "records" / f"{out['record_id']}.json").read_text())
+
+    first = evaluate()
+    assert first["metrics"]["utility:realign_sql"]["n"] == 2
+    assert first["inputs"]["utility:realign_sql"] == hash_file(documents)
+    write_jsonl(documents, [r | {"response": r["response"] + ";"} for r in rows])
+    second = evaluate()
+    assert second["record_id"] != first["record_id"]
+    assert second["inputs"]["utility:realign_sql"] == hash_file(documents)
+
+    runs_before = sorted(p.name for p in (home / "runs" / "tiny" / "records").iterdir())
+    fails(capsys, argv, "utility task 'realign_sql'", "tasks/sql/eval.jsonl", "data.data_dir")
+    fails(
+        capsys,
+        argv[:-1] + ["utility=[{task: realign_harmful, metric: bypass}]"],
+        "utility task 'realign_harmful'",
+        "data.harmful",
+    )
+    # a metric the suite's YAML does not report: one line before any work (once, after generation)
+    fails(capsys, argv[:-1] + ["utility=[{task: realign_sql}]"], "reports exact_match, not 'acc'")
+    assert sorted(p.name for p in (home / "runs" / "tiny" / "records").iterdir()) == runs_before
+
+
 def test_chat_template_file_and_system_prompt_shape_every_prompt_and_every_key(tmp_path, tiny_lora):
     from bench import attack, models
     from bench.generation import CachedGenerator, GenerationCache, Sampling, TransformersGenerator

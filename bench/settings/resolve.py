@@ -59,6 +59,7 @@ class Resolved:
     chat: models.ChatFormat = field(default_factory=models.ChatFormat)  # the setting's chat template and system prompt
     judge: JudgeSpec | None = None  # the judge with its options; pretrained is the weights' folder here
     judge_weights: models.ModelHandle | None = None  # None: a rule-based judge (or a testbed not built yet)
+    utility_data: dict[str, Path] = field(default_factory=dict)  # a suite utility task -> its documents
 
     def variants(self, cache: Path, log: Callable[[str], None]) -> Iterator[Variant]:
         """The setting's fine-tuned models: the user's, or one attack per N (cached like any stage)."""
@@ -100,6 +101,7 @@ class Resolved:
         out |= {k: hash_file(p) for k, p in self.files.items()}
         out |= {f"harmful:{k}": hash_file(p) for k, p in self.harmful.items() if p}
         out |= {f"over_refusal:{k}": hash_file(p) for k, p in self.over_refusal.items() if p}
+        out |= {f"utility:{k}": hash_file(p) for k, p in self.utility_data.items()}
         return out
 
     def description(self) -> dict:
@@ -285,6 +287,7 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
     s = setting
     data_dir = default_data_dir(s.data.data_dir)  # checked here, before any work: a missing folder is one line
     check_names(s)
+    utility_data = _utility_documents(s, data_dir)
     chat = models.ChatFormat(models.read_chat_template(s.models.chat_template), s.models.system_prompt)
     testbed = _Testbed(s, cache, log, check)
     judge, judge_weights = resolve_judge(s, testbed)
@@ -306,7 +309,18 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
     base = model(s.models.base)
     if aligned is None:  # only while checking a testbed setting: the testbed is not built yet
         return Resolved(
-            s, None, None, {}, {}, {}, list(s.notes), data_dir, chat=chat, judge=judge, judge_weights=judge_weights
+            s,
+            None,
+            None,
+            {},
+            {},
+            {},
+            list(s.notes),
+            data_dir,
+            chat=chat,
+            judge=judge,
+            judge_weights=judge_weights,
+            utility_data=utility_data,
         )
     if not chat.is_default:  # the template renders a conversation with this tokenizer (no weights loaded)
         chat.check(models.load_tokenizer(aligned, s.models.trust_remote_code), f"setting {s.name!r}: models")
@@ -358,6 +372,7 @@ def resolve(setting: Setting, cache: Path, log: Callable[[str], None] = print, c
         chat,
         judge,
         judge_weights,
+        utility_data,
     )
 
 
@@ -460,13 +475,32 @@ def _check_engines(s: Setting) -> None:
 
 
 def _check_utility(s: Setting) -> None:
-    from bench.task_files import TASK_DATA, templates
+    from bench.task_files import TASK_DATA, template_metrics, templates
 
     for u in s.utility:
         if u.include_path is not None:
             _own_task(u.task, u.include_path)
-        elif u.task not in templates() and u.task not in TASK_DATA:
+        elif u.task in templates():  # the suite's own YAML: its metrics are known before any work
+            known = template_metrics(u.task)
+            if u.metric not in known:
+                raise UserError(
+                    f"utility task {u.task!r} reports {', '.join(known)}, not {u.metric!r}: "
+                    "set its metric to one of them"
+                )
+        elif u.task not in TASK_DATA:
             _stock_task(u.task)
+
+
+def _utility_documents(s: Setting, data_dir: Path | None) -> dict[str, Path]:
+    """The documents of each utility task that is one of the suite's own YAMLs (a stock task or
+    one from the user's include_path brings its own); their content hashes enter the records."""
+    from bench.task_files import templates, utility_documents
+
+    return {
+        u.task: utility_documents(u.task, data_dir)
+        for u in s.utility
+        if u.include_path is None and u.task in templates()
+    }
 
 
 def _own_task(name: str, include_path: str) -> None:
