@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -437,6 +438,31 @@ def test_check_unusable_input_exits_2(tmp_path):
 
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "leaderboards" / "embedded-default"
+
+
+def test_check_matches_a_default_row_with_the_published_point_that_names_its_parameters(tmp_path):
+    """The main job's flagship row is `gradient_restoration` (default parameters); the published
+    board has it as the curve point `gradient_restoration(recovery_rate=0.002,steps=20)`. `board
+    check` of the main job's records against the published board matches them by parameter values
+    (it once stopped with "no published record"); parameters of no published row still do."""
+    published = {r["method"]["label"]: (r, p) for r, p in load([PUBLISHED / "records"])}
+    point, _ = published["gradient_restoration(recovery_rate=0.002,steps=20)"]  # outcomes inside its metrics
+
+    def as_run(label: str, params: dict) -> Path:
+        record = point | {"method": point["method"] | {"label": label, "params": params}}
+        record["record_id"] = hashlib.sha256(label.encode()).hexdigest()[:24]
+        record["samples_file"] = f"{record['record_id']}.samples.jsonl"
+        return records.write(record, [], tmp_path / label)
+
+    code, report = check([as_run("gradient_restoration", {})], PUBLISHED)
+    assert code == 0 and "published as gradient_restoration(recovery_rate=0.002,steps=20)" in report
+    assert report.count("p=1,") == 2  # the same per-sample outcomes on both axes
+    code, report = check(
+        [as_run("gradient_restoration(mode=faithful,steps=20)", {"mode": "faithful", "steps": "20"})], PUBLISHED
+    )
+    assert code == 0 and "published as gradient_restoration(recovery_rate=0.002,steps=20)" in report
+    with pytest.raises(UserError, match="no published record for method 'gradient_restoration.recovery_rate=0.003"):
+        check([as_run("gradient_restoration(recovery_rate=0.003)", {"recovery_rate": "0.003"})], PUBLISHED)
 
 
 def test_published_board_checks_clean_against_itself():

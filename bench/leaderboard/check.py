@@ -1,6 +1,7 @@
 """`realign board check NEW --against leaderboards/NAME`: the regression gate of a CI pipeline.
 
-Each new record is matched with the published record of the same setting and method label. It is
+Each new record is matched with the published record of the same setting and method label (else
+of the same method with the same parameter values, defaults filled in). It is
 a regression when, on an axis, the new value is worse by more than `tolerance` (absolute, in rate
 units) AND the difference is significant at `alpha`: exact McNemar when both sides carry
 per-sample outcomes on the same prompts, else a two-proportion z-test from k and n.
@@ -67,17 +68,43 @@ def loose_key(record: dict) -> str:
     return f"{s.get('name', '')} | {s['model']} | {s['task']} | N={s['harmful_n']} | judge={s['judge']}"
 
 
+def method_identity(record: dict) -> str:
+    """A row by its method and the value of every parameter, defaults filled in: the main job's
+    `gradient_restoration` (default parameters) and the published curve point that names them,
+    `gradient_restoration(recovery_rate=0.002,steps=20)`, are one row. A method this installation
+    does not know, or parameters it does not parse, leave the label."""
+    import dataclasses
+    import json
+
+    from defenses import DEFENSES
+    from defenses.base import parse_params
+
+    m = record["method"]
+    try:
+        values = dataclasses.asdict(parse_params(DEFENSES.get(m["name"]).Params, m.get("params") or {}))
+    except (UserError, TypeError):
+        return m["label"]
+    return json.dumps([m["name"], values], sort_keys=True, default=str)
+
+
 def match(new: list[tuple[dict, Path]], published: list[tuple[dict, Path]]) -> dict[int, tuple[dict, Path]]:
-    """index of each new record -> its published record: same setting (content hash included) and
-    method label, else the same setting as named and method label (another testbed)."""
-    exact = {(setting_key(r), r["method"]["label"]): (r, p) for r, p in published}
-    loose = {(loose_key(r), r["method"]["label"]): (r, p) for r, p in published}
+    """index of each new record -> its published record: the same setting (content hash included),
+    else the same setting as named (another testbed); within it the same method label, else the
+    same method with the same parameter values (defaults written out on one side only)."""
     out = {}
-    for i, (rec, _) in enumerate(new):
-        label = rec["method"]["label"]
-        found = exact.get((setting_key(rec), label)) or loose.get((loose_key(rec), label))
-        if found is not None:
-            out[i] = found
+    for setting in (setting_key, loose_key):
+        by_label = {(setting(r), r["method"]["label"]): (r, p) for r, p in published}
+        by_identity = None  # parsed only when a label is missing (it imports the registry)
+        for i, (rec, _) in enumerate(new):
+            if i in out:
+                continue
+            found = by_label.get((setting(rec), rec["method"]["label"]))
+            if found is None:
+                if by_identity is None:
+                    by_identity = {(setting(r), method_identity(r)): (r, p) for r, p in published}
+                found = by_identity.get((setting(rec), method_identity(rec)))
+            if found is not None:
+                out[i] = found
     return out
 
 
@@ -122,6 +149,8 @@ def compare(
                 f"no published record for method {key[1]!r} in setting {key[0]}: check the method label and settings"
             )
         old, old_path = matched[i]
+        if old["method"]["label"] != key[1]:  # the same parameters, written out on one side
+            key = (key[0], f"{key[1]} (published as {old['method']['label']})")
         s_new, s_old = outcomes(rec, path), outcomes(old, old_path)
         for metric, higher_better in AXES.items():
             a, b = rec["metrics"][metric], old["metrics"][metric]
