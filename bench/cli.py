@@ -48,7 +48,13 @@ PRESETS = {
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows an option's default where it teaches something: not for a flag that is off, an option
+    without a value (required, or filled from the setting), or help that already names its default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _parents() -> dict[str, argparse.ArgumentParser]:
@@ -322,6 +328,11 @@ def cmd_list(args) -> int:
 LISTABLE = ("defenses", "judges", "sets", "tasks")
 
 
+def _summary(cls) -> str:
+    """A registered class's docstring, its first paragraph as one line (a sentence may wrap)."""
+    return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+
+
 def _list_defenses(args) -> None:
     from defenses import DEFENSES
     from defenses.base import params_help
@@ -334,7 +345,7 @@ def _list_defenses(args) -> None:
             print(f"  {name:<22} (plugin {target}; --load-plugins to show its parameters)")
             continue
         cls = DEFENSES.get(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        doc = _summary(cls)
         needs = ", ".join(getattr(cls, "needs", ())) or "aligned + fine-tuned only"
         print(f"  {name:<22} {doc}")
         print(f"  {'':<22} needs: {needs}")
@@ -351,7 +362,7 @@ def _list_judges() -> None:
     print("judges:")
     for name in JUDGES.names():
         cls = JUDGES.get(name)
-        print(f"  {name:<22} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print(f"  {name:<22} {_summary(cls)}")
         print(f"  {'':<22} rule: {getattr(cls, 'rule', '') or 'see its documentation'}")
         weights = cls.weights_help() if hasattr(cls, "weights_help") else getattr(cls, "weights", "")
         print(f"  {'':<22} weights: {weights or 'see its documentation'}")
@@ -363,7 +374,7 @@ def _list_sets() -> None:
     print("sets (harmful and over-refusal; `realign tasks export` writes them as lm-eval tasks):")
     for name in SETS.names():
         cls = SETS.get(name)
-        print(f"  {name:<22} [{cls.kind}] {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print(f"  {name:<22} [{cls.kind}] {_summary(cls)}")
         where = (
             "given as path=FILE"
             if cls.location == ""

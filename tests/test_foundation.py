@@ -337,8 +337,12 @@ def test_cli_help_and_list():
     for sub in ("run", "attack", "defend", "list", "testbed build", "board build", "board check"):
         out = run_cli(*sub.split(), "--help")
         assert out.returncode == 0 and "example" in out.stdout, sub
+        # a default is shown where it teaches: never "None" for a required option or one the setting fills
+        assert "(default: None)" not in out.stdout and "(default: False)" not in out.stdout, sub
     out = run_cli("list")
     assert "gradient_restoration" in out.stdout and "recovery_rate = 0.002" in out.stdout and "keyword" in out.stdout
+    # each registered class's summary is its docstring's whole first paragraph, not a sentence cut at a line end
+    assert "until it is as harmful as the attacked model (Bhardwaj et al., ACL 2024)." in out.stdout
 
 
 def test_attack_rejects_n_larger_than_pairs():
