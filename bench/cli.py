@@ -288,7 +288,9 @@ def cmd_evaluate(args) -> int:
     from bench.runner import evaluate_model
 
     cfg = _run_config(args, ["defenses=[]"])
-    record = evaluate_model(args.model, cfg)
+    if args.label is not None and not args.label.strip():
+        raise UserError("--label is empty: give the row a name, e.g. --label my-method")
+    record = evaluate_model(args.model, cfg, label=args.label)
     print(
         json.dumps(
             {
@@ -642,9 +644,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate one model (a folder or hub id) on a setting's harmful and over-refusal sets, its task "
         "and its utility tasks, judged by its judge, as `lm_eval run` evaluates one model; writes one record under "
         "HOME/runs/SETTING/records and prints its metrics.",
-        epilog="example:\n  realign evaluate ./my-model --setting my-setting.yaml",
+        epilog="example:\n  realign evaluate ./my-model --setting my-setting.yaml --label my-method",
     )
     p.add_argument("model", help="the model: a local folder or a hub id")
+    p.add_argument(
+        "--label",
+        default=None,
+        help="the row's name on the board and in its record id (default: the model as given, e.g. ./my-model; "
+        "the same model under another spelling of its path would be another row)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

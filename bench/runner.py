@@ -526,15 +526,25 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
     return all_records
 
 
-def evaluate_model(model: str, cfg: RunConfig, clock: Clock | None = None) -> dict:
-    """One record for any model under the setting's evaluation (`realign evaluate MODEL`)."""
+def evaluate_model(model: str, cfg: RunConfig, clock: Clock | None = None, label: str | None = None) -> dict:
+    """One record for any model under the setting's evaluation (`realign evaluate MODEL`), its row
+    named `label` (default: the model as the user gave it)."""
     clock = clock or Clock()
     _check_writable(cfg)
     handle = models.resolve(model)  # before the setting, whose resolution may merge an adapter into the cache
     resolved = resolve(cfg.setting, cfg.cache, log=clock.say)
     models.check_same_family(resolved.aligned, handle)
     return record_for(
-        "evaluate", {}, {}, handle.path, resolved, Variant(None, handle), cfg, clock, label=handle.name, role="method"
+        "evaluate",
+        {},
+        {},
+        handle.path,
+        resolved,
+        Variant(None, handle),
+        cfg,
+        clock,
+        label=label or handle.name,
+        role="method",
     )
 
 

@@ -535,6 +535,31 @@ def test_a_suite_utility_task_reads_the_settings_data_dir_and_its_documents_key_
     assert sorted(p.name for p in (home / "runs" / "tiny" / "records").iterdir()) == runs_before
 
 
+def test_evaluate_label_names_the_row_whatever_the_paths_spelling(tmp_path, capsys, tiny_setting, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    home = tmp_path / "home"
+    aligned = yaml.safe_load(tiny_setting.read_text())["models"]["aligned"]
+    argv = [
+        "--setting",
+        str(tiny_setting),
+        "--home",
+        str(home),
+        "--set",
+        "generation.limit=2",
+        "--verbosity",
+        "WARNING",
+    ]
+    ids = []
+    for spelling in (aligned, aligned + "/", str(Path(aligned).parent / "." / Path(aligned).name)):
+        capsys.readouterr()
+        assert main(["evaluate", spelling, "--label", "my-row", *argv]) == 0, capsys.readouterr().err
+        ids.append(json.loads(capsys.readouterr().out)["record_id"])
+    assert len(set(ids)) == 1  # one row, not one a spelling of the path
+    record = json.loads((home / "runs" / "tiny" / "records" / f"{ids[0]}.json").read_text())
+    assert record["method"]["label"] == "my-row"
+    fails(capsys, ["evaluate", aligned, "--label", " ", *argv], "--label is empty")
+
+
 def test_chat_template_file_and_system_prompt_shape_every_prompt_and_every_key(tmp_path, tiny_lora):
     from bench import attack, models
     from bench.generation import CachedGenerator, GenerationCache, Sampling, TransformersGenerator
