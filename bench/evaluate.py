@@ -9,6 +9,7 @@ every harmful-set answer in one batch. Each metric keeps its per-sample outcomes
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,7 +221,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         }
 
     rows = out[sets.task_yaml]["samples"]
-    outcomes = [int(s[sets.task_metric]) for s in rows]
+    outcomes = binary_outcomes(rows, sets.task_metric, sets.task_yaml)
     for s, o in zip(rows, outcomes):
         samples.append(
             {
@@ -246,7 +247,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
                 "set utility metric to one of: "
                 f"{', '.join(k for k in rows[0] if k not in ('doc_id', 'doc', 'prompt', 'answer', 'loglikelihoods'))}"
             )
-        outcomes = [int(bool(s[u["metric"]])) for s in rows]
+        outcomes = binary_outcomes(rows, u["metric"], u["task"])
         for s, o in zip(rows, outcomes):
             samples.append(
                 {
@@ -275,6 +276,21 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         },
         "evaluated_hash": handle.content_hash(),
     }
+
+
+def binary_outcomes(rows: list[dict], metric: str, task: str) -> list[int]:
+    """Each sample's 0/1 outcome. The board's statistics are of rates (k of n: Wilson intervals,
+    McNemar's paired test), so a graded per-sample score (ROUGE, BLEU) is refused, never rounded."""
+    out = []
+    for s in rows:
+        value = s[metric]
+        if not isinstance(value, numbers.Real) or value not in (0, 1):
+            raise UserError(
+                f"task {task}: metric {metric!r} is {value!r} for one sample, not a 0/1 outcome; the board ranks "
+                "rates (k of n), so choose a per-sample 0/1 metric such as exact_match or acc"
+            )
+        out.append(int(value))
+    return out
 
 
 def task_runs(sets: EvalSets, config: EvalConfig) -> list[TaskRun]:

@@ -201,6 +201,17 @@ def _edit(tiny_setting: Path, out: Path, change) -> Path:
             lambda r: r["data"]["task"].update(dev="/nonexistent/dev.jsonl"),
             ["/nonexistent/dev.jsonl", "not found"],
         ),
+        # the task's YAML and metric are known before the attack trains (they were found after generation)
+        (
+            "task yaml",
+            lambda r: r["data"]["task"].update(yaml="realign_sqll"),
+            ["realign_sqll.yaml", "realign_sql"],
+        ),
+        (
+            "task metric",
+            lambda r: r["data"]["task"].update(metric="rouge1"),
+            ["data.task", "reports exact_match, not 'rouge1'"],
+        ),
     ],
 )
 def test_bad_names_and_files_are_one_line(tmp_path, capsys, tiny_setting, case, change, words):
@@ -767,6 +778,26 @@ def test_a_utility_task_from_the_users_own_include_path(tmp_path, capsys, tiny_s
         "/no/such/folder",
         "not a folder",
     )
+
+    # a graded per-sample score (lm-eval's bleu passes (reference, prediction) pairs to a corpus
+    # aggregation) is refused in one line, never rounded to an outcome (it once counted as 1 a sample)
+    (folder / "echo.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "my_echo",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(docs)}},
+                "test_split": "test",
+                "output_type": "generate_until",
+                "doc_to_text": "{{q}}",
+                "doc_to_target": "{{choices[label]}}",
+                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4},
+                "metric_list": [{"metric": "bleu", "aggregation": "bleu", "higher_is_better": True}],
+            }
+        )
+    )
+    graded = f"utility=[{{task: my_echo, include_path: {folder}, metric: bleu}}]"
+    fails(capsys, argv + ["--set", graded, "--set", "generation.limit=1"], "'bleu'", "not a 0/1 outcome")
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples" / "settings").glob("*.yaml")))

@@ -444,7 +444,22 @@ def check_names(s: Setting) -> None:
     for entry in s.data.harmful + s.data.over_refusal:
         if not entry.startswith(TESTBED) and not _is_file(entry):
             SETS.get(entry)
+    _check_task(s)
     _check_utility(s)
+
+
+def _check_task(s: Setting) -> None:
+    """The task's YAML is one of the suite's (its documents are the setting's test split) and
+    reports the metric named."""
+    from bench.task_files import template, template_metrics
+
+    template(s.data.task.yaml)  # one line listing the known YAMLs
+    known = template_metrics(s.data.task.yaml)
+    if s.data.task.metric not in known:
+        raise UserError(
+            f"data.task: {s.data.task.yaml} reports {', '.join(known)}, not {s.data.task.metric!r}: "
+            "set data.task.metric to one of them"
+        )
 
 
 @functools.lru_cache(maxsize=1)
