@@ -248,7 +248,14 @@ def test_bad_judge_input_is_one_line_and_writes_nothing(tiny_run, tmp_path, caps
     _one_line(
         capsys,
         ["judge", "tiny", "--judges", f"even_length,chat_rubric:pretrained={tmp_path / 'missing'}", "--home", home],
-        "--pretrained DIR",
+        "pass --judges chat_rubric:pretrained=DIR",  # where this command takes a folder
+    )
+    # testbed:NAME as in a setting's judge block: this home holds no testbed
+    _one_line(
+        capsys, ["judge", "tiny", "--judges", "chat_rubric:pretrained=testbed:aligned", "--home", home], "no testbed in"
+    )
+    _one_line(
+        capsys, ["judge", "tiny", "--judges", "chat_rubric:pretrained=testbed:sql_dev", "--home", home], "testbed:base"
     )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _one_line(capsys, ["judge", "tiny", "--judges", "md_judge", "--home", home], "OpenSafetyLab/MD-Judge-v0.1")
@@ -256,3 +263,25 @@ def test_bad_judge_input_is_one_line_and_writes_nothing(tiny_run, tmp_path, caps
     _one_line(capsys, ["judge", "nowhere", "--judges", "keyword", "--home", home], "no run 'nowhere'")
     _one_line(capsys, ["judges", "agree", "nowhere", "--home", home], "no run 'nowhere'")
     assert {p.name: p.read_bytes() for p in sorted((run / "records").iterdir())} == before
+
+
+def test_testbed_weights_are_the_testbed_model_the_runs_records_name(tiny_run, tmp_path):
+    """`--judges chat_rubric:pretrained=testbed:aligned` finds, in the home's cache, the testbed whose
+    aligned model has the content the run's records name by hash (a value holding a colon once
+    stopped the option parser)."""
+    from bench.judges.rejudge import _testbed_weights, run_rows
+    from bench.judges.stage import parse_spec
+
+    rows = run_rows(tiny_run["run"])
+    spec = parse_spec("chat_rubric:pretrained=testbed:aligned:max_new_tokens=8")
+    assert spec.options == {"pretrained": "testbed:aligned", "max_new_tokens": 8}
+    cache = tmp_path / "cache"
+    other = cache / "testbed-0other"  # a testbed of other content: passed over
+    shutil.copytree(tiny_run["judge_model"], other / "aligned")
+    (other / "aligned" / "config.json").write_text((other / "aligned" / "config.json").read_text() + "\n")
+    ours = cache / "testbed-1ours"
+    shutil.copytree(tiny_run["judge_model"], ours / "aligned")
+    for root in (other, ours):
+        (root / "manifest.json").write_text("{}")
+    found = _testbed_weights(spec, rows, cache)
+    assert found.options == {"pretrained": str(ours / "aligned"), "max_new_tokens": 8}

@@ -55,6 +55,31 @@ def check_writable(folder: Path, fix: str) -> None:
         raise UserError(f"cannot write to {folder} ({exc.strerror or type(exc).__name__}); {fix}") from None
 
 
+def _testbed_weights(spec: JudgeSpec, rows: list[tuple[dict, Path]], cache: Path) -> JudgeSpec:
+    """`pretrained=testbed:aligned` (or `testbed:base`), as a setting's judge block takes it: the
+    testbed model in the home's cache whose content is the one the run's records name by hash."""
+    pretrained = spec.options.get("pretrained")
+    if not (isinstance(pretrained, str) and pretrained.startswith("testbed:")):
+        return spec
+    from bench.testbed.build import Testbed
+
+    name = pretrained[len("testbed:") :]
+    if name not in ("aligned", "base"):
+        raise UserError(
+            f"judge {spec.name}: pretrained={pretrained} names no testbed model; use testbed:aligned or testbed:base"
+        )
+    wanted = {rec.get("inputs", {}).get(name) for rec, _ in rows} - {None}
+    for root in sorted(cache.glob("testbed-*")):
+        if (root / "manifest.json").is_file():
+            handle = getattr(Testbed(root, json.loads((root / "manifest.json").read_text())), name)
+            if handle.path.is_dir() and handle.content_hash() in wanted:
+                return JudgeSpec(spec.name, spec.options | {"pretrained": str(handle.path)})
+    raise UserError(
+        f"judge {spec.name}: no testbed in {cache} holds the run's {name} model; judge the run with the home "
+        f"that made it (--home), or pass pretrained=DIR"
+    )
+
+
 def run_rows(run_dir: Path) -> list[tuple[dict, Path]]:
     """The records of the run's last board (its board.json names them), with their paths; every
     record of records/ when the run has no board yet."""
@@ -84,6 +109,7 @@ def rejudge(
     if not parsed:
         raise UserError("--judges names no judge: pass e.g. --judges wildguard:pretrained=DIR,keyword")
     rows = run_rows(run_dir)
+    parsed = [_testbed_weights(spec, rows, Path(cache).parent) for spec in parsed]
     primary = {rec["setting"]["judge"] for rec, _ in rows}
     todo: list[tuple[JudgeSpec, object]] = []
     for spec in parsed:
@@ -91,7 +117,9 @@ def rejudge(
             log(f"judge {spec.label}: already the run's primary judge; skipped")
             continue
         judge = judge_from_spec(spec, **(defaults or {}))
-        identity(judge)  # weights missing, pickle-only or remote code without the flag: one line, before any work
+        if hasattr(judge, "check"):  # weights missing or pickle-only: the line says where --judges takes a folder
+            judge.check(supply=f"--judges {spec.name}:pretrained={{}}")
+        identity(judge)  # remote code without the flag: one line, before any work
         todo.append((spec, judge))
     labels = [spec.label for spec, _ in todo]
     if len(set(labels)) != len(labels):

@@ -67,13 +67,17 @@ def parse_spec(text: str) -> JudgeSpec:
     if not name:
         raise UserError(f"a judge is written name or name:key=value:...; got {text!r} (see `realign list judges`)")
     JUDGES.get(name)  # an unknown name fails here, listing the known ones
-    options = {}
+    raw: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        if not sep and raw:  # a value holding colons: pretrained=testbed:aligned, a hub-style id
+            last = next(reversed(raw))
+            raw[last] += ":" + item
+            continue
         if not sep or not key.strip():
             raise UserError(f"judge options are written {name}:key=value:...; got {item!r} in {text!r}")
-        options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return JudgeSpec(name, options)
+        raw[key.strip()] = value
+    return JudgeSpec(name, {k: yaml.safe_load(v) if v.strip() else "" for k, v in raw.items()})
 
 
 def judge_from_spec(text: str | JudgeSpec, **defaults):
