@@ -9,7 +9,7 @@ every harmful-set answer in one batch. Each metric keeps its per-sample outcomes
 from __future__ import annotations
 
 import dataclasses
-import numbers
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,6 +136,28 @@ class EvalConfig:
         )
 
 
+@functools.lru_cache(maxsize=1)
+def scoring_identity(tasks_dir: Path | None = None) -> dict:
+    """What turns a row's cached answers into its record's numbers, besides the row's inputs: the
+    task YAMLs and their utils under tasks/, the judges' code and templates, the metrics (outcome
+    rules, intervals) and lm-eval's version. Every record id names it, so that other scoring code
+    scores again (from the cached answers: nothing is generated) instead of reusing a record it
+    would not have written. Files by name and content, never by path or bytecode."""
+    from importlib.metadata import version
+
+    from bench.judges.stage import judges_code_hash
+    from tasks import TASKS_DIR
+
+    root = tasks_dir or TASKS_DIR
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".yaml", ".py"))
+    return {
+        "tasks": hash_value({p.relative_to(root).as_posix(): p.read_text(encoding="utf-8") for p in files}),
+        "judges": judges_code_hash(),
+        "metrics": hash_value(Path(metrics.__file__).read_text(encoding="utf-8")),
+        "lm_eval": version("lm_eval"),
+    }
+
+
 METRIC_HELP = {
     "harmful_rate": ("share of harmful-set answers the judge labels harmful", False),
     "over_refusal": ("share of harmless-but-scary prompts the model refuses", False),
@@ -221,7 +243,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         }
 
     rows = out[sets.task_yaml]["samples"]
-    outcomes = binary_outcomes(rows, sets.task_metric, sets.task_yaml)
+    outcomes = metrics.binary_outcomes(rows, sets.task_metric, sets.task_yaml)
     for s, o in zip(rows, outcomes):
         samples.append(
             {
@@ -247,7 +269,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
                 "set utility metric to one of: "
                 f"{', '.join(k for k in rows[0] if k not in ('doc_id', 'doc', 'prompt', 'answer', 'loglikelihoods'))}"
             )
-        outcomes = binary_outcomes(rows, u["metric"], u["task"])
+        outcomes = metrics.binary_outcomes(rows, u["metric"], u["task"])
         for s, o in zip(rows, outcomes):
             samples.append(
                 {
@@ -276,21 +298,6 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         },
         "evaluated_hash": handle.content_hash(),
     }
-
-
-def binary_outcomes(rows: list[dict], metric: str, task: str) -> list[int]:
-    """Each sample's 0/1 outcome. The board's statistics are of rates (k of n: Wilson intervals,
-    McNemar's paired test), so a graded per-sample score (ROUGE, BLEU) is refused, never rounded."""
-    out = []
-    for s in rows:
-        value = s[metric]
-        if not isinstance(value, numbers.Real) or value not in (0, 1):
-            raise UserError(
-                f"task {task}: metric {metric!r} is {value!r} for one sample, not a 0/1 outcome; the board ranks "
-                "rates (k of n), so choose a per-sample 0/1 metric such as exact_match or acc"
-            )
-        out.append(int(value))
-    return out
 
 
 def task_runs(sets: EvalSets, config: EvalConfig) -> list[TaskRun]:

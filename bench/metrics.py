@@ -7,9 +7,12 @@ the Wilson score interval, here and on the board: one rate, one interval whereve
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from bench.errors import UserError
 
 
 @dataclass
@@ -61,3 +64,18 @@ def wilson_interval(k, n, confidence: float = 0.95) -> tuple[np.ndarray, np.ndar
 def outcome_string(outcomes: list[int | None]) -> str:
     """Per-sample outcomes in doc order as one compact string: '1', '0', '-' (unknown)."""
     return "".join("-" if o is None else str(int(o)) for o in outcomes)
+
+
+def binary_outcomes(rows: list[dict], metric: str, task: str) -> list[int]:
+    """Each sample's 0/1 outcome. The board's statistics are of rates (k of n: Wilson intervals,
+    McNemar's paired test), so a graded per-sample score (ROUGE, BLEU) is refused, never rounded."""
+    out = []
+    for s in rows:
+        value = s[metric]
+        if not isinstance(value, numbers.Real) or value not in (0, 1):
+            raise UserError(
+                f"task {task}: metric {metric!r} is {value!r} for one sample, not a 0/1 outcome; the board ranks "
+                "rates (k of n), so choose a per-sample 0/1 metric such as exact_match or acc"
+            )
+        out.append(int(value))
+    return out

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from bench import attack as attack_stage
 from bench import models, records, reproducibility
-from bench.evaluate import EvalConfig, EvalSets, evaluate
+from bench.evaluate import EvalConfig, EvalSets, evaluate, scoring_identity
 from bench.hashing import hash_file, hash_model_dir, hash_value, short
 from bench.killpoints import checkpoint
 from bench.new_interpreter import Interpreter, own_peak_rss_mb, run_fresh
@@ -384,6 +384,7 @@ def record_for(
             "inputs": inputs,
             "method": label,
             "eval": eval_config.key(),
+            "scoring": scoring_identity(),  # other task, judge or metric code: another record
         }
     )[:24]
     path = cfg.run_dir / "records" / f"{record_id}.json"
@@ -420,6 +421,7 @@ def record_for(
         "reproducibility": {
             "generation_mode": cfg.eval.generation_mode,
             "compute": reproducibility.compute_fingerprint(),
+            "scoring": scoring_identity(),
         },
         "code": records.code_version(),
         "notes": resolved.notes,

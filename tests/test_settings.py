@@ -546,6 +546,48 @@ def test_a_suite_utility_task_reads_the_settings_data_dir_and_its_documents_key_
     assert sorted(p.name for p in (home / "runs" / "tiny" / "records").iterdir()) == runs_before
 
 
+def test_a_record_id_names_the_scoring_code_and_new_scoring_code_rescores_without_generating(
+    tmp_path, capsys, tiny_setting, monkeypatch
+):
+    """A record was reused whatever task YAML, judge or metric code made it: after an upgrade that
+    changed how answers are scored, a rerun kept the old numbers. The record id now names the
+    scoring code (bench.evaluate.scoring_identity), which reads the files' names and contents only."""
+    import bench.runner
+    from bench.evaluate import scoring_identity
+    from tasks import TASKS_DIR
+
+    # the identity of a copy of tasks/ is the shipped one wherever it lives and whatever bytecode lies beside it
+    copy = tmp_path / "elsewhere" / "tasks"
+    shutil.copytree(TASKS_DIR, copy)
+    (copy / "realign" / "__pycache__").mkdir(exist_ok=True)
+    (copy / "realign" / "__pycache__" / "utils.cpython-311.pyc").write_bytes(b"bytecode")
+    assert scoring_identity(copy)["tasks"] == scoring_identity()["tasks"]
+    utils = copy / "realign" / "utils.py"
+    utils.write_text(utils.read_text() + "\n# another normalisation of SQL answers\n")
+    assert scoring_identity(copy)["tasks"] != scoring_identity()["tasks"]
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    home = tmp_path / "home"
+    aligned = yaml.safe_load(tiny_setting.read_text())["models"]["aligned"]
+    argv = ["evaluate", aligned, "--setting", str(tiny_setting), "--home", str(home), "--set", "generation.limit=2"]
+
+    def evaluate() -> dict:
+        capsys.readouterr()
+        assert main(argv + ["--verbosity", "WARNING"]) == 0, capsys.readouterr().err
+        record_id = json.loads(capsys.readouterr().out)["record_id"]
+        return json.loads((home / "runs" / "tiny" / "records" / f"{record_id}.json").read_text())
+
+    first = evaluate()
+    assert first["reproducibility"]["scoring"] == scoring_identity()
+    assert evaluate()["record_id"] == first["record_id"]  # the same code: the record is reused
+    # the suite upgraded with other scoring code (here: the tasks' utils of the copy above)
+    monkeypatch.setattr(bench.runner, "scoring_identity", lambda: scoring_identity(copy))
+    second = evaluate()
+    assert second["record_id"] != first["record_id"]
+    assert second["cost"]["generation"]["generated"] == 0  # scored again from the cached answers
+    assert second["metrics"] == first["metrics"]
+
+
 def test_evaluate_label_names_the_row_whatever_the_paths_spelling(tmp_path, capsys, tiny_setting, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     home = tmp_path / "home"

@@ -102,7 +102,7 @@ class JudgementCache(GenerationCache):
 
 
 @lru_cache(maxsize=1)
-def _code_hash() -> str:
+def judges_code_hash() -> str:
     """The judges' code and templates: a change to a prompt or a rule changes every judge's key."""
     root = resources.files("bench.judges")
     files = sorted(
@@ -126,7 +126,7 @@ def identity(judge) -> dict:
         "judge": judge.name,
         "options": options,
         "weights": weights,
-        "code": _code_hash(),
+        "code": judges_code_hash(),
         "compute": reproducibility.compute_fingerprint(),
     }
 

@@ -191,7 +191,11 @@ def _with_variant(plain: dict, n: int | None, seed: int) -> dict:
 
 
 def _job(kind: str, label: str, setting: dict, files: dict, spec: SweepSpec, row: dict | None = None) -> Job:
-    key = hash_value({"kind": kind, "setting": setting, "files": files, "row": row})
+    from bench.evaluate import scoring_identity
+
+    # a row's record names the scoring code (bench.evaluate.scoring_identity): so does its job
+    scoring = {"scoring": scoring_identity()} if kind == "row" else {}
+    key = hash_value({"kind": kind, "setting": setting, "files": files, "row": row} | scoring)
     return Job(key, kind, label, setting, seed=setting.get("seed", 0), num_cpus=spec.resources.num_cpus)
 
 
