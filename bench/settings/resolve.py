@@ -451,15 +451,19 @@ def check_names(s: Setting) -> None:
 def _check_task(s: Setting) -> None:
     """The task's YAML is one of the suite's (its documents are the setting's test split) and
     reports the metric named."""
-    from bench.task_files import template, template_metrics
+    from bench.task_files import template
 
     template(s.data.task.yaml)  # one line listing the known YAMLs
-    known = template_metrics(s.data.task.yaml)
-    if s.data.task.metric not in known:
-        raise UserError(
-            f"data.task: {s.data.task.yaml} reports {', '.join(known)}, not {s.data.task.metric!r}: "
-            "set data.task.metric to one of them"
-        )
+    _check_metric(s.data.task.yaml, s.data.task.metric, f"data.task: {s.data.task.yaml}", "data.task.metric")
+
+
+def _check_metric(task: str, metric: str, what: str, key: str) -> None:
+    """The suite's task YAML `task` reports `metric` (its metric_list); one line naming `key` else."""
+    from bench.task_files import template_metrics
+
+    known = template_metrics(task)
+    if metric not in known:
+        raise UserError(f"{what} reports {', '.join(known)}, not {metric!r}: set {key} to one of them")
 
 
 @functools.lru_cache(maxsize=1)
@@ -490,18 +494,13 @@ def _check_engines(s: Setting) -> None:
 
 
 def _check_utility(s: Setting) -> None:
-    from bench.task_files import TASK_DATA, template_metrics, templates
+    from bench.task_files import TASK_DATA, templates
 
     for u in s.utility:
         if u.include_path is not None:
             _own_task(u.task, u.include_path)
         elif u.task in templates():  # the suite's own YAML: its metrics are known before any work
-            known = template_metrics(u.task)
-            if u.metric not in known:
-                raise UserError(
-                    f"utility task {u.task!r} reports {', '.join(known)}, not {u.metric!r}: "
-                    "set its metric to one of them"
-                )
+            _check_metric(u.task, u.metric, f"utility task {u.task!r}", "its metric")
         elif u.task not in TASK_DATA:
             _stock_task(u.task)
 
