@@ -52,7 +52,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     without a value (required, or filled from the setting), or help that already names its default."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or default == []  # not 0 or 0.0
+        if unset or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

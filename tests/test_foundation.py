@@ -339,6 +339,8 @@ def test_cli_help_and_list():
         assert out.returncode == 0 and "example" in out.stdout, sub
         # a default is shown where it teaches: never "None" for a required option or one the setting fills
         assert "(default: None)" not in out.stdout and "(default: False)" not in out.stdout, sub
+    # ... and a default of zero is one that teaches
+    assert "(default: 0.0)" in run_cli("board", "check", "--help").stdout
     out = run_cli("list")
     assert "gradient_restoration" in out.stdout and "recovery_rate = 0.002" in out.stdout and "keyword" in out.stdout
     # each registered class's summary is its docstring's whole first paragraph, not a sentence cut at a line end
