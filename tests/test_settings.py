@@ -772,6 +772,12 @@ def test_a_hub_set_loads_through_datasets_and_is_one_line_offline(tmp_path, caps
     assert not (home / "cache").exists() or not any((home / "cache").rglob("*.jsonl"))
 
 
+def own_task_yaml(path: Path, task: str, docs: Path, **fields) -> None:
+    """A user's own lm-eval task YAML over a JSONL file of documents."""
+    config = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(docs)}}}
+    path.write_text(yaml.safe_dump(config | {"test_split": "test"} | fields))
+
+
 def test_a_utility_task_from_the_users_own_include_path(tmp_path, capsys, tiny_setting, tiny_lora, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder = tmp_path / "my-tasks"
@@ -781,20 +787,15 @@ def test_a_utility_task_from_the_users_own_include_path(tmp_path, capsys, tiny_s
         [{"q": "The capital of France is", "choices": ["Paris", "Rome"], "label": 0}] * 2
         + [{"q": "The capital of Italy is", "choices": ["Paris", "Rome"], "label": 1}],
     )
-    (folder / "capitals.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "task": "my_capitals",
-                "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"test": str(docs)}},
-                "test_split": "test",
-                "output_type": "multiple_choice",
-                "doc_to_text": "{{q}}",
-                "doc_to_choice": "{{choices}}",
-                "doc_to_target": "label",
-                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-            }
-        )
+    own_task_yaml(
+        folder / "capitals.yaml",
+        "my_capitals",
+        docs,
+        output_type="multiple_choice",
+        doc_to_text="{{q}}",
+        doc_to_choice="{{choices}}",
+        doc_to_target="label",
+        metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
     )
     home = tmp_path / "home"
     own = f"utility=[{{task: my_capitals, include_path: {folder}}}]"
@@ -823,20 +824,15 @@ def test_a_utility_task_from_the_users_own_include_path(tmp_path, capsys, tiny_s
 
     # a graded per-sample score (lm-eval's bleu passes (reference, prediction) pairs to a corpus
     # aggregation) is refused in one line, never rounded to an outcome (it once counted as 1 a sample)
-    (folder / "echo.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "task": "my_echo",
-                "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"test": str(docs)}},
-                "test_split": "test",
-                "output_type": "generate_until",
-                "doc_to_text": "{{q}}",
-                "doc_to_target": "{{choices[label]}}",
-                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4},
-                "metric_list": [{"metric": "bleu", "aggregation": "bleu", "higher_is_better": True}],
-            }
-        )
+    own_task_yaml(
+        folder / "echo.yaml",
+        "my_echo",
+        docs,
+        output_type="generate_until",
+        doc_to_text="{{q}}",
+        doc_to_target="{{choices[label]}}",
+        generation_kwargs={"until": ["\n"], "max_gen_toks": 4},
+        metric_list=[{"metric": "bleu", "aggregation": "bleu", "higher_is_better": True}],
     )
     graded = f"utility=[{{task: my_echo, include_path: {folder}, metric: bleu}}]"
     fails(capsys, argv + ["--set", graded, "--set", "generation.limit=1"], "'bleu'", "not a 0/1 outcome")
