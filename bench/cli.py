@@ -489,7 +489,17 @@ def cmd_lm_eval(args) -> int:
     import bench.lmeval_bridge  # noqa: F401 - registers the realign backend with lm-eval
 
     sys.argv = ["lm_eval", *args.lm_eval_args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as exc:
+        if "log_samples must be True" not in str(exc):
+            raise
+        # the suite's harmful and over-refusal sets have no lm-eval metric ('bypass'): a judge scores
+        # their answers, which lm-eval keeps only in its samples files
+        raise UserError(
+            "the suite's harmful and over-refusal sets are scored by a judge, not by lm-eval: add "
+            "--log_samples --output_path DIR to keep their answers (or run `realign evaluate MODEL`, which judges them)"
+        ) from None
     return 0
 
 

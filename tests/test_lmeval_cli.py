@@ -97,6 +97,30 @@ def test_lm_eval_cli_runs_a_harmful_set_and_a_loglikelihood_task_with_the_python
     assert cli_ll == [s["loglikelihoods"] for s in out["realign_mmlu"]["samples"]]
 
 
+def test_a_set_without_log_samples_is_one_line_not_lm_evals_traceback(tiny, tmp_path):
+    """lm-eval refuses a task with no metric (the sets: a judge scores them) unless its samples are
+    logged, with a ValueError traceback; realign lm-eval says what to add."""
+    model = tmp_path / "m"
+    make_llama(model, tiny["tok"], layers=2, hidden=64, heads=2, kv_heads=1, max_positions=512)
+    assert run_cli("tasks", "export", str(tmp_path / "tasks"), "--sets", "strongreject_small").returncode == 0
+    proc = run_cli(
+        "lm-eval",
+        "--model",
+        "realign",
+        "--model_args",
+        f"pretrained={model},engine=transformers,cache_dir={tmp_path / 'gen'}",
+        "--tasks",
+        "strongreject_small",
+        "--include_path",
+        str(tmp_path / "tasks"),
+        "--limit",
+        "1",
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("realign: error:")
+    assert "--log_samples --output_path DIR" in proc.stderr
+
+
 def test_export_names_what_it_cannot_write(tmp_path):
     proc = run_cli("tasks", "export", str(tmp_path / "t"), "--sets", "hex_phi")
     # one line naming where the folder goes (DATA_DIR/hex-phi, or the configured data directory's)
