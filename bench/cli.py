@@ -641,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--slurm-cluster",
         choices=("slurm", "local"),
         default=None,
-        help="submitit's cluster: slurm (default where sbatch exists) or local (the same path as local processes)",
+        help="submitit's cluster: slurm (default; refused where there is no srun) or local (the same path as local "
+        "processes)",
     )
     p.add_argument(
         "--home", default=DEFAULT_HOME, help="folder for the cache, runs and sweeps (shared by every node on a cluster)"

@@ -187,6 +187,24 @@ def test_unreadable_spec_files(grid, tmp_path, capsys):
     fails(capsys, ["sweep", str(tmp_path / "missing.yaml"), "--dry-run"], "no such file")
 
 
+def test_slurm_without_slurm_is_one_line_not_a_local_run(grid, tmp_path, capsys):
+    """submitit runs jobs as local processes where it finds no Slurm: `--executor slurm` on such a
+    machine once built the grid's testbed here. Now it refuses, before anything is written;
+    `--slurm-cluster local` asks for the local path (test_submitit_local_cluster_... below)."""
+    import shutil
+
+    if shutil.which("srun"):
+        pytest.skip("this machine has Slurm")
+    home = tmp_path / "home"
+    fails(
+        capsys,
+        ["sweep", str(grid["spec"]), "--executor", "slurm", "--home", str(home)],
+        "no Slurm",
+        "--slurm-cluster local",
+    )
+    assert not home.exists()
+
+
 @pytest.mark.slow  # shares the grid's local run (about a minute of CPU)
 def test_a_failed_job_is_listed_with_its_reason_and_log_and_its_rows_skipped(grid, local_run, capsys):
     """More harmful pairs than the data holds: the attack fails (at run time), its row is not run."""

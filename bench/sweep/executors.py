@@ -114,6 +114,13 @@ class SlurmExecutor:
         except ImportError:
             raise UserError("the slurm executor needs submitit: pip install 'realign-bench[scale]'") from None
         self.spec = spec
+        if cluster is None and submitit.AutoExecutor.which() != "slurm":
+            # submitit falls back to local processes where it finds no Slurm: a grid meant for a
+            # cluster would quietly run here, one job after another (checked before submitit makes its folder)
+            raise UserError(
+                "--executor slurm: no Slurm on this machine (submitit finds no srun); run the sweep on a Slurm "
+                "login node, or pass --slurm-cluster local to run the same path as local processes"
+            )
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         r = spec.resources
         params: dict = {"timeout_min": r.timeout_min, "name": f"realign-{spec.name}"}
