@@ -6,6 +6,7 @@ takes about a minute, then each executor's run about as long; they share one Ray
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -274,6 +275,40 @@ def test_submitit_local_cluster_retries_and_matches_local(grid, local_run, tmp_p
     same_records(local, records(home), ROW_JOBS // 2)
     monkeypatch.delenv("REALIGN_SWEEP_EXIT_AFTER")
     check_rerun_computes_nothing(spec, home, "slurm", jobs=4, slurm_cluster="local")
+
+
+def test_a_stopped_sweep_cancels_its_unfinished_local_cluster_jobs(grid, tmp_path):
+    """submitit's local jobs are detached processes: a sweep stopped with Ctrl-C once left them
+    running unseen (four of them held both cores for half an hour here). Closing the executor
+    cancels them; a real local job, a real process."""
+    import time
+
+    from bench.sweep.executors import SlurmExecutor
+    from bench.sweep.spec import load_spec
+
+    executor = SlurmExecutor(load_spec(grid["spec"]), tmp_path / "submitit", cluster="local")
+    job = executor.executor.submit(time.sleep, 300)
+    executor.unfinished = [job]
+    deadline = time.time() + 60
+    while job.state != "RUNNING" and time.time() < deadline:
+        time.sleep(0.2)
+    pid = int(job.job_id)
+    executor.close()
+    deadline = time.time() + 30
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid) and executor.unfinished == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie (exited, not yet reaped) counts as gone
+        if open(f"/proc/{pid}/stat").read().split(") ")[1].startswith("Z"):
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------ big models

@@ -122,6 +122,7 @@ class SlurmExecutor:
                 "login node, or pass --slurm-cluster local to run the same path as local processes"
             )
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        self.unfinished: list = []  # submitit jobs submitted and not yet collected
         r = spec.resources
         params: dict = {"timeout_min": r.timeout_min, "name": f"realign-{spec.name}"}
         if r.num_gpus:
@@ -144,6 +145,7 @@ class SlurmExecutor:
         with self.executor.batch():
             submitted = [(self.executor.submit(run_job, job, home, run_id), job) for job in jobs]
         pending = [(s, j) for s, j in submitted]
+        self.unfinished = [s for s, _ in pending]
         while pending:
             still = []
             for sub, job in pending:
@@ -160,11 +162,18 @@ class SlurmExecutor:
                         why = f"its process died {attempts[job.key]} times ({type(exc).__name__})"
                         yield died(job, home, why)
             pending = still
+            self.unfinished = [s for s, _ in pending]
             if pending:
                 time.sleep(0.5)
 
     def close(self) -> None:
-        pass
+        """A sweep stopped early (Ctrl-C, an error): on the local cluster its unfinished jobs are
+        this machine's detached processes, which would go on running unseen, so they are cancelled.
+        Slurm's jobs stay queued: a rerun of the sweep takes their results."""
+        if self.executor.cluster == "local":
+            for job in self.unfinished:
+                job.cancel(check=False)
+        self.unfinished = []
 
 
 def run_ray_task(job: Job, home: str, run_id: str) -> dict:
