@@ -556,6 +556,11 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         print(dry_run(args.spec, args.home))
         return 0
+    import signal
+
+    # a sweep stopped by SIGTERM (a job scheduler's time limit, `timeout`, `kill`) unwinds like
+    # Ctrl-C, so that its executor is closed: local-cluster jobs cancelled, Ray shut down
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     run = run_sweep(args.spec, args.home, args.executor, args.ray_address, args.slurm_cluster)
     print(run.summary)
     return 1 if run.failed else 0

@@ -300,6 +300,31 @@ def test_a_stopped_sweep_cancels_its_unfinished_local_cluster_jobs(grid, tmp_pat
     assert not _alive(pid) and executor.unfinished == []
 
 
+def test_a_sweep_killed_with_sigterm_cancels_its_local_cluster_jobs(grid, tmp_path):
+    """SIGTERM (a scheduler's time limit, `timeout`) stops `realign sweep` like Ctrl-C: its local
+    jobs do not outlive it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    home = tmp_path / "home"
+    argv = [sys.executable, "-m", "bench.cli", "sweep", str(grid["spec"]), "--home", str(home)]
+    proc = subprocess.Popen(argv + ["--executor", "slurm", "--slurm-cluster", "local"], stderr=subprocess.PIPE)
+    folder = home / "sweeps" / yaml.safe_load(grid["spec"].read_text())["name"] / "submitit"
+    deadline = time.time() + 120
+    while not list(folder.glob("*_log.out")) and time.time() < deadline:  # a job's process has started
+        time.sleep(0.2)
+    pids = {int(p.name.split("_")[0]) for p in folder.glob("*_log.out")}
+    assert pids and any(_alive(pid) for pid in pids)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stderr.read().decode()[-2000:]
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
