@@ -117,9 +117,8 @@ def rejudge(
             log(f"judge {spec.label}: already the run's primary judge; skipped")
             continue
         judge = judge_from_spec(spec, **(defaults or {}))
-        if hasattr(judge, "check"):  # weights missing or pickle-only: the line says where --judges takes a folder
-            judge.check(supply=f"--judges {spec.name}:pretrained={{}}")
-        identity(judge)  # remote code without the flag: one line, before any work
+        # weights missing or pickle-only, remote code without the flag: one line, before any work
+        identity(judge, supply=f"--judges {spec.name}:pretrained={{}}")
         todo.append((spec, judge))
     labels = [spec.label for spec, _ in todo]
     if len(set(labels)) != len(labels):

@@ -113,14 +113,16 @@ def judges_code_hash() -> str:
     return hash_value({p.name: p.read_text(encoding="utf-8") for p in files})
 
 
-def identity(judge) -> dict:
-    """What decides a verdict besides its batch: the judge, its options, its weights' content, the code."""
+def identity(judge, supply: str | None = None) -> dict:
+    """What decides a verdict besides its batch: the judge, its options, its weights' content, the code.
+    `supply` says where this command takes the weights' folder, for the line when they are missing."""
     from bench import reproducibility
 
     options = dict(judge.options()) if hasattr(judge, "options") else {}
     weights = None
     if hasattr(judge, "check"):
-        weights = judge.check().content_hash()  # one line (and no work) when the weights are missing
+        checked = judge.check(supply=supply) if supply else judge.check()
+        weights = checked.content_hash()  # one line (and no work) when the weights are missing
         options.pop("pretrained", None)  # the path is where the content lives, not what it is
     return {
         "judge": judge.name,
