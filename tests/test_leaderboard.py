@@ -115,6 +115,18 @@ def test_interpolation_curve_value():
 # ------------------------------------------------------------------------------------------ statistics
 
 
+def test_two_proportion_p_equals_statsmodels_pooled_z_test():
+    from statsmodels.stats.proportion import proportions_ztest
+
+    from bench.leaderboard import stats
+
+    for k1, n1, k2, n2 in [(7, 100, 20, 100), (130, 150, 1, 150), (3, 40, 5, 60), (50, 100, 50, 100)]:
+        _, want = proportions_ztest([k1, k2], [n1, n2])
+        assert stats.two_proportion_p(k1, n1, k2, n2) == pytest.approx(want, rel=1e-9, abs=1e-300)
+    assert stats.two_proportion_p(0, 10, 0, 20) == 1.0  # no variance, equal rates
+    assert stats.two_proportion_p(0, 0, 3, 10) == 1.0  # an empty side tests nothing
+
+
 def test_wilson_interval_equals_statsmodels_and_the_board_shows_the_records_interval(tmp_path):
     from statsmodels.stats.proportion import proportion_confint
 

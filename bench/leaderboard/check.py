@@ -50,18 +50,6 @@ class Finding:
         )
 
 
-def two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
-    from scipy.stats import norm
-
-    if n1 == 0 or n2 == 0:
-        return 1.0
-    p = (k1 + k2) / (n1 + n2)
-    se = (p * (1 - p) * (1 / n1 + 1 / n2)) ** 0.5
-    if se == 0:
-        return 1.0 if k1 / n1 == k2 / n2 else 0.0
-    return float(2 * norm.sf(abs(k1 / n1 - k2 / n2) / se))
-
-
 def loose_key(record: dict) -> str:
     """The setting key without its content hash: the same setting as named, from any testbed."""
     s = record["setting"]
@@ -172,7 +160,7 @@ def compare(
                 t = stats.mcnemar(x, y)
                 p, test = t["p"], "McNemar (paired)"
             else:
-                p = two_proportion_p(
+                p = stats.two_proportion_p(
                     a.get("k", round(a["value"] * a["n"])), a["n"], b.get("k", round(b["value"] * b["n"])), b["n"]
                 )
                 test = "two-proportion z"

@@ -38,8 +38,8 @@ def mcnemar_many(X: np.ndarray, I, J) -> list[dict]:
 
 
 def two_proportion_p(k1: int, n1: int, k2: int, n2: int) -> float:
-    """Two-sided pooled z-test of k1/n1 against k2/n2, for rows whose outcomes do not pair (the
-    same test as `board check` uses, through math.erfc: scipy.stats' import costs a second)."""
+    """Two-sided pooled z-test of k1/n1 against k2/n2, for rows whose outcomes do not pair (the board's
+    pairs of rows and `board check`), through math.erfc: scipy.stats' import costs a second."""
     import math
 
     if n1 == 0 or n2 == 0:
