@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -308,19 +309,14 @@ def test_invalid_records_give_a_validation_error_never_a_crash(patch):
 # ------------------------------------------------------------------------------------------ HTML in Chromium
 
 
-def test_html_renders_sorts_and_escapes_in_chromium(tmp_path):
+@contextlib.contextmanager
+def chromium_page(width: int = 1400):
+    """A page of Debian's headless Chromium (through playwright), `width` pixels wide."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("Debian chromium is required for the HTML test (apt-get install chromium); .ci/run installs it")
     from playwright.sync_api import sync_playwright
 
-    folder = standard_board(
-        tmp_path, extra=[(HOSTILE[0], [1, 0, 1] * 50, [1, 0] * 50), (HOSTILE[1], [0, 0, 1] * 50, [0, 1, 1, 1] * 25)]
-    )
-    files = write(build(load([folder])), tmp_path / "out")
-    html = files["board.html"].read_text()
-    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    dialogs = []
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=chromium,
@@ -333,7 +329,21 @@ def test_html_renders_sorts_and_escapes_in_chromium(tmp_path):
                 "--no-first-run",
             ],
         )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            yield browser.new_page(viewport={"width": width, "height": 1000})
+        finally:
+            browser.close()
+
+
+def test_html_renders_sorts_and_escapes_in_chromium(tmp_path):
+    folder = standard_board(
+        tmp_path, extra=[(HOSTILE[0], [1, 0, 1] * 50, [1, 0] * 50), (HOSTILE[1], [0, 0, 1] * 50, [0, 1, 1, 1] * 25)]
+    )
+    files = write(build(load([folder])), tmp_path / "out")
+    html = files["board.html"].read_text()
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    dialogs = []
+    with chromium_page() as page:
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         page.goto(files["board.html"].as_uri())
         page.wait_for_load_state("load")
@@ -376,12 +386,28 @@ def test_html_renders_sorts_and_escapes_in_chromium(tmp_path):
         assert page.evaluate("document.querySelectorAll('script').length") == 1  # the notes injected nothing
         shot = tmp_path / "board.png"
         page.screenshot(path=str(shot), full_page=True)
-        browser.close()
     assert dialogs == []
     from PIL import Image
 
     img = np.asarray(Image.open(shot).convert("L"))
     assert img.std() > 10 and (img < 128).mean() > 0.005  # not blank: text and table lines are drawn
+
+
+def test_html_tables_fit_a_laptop_screen_with_long_point_labels(tmp_path):
+    # a flagship curve's points are named by every parameter: such a label, unbroken, widened the
+    # methods table past the screen and hid its last column
+    long = [f"gradient_restoration(mode=clean,recovery_rate=0.00{i},steps=20,warmup_steps=5)" for i in (1, 2)]
+    folder = standard_board(
+        tmp_path, extra=[(long[0], [0] * 150, [1] * 60 + [0] * 40), (long[1], [0] * 150, [1] * 58 + [0] * 42)]
+    )
+    files = write(build(load([folder])), tmp_path / "out")
+    with chromium_page(width=1280) as page:
+        page.goto(files["board.html"].as_uri())
+        page.wait_for_load_state("load")
+        for table in ("table.methods", "table.board"):
+            assert page.evaluate(f"document.querySelector('{table}').getBoundingClientRect().right") <= 1280, table
+        cells = page.locator("table.methods tbody td.point").all_inner_texts()
+        assert any(c.replace("\n", "").startswith(long[0]) for c in cells)  # the whole label, as text
 
 
 # ------------------------------------------------------------------------------------------ gate

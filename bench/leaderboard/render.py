@@ -405,17 +405,29 @@ def _esc(x) -> str:
     return str(x) if isinstance(x, (int, float)) else _html.escape(str(x))
 
 
+_BREAK_AFTER = re.compile(r"(?<=[(,])")
+
+
+def _breakable(label: str) -> str:
+    """A row label escaped, free to break after its "(" and commas: a point is named by every
+    parameter, and such a label unbroken widened the tables past a laptop's screen."""
+    return "<wbr>".join(_esc(part) for part in _BREAK_AFTER.split(str(label)))
+
+
 def _row_html(r: dict, judges: Sequence[str] = (), tasks: Sequence[str] = ()) -> Markup:
     """One <tr>, every text escaped. Joined in Python because a Jinja loop over 110,000 cells is
     the slowest part of a 10,000-record page; the page around the rows stays in the template."""
     link = f'<a href="#note-{_esc(note_slug(r["curve"]))}">' if r["role"] != "reference" and "curve" in r else ""
-    tds = "".join(
-        f'<td class="{cls}" data-v="{_esc(v)}">'
-        + (f"{link}{_esc(text)}</a>" if cls == "name" and link else _esc(text))
-        + (f' <span class="ci">{_esc(ci)}</span>' if ci else "")
-        + "</td>"
-        for cls, v, text, ci in _cells(r, judges, tasks)
-    )
+
+    def cell(cls, v, text, ci):
+        shown = _esc(text) if cls != "name" else f"{link}{_breakable(text)}</a>" if link else _breakable(text)
+        return (
+            f'<td class="{cls}" data-v="{_esc(v)}">{shown}'
+            + (f' <span class="ci">{_esc(ci)}</span>' if ci else "")
+            + "</td>"
+        )
+
+    tds = "".join(cell(*c) for c in _cells(r, judges, tasks))
     return Markup(f'<tr class="{"tied" if r["tied_with"] else ""}">{tds}</tr>')
 
 
@@ -471,8 +483,10 @@ def html(board: Board, plots: dict[str, bytes], title: str, notes: dict[str, str
 def _method_row_html(c: dict) -> Markup:
     def point(p):
         if p is None:
-            return '<td data-v="-1">\u2013</td>'
-        return f'<td data-v="{p["harmful_rate"]}">{_esc(_point_text(p))}</td>'
+            return '<td class="point" data-v="-1">\u2013</td>'
+        rates = f"{100 * p['harmful_rate']:.1f}% harmful, {100 * p['task_metric']:.1f}% task"
+        label = _breakable(p["method"])
+        return f'<td class="point" data-v="{p["harmful_rate"]}">{label}<br><span class="ci">{rates}</span></td>'
 
     return Markup(
         f'<tr><td data-v="{c["position"]}">{c["position"]}</td>'
