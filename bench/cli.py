@@ -602,11 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--defenses",
         default=None,
-        help="(default: the setting's, aligned,none,gradient_restoration in the embedded default) comma-separated "
-        "board rows: a defense (see `realign list`) or name:key=value:... for a row with its own "
-        "parameters, e.g. gradient_restoration:mode=clean; a sweep gives a row per value: "
+        help="comma-separated board rows: a defense (see `realign list`) or name:key=value:... for a row with "
+        "its own parameters, e.g. gradient_restoration:mode=clean; a sweep gives a row per value: "
         "resta:gamma=0.5..3:4 (4 evenly spaced values) or resta:gamma=[0.5,1,2] (a list; several sweeps: "
-        "their product)",
+        "their product) (default: the setting's; aligned,none,gradient_restoration in the embedded default)",
     )
     p.add_argument("--all-defenses", action="store_true", help="run every registered defense")
     p.add_argument(
