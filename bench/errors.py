@@ -13,6 +13,15 @@ class UserError(Exception):
     exit_code = 2
 
 
+def did_you_mean(name: str, known) -> str:
+    """' (did you mean 'gamma'?)' for a misspelt name close to one of `known`; '' when none is close
+    (stdlib difflib: its ratio, at the cutoff git and argparse-style tools use for suggestions)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 # what the machine, not the input or the code, did wrong: a full disk or quota, a read-only or
 # forbidden folder, a path through a file
 MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}

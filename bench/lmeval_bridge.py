@@ -29,7 +29,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from bench import models
-from bench.errors import UserError
+from bench.errors import UserError, did_you_mean
 from bench.generation import CachedGenerator, GenerationCache, Sampling
 
 DEFAULT_MAX_GEN_TOKS = 128
@@ -193,9 +193,10 @@ def _task_manager(runs: list[TaskRun], folder: Path):
     manager = TaskManager(include_path=[str(folder), *own], include_defaults=stock)
     unknown = [r.yaml_name for r in runs if r.yaml_name not in manager.all_tasks]
     if unknown:
+        hint = did_you_mean(unknown[0], manager.all_tasks)
         raise UserError(
-            f"unknown task {', '.join(unknown)}: neither a YAML under tasks/ nor a stock lm-eval task (see `realign "
-            "list tasks`)"
+            f"unknown task {', '.join(unknown)}{hint}: neither a YAML under tasks/ nor a stock lm-eval task (see "
+            "`realign list tasks`)"
         )
     return manager
 

@@ -20,7 +20,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-from bench.errors import UserError
+from bench.errors import UserError, did_you_mean
 
 
 class Registry:
@@ -67,7 +67,10 @@ class Registry:
         if name not in self._objects:
             if name not in self._lazy:
                 known = ", ".join(self.names()) or "none"
-                raise UserError(f"unknown {self.kind} {name!r}; registered: {known} (see `realign list`)")
+                raise UserError(
+                    f"unknown {self.kind} {name!r}{did_you_mean(name, self.names())}; registered: {known} "
+                    "(see `realign list`)"
+                )
             module, _, attr = self._lazy[name].partition(":")
             try:
                 obj = getattr(importlib.import_module(module), attr)

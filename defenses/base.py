@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 from bench import models
-from bench.errors import UserError
+from bench.errors import UserError, did_you_mean
 from bench.progress import log
 
 
@@ -243,7 +243,9 @@ def parse_params(cls: type, values: dict[str, Any]) -> Any:
     for key, value in values.items():
         if key not in fields_by_name:
             known = ", ".join(fields_by_name) or "none"
-            raise UserError(f"unknown parameter {key!r}; this defense takes: {known}")
+            raise UserError(
+                f"unknown parameter {key!r}{did_you_mean(key, fields_by_name)}; this defense takes: {known}"
+            )
         kwargs[key] = _typed(key, hints[key], value)
     try:
         return cls(**kwargs)

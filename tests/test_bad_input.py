@@ -318,7 +318,7 @@ CASES = [
     Case(
         "YAML with an unknown key",
         CHECK,
-        "unknown key 'models.alignd'",
+        "unknown key 'models.alignd' (did you mean 'aligned'?)",
         bad_setting(lambda r, t, m: r["models"].update(alignd=r["models"].pop("aligned"))),
     ),
     Case(
@@ -357,6 +357,14 @@ CASES = [
     Case(
         "unknown judge", RUN_VALID + ["--judge", "NAME_THAT_DOES_NOT_EXIST"], "unknown judge 'NAME_THAT_DOES_NOT_EXIST'"
     ),
+    # a misspelt name: the line names the registered one it is close to
+    Case("misspelt defense", RUN_VALID + ["--defenses", "aligned,safelorra"], "(did you mean 'safelora'?)"),
+    Case("misspelt judge", RUN_VALID + ["--judge", "keywrd"], "unknown judge 'keywrd' (did you mean 'keyword'?)"),
+    Case(
+        "misspelt set",
+        RUN_VALID + ["--set", 'data.harmful=["harmbench_standrd"]'],
+        "(did you mean 'harmbench_standard'?)",
+    ),
     Case("judge option without a value", RUN_VALID + ["--judge", "keyword:oops"], "judge options are written"),
     Case("unknown set", RUN_VALID + ["--set", 'data.harmful=["no_such_set"]'], "unknown set 'no_such_set'"),
     Case("tasks export: unknown set", ["tasks", "export", "{tmp}/tasks", "--sets", "no_such_set"], "unknown set"),
@@ -371,6 +379,11 @@ CASES = [
         "defend: unknown parameter",
         ["defend", "gradient_restoration", "--param", "no_such=1", "--setting", "{setting}", "--home", "{home}"],
         "unknown parameter 'no_such'",
+    ),
+    Case(
+        "defend: misspelt parameter",
+        ["defend", "resta", "--param", "gama=2", "--setting", "{setting}", "--home", "{home}"],
+        "unknown parameter 'gama' (did you mean 'gamma'?)",
     ),
     # ---- out-of-range parameters
     Case("negative harmful N", ["run", "--harmful-n=-5", "--home", "{home}"], "non-negative"),

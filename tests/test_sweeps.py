@@ -159,7 +159,10 @@ def fails(capsys, argv, *words) -> str:
 @pytest.mark.parametrize(
     "change, words",
     [
-        (lambda s: s.update(defenze=["none"]), ["unknown key 'defenze'", "known keys here: name, settings"]),
+        (
+            lambda s: s.update(defenze=["none"]),
+            ["unknown key 'defenze' (did you mean 'defenses'?)", "known keys here: name, settings"],
+        ),
         (lambda s: s.update(seeds="zero"), ["seeds: expected a valid list", "'zero'"]),
         (lambda s: s["resources"].update(num_gpus=-1), ["resources.num_gpus", "greater than or equal to 0"]),
         (lambda s: s.update(settings=[]), ["settings", "at least 1 item"]),

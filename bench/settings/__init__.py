@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.errors import UserError
+from bench.errors import UserError, did_you_mean
 from bench.settings.schema import Setting
 
 SHIPPED = Path(__file__).parent
@@ -126,7 +126,8 @@ def describe(error: dict, where: str, count: int, alternatives: list[dict] = ())
     if error["type"] == "extra_forbidden":
         section = _section(error["loc"][:-1])
         known = ", ".join(section.model_fields) if section else "see the schema"
-        return f"setting {where}: unknown key {key!r}; known keys here: {known}{more}"
+        hint = did_you_mean(error["loc"][-1], section.model_fields) if section else ""
+        return f"setting {where}: unknown key {key!r}{hint}; known keys here: {known}{more}"
     if error["type"] == "missing":
         return f"setting {where}: {key}: expected a value, found nothing (the key is required){more}"
     expected = " or ".join(e["msg"].removeprefix("Input should be ").lower() for e in [error, *alternatives])

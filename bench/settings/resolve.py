@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from bench import models
 from bench.data import read_jsonl
-from bench.errors import UserError
+from bench.errors import UserError, did_you_mean
 from bench.generation import BATCH_TARGET
 from bench.hashing import hash_file, hash_folder, hash_model_dir, hash_value, short
 from bench.settings.schema import FineTuned, Judge, Model, Setting
@@ -527,18 +527,19 @@ def _own_task(name: str, include_path: str) -> None:
     known = TaskManager(include_path=str(folder), include_defaults=False).all_tasks
     if name not in known:
         raise UserError(
-            f"utility task {name!r}: no task of that name in {include_path} (it defines: "
+            f"utility task {name!r}{did_you_mean(name, known)}: no task of that name in {include_path} (it defines: "
             f"{', '.join(sorted(known)[:12]) or 'no task'}); check the task name"
         )
 
 
 def _stock_task(name: str) -> None:
-    if name not in _stock_tasks():
+    stock = _stock_tasks()
+    if name not in stock:
         from bench.task_files import templates
 
         raise UserError(
-            f"unknown utility task {name!r}: neither a YAML under tasks/ ({', '.join(templates())}) nor a stock "
-            "lm-eval task"
+            f"unknown utility task {name!r}{did_you_mean(name, [*templates(), *stock])}: neither a YAML under "
+            f"tasks/ ({', '.join(templates())}) nor a stock lm-eval task"
         )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bench.errors import UserError
+from bench.errors import UserError, did_you_mean
 
 
 class _Strict(BaseModel):
@@ -112,7 +112,8 @@ def describe(error: dict, where: str, count: int) -> str:
     if error["type"] == "extra_forbidden":
         section = _section(parts[:-1])
         known = ", ".join(section.model_fields) if section else "see the schema"
-        return f"sweep spec {where}: unknown key {key!r}; known keys here: {known}{more}"
+        hint = did_you_mean(parts[-1], section.model_fields) if section else ""
+        return f"sweep spec {where}: unknown key {key!r}{hint}; known keys here: {known}{more}"
     if error["type"] == "missing":
         return f"sweep spec {where}: {key}: expected a value, found nothing (the key is required){more}"
     expected = error["msg"].removeprefix("Input should be ").lower()
