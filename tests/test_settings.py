@@ -185,6 +185,11 @@ def _edit(tiny_setting: Path, out: Path, change) -> Path:
             lambda r: r.update(utility=[{"task": "no_such_task_xyz"}]),
             ["unknown utility task 'no_such_task_xyz'", "realign_mmlu"],
         ),
+        (
+            "misspelt task",
+            lambda r: r.update(utility=[{"task": "realign_mmlv"}]),
+            ["unknown utility task 'realign_mmlv' (did you mean 'realign_mmlu'?)"],
+        ),
         # a data folder that exists but lacks the set's file (this tests folder): the line says where to put it
         (
             "set file",
