@@ -54,9 +54,11 @@ class lazy_state:
 
 
 def load_into(handle: models.ModelHandle, tensors: dict, device: str = "cpu"):
-    """A model of `handle`'s architecture holding `tensors` (tied weights handled by transformers)."""
+    """A model of `handle`'s architecture holding `tensors`. A tied LM head is no parameter of its own
+    (named_parameters lists the shared tensor once, by its embedding's name), so every listed name
+    must be given: an untied head missing from `tensors` is an error, not the old head kept."""
     model = models.load_model(handle, "float32", device)
-    missing = [n for n, _ in model.named_parameters() if n not in tensors and n != "lm_head.weight"]
+    missing = [n for n, _ in model.named_parameters() if n not in tensors]
     if missing:
         raise UserError(f"weights for {missing[0]} are missing ({len(missing)} in all)")
     model.load_state_dict(tensors, strict=False)

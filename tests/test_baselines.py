@@ -529,3 +529,22 @@ def test_safe_delta_runs_on_a_tiny_pair(tiny_lora):
     assert out.info["layers"] > 0 and out.model is not None
     with pytest.raises(UserError, match="safety set"):
         DEFENSES.get("safe_delta")().apply(ctx_for(tiny_lora, calibration_pairs=[]))
+
+
+def test_load_into_needs_every_parameter_and_an_untied_head(tmp_path, tiny):
+    """A tied LM head is the embedding itself: a state dict without lm_head.weight loads. An untied
+    head missing from the tensors is an error; it used to keep the model's own head unseen."""
+    from bench.tiny_models import make_llama
+    from defenses.weights import load_into
+
+    for tie in (True, False):
+        make_llama(tmp_path / f"tie-{tie}", tiny["tok"], layers=2, tie=tie)
+        handle = models.resolve(tmp_path / f"tie-{tie}")
+        tensors = {k: v for k, v in models.load_model(handle, "float32").state_dict().items() if k != "lm_head.weight"}
+        tensors = {k: v + 1 for k, v in tensors.items()}
+        if tie:
+            model = load_into(handle, tensors)
+            assert torch.equal(model.get_output_embeddings().weight, tensors["model.embed_tokens.weight"])
+        else:
+            with pytest.raises(UserError, match="lm_head.weight"):
+                load_into(handle, tensors)
