@@ -292,6 +292,12 @@ def untied_output_weight(model):
 LORA_TARGETS = "all-linear"  # peft: every linear layer of the decoder, not the LM head
 
 
+def is_qkv_projection(module_name: str) -> bool:
+    """The query, key or value projection of an attention block (Llama-family names), by the module's
+    dotted name."""
+    return module_name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")
+
+
 def native_bf16(device: str) -> bool:
     """Whether `device` computes bfloat16 natively (else bf16 autocast is slower than fp32)."""
     import torch

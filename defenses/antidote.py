@@ -66,7 +66,7 @@ def _scored(model, lora: bool) -> dict:
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        if (lora and "lora" in name) or (not lora and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")):
+        if (lora and "lora" in name) or (not lora and models.is_qkv_projection(name)):
             out[name] = module
     return out
 
