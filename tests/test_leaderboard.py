@@ -226,6 +226,21 @@ def test_board_tells_rows_apart_by_role_not_by_name(tmp_path):
     )
 
 
+def test_a_record_given_twice_is_one_row(tmp_path):
+    """A run's records built beside a board folder that already holds them: the same record id is
+    the same evaluation, one row, and the board equals the folder's own."""
+    folder = standard_board(tmp_path)
+    again = tmp_path / "again"
+    again.mkdir()
+    for path in sorted(folder.glob("*.json"))[:2]:
+        shutil.copy(path, again / path.name)
+        shutil.copy(path.with_suffix(".samples.jsonl"), again / path.with_suffix(".samples.jsonl").name)
+    alone = write(build(load([folder])), tmp_path / "alone")
+    both = write(build(load([folder, again])), tmp_path / "both")
+    assert both["board.md"].read_text() == alone["board.md"].read_text()
+    assert both["board.json"].read_text() == alone["board.json"].read_text()
+
+
 def test_bad_input_exits_2_and_writes_nothing(tmp_path):
     folder = standard_board(tmp_path)
     out = tmp_path / "out"
@@ -242,6 +257,14 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
     twin = make_record("none", [1, 1, 0], [0, 1, 0])
     save([twin], dup, {"none": ([1, 1, 0], [0, 1, 0])})
     cases.append((dup, "appears in 2 records"))
+    rerun = tmp_path / "rerun"  # the same record id with other metrics: a nondeterministic rerun
+    shutil.copytree(folder, rerun)
+    path = next(rerun.glob("*.json"))
+    rec = json.loads(path.read_text())
+    rec["metrics"]["harmful_rate"]["value"] = 0.5
+    (rerun / "sub").mkdir()
+    (rerun / "sub" / path.name).write_text(json.dumps(rec))
+    cases.append((rerun, "with different metrics"))
     old = tmp_path / "old"
     shutil.copytree(folder, old)
     path = next(old.glob("*.json"))

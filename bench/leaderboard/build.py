@@ -74,7 +74,22 @@ def load(paths: list[Path]) -> list[tuple[dict, Path]]:
             raise UserError(f"{p}: no such record file or folder")
     if not files:
         raise UserError("no records found: pass record files or folders that hold them")
-    return [(records_mod.load(f), f) for f in files]
+    return _one_per_id([(records_mod.load(f), f) for f in files])
+
+
+def _one_per_id(loaded: list[tuple[dict, Path]]) -> list[tuple[dict, Path]]:
+    """The first of each record id: a run's records built beside a board that already holds them
+    (the same id names the same evaluation) are one row, not a duplicate method. The same id with
+    other metrics (a fast, nondeterministic rerun) cannot be one row: that is an error."""
+    first: dict[str, tuple[dict, Path]] = {}
+    for rec, path in loaded:
+        seen = first.setdefault(rec["record_id"], (rec, path))
+        if seen[0] is not rec and seen[0]["metrics"] != rec["metrics"]:
+            raise UserError(
+                f"record {rec['record_id']} is in {seen[1]} and {path} with different metrics (a nondeterministic "
+                "rerun?); keep one of them"
+            )
+    return list(first.values())
 
 
 def outcomes(record: dict, path: Path | None) -> dict[str, np.ndarray] | None:
