@@ -123,6 +123,12 @@ class EvalConfig:
         options = {k: v for k, v in out.pop("judge_options", {}).items() if k != "pretrained"}
         return out | ({"judge_options": options} if self.judge_options else {})
 
+    def judge_spec(self) -> JudgeSpec:
+        """The judge as this evaluation runs it: its name, with the setting's options (its weights'
+        folder among them) over those written into the name."""
+        spec = parse_spec(self.judge)
+        return JudgeSpec(spec.name, spec.options | self.judge_options)
+
     def generator_options(self) -> dict:
         """What CachedGenerator passes to the engine: vLLM's own options under their names (those
         VLLMGenerator takes as arguments, the rest in engine_options, which go to vllm.LLM as they are)."""
@@ -188,8 +194,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
         out = run_tasks(generator, runs)
 
     # judging is its own cached stage (bench.judges.stage): verdicts keyed by the answers' content
-    spec = parse_spec(config.judge)
-    spec = JudgeSpec(spec.name, spec.options | config.judge_options)
+    spec = config.judge_spec()
     judge = judge_from_spec(spec)
     if pool is not None and engine_pool.judge_needs_the_device(judge):
         pool.close()

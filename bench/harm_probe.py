@@ -39,6 +39,10 @@ class HarmProbe:
             "dtype": self.config.dtype,
             "max_new_tokens": MAX_NEW_TOKENS,
         }
+        if self.config.judge_options:  # a judge with weights: what they are (no options: RESTA's earlier keys hold)
+            from bench.judges.stage import identity, judge_from_spec
+
+            out["judge"] = identity(judge_from_spec(self.config.judge_spec()))
         # the batch target entered later: at its default it stays out, so RESTA's earlier keys hold
         return out | self.config.later_set("batch_target")
 
@@ -52,9 +56,9 @@ class HarmProbe:
 def harmful_rates(paths: list[str], prompts: list[str], config: EvalConfig, cache_root: str) -> list[dict]:
     """Run in a fresh interpreter by HarmProbe: generate (through the answer cache) and judge."""
     from bench.generation import CachedGenerator, GenerationCache, Sampling
-    from bench.judges import JUDGES
+    from bench.judges.stage import judge_from_spec
 
-    judge = JUDGES.get(config.judge)()
+    judge = judge_from_spec(config.judge_spec())  # with its options: a judge's weights are the setting's
     out = []
     for path in paths:
         with CachedGenerator(

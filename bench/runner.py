@@ -209,7 +209,9 @@ def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: C
         utility_probe=TaskProbe(files["task_dev"], chat=resolved.chat, **probe_engine(resolved, cfg)),
         fine_tune=AttackStageFineTune(cfg.cache, clock.say, resolved.chat),
         harm_probe=HarmProbe(
-            [r["prompt"] for r in read_jsonl(files["calibration_prompts"])], cfg.eval, cfg.cache / "generations"
+            [r["prompt"] for r in read_jsonl(files["calibration_prompts"])],
+            dataclasses.replace(cfg.eval, judge_options=resolved.judge.options),  # the judge as resolved: its weights
+            cfg.cache / "generations",
         ),
         attack=variant.attack,
         dtype=_model_entry(setting.models.aligned).dtype or "float32",

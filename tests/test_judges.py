@@ -451,3 +451,30 @@ def test_batched_judge_path_on_vllm(tmp_path, tokenizers):
     assert any(v.raw for v in on_vllm)  # the generated text itself is kept
     on_transformers = make_judge("chat_rubric", engine="transformers", **common).label(PROMPTS, ANSWERS)
     assert [v.raw for v in on_vllm] == [v.raw for v in on_transformers]
+
+
+def test_harm_probe_judges_with_the_settings_judge_weights(tiny_judges, tmp_path):
+    """RESTA's harm probe labels with the setting's judge as resolved, its weights included (it built
+    the judge from its name alone: an LLM judge then looked for its default weights), and a judge's
+    weights enter the probe's identity, so another judge's rates are never taken for these."""
+    from bench import models
+    from bench.evaluate import EvalConfig
+    from bench.harm_probe import HarmProbe, harmful_rates
+
+    def config(weights) -> EvalConfig:
+        options = {"pretrained": str(weights), "engine": "transformers", "fresh_process": False, "max_new_tokens": 4}
+        return EvalConfig(judge="chat_rubric:rubric=xstest", judge_options=options, engine="transformers")
+
+    model = tiny_judges["chat_rubric"]
+    rates = harmful_rates([str(model)], PROMPTS, config(model), str(tmp_path / "cache"))
+    assert len(rates) == 1 and set(rates[0]) == {"rate", "k", "n"}
+    other = tmp_path / "other-weights"
+    shutil.copytree(tiny_judges["llama_guard_3_1b"], other)
+
+    def probe(weights) -> dict:
+        return HarmProbe(PROMPTS, config(weights), tmp_path / "cache").identity()
+
+    assert probe(model)["judge"]["weights"] == models.resolve(model).content_hash()
+    assert probe(model) != probe(other)
+    keyword = HarmProbe(PROMPTS, EvalConfig(engine="transformers"), tmp_path / "cache").identity()
+    assert "judge" in keyword and keyword["judge"] == "keyword"  # no options: the key RESTA had before
