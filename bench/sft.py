@@ -7,7 +7,9 @@ only; each prompt is rendered with the model's chat template, exactly as at gene
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,8 +119,46 @@ def _step_checkpoints(work_dir: Path):
     return StepCheckpoints()
 
 
+# what transformers' full_determinism sets for the whole process (trainer_utils.enable_full_determinism)
+_DETERMINISM_ENV = (
+    "CUDA_LAUNCH_BLOCKING",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "ASCEND_LAUNCH_BLOCKING",
+    "HCCL_DETERMINISTIC",
+    "FLASH_ATTENTION_DETERMINISTIC",
+)
+
+
+@contextlib.contextmanager
+def _determinism_for_training_only():
+    """The Trainer's full_determinism for the fine-tune alone. It sets process-wide state and leaves it:
+    CUDA_LAUNCH_BLOCKING=1 in os.environ, which every interpreter started afterwards (evaluation,
+    defenses, judges) inherited, so on a GPU each launched its kernels synchronously; and
+    torch's deterministic-algorithms switch for the rest of the process."""
+    import torch
+
+    env = {k: os.environ.get(k) for k in _DETERMINISM_ENV}
+    algorithms = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        yield
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
 def train(model, tokenizer, pairs: list[dict], config: SFTConfig, work_dir: Path, progress: bool = True):
     """Fine-tune `model` in place (full) or return a peft model (LoRA). Returns (model, log)."""
+    with _determinism_for_training_only():
+        return _train(model, tokenizer, pairs, config, work_dir, progress)
+
+
+def _train(model, tokenizer, pairs: list[dict], config: SFTConfig, work_dir: Path, progress: bool):
     import torch
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed

@@ -97,3 +97,32 @@ def test_the_attack_batches_by_length_and_a_partial_sft_keeps_its_defaults():
     assert AttackConfig(sft={"sampling": "random"}).sft.sampling == "random"
     # the same fine-tune named in full or left to the defaults: one cache key
     assert AttackConfig(sft={"sampling": "group_by_length"}).to_dict() == AttackConfig().to_dict()
+
+
+def test_full_determinism_holds_for_the_fine_tune_and_leaves_the_process_as_it_was(tiny, tmp_path, monkeypatch):
+    """The Trainer's full_determinism sets CUDA_LAUNCH_BLOCKING=1 (and more) in os.environ and switches
+    torch to deterministic algorithms for the whole process: every interpreter started after an attack
+    inherited synchronous kernel launches on a GPU. They hold during the fine-tune only."""
+    import os
+
+    import bench.sft
+    from bench.sft import SFTConfig, train
+
+    names = ("CUDA_LAUNCH_BLOCKING", "CUBLAS_WORKSPACE_CONFIG", "FLASH_ATTENTION_DETERMINISTIC", "HCCL_DETERMINISTIC")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # a user's own value comes back as it was
+    original, during = bench.sft.response_only_loss, []
+
+    def spy(model, inputs, num_items_in_batch=None):
+        during.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUDA_LAUNCH_BLOCKING")))
+        return original(model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(bench.sft, "response_only_loss", spy)
+    handle = models.resolve(tiny["aligned"])
+    config = SFTConfig(method="lora", epochs=1, batch_size=3, bf16=False)
+    train(models.load_model(handle), models.load_tokenizer(handle), PAIRS, config, tmp_path / "t", False)
+    assert during and all(d == (True, "1") for d in during)  # deterministic while it trains
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert all(name not in os.environ for name in names if name != "CUBLAS_WORKSPACE_CONFIG")
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
