@@ -167,6 +167,8 @@ def run(
             "wall_s": round(time.perf_counter() - t0, 1),
         }
         atomic_write_json(tmp / "manifest.json", manifest)
+    del model, peft_model, merged
+    models.release_device_memory()  # the evaluations and defenses after it run in interpreters of their own
     log(f"attack: done in {time.perf_counter() - t0:.0f}s (final loss {train_log['train_loss']})")
     return AttackResult(root, json.loads((root / "manifest.json").read_text()))
 

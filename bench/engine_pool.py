@@ -150,6 +150,8 @@ class EnginePool:
         llm, self._llm, self._key, self._weights = self._llm, None, None, None
         if llm is not None:
             shutdown_vllm(llm)
+            del llm  # the last reference: an LLM judge or the next engine gets the GPU's memory
+            models.release_device_memory()
 
 
 _shared: EnginePool | None = None

@@ -182,15 +182,17 @@ class TransformersGenerator(Generator):
         dtype="float32",
         trust_remote_code=False,
         batch_size: int = 16,
-        device: str = "cpu",
+        device: str | None = None,
         model=None,
         mode: str = reproducibility.DETERMINISTIC,
         chat: models.ChatFormat | None = None,
     ):
         super().__init__(handle, dtype, trust_remote_code, mode, chat)
         self.batch_size = batch_size
+        # `model` lets a defense's utility probe generate from a model held in memory (no save): on its device
+        if device is None:
+            device = str(next(model.parameters()).device) if model is not None else models.default_device()
         self.device = device
-        # `model` lets a defense's utility probe generate from a model held in memory (no save)
         self.model = model if model is not None else models.load_model(handle, dtype, device, trust_remote_code)
 
     def _generate(self, prompts, sampling):
@@ -334,6 +336,8 @@ class VLLMGenerator(Generator):
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None and self.owns_engine:
             shutdown_vllm(llm)
+            del llm
+            models.release_device_memory()
 
 
 def start_vllm(

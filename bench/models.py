@@ -298,6 +298,27 @@ def is_qkv_projection(module_name: str) -> bool:
     return module_name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")
 
 
+def default_device() -> str:
+    """Where the suite computes: the GPU when there is one (defenses, transformers generation, judges,
+    fine-tunes), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def release_device_memory() -> None:
+    """Hand a GPU's memory back once a model or an engine is gone. torch's caching allocator keeps
+    what a process freed, and the interpreter that comes next (a vLLM engine asks for 90% of the
+    GPU, a defense for its model) would find it taken. Nothing to do on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        import gc
+
+        gc.collect()  # what only a reference cycle still holds
+        torch.cuda.empty_cache()
+
+
 def native_bf16(device: str) -> bool:
     """Whether `device` computes bfloat16 natively (else bf16 autocast is slower than fp32)."""
     import torch

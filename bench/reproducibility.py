@@ -61,9 +61,12 @@ def compute_fingerprint() -> dict:
     facts = {"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         facts["device"] = torch.cuda.get_device_name(0)
+        facts["cuda"] = torch.version.cuda  # the kernels a CUDA build ships
     else:
         facts["device"] = "cpu"
-        facts["isa"] = _cpu_isa()
+    # the CPU's extensions on a GPU machine too: the CPU still computes there (weight arithmetic of the
+    # defenses that mix state dicts, tokenisation-side tensors)
+    facts["isa"] = _cpu_isa()
     return facts
 
 

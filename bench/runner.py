@@ -214,6 +214,7 @@ def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: C
             cfg.cache / "generations",
         ),
         attack=variant.attack,
+        device=models.default_device(),
         dtype=_model_entry(setting.models.aligned).dtype or "float32",
         seed=setting.seed,
         cache_dir=cfg.cache,
@@ -516,6 +517,9 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
             for name, params, info, model_dir in rows:
                 record = record_for(name, params, info, model_dir, resolved, variant, cfg, clock, evaluator=shared)
                 all_records.append(record)
+            if models.default_device() == "cuda":
+                # the idle engine holds most of a GPU: the next fine-tuned model's attack and defenses need it
+                evaluator.close()
     loaded = [(r, cfg.run_dir / "records" / f"{r['record_id']}.json") for r in all_records]
     files = render(build(loaded, multi_setting=True), title=f"realign-bench: {cfg.name}", skipped=skipped)
     save(files, cfg.run_dir)

@@ -194,7 +194,7 @@ def _train(model, tokenizer, pairs: list[dict], config: SFTConfig, work_dir: Pat
         save_strategy="no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
-        bf16=config.bf16 and models.native_bf16("cuda" if torch.cuda.is_available() else "cpu"),
+        bf16=config.bf16 and models.native_bf16(models.default_device()),
         seed=config.seed,
         data_seed=config.seed,
         train_sampling_strategy=config.sampling,

@@ -134,7 +134,7 @@ class Antidote(Defense):
 
         def visit(index, layer, feed, current):
             mine = {n: m for n, m in scored.items() if models.layer_index(n) == index}
-            sums = {n: torch.zeros(m.in_features) for n, m in mine.items()}
+            sums = {n: torch.zeros(m.in_features, device=m.weight.device) for n, m in mine.items()}
             counts = {n: 0 for n in mine}
 
             def hook(module, args, n):

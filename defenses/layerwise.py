@@ -26,6 +26,8 @@ def walk_layers(model, batches: list[dict], visit: Callable) -> None:
     import torch
 
     layers = models.decoder_layers(model)
+    device = next(model.parameters()).device  # the tokenizer's batches are on the CPU
+    batches = [{k: b[k].to(device) for k in ("input_ids", "attention_mask")} for b in batches]
     inputs, kwargs = [], []
 
     def catch(module, args, kw):

@@ -195,7 +195,7 @@ class Resta(Defense):
         with torch.no_grad():
             for k, v in safety_vector_items(A, U, [k for k in A.keys() if k in weights], p.dare_p, p.seed):
                 safety_norm_sq += float(v.pow(2).sum())
-                delta_norm_sq += float((weights[k].float() - A[k]).pow(2).sum())
+                delta_norm_sq += float((weights[k].float() - A[k].to(weights[k].device)).pow(2).sum())
                 weights[k].add_(v.to(weights[k].device), alpha=p.gamma)
         seconds["safety_vector"] = time.perf_counter() - t0
         return DefenseOutput(

@@ -50,10 +50,10 @@ class SafeDeltaParams:
 class Hessian:
     """Running H = (2/n) sum x x^T, n counting sequences (SparseGPT's add_batch)."""
 
-    def __init__(self, columns: int):
+    def __init__(self, columns: int, device="cpu"):
         import torch
 
-        self.H = torch.zeros(columns, columns)
+        self.H = torch.zeros(columns, columns, device=device)
         self.n = 0
 
     def add(self, tokens, sequences: int) -> None:
@@ -70,7 +70,7 @@ def inverse_cholesky_upper(H, percdamp: float):
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    idx = torch.arange(H.shape[0])
+    idx = torch.arange(H.shape[0], device=H.device)
     H[idx, idx] += percdamp * torch.mean(torch.diag(H))
     L = torch.linalg.cholesky(H)
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
@@ -162,8 +162,12 @@ class SafeDelta(Defense):
         def visit(index, layer, feed, current):
             prefix = f"{models.layers_prefix(model)}{index}."
             linears = {prefix + n + ".weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-            linears = {w: m for w, m in linears.items() if w in F and not torch.equal(F[w], m.weight.data.float())}
-            hessians = {w: Hessian(m.in_features) for w, m in linears.items()}
+            # theta_F's tensors are read to the CPU: each goes to its layer's device for the comparison and the OBS
+            fine_tuned = {w: F[w].to(m.weight.device) for w, m in linears.items() if w in F}
+            linears = {
+                w: m for w, m in linears.items() if w in F and not torch.equal(fine_tuned[w], m.weight.data.float())
+            }
+            hessians = {w: Hessian(m.in_features, m.weight.device) for w, m in linears.items()}
 
             def hook(module, args, w):
                 hessians[w].add(real_tokens(args[0], current), sequences=args[0].shape[0] if args[0].dim() == 3 else 1)
@@ -177,7 +181,7 @@ class SafeDelta(Defense):
             t0 = time.perf_counter()
             for w, m in linears.items():
                 U = inverse_cholesky_upper(hessians[w].H, p.percdamp)
-                new, kept = adjust(m.weight.data, F[w], U, p)
+                new, kept = adjust(m.weight.data, fine_tuned[w], U, p)
                 m.weight.data.copy_(new.to(m.weight.dtype))
                 stats["layers"] += 1
                 stats["kept"] += int(kept.sum())

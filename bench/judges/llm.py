@@ -115,11 +115,8 @@ def make_raw_generator(
                     raise UserError(f"vLLM failed to start the judge: {type(exc).__name__}: {str(exc)[:200]}") from None
                 reason = f"vLLM failed to start ({type(exc).__name__}: {str(exc)[:120]})"
         print(f"realign: {reason}; judging with transformers instead", file=sys.stderr)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     return RawTransformersGenerator(
-        handle, dtype or default_dtype("transformers"), trust_remote_code, device=device, mode=mode
+        handle, dtype or default_dtype("transformers"), trust_remote_code, device=models.default_device(), mode=mode
     )
 
 

@@ -361,4 +361,6 @@ def _fine_tune(base: models.ModelHandle, pairs: list[dict], config: SFTConfig, o
     if config.method == "lora":
         model = model.merge_and_unload()
     models.save_model(model, tokenizer, out_dir)
+    del model
+    models.release_device_memory()
     return log

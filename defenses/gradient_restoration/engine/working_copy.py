@@ -88,6 +88,10 @@ class WorkingCopy:
         try:
             yield
         finally:
+            if self.device.startswith("cuda"):  # kernels run after their launch: time the work, not the launch
+                import torch
+
+                torch.cuda.synchronize()
             self.timing[key] += time.perf_counter() - t
 
     def timings(self) -> dict:
