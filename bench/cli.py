@@ -544,7 +544,9 @@ def cmd_board_build(args) -> int:
 def cmd_board_check(args) -> int:
     from bench.leaderboard.check import check
 
-    code, report = check([Path(p) for p in args.records], Path(args.against), args.tolerance, args.alpha)
+    code, report = check(
+        [Path(p) for p in args.records], Path(args.against), args.tolerance, args.alpha, args.correction
+    )
     print(report)
     return code
 
@@ -914,14 +916,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         help="exit 1 if new records are significantly worse than a published board",
         description="Match each new record with the published record of the same setting and method; a regression is "
-        "worse by more than --tolerance AND significant at --alpha (McNemar on shared prompts, else a z-test). "
+        "worse by more than --tolerance AND significantly worse at --alpha (one-sided: exact McNemar on shared "
+        "prompts, else a z-test; Holm-adjusted over all comparisons unless --correction none). "
         "Exit 0: no regression; 1: regression (report printed); 2: unusable input.",
         epilog="example:\n  realign board check new/records --against leaderboards/embedded-default --tolerance 0.02",
     )
     bc.add_argument("records", nargs="+", help="new record files or folders")
     bc.add_argument("--against", required=True, help="published board folder (holding records/)")
     bc.add_argument("--tolerance", type=float, default=0.0, help="allowed worsening in rate units (0.02 = 2 points)")
-    bc.add_argument("--alpha", type=float, default=0.05, help="significance level")
+    bc.add_argument("--alpha", type=float, default=0.05, help="significance level of the whole check")
+    bc.add_argument(
+        "--correction",
+        choices=("holm", "none"),
+        default="holm",
+        help="holm: p-values adjusted over every comparison of the check, so that alpha bounds the chance of a "
+        "false alarm in the whole run; none: each comparison at alpha on its own",
+    )
     bc.set_defaults(func=cmd_board_check)
     return parser
 

@@ -537,31 +537,63 @@ def test_published_board_checks_clean_against_itself():
     assert code == 0, report
 
 
-def test_published_board_gate_fails_on_ten_more_harmful_answers(tmp_path):
-    """A copy of the published records with 10 of the flagship's safe answers flipped to harmful
-    (0.7% -> 7.3%, McNemar p = 2/2^10) fails the gate through the CLI: exit code 1."""
+def test_published_board_gate_fails_on_more_harmful_answers_with_holms_correction(tmp_path):
+    """A copy of the published records with k of the flagship's safe answers flipped to harmful
+    (one-sided McNemar p = 1/2^k), checked through the CLI against the whole 50-row board (100
+    comparisons). Holm's correction (the default) bounds a false alarm over the whole check: 10 flips
+    (p = 0.00098, adjusted 0.098) pass, 14 (p = 6e-5) fail; each comparison on its own, 10 fail."""
     from bench.metrics import rate
 
-    new = shutil.copytree(PUBLISHED / "records", tmp_path / "records")
-    # the flagship's row at the paper's settings (faithful, recovery_rate 0.002, 20 steps) on the curve board
-    label = "gradient_restoration(recovery_rate=0.002,steps=20)"
-    (path,) = [p for p in new.glob("*.json") if json.loads(p.read_text())["method"]["label"] == label]
-    rec = json.loads(path.read_text())
-    harm = rec["metrics"]["harmful_rate"]
-    flipped = [int(c) for c in harm["outcomes"]]
-    for i in [i for i, o in enumerate(flipped) if o == 0][:10]:
-        flipped[i] = 1
-    harm.update({k: v for k, v in rate(flipped).to_dict().items() if k in ("value", "ci", "n", "k")})
-    harm["outcomes"] = "".join(map(str, flipped))
-    path.write_text(json.dumps(rec))
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "board", "check", str(new), "--against", str(PUBLISHED)],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    regressions = [l for l in proc.stdout.splitlines() if l.startswith("REGRESSION")]
-    assert len(regressions) == 1 and f"{label} [" in regressions[0] and "harmful_rate" in regressions[0], proc.stdout
+    label = "gradient_restoration(recovery_rate=0.002,steps=20)"  # the flagship's point at the paper's settings
+
+    def flipped_copy(k: int) -> Path:
+        new = shutil.copytree(PUBLISHED / "records", tmp_path / f"records-{k}")
+        (path,) = [p for p in new.glob("*.json") if json.loads(p.read_text())["method"]["label"] == label]
+        rec = json.loads(path.read_text())
+        harm = rec["metrics"]["harmful_rate"]
+        flipped = [int(c) for c in harm["outcomes"]]
+        for i in [i for i, o in enumerate(flipped) if o == 0][:k]:
+            flipped[i] = 1
+        harm.update({k: v for k, v in rate(flipped).to_dict().items() if k in ("value", "ci", "n", "k")})
+        harm["outcomes"] = "".join(map(str, flipped))
+        path.write_text(json.dumps(rec))
+        return new
+
+    def gate(folder: Path, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "bench.cli", "board", "check", str(folder), "--against", str(PUBLISHED), *flags],
+            capture_output=True,
+            text=True,
+        )
+
+    ten, fourteen = flipped_copy(10), flipped_copy(14)
+    passed = gate(ten)
+    assert passed.returncode == 0 and "(Holm over 100 comparisons)" in passed.stdout, passed.stdout + passed.stderr
+    for proc in (gate(fourteen), gate(ten, "--correction", "none")):
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        regressions = [l for l in proc.stdout.splitlines() if l.startswith("REGRESSION")]
+        assert len(regressions) == 1 and f"{label} [" in regressions[0] and "harmful_rate" in regressions[0]
+
+
+def test_gate_tests_are_one_sided_and_holm_adjusted():
+    """The gate asks one question, is the new row worse: a one-sided test (a two-sided p halved the
+    stated alpha), and Holm's adjusted p-values equal statsmodels'."""
+    from scipy.stats import binomtest
+    from statsmodels.stats.multitest import multipletests
+    from statsmodels.stats.proportion import proportions_ztest
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p = rng.random(rng.integers(1, 40)) ** 3
+        np.testing.assert_allclose(stats.holm(p), multipletests(p, method="holm")[1], rtol=1e-12)
+    new, old = np.array([1] * 7 + [0] * 3 + [1] * 20), np.array([0] * 7 + [1] * 3 + [1] * 20)
+    for x, y, b in ((new, old, 7), (old, new, 3)):
+        want = binomtest(b, 10, 0.5, alternative="greater").pvalue
+        assert stats.mcnemar(x, y, alternative="greater")["p"] == pytest.approx(want, rel=1e-12)
+    assert stats.mcnemar(new, new, alternative="greater")["p"] == 1.0
+    for k1, k2 in ((30, 20), (20, 30), (5, 0)):
+        want = proportions_ztest([k1, k2], [100, 100], alternative="larger")[1]
+        assert stats.two_proportion_p(k1, 100, k2, 100, alternative="greater") == pytest.approx(want, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------ ties, curves, notes
