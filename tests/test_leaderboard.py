@@ -727,3 +727,24 @@ def test_check_warns_when_records_come_from_another_testbed(tmp_path):
     assert "0123456789abcdef" in lines[0] and lines[0].startswith("warning:")
     code, report = check([published / "records"], published)
     assert code == 0 and "setting content hash" not in report
+
+
+def test_mean_win_rate_counts_a_tie_as_half(tmp_path):
+    """HELM's mean win rate over settings x axes: the share of the other methods beaten, a tie half
+    (x and y both 0% harmful: each beats the other half a time; counted as a loss, two rows equally
+    safe would both look worse than they are)."""
+    rows = {
+        "x": ([0] * 10, [1] * 5 + [0] * 5),
+        "y": ([0] * 10, [1] * 6 + [0] * 4),
+        "z": ([1] * 3 + [0] * 7, [1] * 6 + [0] * 4),
+    }
+    recs, samples = [], {}
+    for n in (100, 500):  # two settings (harmful N), the same rows in each
+        setting = {"model": "m", "task": "sql", "harmful_n": n, "judge": "keyword", "seed": 0}
+        for label, (harm, util) in rows.items():
+            recs.append(make_record(label, harm, util, name="method", setting=setting))
+            samples[label] = (harm, util)
+    board = build(load([save(recs, tmp_path / "records", samples)]), multi_setting=True)
+    got = {a["method"]: a["mean_win_rate"] for a in board.aggregate}
+    # harm: x and y tie (1/2 each) and beat z; task: y and z tie and beat x
+    assert got == pytest.approx({"x": (1.5 / 2 + 0) / 2, "y": (1.5 / 2 + 1.5 / 2) / 2, "z": (0 + 1.5 / 2) / 2})

@@ -461,7 +461,8 @@ def _categories(items) -> dict[str, dict[str, float]]:
 
 
 def _win_rates(settings: dict[str, list[dict]]) -> list[dict]:
-    """HELM-style mean win rate: share of the other methods beaten, averaged over settings x axes."""
+    """HELM's mean win rate: share of the other methods beaten, a tie counting half (as HELM's
+    compute_aggregate_row_win_rates), averaged over settings x axes."""
     wins: dict[str, list[float]] = {}
     for rows in settings.values():
         if len(rows) < 2:
@@ -471,7 +472,8 @@ def _win_rates(settings: dict[str, list[dict]]) -> list[dict]:
                 others = [o for o in rows if o is not r and o[a] is not None]
                 if r[a] is None or not others:
                     continue
-                wins.setdefault(r["method"], []).append(sum(better(r[a], o[a]) for o in others) / len(others))
+                won = sum(better(r[a], o[a]) + 0.5 * (r[a] == o[a]) for o in others)
+                wins.setdefault(r["method"], []).append(won / len(others))
     agg = [{"method": mth, "mean_win_rate": float(np.mean(v)), "settings_x_axes": len(v)} for mth, v in wins.items()]
     return sorted(agg, key=lambda r: -r["mean_win_rate"])
 
