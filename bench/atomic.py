@@ -192,13 +192,21 @@ def verified_manifest(
     """The manifest of the finished stage `root`, or None when the stage must be built (again).
 
     A cache key names the inputs; the manifest's `content_hash` names what was built from them. A
-    stage whose files no longer hash to it (edited, or corrupt), or whose manifest has none (made by
-    older code, whose outputs for the same key may differ), is removed, and the reason said in one line.
+    stage whose files no longer hash to it (edited, or corrupt), whose manifest has none (made by
+    older code, whose outputs for the same key may differ), or that has no manifest at all (deleted
+    by hand, a copy of a cache cut short: a finished stage always has one, building_dir sees to it)
+    is removed, and the reason said in one line. Left in place, a folder without its manifest made
+    every later build of the stage throw its own result away (building_dir keeps what is there).
     """
     from bench.hashing import hash_value
 
     path = Path(root) / name
+    if not Path(root).exists():
+        return None
     if not path.exists():
+        reason = f"has no {name} (a finished stage always has one)"
+        log(f"{Path(root).name}: {reason}; rebuilding it")
+        discard(root)
         return None
     manifest = json.loads(path.read_text())
     if "content_hash" not in manifest:

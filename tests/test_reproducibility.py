@@ -108,6 +108,11 @@ def test_stage_manifest_verified_on_reuse(tmp_path):
     (old / "manifest.json").write_text(json.dumps({"key": "k"}))
     assert verified_manifest(old, _content, said.append) is None and not old.exists()
     assert "made by older code" in said[-1]
+    # a stage folder without its manifest (deleted by hand, a cache copy cut short): removed, so that
+    # the next build is kept (building_dir keeps a folder that is already there)
+    bare = _stage(tmp_path / "attack-bare", "x\n")
+    assert verified_manifest(bare, _content, said.append) is None and not bare.exists()
+    assert said[-1] == "attack-bare: has no manifest.json (a finished stage always has one); rebuilding it"
     assert not list(tmp_path.iterdir())  # nothing left behind, not even the renamed-aside copies
     assert verified_manifest(tmp_path / "never-built", _content, said.append) is None
 
