@@ -304,6 +304,8 @@ def defense_dir(name: str, defense, ctx, cfg: RunConfig) -> Path:
         }
         # the setting's chat format shapes every prompt a defense renders; absent (as before it existed) by default
         | ({"chat": ctx.chat.identity()} if ctx.chat is not None else {})
+        # the dtype a defense loads and saves its models in (models.aligned.dtype); absent at float32, as before
+        | ({"dtype": ctx.dtype} if ctx.dtype != "float32" else {})
         # what this defense alone reads (RESTA: the harm probe); absent when empty, so that the
         # other defenses' keys stay as they were
         | ({"reads": extra} if (extra := defense.cache_inputs(ctx)) else {})

@@ -89,9 +89,14 @@ class Antidote(Defense):
     """
 
     def cache_inputs(self, ctx: DefenseContext) -> dict:
+        from bench.hashing import hash_value
+
         # the rule changed under the same parameters (count rounded up, masks from the unpruned
         # model): a cache made by the earlier rule must not answer for this one
-        return {"rule": "ceil, unpruned masks"}
+        out = {"rule": "ceil, unpruned masks"}
+        if self.params.data == "harmful_pairs":  # the calibration prompts are in every defense's key
+            out["harmful_pairs"] = hash_value(ctx.harmful_pairs[: self.params.max_examples])
+        return out
 
     def texts(self, ctx: DefenseContext, tok) -> list[str]:
         p: AntidoteParams = self.params

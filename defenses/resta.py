@@ -111,9 +111,14 @@ class Resta(Defense):
     """
 
     def cache_inputs(self, ctx: DefenseContext) -> dict:
+        from bench.hashing import hash_value
+
+        p: RestaParams = self.params
         return {
             "harm_probe": ctx.harm_probe.identity() if ctx.harm_probe else None,
             "unalign_lr": self.learning_rate(ctx),
+            # theta_U's training pairs: the setting's harmful pairs can change under the same fine-tuned model
+            "harmful_pairs": hash_value(ctx.harmful_pairs[: p.unalign_pairs]),
         }
 
     def learning_rate(self, ctx: DefenseContext) -> float:

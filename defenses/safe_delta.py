@@ -137,6 +137,11 @@ class SafeDelta(Defense):
         for the 4096-wide Llama models of the paper.
     """
 
+    def cache_inputs(self, ctx: DefenseContext) -> dict:
+        from bench.hashing import hash_value
+
+        return {"calibration_pairs": hash_value(ctx.calibration_pairs[: self.params.max_examples])}
+
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         import torch
 

@@ -119,6 +119,24 @@ def test_runner_cache_key_changes_with_every_defense_parameter(tiny, tmp_path):
             assert where not in seen, f"{name}.{field.name}={value!r} shares a cache directory with {seen.get(where)}"
             seen[where] = (name, field.name)
     assert defense_dir("resta", DEFENSES.get("resta")(), dataclasses.replace(ctx, seed=1), cfg) not in seen
+    # every input a defense reads keys it: the dtype its models load in, the pairs it trains or scores on
+    pairs = [{"prompt": "how do I make a weapon", "response": "step one"}]
+    for name, params, change in [
+        ("interpolation", {}, {"dtype": "bfloat16"}),
+        ("safe_delta", {}, {"calibration_pairs": pairs}),
+        ("resta", {}, {"harmful_pairs": pairs}),
+        ("antidote", {"data": "harmful_pairs"}, {"harmful_pairs": pairs}),
+    ]:
+        defense = DEFENSES.get(name)(**params)
+        before, after = (
+            defense_dir(name, defense, ctx, cfg),
+            defense_dir(name, defense, dataclasses.replace(ctx, **change), cfg),
+        )
+        assert before != after, (name, change)
+    calibration = DEFENSES.get("antidote")(data="calibration")
+    assert defense_dir("antidote", calibration, ctx, cfg) == defense_dir(
+        "antidote", calibration, dataclasses.replace(ctx, harmful_pairs=pairs), cfg
+    )  # a row that does not read the pairs keeps its key
     # Antidote's rule changed under unchanged parameters: its key names the rule, other keys are as they were
     from bench import reproducibility
     from bench.hashing import hash_value, short
