@@ -132,7 +132,7 @@ class EnginePool:
             self._key, self._weights = key, weights
             self.stats["engine_starts"] += 1
             self.last = "started"
-        return VLLMGenerator(handle, dtype, trust_remote_code, mode=mode, chat=chat, llm=self._llm)
+        return VLLMGenerator(handle, dtype, trust_remote_code, mode=mode, chat=chat, llm=self._llm, **options)
 
     def _reload(self, handle: models.ModelHandle) -> None:
         from bench.generation import load_weights_in_place

@@ -89,10 +89,12 @@ def identity(
     template: str | None,
     mode: str,
     system_prompt: str | None = None,
+    engine_options: dict | None = None,
 ) -> dict:
     """What decides an answer besides its batch: the cache key's other half. `template` is the chat
     template's text as rendered (the setting's, or the tokenizer's own); a system prompt enters only
-    when there is one, so answers cached before system prompts existed keep their keys."""
+    when there is one, so answers cached before system prompts existed keep their keys; likewise the
+    engine options that change answers (vllm_answer_options), only where they are not the defaults."""
     from importlib import metadata
 
     compute = dict(reproducibility.compute_fingerprint())
@@ -109,7 +111,27 @@ def identity(
         "mode": mode,
         "compute": compute,
     }
-    return out | ({"system_prompt": system_prompt} if system_prompt is not None else {})
+    return (
+        out
+        | ({"system_prompt": system_prompt} if system_prompt is not None else {})
+        | ({"engine_options": engine_options} if engine_options else {})
+    )
+
+
+def vllm_answer_options(
+    tensor_parallel_size: int = 1,
+    max_model_len: int = 2048,
+    enforce_eager: bool | None = None,
+    engine_options: dict | None = None,
+    **_,
+) -> dict:
+    """The vLLM options, other than their defaults, that change an answer: tensor and pipeline
+    parallelism (how the matrix products are split and summed), the context length (where a long
+    prompt is cut), eager or compiled kernels, and the engine's own (max_num_seqs: the batches)."""
+    out = {"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size != 1 else {}
+    out |= {"max_model_len": max_model_len} if max_model_len != 2048 else {}
+    out |= {"enforce_eager": enforce_eager} if enforce_eager is not None else {}
+    return out | dict(sorted((engine_options or {}).items()))
 
 
 class Generator(ABC):
@@ -144,6 +166,8 @@ class Generator(ABC):
         """Answers to `prompts` as ONE batch (the caller decides the batches: CachedGenerator)."""
         return self._generate(list(prompts), sampling) if prompts else []
 
+    answer_options: dict = {}  # engine options that change answers (vllm_answer_options)
+
     def identity(self, sampling: Sampling) -> dict:
         return identity(
             self.handle,
@@ -153,6 +177,7 @@ class Generator(ABC):
             self.tokenizer.chat_template,
             self.mode,
             getattr(self.tokenizer, "realign_system_prompt", None),
+            self.answer_options,
         )
 
     @abstractmethod
@@ -281,6 +306,7 @@ class VLLMGenerator(Generator):
         `llm`: a live engine that already holds this model's weights (bench.engine_pool); the
         generator then only borrows it, and close() leaves it running for its owner."""
         super().__init__(handle, dtype, trust_remote_code, mode, chat)
+        self.answer_options = vllm_answer_options(tensor_parallel_size, max_model_len, enforce_eager, engine_options)
         self.owns_engine = llm is None
         if llm is None:
             llm = start_vllm(
@@ -532,6 +558,7 @@ class CachedGenerator:
             tok.chat_template,
             self.mode,
             getattr(tok, "realign_system_prompt", None),
+            vllm_answer_options(**self.kwargs) if engine == "vllm" else {},
         )
 
     def _batches(self, prompts: list[str]) -> list[list[str]]:

@@ -173,3 +173,23 @@ def test_vllm_deterministic_answers_repeat_and_the_process_exits(tiny, tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         answers.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert answers[0] == answers[1] and len(answers[0]) == 40
+
+
+def test_engine_options_that_change_answers_key_them(tiny, tmp_path):
+    """vLLM's options that change an answer (max_num_seqs batches it, tensor parallelism splits its
+    sums, max_model_len cuts its prompt) name the answer's cache key where they are not the defaults;
+    at the defaults the key is the one answers were cached under before. The key before an engine
+    starts equals the started (or pooled) generator's own, so a cached batch is found either way."""
+    from bench.generation import VLLMGenerator, vllm_answer_options
+
+    handle, sampling = models.resolve(tiny["aligned"]), Sampling(max_new_tokens=4)
+    cache = GenerationCache(tmp_path)
+    plain = CachedGenerator(handle, cache, engine="vllm")._identity(sampling)
+    assert "engine_options" not in plain and vllm_answer_options() == {}
+    options = {"engine_options": {"max_num_seqs": 8}, "tensor_parallel_size": 2, "max_model_len": 1024}
+    keyed = CachedGenerator(handle, cache, engine="vllm", **options)._identity(sampling)
+    assert keyed["engine_options"] == {"tensor_parallel_size": 2, "max_model_len": 1024, "max_num_seqs": 8}
+    assert {k: v for k, v in keyed.items() if k != "engine_options"} == plain
+    # a generator on a live engine (here a stand-in: no engine starts) keys its answers the same way
+    on_engine = VLLMGenerator(handle, "bfloat16", llm=object(), **options)
+    assert on_engine.identity(sampling) == keyed
