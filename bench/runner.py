@@ -246,12 +246,21 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
         return out.model_path, out.info, out.skipped
     root = defense_dir(name, defense, ctx, cfg)
     log.debug(f"defense {name}: cache directory {root}")
-    from bench.atomic import atomic_write_json, building_dir, verified_manifest
+    from bench.atomic import atomic_write_json, building_dir, discard, verified_manifest
 
     stored = verified_manifest(root, defended_content, ctx.progress, name="info.json")
+    if stored is not None and stored.get("model_path") and not Path(stored["model_path"]).is_dir():
+        # made by older code, which kept the path of the setting's model a row answers with: moved since
+        ctx.progress(f"defense {name}: {root.name} names a model folder that is gone; building it again")
+        discard(root)
+        stored = None
     if stored is not None:
         ctx.progress(f"defense {name}: reusing {root.name}")
-        return _answer_dir(root, stored.get("model_path")), stored["info"], stored.get("skipped")
+        return (
+            _answer_dir(root, stored.get("model_path"), stored.get("answers_with"), ctx),
+            stored["info"],
+            stored.get("skipped"),
+        )
 
     t0 = time.perf_counter()
     checkpoint("start", root.name)
@@ -262,17 +271,28 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
             apply_and_save, name, params, dataclasses.replace(ctx, _loaded={}), str(tmp)
         )
         info = dict(info) | {"wall_s": round(time.perf_counter() - t0, 2)}
+        # a row that answers with one of the setting's models names it by its role, not its folder: the
+        # cache is keyed by content, and the folder may move (another home, the user's model elsewhere)
+        role = next((r for r in _SETTING_MODELS if model_path and _same_dir(getattr(ctx, r), model_path)), None)
         atomic_write_json(
             tmp / "info.json",
             {
                 "info": info,
                 "skipped": skipped,
                 "params": defense.describe(),
-                "model_path": model_path,
+                "model_path": None if role else model_path,
+                "answers_with": role,
                 "content_hash": hash_value(defended_content(tmp)),
             },
         )
-    return _answer_dir(root, model_path), info, skipped
+    return _answer_dir(root, model_path, None, ctx), info, skipped
+
+
+_SETTING_MODELS = ("aligned", "finetuned", "base")
+
+
+def _same_dir(handle, path: str) -> bool:
+    return handle is not None and Path(handle.path).resolve() == Path(path).resolve()
 
 
 def defended_content(root: Path) -> dict:
@@ -313,9 +333,11 @@ def defense_dir(name: str, defense, ctx, cfg: RunConfig) -> Path:
     return cfg.cache / f"defended-{name}-{short(key)}"
 
 
-def _answer_dir(root: Path, model_path: str | None) -> Path | None:
-    """The defended model: saved under root/model, or an existing directory the defense named
-    (interpolation at alpha 0 or 1 answers with theta_A or theta_F itself)."""
+def _answer_dir(root: Path, model_path: str | None, answers_with: str | None, ctx) -> Path | None:
+    """The defended model: saved under root/model, one of the setting's models by its role
+    (interpolation at alpha 0 or 1 answers with theta_A or theta_F itself), or a folder the defense named."""
+    if answers_with:
+        return Path(getattr(ctx, answers_with).path)
     if model_path:
         return Path(model_path)
     return root / "model" if (root / "model").exists() else None

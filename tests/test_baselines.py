@@ -566,3 +566,25 @@ def test_load_into_needs_every_parameter_and_an_untied_head(tmp_path, tiny):
         else:
             with pytest.raises(UserError, match="lm_head.weight"):
                 load_into(handle, tensors)
+
+
+def test_a_row_that_answers_with_a_setting_model_follows_it_when_it_moves(tiny, tmp_path):
+    """Interpolation at alpha 0 answers with theta_A itself. Its cached stage names the model by its
+    role, not its folder: the key is the content's, so the same content in another folder (a moved
+    home, the user's model copied elsewhere) reuses the stage and answers with the folder of now."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from bench.runner import RunConfig, run_defense
+
+    cfg = RunConfig(home=tmp_path / "home")
+    ctx = ctx_for(tiny, progress=print)
+    model_dir, _, _ = run_defense("interpolation", {"alpha": 0.0}, ctx, cfg)
+    assert model_dir == Path(tiny["aligned"])
+    (stage,) = (tmp_path / "home" / "cache").glob("defended-interpolation-*")
+    stored = json.loads((stage / "info.json").read_text())
+    assert stored["answers_with"] == "aligned" and stored["model_path"] is None
+    moved = shutil.copytree(tiny["aligned"], tmp_path / "moved-aligned")
+    again, _, _ = run_defense("interpolation", {"alpha": 0.0}, ctx_for(tiny | {"aligned": moved}, progress=print), cfg)
+    assert again == moved and list((tmp_path / "home" / "cache").glob("defended-interpolation-*")) == [stage]
