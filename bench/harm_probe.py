@@ -31,18 +31,17 @@ class HarmProbe:
 
     def identity(self) -> dict:
         """What the probe measures: part of the cache key of a defense that calls it."""
+        from bench.judges.stage import identity, judge_from_spec
+
         out = {
             "prompts": hash_value(self.prompts),
-            "judge": self.config.judge,
+            # the judge as its verdicts are keyed: options, weights' content, the judges' code
+            "judge": identity(judge_from_spec(self.config.judge_spec())),
             "engine": self.config.engine,
             "mode": self.config.generation_mode,
             "dtype": self.config.dtype,
             "max_new_tokens": MAX_NEW_TOKENS,
         }
-        if self.config.judge_options:  # a judge with weights: what they are (no options: RESTA's earlier keys hold)
-            from bench.judges.stage import identity, judge_from_spec
-
-            out["judge"] = identity(judge_from_spec(self.config.judge_spec()))
         # the batch target entered later: at its default it stays out, so RESTA's earlier keys hold
         return out | self.config.later_set("batch_target")
 

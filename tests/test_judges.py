@@ -477,4 +477,4 @@ def test_harm_probe_judges_with_the_settings_judge_weights(tiny_judges, tmp_path
     assert probe(model)["judge"]["weights"] == models.resolve(model).content_hash()
     assert probe(model) != probe(other)
     keyword = HarmProbe(PROMPTS, EvalConfig(engine="transformers"), tmp_path / "cache").identity()
-    assert "judge" in keyword and keyword["judge"] == "keyword"  # no options: the key RESTA had before
+    assert keyword["judge"]["judge"] == "keyword" and keyword["judge"]["code"]  # a rule change is another key
