@@ -20,8 +20,9 @@ def notes(board: Board) -> dict[str, str]:
         rows = {r["method"]: r for r in board.settings[key]}
         for c in methods:
             members = [rows[m] for m in c["rows"] if m in rows]
-            section = _note_for_setting(key, c, members)
-            out[c["curve"]] = out.get(c["curve"], _head(c["curve"], members[0]["name"] if members else "")) + section
+            if c["curve"] not in out:  # the head once a curve (its registry lookups cost, a thousand settings over)
+                out[c["curve"]] = _head(c["curve"], members[0]["name"] if members else "")
+            out[c["curve"]] += _note_for_setting(key, c, members)
     return out
 
 

@@ -461,12 +461,13 @@ def html(board: Board, plots: dict[str, bytes], title: str, notes: dict[str, str
                 "judges": judges,
                 "utility": tasks,
                 "agreement": board.agreement.get(key, {}),
-                "rows": Markup("\n").join(_row_html(r, judges, tasks) for r in rows),
+                # each row is escaped already: a plain join (Markup.join escapes every item again, a copy a row)
+                "rows": Markup("\n".join(_row_html(r, judges, tasks) for r in rows)),
                 "ref": board.reference_points[key],
                 "categories": _category_rows_html(cats, names) if cats else "",
                 "category_names": names,
                 "plot": base64.b64encode(plots[key]).decode() if key in plots else None,
-                "methods": Markup("\n").join(_method_row_html(c) for c in methods),
+                "methods": Markup("\n".join(_method_row_html(c) for c in methods)),
                 "floor": methods[0].get("utility_floor") if methods else None,
             }
         )
