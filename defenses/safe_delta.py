@@ -170,7 +170,9 @@ class SafeDelta(Defense):
             # theta_F's tensors are read to the CPU: each goes to its layer's device for the comparison and the OBS
             fine_tuned = {w: F[w].to(m.weight.device) for w, m in linears.items() if w in F}
             linears = {
-                w: m for w, m in linears.items() if w in F and not torch.equal(fine_tuned[w], m.weight.data.float())
+                w: m
+                for w, m in linears.items()
+                if w in fine_tuned and not torch.equal(fine_tuned[w], m.weight.data.float())
             }
             hessians = {w: Hessian(m.in_features, m.weight.device) for w, m in linears.items()}
 

@@ -136,6 +136,8 @@ def compare(
     alpha: float,
     correction: str = "holm",
 ) -> list[Finding]:
+    if correction not in ("holm", "none"):
+        raise UserError(f"--correction must be holm or none, got {correction!r}")
     matched = match(new, published)
     findings = []
     for i, (rec, path) in enumerate(new):
@@ -185,12 +187,11 @@ def compare(
                     test,
                 )
             )
-    if correction not in ("holm", "none"):
-        raise UserError(f"--correction must be holm or none, got {correction!r}")
-    adjusted = stats.holm([f.p for f in findings]) if correction == "holm" else [f.p for f in findings]
-    for f, p in zip(findings, adjusted):
-        f.p_adjusted = float(p) if correction == "holm" else None
-        f.regression = f.worse_by > tolerance and p < alpha
+    if correction == "holm":
+        for f, adjusted in zip(findings, stats.holm([f.p for f in findings])):
+            f.p_adjusted = float(adjusted)
+    for f in findings:
+        f.regression = f.worse_by > tolerance and (f.p if f.p_adjusted is None else f.p_adjusted) < alpha
     return findings
 
 
