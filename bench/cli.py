@@ -505,7 +505,7 @@ def cmd_lm_eval(args) -> int:
 
 def cmd_board_build(args) -> int:
     from bench.leaderboard.build import build, load
-    from bench.leaderboard.render import markdown, write
+    from bench.leaderboard.render import render, save
 
     reference = None
     if args.reference_point:
@@ -529,14 +529,15 @@ def cmd_board_build(args) -> int:
         reference=reference,
         utility_floor=args.utility_floor,
     )
+    rendered = render(board, title=args.title)
     try:
-        files = write(board, Path(args.out), title=args.title)
+        files = save(rendered, Path(args.out))
     except OSError as exc:  # a full disk, a folder made read-only meanwhile
         raise UserError(
             f"cannot write the board to {args.out!r} ({exc.strerror or type(exc).__name__}): pass --out a folder you "
             "can write"
         ) from None
-    print(markdown(board))
+    print(rendered["board.md"].decode())
     print(f"wrote {', '.join(sorted(files))} to {args.out}", file=sys.stderr)
     return 0
 

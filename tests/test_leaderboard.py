@@ -98,6 +98,43 @@ def test_pareto_ranks_by_hand():
     assert pareto.pareto_ranks(h, u).tolist() == [1, 1, 3, 2, 2]
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=12))
+def test_front_is_the_first_pareto_rank(points):
+    # coarse grids make equal harms, equal utilities and equal points common
+    h, u = [a / 4 for a, _ in points], [b / 4 for _, b in points]
+    assert pareto.front(h, u) == (pareto.pareto_ranks(h, u) == 1).tolist()
+    assert pareto.front([0.1, 0.2, 0.3, 0.15, 0.1], [0.5, 0.6, 0.4, 0.4, 0.2]) == [True, True, False, False, False]
+
+
+_CELL = st.one_of(st.integers(-5, 500), st.text(alphabet="ab |\\[]-.0 \u00e9\u4e2d", max_size=14))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 6).flatmap(
+        lambda c: st.tuples(
+            st.lists(st.text(alphabet="ab #%()\u00e9", max_size=8), min_size=c, max_size=c),
+            st.lists(st.lists(_CELL, min_size=c, max_size=c), max_size=5),
+        )
+    )
+)
+def test_github_table_is_tabulates_layout(table):
+    """The board's pipe tables are tabulate's github layout of text cells, byte for byte, with widths
+    in code points (tabulate's own when wcwidth is absent)."""
+    import tabulate
+
+    from bench.leaderboard.mdtable import github_table
+
+    headers, rows = table
+    wide, tabulate.WIDE_CHARS_MODE = tabulate.WIDE_CHARS_MODE, False
+    try:
+        want = tabulate.tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    finally:
+        tabulate.WIDE_CHARS_MODE = wide
+    assert github_table(rows, headers) == want
+
+
 def test_hypervolume_by_hand():
     ref = (0.5, 0.0)
     assert pareto.hypervolume([(0.1, 0.5)], ref) == pytest.approx(0.4 * 0.5)

@@ -29,6 +29,7 @@ import numpy as np
 from bench import records as records_mod
 from bench.data import read_jsonl
 from bench.errors import UserError
+from bench.gc_pause import without_cyclic_gc
 from bench.judges.agreement import board_agreement
 from bench.leaderboard import pareto, stats
 from bench.leaderboard.curves import curve_of
@@ -62,6 +63,7 @@ class Board:
     utility_floor: float | None = None  # the share of the undefended row's task metric a "best under floor" keeps
 
 
+@without_cyclic_gc
 def load(paths: list[Path]) -> list[tuple[dict, Path]]:
     """Records (validated) with their paths; folders are searched for *.json records."""
     files: list[Path] = []
@@ -120,6 +122,7 @@ def _sample_rows(record: dict, path: Path | None) -> list[dict] | None:
     return read_jsonl(path.parent / record["samples_file"], required=("metric",))
 
 
+@without_cyclic_gc
 def build(
     loaded: list[tuple[dict, Path | None]],
     multi_setting: bool = False,

@@ -42,8 +42,9 @@ def method_curves(rows: list[dict], reference: tuple[float, float], utility_floo
     for name, members in groups.items():
         h = [r["harmful_rate"] for r in members]
         u = [r["task_metric"] for r in members]
-        ranks = pareto.pareto_ranks(h, u)
-        front = sorted((r for r, k in zip(members, ranks) if k == 1), key=lambda r: (r["task_metric"], r["method"]))
+        front = sorted(
+            (r for r, on in zip(members, pareto.front(h, u)) if on), key=lambda r: (r["task_metric"], r["method"])
+        )
         eligible = [r for r in members if utility_floor is not None and r["task_metric"] >= utility_floor - 1e-12]
         best_floor = min(eligible, key=lambda r: (r["harmful_rate"], -r["task_metric"], r["method"]), default=None)
         best = min(members, key=lambda r: (-r["hypervolume"], r["harmful_rate"], r["method"]))

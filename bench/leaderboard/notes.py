@@ -8,6 +8,7 @@ process). Static text comes from the registry; a method not registered here gets
 
 from __future__ import annotations
 
+import html
 import inspect
 
 from bench.leaderboard.build import Board
@@ -15,15 +16,17 @@ from bench.leaderboard.build import Board
 
 def notes(board: Board) -> dict[str, str]:
     """curve name -> its note in Markdown, for every method and frontier curve of the board."""
-    out: dict[str, str] = {}
+    parts: dict[
+        str, list[str]
+    ] = {}  # joined once at the end: a thousand settings appended to one string copy it each time
     for key, methods in board.methods.items():
         rows = {r["method"]: r for r in board.settings[key]}
         for c in methods:
             members = [rows[m] for m in c["rows"] if m in rows]
-            if c["curve"] not in out:  # the head once a curve (its registry lookups cost, a thousand settings over)
-                out[c["curve"]] = _head(c["curve"], members[0]["name"] if members else "")
-            out[c["curve"]] += _note_for_setting(key, c, members)
-    return out
+            if c["curve"] not in parts:  # the head once a curve (its registry lookups cost, a thousand settings over)
+                parts[c["curve"]] = [_head(c["curve"], members[0]["name"] if members else "")]
+            parts[c["curve"]].append(_note_for_setting(key, c, members))
+    return {curve: "".join(text) for curve, text in parts.items()}
 
 
 def _defense(name: str):
@@ -77,8 +80,6 @@ def _note_for_setting(key: str, c: dict, members: list[dict]) -> str:
 
 
 def _cell(x) -> str:
-    import html
-
     return html.escape(str(x)).replace("|", "\\|")
 
 

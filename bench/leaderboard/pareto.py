@@ -38,6 +38,29 @@ def pareto_ranks(h, u) -> np.ndarray:
     return ranks
 
 
+def front(h, u) -> list[bool]:
+    """Whether each point is on the frontier (pareto_ranks(h, u) == 1), in plain Python: one sort and
+    one sweep. A board of a thousand settings asks this of every method curve, most of one to six
+    points, where numpy's per-call overhead costs more than the comparisons.
+
+    Sorted by harm, a point is dominated by a point of the same harm and higher utility, or by any
+    point of lower harm and at least its utility; equal points do not dominate each other."""
+    order = sorted(range(len(h)), key=lambda i: (h[i], -u[i]))
+    on = [False] * len(h)
+    best_before = float("-inf")  # the best utility among points of strictly lower harm
+    at = 0
+    while at < len(order):
+        same = at
+        while same < len(order) and h[order[same]] == h[order[at]]:
+            same += 1
+        top = u[order[at]]  # the best utility at this harm (sorted first)
+        for i in order[at:same]:
+            on[i] = u[i] == top and u[i] > best_before
+        best_before = max(best_before, top)
+        at = same
+    return on
+
+
 def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
     """Area dominated by the points and bounded by ref = (harm_ref, util_ref), exact in 2-D.
 

@@ -1,4 +1,4 @@
-"""Render a Board: Markdown (tabulate), CSV and JSON (one row per method and setting, read by pandas
+"""Render a Board: Markdown (GitHub pipe tables), CSV and JSON (one row per method and setting, read by pandas
 without options), a self-contained HTML page (Jinja2 with autoescape), and the Pareto plot as PNG
 and SVG (matplotlib). All files are written atomically, and only after everything rendered."""
 
@@ -16,8 +16,10 @@ from typing import Sequence
 from markupsafe import Markup
 
 from bench.atomic import atomic_write_bytes
+from bench.gc_pause import without_cyclic_gc
 from bench.leaderboard import judges as extra
 from bench.leaderboard.build import SHOWN, UTILITY_PREFIX, Board, utility_tasks
+from bench.leaderboard.mdtable import github_table
 
 FLAT_COLUMNS = [
     "setting",
@@ -175,7 +177,7 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
         n = rows[0]["harmful_rate_n"] if rows else 0
         parts.append(
             f"### {key}: every row\n\n"
-            + tabulate(
+            + github_table(
                 table,
                 headers=[
                     "#",
@@ -191,10 +193,8 @@ def markdown(board: Board, skipped: Sequence[dict] = ()) -> str:
                     "p vs none",
                     "vs interpolation",
                 ],
-                tablefmt="github",
-                disable_numparse=True,
             )
-        )  # cells are pre-formatted; parsing them is most of tabulate's time
+        )
     if len(board.settings) > 1 and board.aggregate:
         parts.append(
             "### Aggregate (mean win rate over settings x axes)\n\n"
@@ -217,8 +217,6 @@ def _point_text(p: dict | None) -> str:
 
 
 def _methods_markdown(board: Board, key: str) -> str:
-    from tabulate import tabulate
-
     methods = board.methods[key]
     floor = methods[0].get("utility_floor") if methods else None
     floor_text = "-" if floor is None else f"{100 * floor:.1f}%"
@@ -239,11 +237,9 @@ def _methods_markdown(board: Board, key: str) -> str:
         f"floor: the lowest harmful rate among the points keeping at least {100 * (board.utility_floor or 0):.0f}% of "
         f"the undefended row's task metric (task metric >= {floor_text}); best overall: the point with the largest "
         "hypervolume of its own.\n\n"
-        + tabulate(
+        + github_table(
             table,
             headers=["#", "method (note)", "points", "frontier hypervolume", "best under the floor", "best overall"],
-            tablefmt="github",
-            disable_numparse=True,
         )
     )
 
@@ -282,6 +278,7 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
 
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
 
     warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)  # exotic method names
@@ -307,36 +304,26 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
             zorder=1,
         )
     shown = [r for r in rows if r["harmful_rate"] is not None and r["task_metric"] is not None]
-
-    def points(pts, **style):
-        if not pts:
-            return [], []
-        x = [100 * r["task_metric"] for r in pts]
-        y = [100 * r["harmful_rate"] for r in pts]
-        xerr = [
-            [xi - 100 * r["task_metric_ci_low"] for xi, r in zip(x, pts)],
-            [100 * r["task_metric_ci_high"] - xi for xi, r in zip(x, pts)],
-        ]
-        yerr = [
-            [yi - 100 * r["harmful_rate_ci_low"] for yi, r in zip(y, pts)],
-            [100 * r["harmful_rate_ci_high"] - yi for yi, r in zip(y, pts)],
-        ]
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=2, ms=4, zorder=2, elinewidth=0.6, **style)
-        return x, y
-
-    points([r for r in shown if r["role"] == "frontier"], color="lightgrey")
+    # every point's whiskers in one LineCollection and its marker in one scatter: an errorbar call per
+    # method made ~7 artists each, and drawing them was most of a plot's time
+    marks = [(r, "lightgrey", 1.0) for r in shown if r["role"] == "frontier"]  # (row, colour, alpha), in drawing order
     references = [r for r in shown if r["role"] == "reference"]
-    if references:
-        for r, xi, yi in zip(references, *points(references, color="black")):
-            ax.annotate(r["method"], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    marks += [(r, "black", 1.0) for r in references]
+    for r in references:
+        ax.annotate(
+            r["method"],
+            (100 * r["task_metric"], 100 * r["harmful_rate"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
     # each method as its curve: every point of its sweep, its own frontier joined by a line
     colours = matplotlib.colormaps["tab10"].colors
     methods = [c for c in board.methods.get(key, []) if c["role"] == "method"]
     by_label = {r["method"]: r for r in shown}
     for i, c in enumerate(methods):
         colour = colours[i % len(colours)]
-        pts = [by_label[m] for m in c["rows"] if m in by_label]
-        points(pts, color=colour, alpha=0.8)
+        marks += [(by_label[m], colour, 0.8) for m in c["rows"] if m in by_label]
         front = [by_label[m] for m in c["frontier"] if m in by_label]
         ax.plot(
             [100 * r["task_metric"] for r in front],
@@ -346,6 +333,34 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
             label=f"{c['curve']} ({c['points']} point{'s' if c['points'] != 1 else ''})",
             zorder=3,
         )
+    if marks:
+        segments, seg_colours = [], []
+        for r, colour, alpha in marks:
+            x, y = 100 * r["task_metric"], 100 * r["harmful_rate"]
+            rgba = matplotlib.colors.to_rgba(colour, alpha)
+            segments.append([(100 * r["task_metric_ci_low"], y), (100 * r["task_metric_ci_high"], y)])
+            segments.append([(x, 100 * r["harmful_rate_ci_low"]), (x, 100 * r["harmful_rate_ci_high"])])
+            seg_colours += [rgba, rgba]
+        ax.add_collection(LineCollection(segments, colors=seg_colours, linewidths=0.6, zorder=2))
+        # the caps: a bar's two ends as markers, "|" across the horizontal bars and "_" across the vertical
+        for marker, bars in (("|", segments[0::2]), ("_", segments[1::2])):
+            ax.scatter(
+                [x for bar in bars for x, _ in bar],
+                [y for bar in bars for _, y in bar],
+                marker=marker,
+                s=16,
+                c=[rgba for rgba in seg_colours[0::2] for _ in (0, 1)],
+                linewidths=0.6,
+                zorder=2,
+            )
+        ax.scatter(
+            [100 * r["task_metric"] for r, _, _ in marks],
+            [100 * r["harmful_rate"] for r, _, _ in marks],
+            c=[matplotlib.colors.to_rgba(colour, alpha) for _, colour, alpha in marks],
+            s=16,
+            zorder=2,
+        )
+        ax.autoscale_view()
     ax.set_xlabel("task metric (%)  \u2192 better")
     ax.set_ylabel("harmful rate (%)  \u2193 better")
     ax.set_title(key, fontsize=9)
@@ -362,7 +377,10 @@ def plot(board: Board, key: str) -> tuple[bytes, bytes]:
 
 def _cells(r: dict, judges: Sequence[str] = (), tasks: Sequence[str] = ()) -> list[tuple]:
     """One board row as (css class, sort value, text, CI text) cells: formatted here, where Python's
-    own formatting is several times cheaper than a Jinja filter per cell on a 10,000-row page."""
+    own formatting is several times cheaper than a Jinja filter per cell on a 10,000-row page.
+
+    Every text and CI text is a number formatted here (HTML-safe as it is) or escaped here, except
+    the method's label in the "name" cell, which _row_html escapes; so are the sort values."""
     cells = [
         ("", r["position"], str(r["position"]), ""),
         ("name", r["method"], r["method"], ""),
@@ -395,7 +413,7 @@ def _cells(r: dict, judges: Sequence[str] = (), tasks: Sequence[str] = ()) -> li
     cells.append(("", r["hypervolume"], f"{r['hypervolume']:.4f}", ""))
     p = (r.get("vs_none") or {}).get("harmful_rate", {}).get("p")
     cells.append(("", 2 if p is None else p, "\u2013" if p is None else f"{p:.3g}", ""))
-    cells.append(("", r["vs_interpolation"], r["vs_interpolation"], ""))
+    cells.append(("", _esc(r["vs_interpolation"]), _esc(r["vs_interpolation"]), ""))
     cells.append(("", r["wall_s"], f"{r['wall_s']:.0f}", ""))
     return cells
 
@@ -419,15 +437,16 @@ def _row_html(r: dict, judges: Sequence[str] = (), tasks: Sequence[str] = ()) ->
     the slowest part of a 10,000-record page; the page around the rows stays in the template."""
     link = f'<a href="#note-{_esc(note_slug(r["curve"]))}">' if r["role"] != "reference" and "curve" in r else ""
 
-    def cell(cls, v, text, ci):
-        shown = _esc(text) if cls != "name" else f"{link}{_breakable(text)}</a>" if link else _breakable(text)
-        return (
-            f'<td class="{cls}" data-v="{_esc(v)}">{shown}'
-            + (f' <span class="ci">{_esc(ci)}</span>' if ci else "")
-            + "</td>"
+    tds = []
+    for cls, v, text, ci in _cells(r, judges, tasks):  # texts are safe as _cells makes them, but the name's
+        if cls == "name":
+            v, text = _esc(v), f"{link}{_breakable(text)}</a>" if link else _breakable(text)
+        tds.append(
+            f'<td class="{cls}" data-v="{v}">{text} <span class="ci">{ci}</span></td>'
+            if ci
+            else f'<td class="{cls}" data-v="{v}">{text}</td>'
         )
-
-    tds = "".join(cell(*c) for c in _cells(r, judges, tasks))
+    tds = "".join(tds)
     return Markup(f'<tr class="{"tied" if r["tied_with"] else ""}">{tds}</tr>')
 
 
@@ -522,7 +541,7 @@ def _note_html(markdown_text: str) -> Markup:
     for line in markdown_text.splitlines():
         # the note's Markdown holds its text entity-escaped (a Markdown viewer renders raw HTML): back to
         # plain text, then escaped once, last
-        text = _html.escape(_html.unescape(line), quote=False)
+        text = _html.escape(_html.unescape(line) if "&" in line else line, quote=False)
         if line.startswith("|"):
             table.append(text)
             continue
@@ -548,6 +567,7 @@ def write(
     return save(render(board, title, skipped), out)
 
 
+@without_cyclic_gc
 def render(board: Board, title: str = "realign-bench leaderboard", skipped: Sequence[dict] = ()) -> dict[str, bytes]:
     """Every file of a board by name, in memory: Markdown, CSV, JSON, HTML, the Pareto plots."""
     rows = flat_rows(board)
@@ -573,12 +593,13 @@ def render(board: Board, title: str = "realign-bench leaderboard", skipped: Sequ
     notes = method_notes(board)
     for curve, text in notes.items():
         files[f"notes/{note_slug(curve)}.md"] = text.encode()
+    methods = flat_methods(board)
     methods_buf = io.StringIO()
     writer = csv.DictWriter(methods_buf, fieldnames=METHOD_COLUMNS)
     writer.writeheader()
-    writer.writerows(flat_methods(board))
+    writer.writerows(methods)
     files["board-methods.csv"] = methods_buf.getvalue().encode()
-    files["board-methods.json"] = json.dumps(flat_methods(board)).encode()
+    files["board-methods.json"] = json.dumps(methods).encode()
     files["board.html"] = html(board, svgs, title, notes).encode()
     files["board-details.json"] = json.dumps(
         {
