@@ -636,6 +636,39 @@ def test_gate_tests_are_one_sided_and_holm_adjusted():
 # ------------------------------------------------------------------------------------------ ties, curves, notes
 
 
+def test_a_settings_rank_intervals_do_not_depend_on_the_other_settings_of_the_board(tmp_path):
+    """A setting's bootstrap is seeded by what it resamples, not by its place on the board: its rank
+    intervals are the same alone, beside settings of the same and of other shapes, beside one
+    without per-sample outcomes, and in any order. The bounds are whole ranks."""
+    rng = np.random.default_rng(7)
+
+    def setting(task: str, n_h: int, n_u: int, samples_kept: bool = True) -> list[tuple[dict, Path | None]]:
+        spec = {"aligned": (0.05, 0.1), "none": (0.8, 0.6), "a_method": (0.2, 0.55), "b_method": (0.25, 0.57)}
+        spec |= {f"c_method(k={k})": (0.1 + 0.05 * k, 0.3 + 0.05 * k) for k in range(4)}
+        samples = {
+            m: ((rng.random(n_h) < h).astype(int).tolist(), (rng.random(n_u) < u).astype(int).tolist())
+            for m, (h, u) in spec.items()
+        }
+        s = {"model": "m", "task": task, "harmful_n": 100, "judge": "keyword", "seed": 0}
+        folder = save([make_record(m, *v, setting=s) for m, v in samples.items()], tmp_path / task, samples)
+        loaded = load([folder])
+        return loaded if samples_kept else [(rec, None) for rec, _ in loaded]
+
+    mine = setting("mine", 150, 100)
+    others = setting("same_shape", 150, 100) + setting("other_shape", 90, 40) + setting("no_samples", 150, 100, False)
+
+    def intervals(loaded):
+        board = build(loaded, multi_setting=True)
+        key = next(k for k in board.settings if "| mine |" in k)
+        return {r["method"]: r["rank_interval"] for r in board.settings[key]}
+
+    alone = intervals(mine)
+    assert intervals(others + mine) == alone
+    assert intervals(list(reversed(mine + others))) == alone
+    assert all(lo == int(lo) and hi == int(hi) and lo <= hi for lo, hi in alone.values())
+    assert any(lo < hi for lo, hi in alone.values())  # the bootstrap moves ranks: the check is not vacuous
+
+
 def _ones(idx, n):
     return [1 if i in set(idx) else 0 for i in range(n)]
 

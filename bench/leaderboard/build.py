@@ -21,6 +21,7 @@ Across settings: HELM-style mean win rate.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,8 +251,13 @@ def _rank_intervals(settings: list[_Setting], seed: int) -> None:
     prompt set T draws counts[t, b] copies of prompt t, and every method's resampled rate is
     (outcomes @ counts) / (known @ counts), one matrix product for all settings and replicates.
     A setting without per-sample outcomes falls back to independent binomial draws per method.
+
+    Every draw is seeded by what it resamples (the seed, the axis, the number of prompts; the
+    setting's key for the binomial fallback), never by its place among the board's settings: a
+    setting's intervals are the same alone as beside a thousand others, in any order. The bounds
+    are order statistics of the replicates (the 2.5th percentile rounded down, the 97.5th up):
+    ranks are whole numbers, and an interpolated "1.98" shown as "2" claimed a narrower interval.
     """
-    rng = np.random.default_rng(seed)
     batches: dict[tuple, list[tuple[_Setting, dict]]] = {}
     for st in settings:
         mats = {a: st.outcome_matrix(a) for a in AXES}
@@ -259,6 +265,7 @@ def _rank_intervals(settings: list[_Setting], seed: int) -> None:
             batches.setdefault(tuple(mats[a].shape for a in AXES), []).append((st, mats))
         else:
             m = len(st.recs)
+            rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(st.key.encode()).digest()[:8], "big")])
             boot = {
                 a: rng.binomial(np.maximum(st.n[a], 1), np.clip(np.nan_to_num(st.value[a]), 0, 1), size=(N_BOOT, m))
                 / np.maximum(st.n[a], 1)
@@ -267,9 +274,10 @@ def _rank_intervals(settings: list[_Setting], seed: int) -> None:
             _set_rank_interval([st], pareto.pareto_ranks(boot["harmful_rate"], boot["task_metric"])[None])
     for shapes, group in batches.items():
         boot = {}
-        for a, (m, T) in zip(AXES, shapes):
+        for axis, (a, (m, T)) in enumerate(zip(AXES, shapes)):
             X = np.concatenate([mats[a] for _, mats in group])  # (settings * m, T)
             known = ~np.isnan(X)
+            rng = np.random.default_rng([seed, axis, T])
             counts = rng.multinomial(T, np.full(T, 1.0 / T), size=N_BOOT).T.astype(float)  # (T, B)
             rates = (np.where(known, X, 0.0) @ counts) / np.maximum(known.astype(float) @ counts, 1)
             boot[a] = rates.reshape(len(group), m, N_BOOT).transpose(0, 2, 1)  # (settings, B, m)
@@ -277,8 +285,8 @@ def _rank_intervals(settings: list[_Setting], seed: int) -> None:
 
 
 def _set_rank_interval(group: list[_Setting], boot_ranks: np.ndarray) -> None:
-    lo = np.percentile(boot_ranks, 2.5, axis=1)
-    hi = np.percentile(boot_ranks, 97.5, axis=1)
+    lo = np.percentile(boot_ranks, 2.5, axis=1, method="lower")
+    hi = np.percentile(boot_ranks, 97.5, axis=1, method="higher")
     for st, l, h in zip(group, lo, hi):
         st.rank_interval = (l, h)
 
