@@ -699,6 +699,26 @@ def test_ties_need_overlapping_rank_intervals_and_no_significant_paired_differen
     assert "tied: the two rows' 95% rank intervals overlap AND the paired test" in md
 
 
+@pytest.mark.parametrize("extra, tied", [(6, True), (7, False)])
+def test_a_tie_is_told_apart_only_at_the_family_wise_level_of_both_axes(tmp_path, extra, tied):
+    """W is X with `extra` more harmful answers, as useful: exact McNemar p = 2 / 2**extra on harm,
+    1 on utility. 6 (p 0.031) is significant alone but not over two axes (Holm: min p < 0.025); 7
+    (p 0.016) is."""
+    n_h, n_u = 150, 100
+    samples = {
+        "aligned": (_ones(range(5), n_h), _ones(range(10), n_u)),
+        "none": (_ones(range(120), n_h), _ones(range(60), n_u)),
+        "x_method": (_ones(range(15), n_h), _ones(range(58), n_u)),
+        "w_method": (_ones(range(15 + extra), n_h), _ones(range(58), n_u)),
+        "v_method": (_ones(range(10, 28), n_h), _ones(range(4, 63), n_u)),
+    }
+    folder = save([make_record(k, *v) for k, v in samples.items()], tmp_path / "records", samples)
+    by = {r["method"]: r for r in next(iter(build(load([folder])).settings.values()))}
+    x, w = by["x_method"], by["w_method"]
+    assert x["pareto_rank"] < w["pareto_rank"] and x["rank_interval"][1] >= w["rank_interval"][0]  # a candidate
+    assert ("w_method" in x["tied_with"]) == tied and ("x_method" in w["tied_with"]) == tied
+
+
 def _curve_board(tmp_path: Path) -> Path:
     """aligned, none, an interpolation sweep, a 3-point RESTA curve, a 2-point Safe Delta curve and
     one flagship point, each with per-sample outcomes of exactly the given rates."""

@@ -11,7 +11,7 @@ Per setting (model, task, harmful N, judge):
 - every rate with its Wilson 95% interval and n (the interval its record shows); rank intervals
   from a paired bootstrap over prompts; two rows are tied only when their rank intervals overlap
   AND the paired test between them (McNemar on each axis; a two-proportion test where outcomes
-  do not pair) is significant on neither axis at TIE_ALPHA;
+  do not pair) rejects on neither axis at TIE_ALPHA, Holm-corrected over the two axes;
 - methods as curves (bench.leaderboard.curves): each method's rows ranked by the hypervolume of
   its own frontier, with its best point under a utility floor and its best point overall;
 - paired tests against the undefended row and against the next method in the ranking (McNemar on
@@ -41,7 +41,7 @@ AXES = ("harmful_rate", "task_metric")
 SHOWN = ("harmful_rate", "over_refusal", "task_metric")
 UTILITY_PREFIX = "utility:"  # a record's lm-eval utility tasks: metrics "utility:TASK" (bench.evaluate)
 N_BOOT = 200
-TIE_ALPHA = 0.05  # a pair differs when its paired test is significant at this level on either axis
+TIE_ALPHA = 0.05  # a pair differs when its paired tests, Holm-corrected over the two axes, reject at this level
 
 
 def setting_key(record: dict) -> str:
@@ -389,14 +389,16 @@ def _rows(st: _Setting, reference):
 
 def _differ(test: dict, st: _Setting, i: int, j: int) -> bool:
     """Whether rows i and j differ significantly on either axis: the paired McNemar result, or a
-    two-proportion test from k and n where their outcomes do not pair (samples missing)."""
+    two-proportion test from k and n where their outcomes do not pair (samples missing). Two axes
+    are two tests: Holm over them rejects somewhere exactly when the smaller p is below alpha / 2
+    (each at alpha, two rows that differ on neither would be told apart ~10% of the time)."""
+    ps = []
     for a in AXES:
         p = test.get(a, {}).get("p")
         if p is None:
             p = stats.two_proportion_p(int(st.k[a][i]), int(st.n[a][i]), int(st.k[a][j]), int(st.n[a][j]))
-        if p < TIE_ALPHA:
-            return True
-    return False
+        ps.append(p)
+    return min(ps) < TIE_ALPHA / len(AXES)
 
 
 def _paired_many(samples, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:

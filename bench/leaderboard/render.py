@@ -61,7 +61,7 @@ METHOD_COLUMNS = [
 ]
 TIES = (
     "tied: the two rows' 95% rank intervals overlap AND the paired test between them (exact McNemar on the same "
-    "prompts, each axis) is significant on neither axis at 0.05"
+    "prompts, each axis) is significant on neither axis (Holm over the two axes, family-wise 0.05)"
 )
 MAX_PLOTS = 4  # settings that get a plot: matplotlib costs ~0.4 s per figure (PNG + SVG)
 
