@@ -98,6 +98,33 @@ def test_pareto_ranks_by_hand():
     assert pareto.pareto_ranks(h, u).tolist() == [1, 1, 3, 2, 2]
 
 
+def _peeled_ranks(h, u) -> list[int]:
+    """Pareto ranks by the definition: peel off the points no remaining point dominates, again and again."""
+    D = pareto.dominates(h, u)
+    ranks, left, front = [0] * len(h), set(range(len(h))), 0
+    while left:
+        front += 1
+        peel = [i for i in left if not any(D[j, i] for j in left)]
+        for i in peel:
+            ranks[i] = front
+        left -= set(peel)
+    return ranks
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=6, max_size=6), min_size=1, max_size=4)
+)
+def test_pareto_ranks_of_a_batch_are_the_peeled_fronts_of_each_replicate(batch):
+    # coarse grids make equal harms, equal utilities and equal points common
+    h = np.array([[a / 4 for a, _ in points] for points in batch])
+    u = np.array([[b / 4 for _, b in points] for points in batch])
+    got = pareto.pareto_ranks(h, u)
+    assert got.shape == h.shape
+    for row in range(len(batch)):
+        assert got[row].tolist() == _peeled_ranks(h[row], u[row])
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=12))
 def test_front_is_the_first_pareto_rank(points):

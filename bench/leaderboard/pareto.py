@@ -1,7 +1,7 @@
 """Pareto ranking of (harmful rate: lower is better, utility: higher is better) points.
 
-Written here because the two-axis case is small and exact: non-dominated sorting by peeling
-fronts (vectorised over bootstrap replicates), and the 2-D hypervolume as a sum of rectangles.
+Written here because the two-axis case is small and exact: non-dominated sorting as one sweep in
+sorted order (vectorised over bootstrap replicates), and the 2-D hypervolume as a sum of rectangles.
 """
 
 from __future__ import annotations
@@ -20,21 +20,29 @@ def dominates(h, u):
 def pareto_ranks(h, u) -> np.ndarray:
     """Front index per point (1 = frontier); works on [..., m] arrays (e.g. bootstrap replicates).
 
-    Peels fronts while keeping, per point, the count of remaining points that dominate it; a
-    front's removal subtracts its rows of the dominance matrix (one batched matrix product)."""
-    D = dominates(h, u)
-    dominators = D.sum(-2, dtype=np.int32)
-    Df = D.astype(np.float32)
-    shape = np.shape(h)
-    ranks = np.zeros(shape, int)
-    remaining = np.ones(shape, bool)
-    front = 0
-    while remaining.any():
-        front += 1
-        new = remaining & (dominators == 0)
-        ranks[new] = front
-        remaining &= ~new
-        dominators = dominators - np.matmul(new[..., None, :].astype(np.float32), Df)[..., 0, :].astype(np.int32)
+    A point's front is one more than the highest front among the points that dominate it (0 if
+    none do): the longest chain of dominators, which is what peeling fronts off one by one gives.
+    Sorted by harm, then by utility (higher first), every point's dominators come before it, so one
+    sweep over the m sorted positions settles the ranks. The sweep runs over positions with every
+    replicate at once, in (m, replicates) arrays: contiguous vectors, where the batched m x m
+    dominance matrices of peeling spent their time on tiny strided blocks.
+    """
+    h, u = np.asarray(h, float), np.asarray(u, float)
+    shape, m = h.shape, h.shape[-1]
+    order = np.lexsort((-u, h), axis=-1)
+    H = np.moveaxis(np.take_along_axis(h, order, -1), -1, 0).reshape(m, -1)
+    U = np.moveaxis(np.take_along_axis(u, order, -1), -1, 0).reshape(m, -1)
+    R = np.ones(H.shape, np.int64)
+    for k in range(1, m):
+        best = np.zeros(H.shape[1], np.int64)
+        for j in range(k):
+            # sorted so that H[j] <= H[k] and, where they are equal, U[j] >= U[k]: j dominates k
+            # exactly when it is at least as useful and strictly better on one axis
+            dominates_k = (U[j] >= U[k]) & ((U[j] > U[k]) | (H[j] < H[k]))
+            np.maximum(best, R[j] * dominates_k, out=best)
+        R[k] = best + 1
+    ranks = np.empty(shape, np.int64)
+    np.put_along_axis(ranks, order, np.moveaxis(R.reshape(m, *shape[:-1]), 0, -1), -1)
     return ranks
 
 
