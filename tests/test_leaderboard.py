@@ -700,6 +700,25 @@ def _ones(idx, n):
     return [1 if i in set(idx) else 0 for i in range(n)]
 
 
+def test_paired_tests_only_pair_rows_on_the_same_prompts(tmp_path):
+    """Rows answered on another number of prompts (here 140 harmful prompts, twice) are McNemar-tested
+    among themselves but never against the 150-prompt rows; their task axis still pairs."""
+    n_u = 100
+    samples = {
+        "aligned": (_ones(range(5), 150), _ones(range(10), n_u)),
+        "none": (_ones(range(120), 150), _ones(range(60), n_u)),
+        "x_method": (_ones(range(15), 140), _ones(range(58), n_u)),
+        "y_method": (_ones(range(7), 140), _ones(range(30), n_u)),  # ranked right after x
+    }
+    folder = save([make_record(k, *v) for k, v in samples.items()], tmp_path / "records", samples)
+    by = {r["method"]: r for r in next(iter(build(load([folder])).settings.values()))}
+    x, y = by["x_method"], by["y_method"]
+    assert x["vs_none"]["harmful_rate"]["p"] is None and "prompts differ" in x["vs_none"]["harmful_rate"]["test"]
+    assert x["vs_none"]["task_metric"]["test"] == "mcnemar-exact"
+    assert x["vs_next"]["next"] == "y_method" and x["vs_next"]["harmful_rate"]["test"] == "mcnemar-exact"
+    assert (x["vs_next"]["harmful_rate"]["b"], x["vs_next"]["harmful_rate"]["c"]) == (8, 0)
+
+
 def test_ties_need_overlapping_rank_intervals_and_no_significant_paired_difference(tmp_path):
     """X and Z differ by one harmful answer (tied); Y is as useful as X but 30 answers more harmful:
     its rank interval overlaps X's (their task metrics swap under the bootstrap), yet the paired test

@@ -402,32 +402,21 @@ def _differ(test: dict, st: _Setting, i: int, j: int) -> bool:
 
 
 def _paired_many(samples, pairs: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
-    """McNemar per pair and axis, batched per axis over the pairs whose prompts line up."""
+    """McNemar per pair and axis, batched per axis and prompt count over the pairs whose prompts line up."""
     out: dict[tuple[int, int], dict] = {pair: {} for pair in pairs}
     for a in AXES:
-        ok = [
-            (i, j)
-            for i, j in pairs
-            if samples[i]
-            and samples[j]
-            and a in samples[i]
-            and a in samples[j]
-            and len(samples[i][a]) == len(samples[j][a])
-        ]
-        for pair in pairs:
-            out[pair][a] = {"test": "n/a (samples missing or prompts differ)", "p": None}
-        if not ok:
-            continue
-        idx = sorted({x for pair in ok for x in pair})
-        where = {x: r for r, x in enumerate(idx)}
-        lengths = {len(samples[x][a]) for x in idx}
-        if len(lengths) != 1:
-            for i, j in ok:
-                out[(i, j)][a] = stats.mcnemar_many(np.stack([samples[i][a], samples[j][a]]), [0], [1])[0]
-            continue
-        X = np.stack([samples[x][a] for x in idx])
-        for (i, j), res in zip(ok, stats.mcnemar_many(X, [where[i] for i, _ in ok], [where[j] for _, j in ok])):
-            out[(i, j)][a] = res
+        length = [len(s[a]) if s and a in s else None for s in samples]  # None: no outcomes on this axis
+        by_length: dict[int, list[tuple[int, int]]] = {}
+        for i, j in pairs:
+            out[(i, j)][a] = {"test": "n/a (samples missing or prompts differ)", "p": None}
+            if length[i] is not None and length[i] == length[j]:
+                by_length.setdefault(length[i], []).append((i, j))
+        for ok in by_length.values():
+            idx = sorted({x for pair in ok for x in pair})
+            where = {x: r for r, x in enumerate(idx)}
+            X = np.stack([samples[x][a] for x in idx])
+            for (i, j), res in zip(ok, stats.mcnemar_many(X, [where[i] for i, _ in ok], [where[j] for _, j in ok])):
+                out[(i, j)][a] = res
     return out
 
 
