@@ -713,6 +713,7 @@ def test_paired_tests_only_pair_rows_on_the_same_prompts(tmp_path):
     folder = save([make_record(k, *v) for k, v in samples.items()], tmp_path / "records", samples)
     by = {r["method"]: r for r in next(iter(build(load([folder])).settings.values()))}
     x, y = by["x_method"], by["y_method"]
+    assert y["vs_none"]["harmful_rate"]["p"] is None and y["vs_none"]["task_metric"]["p"] is not None
     assert x["vs_none"]["harmful_rate"]["p"] is None and "prompts differ" in x["vs_none"]["harmful_rate"]["test"]
     assert x["vs_none"]["task_metric"]["test"] == "mcnemar-exact"
     assert x["vs_next"]["next"] == "y_method" and x["vs_next"]["harmful_rate"]["test"] == "mcnemar-exact"
