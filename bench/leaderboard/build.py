@@ -95,17 +95,16 @@ def _one_per_id(loaded: list[tuple[dict, Path]]) -> list[tuple[dict, Path]]:
     return list(first.values())
 
 
+_OUTCOME_CODE = np.full(256, np.nan)  # a compact outcome character's value: '1' 1, '0' 0, '-' (unknown) nan
+_OUTCOME_CODE[ord("0")], _OUTCOME_CODE[ord("1")] = 0.0, 1.0
+
+
 def outcomes(record: dict, path: Path | None) -> dict[str, np.ndarray] | None:
     """Per-metric outcomes in doc order as floats (1, 0, nan = unknown): from the record's compact
     outcome strings when it has them, else from its samples file; None when neither exists."""
     compact = {m: v["outcomes"] for m, v in record["metrics"].items() if "outcomes" in v}
     if compact:
-        out = {}
-        for m, text in compact.items():
-            codes = np.frombuffer(text.encode("ascii"), np.uint8).astype(float) - ord("0")
-            codes[codes < 0] = np.nan  # '-' sorts below '0'
-            out[m] = codes
-        return out
+        return {m: _OUTCOME_CODE[np.frombuffer(text.encode("ascii"), np.uint8)] for m, text in compact.items()}
     rows = _sample_rows(record, path)
     if rows is None:
         return None
