@@ -267,9 +267,7 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
     with building_dir(root) as tmp:
         # a fresh interpreter per defense: its peak RSS is the defense's own (not the run's so far),
         # and a defense's memory is returned to the system when it ends
-        info, skipped, model_path = run_fresh(
-            apply_and_save, name, params, dataclasses.replace(ctx, _loaded={}), str(tmp)
-        )
+        info, skipped, model_path = run_fresh(apply_and_save, name, params, reading_only(ctx, cls), str(tmp))
         info = dict(info) | {"wall_s": round(time.perf_counter() - t0, 2)}
         # a row that answers with one of the setting's models names it by its role, not its folder: the
         # cache is keyed by content, and the folder may move (another home, the user's model elsewhere)
@@ -291,6 +289,16 @@ def run_defense(name: str, params: dict, ctx, cfg: RunConfig) -> tuple[Path | No
 _SETTING_MODELS = ("aligned", "finetuned", "base")
 
 
+def reading_only(ctx, cls):
+    """The context a defense runs with: of the optional inputs, only those it declares in `reads`
+    (the others empty), so that it cannot depend on an input that does not key its cache."""
+    from defenses.base import OPTIONAL_INPUTS
+
+    empty = {"base": None, "calibration_prompts": [], "benign_prompts": [], "utility_probe": None}
+    hidden = {f: empty[f] for f in OPTIONAL_INPUTS if cls.reads is not None and f not in cls.reads}
+    return dataclasses.replace(ctx, _loaded={}, **hidden)
+
+
 def _same_dir(handle, path: str) -> bool:
     return handle is not None and Path(handle.path).resolve() == Path(path).resolve()
 
@@ -308,17 +316,20 @@ def defended_content(root: Path) -> dict:
 def defense_dir(name: str, defense, ctx, cfg: RunConfig) -> Path:
     """The cache directory of one defense row: keyed by every parameter (defaults included) and
     every input the defense can read."""
+    optional = {  # OPTIONAL_INPUTS by their spelling in the key (kept, so that existing caches stay valid)
+        "base": ("base", lambda: ctx.base.content_hash() if ctx.base else None),
+        "calibration": ("calibration_prompts", lambda: ctx.calibration_prompts),
+        "benign": ("benign_prompts", lambda: ctx.benign_prompts),
+        "probe": ("utility_probe", lambda: ctx.utility_probe.identity() if ctx.utility_probe else None),
+    }
     key = hash_value(
         {
             "defense": name,
             "params": defense.describe(),
             "aligned": ctx.aligned.content_hash(),
             "finetuned": ctx.finetuned.content_hash(),
-            "base": ctx.base.content_hash() if ctx.base else None,
-            # "probe" (not "utility_probe"): the key's spelling is kept so that existing defense caches stay valid
-            "calibration": ctx.calibration_prompts,
-            "benign": ctx.benign_prompts,
-            "probe": ctx.utility_probe.identity() if ctx.utility_probe else None,
+            # only what the defense reads (all of them for a plugin that does not say)
+            **{k: value() for k, (field, value) in optional.items() if defense.reads is None or field in defense.reads},
             "seed": ctx.seed,
             "compute": reproducibility.compute_fingerprint(),
         }

@@ -5,7 +5,8 @@
     @register_defense("my_method")
     class MyMethod(Defense):
         Params = MyParams            # a dataclass; each field has metadata={"help": ...}
-        needs = ("calibration",)     # inputs it uses, from DefenseContext
+        needs = ("calibration",)     # inputs it uses, in words (`realign list`)
+        reads = ("calibration_prompts",)  # of base.OPTIONAL_INPUTS: what keys its cache and reaches it
         def apply(self, ctx): ...    # -> DefenseOutput
 
 A third-party package adds a defense without editing this repository through the entry-point

@@ -77,6 +77,7 @@ class Antidote(Defense):
 
     Params = AntidoteParams
     needs = ("adapter or full fine-tune", "calibration or harmful_pairs")
+    reads = ("calibration_prompts",)  # the harmful pairs key it through cache_inputs, where it reads them
     # the paper's question is how the harmful budget matters: a board row for each set
     sweep = {"data": ["calibration", "harmful_pairs"]}
     curve = {"dense_ratio": [0.02, 0.05, 0.1, 0.2, 0.4]}

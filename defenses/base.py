@@ -125,6 +125,9 @@ class DefenseOutput:
 
 
 ROLES = ("reference", "frontier", "method")
+# the inputs of a DefenseContext that only some defenses read: each keys a defense's cache (and
+# reaches it) only when the defense declares it in `reads`
+OPTIONAL_INPUTS = ("base", "calibration_prompts", "benign_prompts", "utility_probe")
 
 
 class Defense:
@@ -142,7 +145,11 @@ class Defense:
     # the default sweep over the method's main knob(s), run by `realign run --curves`: parameter ->
     # values (several parameters: their product). Empty: a single point.
     curve: ClassVar[dict[str, list]] = {}
-    needs: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[tuple[str, ...]] = ()  # what it needs, in words for `realign list`
+    # which OPTIONAL_INPUTS it reads. The runner keys its cache by these alone and hands it nothing
+    # else (a read it did not declare finds the input empty), so a changed task dev set or benign set
+    # recomputes only the defenses that read it. None (a plugin that does not say): all of them.
+    reads: ClassVar[tuple[str, ...] | None] = None
     registry_name: ClassVar[str] = ""
 
     def __init__(self, params=None, **overrides):
@@ -160,7 +167,8 @@ class Defense:
         """Inputs this defense reads beyond those every defense's cache key names (the runner's
         defense_dir): e.g. the harm probe's identity; the utility probe's engine, for a defense that
         calls the probe (its scores depend on it). Empty for most defenses."""
-        probe = ctx.utility_probe if "utility_probe" in self.needs else None
+        declared = self.needs if self.reads is None else self.reads  # a plugin that does not say: its needs
+        probe = ctx.utility_probe if "utility_probe" in declared else None
         engine = getattr(probe, "engine_identity", dict)() if probe is not None else {}
         return {"probe_engine": engine} if engine else {}
 

@@ -37,6 +37,7 @@ class Interpolation(Defense):
 
     Params = InterpolationParams
     role = "frontier"
+    reads = ()
     sweep = {"alpha": SWEEP}  # the runner makes one row per value
     curve = {"alpha": SWEEP}
     deviations = (

@@ -10,6 +10,7 @@ class Aligned(Defense):
     """theta_A itself: the aligned model before the attack."""
 
     role = "reference"
+    reads = ()
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         return DefenseOutput(model_path=ctx.aligned.path, info={"model": "aligned"})
@@ -20,6 +21,7 @@ class Undefended(Defense):
     """theta_F as fine-tuned: no defense."""
 
     role = "reference"
+    reads = ()
 
     def apply(self, ctx: DefenseContext) -> DefenseOutput:
         return DefenseOutput(model_path=ctx.finetuned.path, info={"model": "finetuned"})

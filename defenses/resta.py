@@ -98,6 +98,7 @@ class Resta(Defense):
 
     Params = RestaParams
     needs = ("harmful_pairs", "fine_tune", "harm_probe")
+    reads = ()  # its pairs and harm probe key it through cache_inputs
     curve = {"gamma": [0.25, 0.5, 1.0, 2.0, 3.0]}  # theta_U is built once and reused by every gamma
     deviations = """
         theta_U is calibrated to the attack as the flagship paper's RESTA does (a constant learning

@@ -126,6 +126,7 @@ class SafeDelta(Defense):
 
     Params = SafeDeltaParams
     needs = ("calibration_pairs",)
+    reads = ()  # its safety pairs key it through cache_inputs
     curve = {"s": [0.01, 0.11, 1.0, 10.0, 100.0]}  # the released default 0.11, a decade either way
     deviations = """
         None in the algorithm (blocks of 2048 columns, as the released run; the spec's 1024 was an

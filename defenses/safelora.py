@@ -69,6 +69,7 @@ class SafeLora(Defense):
 
     Params = SafeLoraParams
     needs = ("base", "adapter")
+    reads = ("base",)
     curve = {"share": [0.05, 10 / 64, 0.3, 0.5, 1.0]}
     deviations = """
         One pass where the released `number` mode makes two (its first pass, at s <= 0.3, is

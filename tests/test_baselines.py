@@ -151,16 +151,67 @@ def test_runner_cache_key_changes_with_every_defense_parameter(tiny, tmp_path):
                 "params": antidote.describe(),
                 "aligned": ctx.aligned.content_hash(),
                 "finetuned": ctx.finetuned.content_hash(),
-                "base": None,
-                "calibration": ctx.calibration_prompts,
-                "benign": ctx.benign_prompts,
-                "probe": None,
+                "calibration": ctx.calibration_prompts,  # the one optional input it reads
                 "seed": ctx.seed,
                 "compute": reproducibility.compute_fingerprint(),
                 "reads": {"rule": "ceil, unpruned masks"},
             }
         )
     )
+
+
+def test_a_defense_is_keyed_by_and_handed_only_the_optional_inputs_it_reads(tiny, tmp_path):
+    """Changing an input a defense does not read (the task's benign prompts, the base model, the
+    utility probe) keeps its cache; changing one it reads does not. It runs with the others empty,
+    so it cannot depend on them; a plugin that does not declare its reads is keyed by all of them."""
+    from bench.runner import RunConfig, defense_dir, reading_only
+    from defenses import names_with_role
+    from defenses.base import OPTIONAL_INPUTS, Defense
+
+    class ProbeKey:  # only its identity is read here: no probe runs
+        def __init__(self, dev):
+            self.dev = dev
+
+        def identity(self):
+            return {"dev": self.dev}
+
+    cfg = RunConfig(home=tmp_path)
+    ctx = dataclasses.replace(
+        ctx_for(tiny),
+        base=models.resolve(tiny["aligned"]),
+        calibration_prompts=["a harmful prompt"],
+        benign_prompts=["a task prompt"],
+        utility_probe=ProbeKey("dev-1"),
+    )
+    changed = {
+        "base": ctx.finetuned,  # another model as the base
+        "calibration_prompts": ctx.calibration_prompts + ["one more harmful prompt"],
+        "benign_prompts": ctx.benign_prompts + ["one more task prompt"],
+        "utility_probe": ProbeKey("dev-2"),
+    }
+    assert set(changed) == set(OPTIONAL_INPUTS)
+
+    class Plugin(Defense):  # declares nothing
+        def apply(self, ctx):  # pragma: no cover - never run here
+            raise NotImplementedError
+
+    defenses = {name: DEFENSES.get(name)() for name in names_with_role("method") + names_with_role("frontier")}
+    defenses["plugin"] = Plugin()
+    assert {n: d.reads for n, d in defenses.items()}["gradient_restoration"] == (
+        "calibration_prompts",
+        "benign_prompts",
+        "utility_probe",
+    )
+    for name, defense in defenses.items():
+        reads = OPTIONAL_INPUTS if defense.reads is None else defense.reads
+        before = defense_dir(name, defense, ctx, cfg)
+        for field, value in changed.items():
+            after = defense_dir(name, defense, dataclasses.replace(ctx, **{field: value}), cfg)
+            assert (after != before) == (field in reads), (name, field)
+        handed = reading_only(ctx, type(defense))
+        for field in OPTIONAL_INPUTS:
+            assert (getattr(handed, field) is getattr(ctx, field)) == (field in reads), (name, field)
+            assert field in reads or not getattr(handed, field), (name, field)  # hidden: empty
 
 
 def test_resta_arithmetic_and_dare_expectation():

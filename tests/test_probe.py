@@ -98,9 +98,9 @@ def test_the_setting_picks_the_probe_engine_and_only_the_flagship_keys_on_it(tmp
     # at its default the option stays out of the setting's key (records keep their ids), else it is named
     assert "probe_engine" not in described["transformers"] and described["vllm"]["probe_engine"] == "vllm"
     for name, folder in dirs["vllm"].items():
-        probes = "utility_probe" in DEFENSES.get(name).needs
+        probes = "utility_probe" in (DEFENSES.get(name).reads or ())
         assert (folder != dirs["transformers"][name]) == probes, name
-    assert "gradient_restoration" in [n for n in DEFENSES.names() if "utility_probe" in DEFENSES.get(n).needs]
+    assert "gradient_restoration" in [n for n in DEFENSES.names() if "utility_probe" in (DEFENSES.get(n).reads or ())]
 
 
 def test_a_vllm_probe_without_vllm_is_refused_before_any_stage(tmp_path, tiny_lora, monkeypatch):

@@ -191,6 +191,7 @@ class GradientRestoration(Defense):
 
     Params = GradientRestorationParams
     needs = ("calibration", "benign", "utility_probe")
+    reads = ("calibration_prompts", "benign_prompts", "utility_probe")
     # recovery_rate x steps: half, the paper's and twice the budget per step, for half and all the steps
     curve = {"recovery_rate": [0.001, 0.002, 0.004], "steps": [10, 20]}
     deviations = """
