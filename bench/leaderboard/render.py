@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
+import hashlib
 import html as _html
 import io
 import json
@@ -250,11 +252,10 @@ def _md_text(x: str) -> str:
     return _html.escape(str(x)).replace("|", "\\|").replace("[", "\\[").replace("]", "\\]")
 
 
+@functools.lru_cache(maxsize=4096)  # a board names a few curves in every one of its settings
 def note_slug(curve: str) -> str:
     """A file and anchor name for a curve's note: letters, digits, '.', '_' and '-' only, with a
     short hash of the name where that changed it (two names never share a note)."""
-    import hashlib
-
     plain = slug(curve)
     if plain == curve:
         return plain
@@ -413,7 +414,8 @@ def _cells(r: dict, judges: Sequence[str] = (), tasks: Sequence[str] = ()) -> li
     cells.append(("", r["hypervolume"], f"{r['hypervolume']:.4f}", ""))
     p = (r.get("vs_none") or {}).get("harmful_rate", {}).get("p")
     cells.append(("", 2 if p is None else p, "\u2013" if p is None else f"{p:.3g}", ""))
-    cells.append(("", _esc(r["vs_interpolation"]), _esc(r["vs_interpolation"]), ""))
+    where = _esc(r["vs_interpolation"])
+    cells.append(("", where, where, ""))
     cells.append(("", r["wall_s"], f"{r['wall_s']:.0f}", ""))
     return cells
 
@@ -508,10 +510,10 @@ def _method_row_html(c: dict) -> Markup:
         label = _breakable(p["method"])
         return f'<td class="point" data-v="{p["harmful_rate"]}">{label}<br><span class="ci">{rates}</span></td>'
 
+    name = _esc(c["curve"])
     return Markup(
         f'<tr><td data-v="{c["position"]}">{c["position"]}</td>'
-        f'<td class="name" data-v="{_esc(c["curve"])}"><a href="#note-{_esc(note_slug(c["curve"]))}">'
-        f"{_esc(c['curve'])}</a></td>"
+        f'<td class="name" data-v="{name}"><a href="#note-{_esc(note_slug(c["curve"]))}">{name}</a></td>'
         f'<td data-v="{c["points"]}">{c["points"]}</td>'
         f'<td data-v="{c["hypervolume"]}">{c["hypervolume"]:.4f}</td>'
         f"{point(c['best_under_floor'])}{point(c['best_overall'])}</tr>"
