@@ -431,3 +431,30 @@ def test_lmeval_bridge_groups_by_generation_settings_and_cuts_at_stop_strings(ti
     assert gen.stats["batches_generated"] == 3
     assert out[0] == full[0] and out[2] == full[2]
     assert out[1] == gen.generate([PROMPTS[1]], Sampling(max_new_tokens=4))[0]
+
+
+def test_without_cyclic_gc_pauses_the_collector_and_restores_it_also_after_an_error():
+    import gc
+
+    from bench.gc_pause import without_cyclic_gc
+
+    seen = []
+
+    @without_cyclic_gc
+    def work(fail: bool):
+        seen.append(gc.isenabled())
+        if fail:
+            raise ValueError("boom")
+        return 7
+
+    assert gc.isenabled()
+    assert work(False) == 7 and seen == [False] and gc.isenabled()
+    with pytest.raises(ValueError):
+        work(True)
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()  # a caller that paused it already keeps it paused
+    try:
+        work(False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
