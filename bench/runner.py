@@ -314,8 +314,9 @@ def defended_content(root: Path) -> dict:
 
 
 def defense_dir(name: str, defense, ctx, cfg: RunConfig) -> Path:
-    """The cache directory of one defense row: keyed by every parameter (defaults included) and
-    every input the defense can read."""
+    """The cache directory of one defense row: keyed by every parameter (defaults included), the
+    setting's models, seed and compute, the optional inputs the defense declares it reads
+    (Defense.reads) and what its cache_inputs add."""
     optional = {  # OPTIONAL_INPUTS by their spelling in the key (kept, so that existing caches stay valid)
         "base": ("base", lambda: ctx.base.content_hash() if ctx.base else None),
         "calibration": ("calibration_prompts", lambda: ctx.calibration_prompts),

@@ -29,13 +29,14 @@ def pareto_ranks(h, u) -> np.ndarray:
     """
     h, u = np.asarray(h, float), np.asarray(u, float)
     shape, m = h.shape, h.shape[-1]
+    replicates = int(np.prod(shape[:-1], dtype=np.int64))
     order = np.lexsort((-u, h), axis=-1)
-    H = np.moveaxis(np.take_along_axis(h, order, -1), -1, 0).reshape(m, -1)
-    U = np.moveaxis(np.take_along_axis(u, order, -1), -1, 0).reshape(m, -1)
+    H = np.moveaxis(np.take_along_axis(h, order, -1), -1, 0).reshape(m, replicates)
+    U = np.moveaxis(np.take_along_axis(u, order, -1), -1, 0).reshape(m, replicates)
     small = np.int16 if m < 2**15 else np.int64  # ranks are at most m: half the memory traffic of int64
     R = np.ones(H.shape, small)
     for k in range(1, m):
-        best = np.zeros(H.shape[1], small)
+        best = np.zeros(replicates, small)
         for j in range(k):
             # sorted so that H[j] <= H[k] and, where they are equal, U[j] >= U[k]: j dominates k
             # exactly when it is at least as useful and strictly better on one axis
