@@ -278,7 +278,9 @@ def _rank_intervals(settings: list[_Setting], seed: int) -> None:
             known = ~np.isnan(X)
             rng = np.random.default_rng([seed, axis, T])
             counts = rng.multinomial(T, np.full(T, 1.0 / T), size=N_BOOT).T.astype(float)  # (T, B)
-            rates = (np.where(known, X, 0.0) @ counts) / np.maximum(known.astype(float) @ counts, 1)
+            # with no unknown outcome, every replicate's denominator is its T draws
+            answered = known.astype(float) @ counts if not known.all() else np.full((len(X), N_BOOT), float(T))
+            rates = (np.where(known, X, 0.0) @ counts) / np.maximum(answered, 1)
             boot[a] = rates.reshape(len(group), m, N_BOOT).transpose(0, 2, 1)  # (settings, B, m)
         _set_rank_interval([st for st, _ in group], pareto.pareto_ranks(boot["harmful_rate"], boot["task_metric"]))
 
@@ -300,7 +302,10 @@ def _rows(st: _Setting, reference):
         u_ref = u[ceiling] if ceiling is not None else float(np.nanmin(u))
         reference = (float(h_ref), float(u_ref))
     ranks = st.pareto_rank
-    hv = np.array([pareto.hypervolume([(h[i], u[i])], reference) for i in range(m)])
+    # a single point's hypervolume (pareto.hypervolume of one point, the same two products), for all rows at once
+    h_ref, u_ref = reference
+    with np.errstate(invalid="ignore"):
+        hv = np.where((h < h_ref) & (u > u_ref), (h_ref - h) * (u - u_ref), 0.0)
     h_none = h[none] if none is not None else np.nan
     h_al = h[ceiling] if ceiling is not None else np.nan
     u_none = u[none] if none is not None else np.nan
