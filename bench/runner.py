@@ -292,10 +292,13 @@ _SETTING_MODELS = ("aligned", "finetuned", "base")
 def reading_only(ctx, cls):
     """The context a defense runs with: of the optional inputs, only those it declares in `reads`
     (the others empty), so that it cannot depend on an input that does not key its cache."""
+    import copy
+
     from defenses.base import OPTIONAL_INPUTS
 
-    empty = {"base": None, "calibration_prompts": [], "benign_prompts": [], "utility_probe": None}
-    hidden = {f: empty[f] for f in OPTIONAL_INPUTS if cls.reads is not None and f not in cls.reads}
+    hidden = {  # a copy each: a defense may change the list it is handed
+        f: copy.copy(empty) for f, empty in OPTIONAL_INPUTS.items() if cls.reads is not None and f not in cls.reads
+    }
     return dataclasses.replace(ctx, _loaded={}, **hidden)
 
 

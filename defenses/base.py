@@ -125,9 +125,9 @@ class DefenseOutput:
 
 
 ROLES = ("reference", "frontier", "method")
-# the inputs of a DefenseContext that only some defenses read: each keys a defense's cache (and
-# reaches it) only when the defense declares it in `reads`
-OPTIONAL_INPUTS = ("base", "calibration_prompts", "benign_prompts", "utility_probe")
+# the inputs of a DefenseContext that only some defenses read, with what a defense that does not
+# declare one in `reads` finds there: each keys a defense's cache (and reaches it) only when declared
+OPTIONAL_INPUTS = {"base": None, "calibration_prompts": [], "benign_prompts": [], "utility_probe": None}
 
 
 class Defense:

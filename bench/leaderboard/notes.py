@@ -16,9 +16,8 @@ from bench.leaderboard.build import Board
 
 def notes(board: Board) -> dict[str, str]:
     """curve name -> its note in Markdown, for every method and frontier curve of the board."""
-    parts: dict[
-        str, list[str]
-    ] = {}  # joined once at the end: a thousand settings appended to one string copy it each time
+    # joined once at the end: a thousand settings appended to one string would copy it each time
+    parts: dict[str, list[str]] = {}
     for key, methods in board.methods.items():
         rows = {r["method"]: r for r in board.settings[key]}
         for c in methods:
