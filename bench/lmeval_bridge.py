@@ -18,6 +18,8 @@ scores are the ones lm-eval reports for the same model.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -208,6 +210,40 @@ def load_task_config(yaml_name: str, data_file: Path):
     return task.config
 
 
+@contextlib.contextmanager
+def _swapped(module, name: str, replacement):
+    """`module.name` is `replacement` inside the block and its own again after it, also after an
+    error; where the module has no such name (another lm-eval layout), nothing is swapped."""
+    saved = getattr(module, name, None)
+    if saved is None:
+        yield
+        return
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def _lean_lm_eval() -> contextlib.ExitStack:
+    """Two per-call costs of lm-eval that change no result, left out of the suite's calls (lm-eval
+    has no switch for either); each is lm-eval's own function again after the call:
+    - simple_evaluate ends by adding a report of the machine to its results (torch's collect_env,
+      which runs subprocesses: ~0.6 s a call here, on every row). The suite keeps none of it: a
+      record carries its own compute fingerprint.
+    - each document's prompt is rendered by compiling its Jinja template anew (~0.7 ms a document,
+      ~0.8 s a row of 330). Here a template is compiled once a call, by lm-eval's own Jinja
+      environment, so every text is the one lm-eval renders."""
+    import lm_eval.evaluator
+    import lm_eval.utils
+
+    compiled = functools.lru_cache(maxsize=None)(lm_eval.utils.env.from_string)
+    stack = contextlib.ExitStack()
+    stack.enter_context(_swapped(lm_eval.evaluator, "add_env_info", lambda storage: None))
+    stack.enter_context(_swapped(lm_eval.utils, "apply_template", lambda template, doc: compiled(template).render(**doc)))
+    return stack
+
+
 def run_tasks(generator: CachedGenerator, runs: list[TaskRun]) -> dict[str, dict]:
     """Run the tasks through lm-eval; per task: aggregate metrics and per-sample rows in doc order
     (`answer` for a generation task, `loglikelihoods` of the choices for a multiple-choice one)."""
@@ -217,7 +253,7 @@ def run_tasks(generator: CachedGenerator, runs: list[TaskRun]) -> dict[str, dict
         logging.getLogger(noisy).setLevel(logging.ERROR)
     lm = RealignLM(generator=generator)
     out: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="realign-tasks-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="realign-tasks-") as tmp, _lean_lm_eval():
         manager = _task_manager(runs, Path(tmp))
         # lm-eval takes one limit, num_fewshot and gen_kwargs for all tasks, so tasks that differ run separately
         for limit, num_fewshot, generation in sorted(

