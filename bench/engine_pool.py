@@ -114,6 +114,7 @@ class EnginePool:
 
         # the chat format shapes the token ids the generator sends, never the engine: not in the key
         chat = options.pop("chat", None)
+        tokenizer = options.pop("tokenizer", None)  # the row's own, already loaded; not the engine's either
         key = engine_key(handle, dtype, {"trust_remote_code": trust_remote_code, "mode": mode} | options)
         weights = handle.content_hash()
         if self._llm is not None and (key != self._key or (weights != self._weights and not self.reload_works)):
@@ -132,7 +133,9 @@ class EnginePool:
             self._key, self._weights = key, weights
             self.stats["engine_starts"] += 1
             self.last = "started"
-        return VLLMGenerator(handle, dtype, trust_remote_code, mode=mode, chat=chat, llm=self._llm, **options)
+        return VLLMGenerator(
+            handle, dtype, trust_remote_code, mode=mode, chat=chat, llm=self._llm, tokenizer=tokenizer, **options
+        )
 
     def _reload(self, handle: models.ModelHandle) -> None:
         from bench.generation import load_weights_in_place

@@ -146,11 +146,14 @@ class Generator(ABC):
         trust_remote_code: bool = False,
         mode: str = reproducibility.DETERMINISTIC,
         chat: models.ChatFormat | None = None,
+        tokenizer=None,
     ):
+        """`tokenizer`: the model's, already loaded with `chat` applied (CachedGenerator hands its own
+        over: a load costs ~0.5 s); else it is loaded here."""
         self.handle = handle
         self.dtype = dtype
         self.mode = reproducibility.check_mode(mode)
-        self.tokenizer = models.load_tokenizer(handle, trust_remote_code, chat)
+        self.tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(handle, trust_remote_code, chat)
         self.trust_remote_code = trust_remote_code
 
     def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
@@ -211,8 +214,9 @@ class TransformersGenerator(Generator):
         model=None,
         mode: str = reproducibility.DETERMINISTIC,
         chat: models.ChatFormat | None = None,
+        tokenizer=None,
     ):
-        super().__init__(handle, dtype, trust_remote_code, mode, chat)
+        super().__init__(handle, dtype, trust_remote_code, mode, chat, tokenizer)
         self.batch_size = batch_size
         # `model` lets a defense's utility probe generate from a model held in memory (no save): on its device
         if device is None:
@@ -301,11 +305,12 @@ class VLLMGenerator(Generator):
         engine_options: dict | None = None,
         chat: models.ChatFormat | None = None,
         llm=None,
+        tokenizer=None,
     ):
         """engine_options go to vllm.LLM as they are (max_num_seqs, gpu_memory_utilization, ...).
         `llm`: a live engine that already holds this model's weights (bench.engine_pool); the
         generator then only borrows it, and close() leaves it running for its owner."""
-        super().__init__(handle, dtype, trust_remote_code, mode, chat)
+        super().__init__(handle, dtype, trust_remote_code, mode, chat, tokenizer)
         self.answer_options = vllm_answer_options(tensor_parallel_size, max_model_len, enforce_eager, engine_options)
         self.owns_engine = llm is None
         if llm is None:
@@ -541,15 +546,26 @@ class CachedGenerator:
         self.batch_target = batch_target
         self.mode = reproducibility.check_mode(mode)
         self._gen: Generator | None = None
+        self._tokenizer = None
         self._engine_used: str | None = None  # the engine that generated, kept after close()
         self.stats = {"cached": 0, "generated": 0, "batches_generated": 0, "seconds": 0.0}
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer with the chat format applied, loaded once: the cache key, the engine
+        and lm-eval's token handling (bench.lmeval_bridge) all use this one."""
+        if self._tokenizer is None:
+            self._tokenizer = models.load_tokenizer(
+                self.handle, self.kwargs.get("trust_remote_code", False), self.kwargs.get("chat")
+            )
+        return self._tokenizer
 
     def _identity(self, sampling: Sampling) -> dict:
         if self._gen is not None:
             return self._gen.identity(sampling)
         # before an engine exists, the identity of the engine that 'auto' would pick
         engine = resolved_engine(self.engine)
-        tok = models.load_tokenizer(self.handle, self.kwargs.get("trust_remote_code", False), self.kwargs.get("chat"))
+        tok = self.tokenizer
         return identity(
             self.handle,
             engine,
@@ -560,6 +576,18 @@ class CachedGenerator:
             getattr(tok, "realign_system_prompt", None),
             vllm_answer_options(**self.kwargs) if engine == "vllm" else {},
         )
+
+    def _start_engine(self) -> None:
+        self._gen = make_generator(
+            self.handle,
+            self.engine,
+            self.dtype,
+            mode=self.mode,
+            pool=self.pool,
+            tokenizer=self.tokenizer,
+            **self.kwargs,
+        )
+        self._engine_used = self._gen.engine
 
     def _batches(self, prompts: list[str]) -> list[list[str]]:
         if self.mode == reproducibility.DETERMINISTIC:
@@ -580,10 +608,7 @@ class CachedGenerator:
                 found.update(zip(batch, answers))
         self.stats["cached"] += sum(p in found for p in prompts)
         if todo and self._gen is None:
-            self._gen = make_generator(
-                self.handle, self.engine, self.dtype, mode=self.mode, pool=self.pool, **self.kwargs
-            )
-            self._engine_used = self._gen.engine
+            self._start_engine()
             if self._gen.identity(sampling) != ident:  # auto fell back to another engine: look again under its name
                 return self.generate(prompts, sampling)
         for batch in todo:
@@ -614,10 +639,7 @@ class CachedGenerator:
                 found.update((k, (float(lp), bool(g))) for k, (lp, g) in zip(batch, scores))
         self.stats["scored_cached"] = self.stats.get("scored_cached", 0) + sum(k in found for k in keys)
         if todo and self._gen is None:
-            self._gen = make_generator(
-                self.handle, self.engine, self.dtype, mode=self.mode, pool=self.pool, **self.kwargs
-            )
-            self._engine_used = self._gen.engine
+            self._start_engine()
             if self._scoring_identity() != ident:  # auto fell back to another engine: look again under its name
                 return self.loglikelihoods(requests)
         for batch in todo:

@@ -69,7 +69,8 @@ class RealignLM(TemplateLM):
                 **({} if chat.is_default else {"chat": chat}),
             )
         self.generator = generator
-        self.tokenizer = models.load_tokenizer(generator.handle, generator.kwargs.get("trust_remote_code", False))
+        # the generator's own tokenizer (ids, BOS/EOS and decoding do not depend on its chat format)
+        self.tokenizer = generator.tokenizer
         self.max_length = min(context_length(generator.handle), generator.kwargs.get("max_model_len", MAX_MODEL_LEN))
 
     # ------------------------------------------------------------------ tokens (as lm-eval's hf backend)
@@ -240,7 +241,9 @@ def _lean_lm_eval() -> contextlib.ExitStack:
     compiled = functools.lru_cache(maxsize=None)(lm_eval.utils.env.from_string)
     stack = contextlib.ExitStack()
     stack.enter_context(_swapped(lm_eval.evaluator, "add_env_info", lambda storage: None))
-    stack.enter_context(_swapped(lm_eval.utils, "apply_template", lambda template, doc: compiled(template).render(**doc)))
+    stack.enter_context(
+        _swapped(lm_eval.utils, "apply_template", lambda template, doc: compiled(template).render(**doc))
+    )
     return stack
 
 

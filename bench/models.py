@@ -9,8 +9,6 @@ embedded default; `trust_remote_code` stays off unless the user passes `--trust-
 
 from __future__ import annotations
 
-import copy
-import functools
 import os
 import re
 from dataclasses import dataclass
@@ -166,46 +164,14 @@ def _vocabulary(handle: ModelHandle) -> dict[str, int]:
     return AutoTokenizer.from_pretrained(handle.path).get_vocab()
 
 
-# files a tokenizer is never read from: weights (a tokenizer's memo key hashes every other file)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
-
-
-def _tokenizer_files_hash(path: Path) -> str:
-    """Content hash of a model directory's files other than weights: whatever a tokenizer loads."""
-    from bench.hashing import hash_file, hash_value
-
-    return hash_value(
-        {
-            p.name: hash_file(p)
-            for p in sorted(Path(path).iterdir())
-            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(_WEIGHT_SUFFIXES)
-        }
-    )
-
-
-@functools.lru_cache(maxsize=4)
-def _loaded_tokenizer(path: str, files_hash: str) -> "PreTrainedTokenizerBase":
-    """One tokenizer load per directory and content (`files_hash` keys the content; callers get copies).
-    A row's evaluation needs its tokenizer three times (the cache key, the engine, lm-eval's token
-    handling) and transformers takes ~0.4-0.6 s a load here, against ~0.14 s for a copy."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def load_tokenizer(
     handle: ModelHandle, trust_remote_code: bool = False, chat: "ChatFormat | None" = None
 ) -> "PreTrainedTokenizerBase":
     """The model's tokenizer, left-padded, with the setting's chat format applied (`chat`: a
-    template in place of the tokenizer's own and a system prompt; see ChatFormat). Each call
-    returns a tokenizer of its own (a copy of the one loaded per directory and content), so a caller
-    may change it."""
-    if trust_remote_code:  # a remote-code tokenizer may hold objects that do not copy: load it each time
-        from transformers import AutoTokenizer
+    template in place of the tokenizer's own and a system prompt; see ChatFormat)."""
+    from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(handle.path, trust_remote_code=True)
-    else:
-        tok = copy.deepcopy(_loaded_tokenizer(str(handle.path), _tokenizer_files_hash(handle.path)))
+    tok = AutoTokenizer.from_pretrained(handle.path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # generation and last-token probes both rely on left padding

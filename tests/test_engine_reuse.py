@@ -129,6 +129,7 @@ def shared_then_fresh(root: str) -> dict:
         ) as gen:
             out["answers"][label] = gen.generate(PROMPTS, sampling)
             out["scores"][label] = gen.loglikelihoods(ll_requests)
+            out.setdefault("engine_has_the_rows_tokenizer", []).append(gen._gen.tokenizer is gen.tokenizer)
         with sqlite3.connect(root_path / label / GenerationCache.FILE) as db:
             out["cache_rows"][label] = sorted(db.execute("SELECT key, answers FROM batches").fetchall())
     out["stats"] = dict(pool.stats)
@@ -145,6 +146,7 @@ def test_a_shared_engine_after_swapping_weights_answers_as_a_fresh_engine(tmp_pa
     out = run_fresh(shared_then_fresh, str(tmp_path))
     answers, scores, rows = out["answers"], out["scores"], out["cache_rows"]
     assert out["stats"]["engine_starts"] == 1 and out["stats"]["reloads"] == 2
+    assert out["engine_has_the_rows_tokenizer"] == [True] * 5  # loaded once a row, pooled engine or not
     assert answers["shared_a1"] == answers["shared_a2"] == answers["fresh_a"]
     assert answers["shared_b"] == answers["fresh_b"]
     assert scores["shared_a1"] == scores["shared_a2"] == scores["fresh_a"]

@@ -137,36 +137,21 @@ def test_model_hash_memo_is_used_and_invalidated_when_a_file_changes(tiny, tmp_p
     assert hash_model_dir(model) != first
 
 
-def test_a_tokenizer_is_loaded_once_per_directory_and_content_and_each_caller_gets_its_own(tiny, tmp_path):
-    import shutil
+def test_a_row_loads_its_tokenizer_once_for_the_cache_key_the_engine_and_lm_eval(tiny, tmp_path):
+    from bench.lmeval_bridge import RealignLM
 
-    from transformers import AutoTokenizer
-
-    model = shutil.copytree(tiny["aligned"], tmp_path / "m")
-    handle = models.resolve(str(model))
-    models._loaded_tokenizer.cache_clear()
-    first = models.load_tokenizer(handle)
-    second = models.load_tokenizer(handle, chat=models.ChatFormat(system_prompt="Be brief."))
-    assert models._loaded_tokenizer.cache_info().misses == 1  # the second call copied, it did not load
-
-    # a copy is what a fresh load gives (the same state, the same files when saved) ...
-    fresh = AutoTokenizer.from_pretrained(model)
-    fresh.padding_side = "left"
-    assert {k: repr(v) for k, v in vars(first).items()} == {k: repr(v) for k, v in vars(fresh).items()}
-    first.save_pretrained(tmp_path / "copy")
-    fresh.save_pretrained(tmp_path / "fresh")
-    for f in (tmp_path / "fresh").iterdir():
-        assert (tmp_path / "copy" / f.name).read_bytes() == f.read_bytes(), f.name
-    # ... and one caller's change stays its own
-    assert second.realign_system_prompt == "Be brief." and not hasattr(first, "realign_system_prompt")
-    first.chat_template = "{{ messages }}"
-    assert models.load_tokenizer(handle).chat_template == fresh.chat_template
-
-    # a tokenizer file changed in place is loaded again
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    (model / "tokenizer_config.json").write_text(json.dumps(config | {"model_max_length": 77}))
-    assert models.load_tokenizer(handle).model_max_length == 77
-    assert models._loaded_tokenizer.cache_info().misses == 2
+    chat = models.ChatFormat(system_prompt="Be brief.")
+    gen = CachedGenerator(
+        models.resolve(tiny["aligned"]), GenerationCache(tmp_path / "gen"), engine="transformers", chat=chat
+    )
+    lm = RealignLM(generator=gen)
+    answers = gen.generate(PROMPTS, Sampling(max_new_tokens=4))
+    assert lm.tokenizer is gen.tokenizer is gen._gen.tokenizer
+    assert gen.tokenizer.realign_system_prompt == "Be brief."  # the chat format is applied to that one tokenizer
+    # the same answers, under the same cache key, as a generator that loads a tokenizer of its own
+    alone = TransformersGenerator(models.resolve(tiny["aligned"]), chat=chat)
+    assert alone.generate(PROMPTS, Sampling(max_new_tokens=4)) == answers
+    assert alone.identity(Sampling(max_new_tokens=4)) == gen._identity(Sampling(max_new_tokens=4))
 
 
 @pytest.mark.vllm
