@@ -11,6 +11,9 @@ EMPTY generation cache, twice in the same run:
   `generation.reuse_engine: false` does;
 - one engine: every row in one kept interpreter (bench.new_interpreter.Interpreter) on the shared
   engine (bench.engine_pool): the first row starts it, each later row reloads its weights into it.
+The two passes take turns row by row, and which of them goes first alternates: this machine's speed
+drifts by up to 2x within an hour, and a pass run wholly after the other carried that drift into
+the ratio (a reference pass in a slow phase made reuse look better than it is, and the other way).
 Each row's time is its wall time as the runner waits for it (interpreter start and imports
 included); every row's weights are read once before either pass, so neither pays cold disk reads.
 The answers of the two passes are compared sample by sample. The ratio for a 20-row board is
@@ -69,21 +72,23 @@ def main() -> None:
             with open(weights, "rb") as f:
                 while f.read(1 << 24):
                     pass
-    with tempfile.TemporaryDirectory(prefix="realign-engine-reuse-") as tmp:
-        for row in rows:
-            t0 = time.perf_counter()
-            result = run_fresh(evaluate, str(row), sets, config, f"{tmp}/per_row")
-            times["per_row"].append(round(time.perf_counter() - t0, 1))
-            answers["per_row"].append([s["answer"] for s in result["samples"]])
-            print(f"one engine a row: {row.parent.name}: {times['per_row'][-1]} s", flush=True)
-        with Interpreter() as evaluator:
-            for row in rows:
+    with tempfile.TemporaryDirectory(prefix="realign-engine-reuse-") as tmp, Interpreter() as evaluator:
+        for i, row in enumerate(rows):
+            for mode in ("per_row", "shared") if i % 2 == 0 else ("shared", "per_row"):
                 t0 = time.perf_counter()
-                result = evaluator.call(evaluate, str(row), sets, config, f"{tmp}/shared", reuse_engine=True)
-                times["shared"].append(round(time.perf_counter() - t0, 1))
-                answers["shared"].append([s["answer"] for s in result["samples"]])
-                engines.append(result["cost"]["generation"].get("engine"))
-                print(f"one engine: {row.parent.name}: {times['shared'][-1]} s ({engines[-1]})", flush=True)
+                if mode == "per_row":
+                    result = run_fresh(evaluate, str(row), sets, config, f"{tmp}/per_row")
+                else:  # the kept interpreter's engine waits, idle, while a fresh one evaluates its row
+                    result = evaluator.call(evaluate, str(row), sets, config, f"{tmp}/shared", reuse_engine=True)
+                    engines.append(result["cost"]["generation"].get("engine"))
+                times[mode].append(round(time.perf_counter() - t0, 1))
+                answers[mode].append([s["answer"] for s in result["samples"]])
+                how = f" ({engines[-1]})" if mode == "shared" else ""
+                print(
+                    f"{'one engine a row' if mode == 'per_row' else 'one engine'}: {row.parent.name}: "
+                    f"{times[mode][-1]} s{how}",
+                    flush=True,
+                )
 
     same = [a == b for a, b in zip(answers["per_row"], answers["shared"])]
     total_ref, total_shared = sum(times["per_row"]), sum(times["shared"])
@@ -114,8 +119,9 @@ def main() -> None:
             f"{len(rows)} rows of the embedded default board (the testbed's aligned model and defended models of "
             f"its cache), each evaluated as the runner does ({figures['samples_per_row']} samples: harmful, "
             "over-refusal and SQL sets; vLLM bf16 eager, deterministic mode) from an empty generation cache, "
-            "in the same run: first one engine a row (each row in its own fresh interpreter), then one engine "
-            "for all rows (one kept interpreter; each later row's weights reloaded into the live engine).",
+            "in the same run: one engine a row (each row in its own fresh interpreter) and one engine for all "
+            "rows (one kept interpreter; each later row's weights reloaded into the live engine), the two taking "
+            "turns row by row, each going first every other row.",
             "",
             "| row | one engine a row, s | one engine, s | engine | answers identical |",
             "|---|---|---|---|---|",
