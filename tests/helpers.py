@@ -6,7 +6,11 @@ def vllm_generate(model_dir: str, prompts: list[str], max_new_tokens: int) -> li
     from bench.generation import Sampling, VLLMGenerator
 
     gen = VLLMGenerator(models.resolve(model_dir), dtype="float32", max_model_len=256)
-    return gen.generate(prompts, Sampling(max_new_tokens=max_new_tokens))
+    answers = gen.generate(prompts, Sampling(max_new_tokens=max_new_tokens))
+    import gc
+
+    assert gc.isenabled(), "the garbage collector paused for generation was not restarted"
+    return answers
 
 
 def vllm_mmlu(model_dir: str, cache_dir: str, limit: int) -> dict:

@@ -491,6 +491,10 @@ def test_without_cyclic_gc_pauses_the_collector_and_restores_it_also_after_an_er
     with pytest.raises(ValueError):
         work(True)
     assert seen == [False, False] and gc.isenabled()
+    # vLLM generates with the collector paused (its restart after a real generation: tests.helpers.vllm_generate)
+    from bench.generation import VLLMGenerator
+
+    assert all(hasattr(f, "__wrapped__") for f in (VLLMGenerator._generate, VLLMGenerator._loglikelihoods))
     gc.disable()  # a caller that paused it already keeps it paused
     try:
         work(False)
