@@ -64,8 +64,11 @@ class _RawPrompts(Generator):
 
     add_special_tokens = False
 
-    def __init__(self, handle, dtype, trust_remote_code=False, mode=reproducibility.DETERMINISTIC, chat=None):
-        # `chat` (a setting's template and system prompt) does not apply: the judge's prompt is finished text
+    def __init__(
+        self, handle, dtype, trust_remote_code=False, mode=reproducibility.DETERMINISTIC, chat=None, tokenizer=None
+    ):
+        # `chat` (a setting's template and system prompt) does not apply: the judge's prompt is finished
+        # text, tokenized by the judge's own tokenizer (so a `tokenizer` handed over is not used either)
         self.handle, self.dtype, self.trust_remote_code = handle, dtype, trust_remote_code
         self.mode = reproducibility.check_mode(mode)
         self.tokenizer = judge_tokenizer(handle, trust_remote_code)
