@@ -291,6 +291,8 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
             "outcomes": metrics.outcome_string(outcomes),
         }
 
+    # how this row got its engine (started, reloaded, kept); a row whose answers were all cached took none
+    how_engine = {"engine": pool.last} if pool is not None and generator.started_engine else {}
     return {
         "metrics": result_metrics,
         "samples": samples,
@@ -299,7 +301,7 @@ def evaluate(model_path: str, sets: EvalSets, config: EvalConfig, cache_root: st
             "peak_rss_mb": own_peak_rss_mb(),
             "device": _device(),
             "engine": generator.engine_used,
-            "generation": generator.stats | ({"engine": pool.last} if pool is not None and pool.last else {}),
+            "generation": generator.stats | how_engine,
         },
         "evaluated_hash": handle.content_hash(),
     }

@@ -666,6 +666,11 @@ class CachedGenerator:
     def engine_used(self) -> str:
         return self._engine_used or resolved_engine(self.engine)
 
+    @property
+    def started_engine(self) -> bool:
+        """Whether this generator took an engine (some batch was not cached)."""
+        return self._engine_used is not None
+
     def close(self) -> None:
         if self._gen is not None:
             self._gen.close()

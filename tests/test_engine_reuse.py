@@ -130,8 +130,17 @@ def shared_then_fresh(root: str) -> dict:
             out["answers"][label] = gen.generate(PROMPTS, sampling)
             out["scores"][label] = gen.loglikelihoods(ll_requests)
             out.setdefault("engine_has_the_rows_tokenizer", []).append(gen._gen.tokenizer is gen.tokenizer)
+            out.setdefault("took_an_engine", {})[label] = gen.started_engine
         with sqlite3.connect(root_path / label / GenerationCache.FILE) as db:
             out["cache_rows"][label] = sorted(db.execute("SELECT key, answers FROM batches").fetchall())
+    # A again through the pool, from the cache A filled: every batch is found, so no engine is taken
+    # (nothing reloaded, and the row's cost names no engine: bench.evaluate)
+    handle = models.resolve(root_path / "a")
+    with CachedGenerator(
+        handle, GenerationCache(root_path / "shared_a1"), engine="vllm", max_model_len=256, pool=pool
+    ) as gen:
+        out["answers"]["cached_a"] = gen.generate(PROMPTS, sampling)
+        out["took_an_engine"]["cached_a"] = gen.started_engine
     out["stats"] = dict(pool.stats)
     pool.close()
     return out
@@ -146,6 +155,8 @@ def test_a_shared_engine_after_swapping_weights_answers_as_a_fresh_engine(tmp_pa
     out = run_fresh(shared_then_fresh, str(tmp_path))
     answers, scores, rows = out["answers"], out["scores"], out["cache_rows"]
     assert out["stats"]["engine_starts"] == 1 and out["stats"]["reloads"] == 2
+    assert answers["cached_a"] == answers["shared_a1"]
+    assert out["took_an_engine"] == {label: True for label in answers if label != "cached_a"} | {"cached_a": False}
     assert out["engine_has_the_rows_tokenizer"] == [True] * 5  # loaded once a row, pooled engine or not
     assert answers["shared_a1"] == answers["shared_a2"] == answers["fresh_a"]
     assert answers["shared_b"] == answers["fresh_b"]
