@@ -215,8 +215,9 @@ def _run_config(args, extra: list[str] = (), defense_params: dict | None = None)
 # ------------------------------------------------------------------------------------------ commands
 
 
-def cmd_run(args) -> int:
-    from bench.runner import main_job
+def main_job_config(args):
+    """The RunConfig `realign run ARGS` runs (its defenses as --all-defenses and --curves expand them);
+    bench.perf.engine_reuse evaluates the rows of the same board."""
     from defenses import DEFENSES, names_with_role
 
     cfg = _run_config(args)
@@ -231,7 +232,13 @@ def cmd_run(args) -> int:
         from defenses.curves import with_curves
 
         cfg = _run_config(args, [f"defenses={json.dumps(with_curves(cfg.defenses))}"])
-    main_job(cfg)  # unknown names and bad parameters fail while the setting resolves, before any work
+    return cfg
+
+
+def cmd_run(args) -> int:
+    from bench.runner import main_job
+
+    main_job(main_job_config(args))  # unknown names and bad parameters fail while the setting resolves, before any work
     return 0
 
 

@@ -417,9 +417,7 @@ def record_for(
     inputs = description["inputs"] | {"finetuned": variant.finetuned.content_hash(), "evaluated": model.content_hash()}
     if variant.adapter is not None:
         inputs["adapter"] = hash_model_dir(variant.adapter)
-    label = label or (
-        method if not params else f"{method}(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
-    )
+    label = label or row_label(method, params)
     record_id = hash_value(
         {
             "setting": {k: v for k, v in setting.items() if k not in ("name", "model", "attack")},
@@ -483,6 +481,11 @@ def record_for(
     return record
 
 
+def row_label(method: str, params: dict) -> str:
+    """A board row's label, as its record names it: `method(key=value,...)`, keys in sorted order."""
+    return method if not params else f"{method}(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+
+
 def parse_row(text: str) -> tuple[str, dict]:
     """'name' or 'name:key=value:key=value' (one board row with its own parameters), or a sweep of
     rows ('resta:gamma=0.5..3:4', 'resta:gamma=[0.5,1,2]'; defenses.base.grid), every point checked
@@ -536,6 +539,28 @@ def _distinct(rows: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     return out
 
 
+def defended_rows(
+    resolved: Resolved, variant: Variant, cfg: RunConfig, clock: Clock, skipped: list[dict]
+) -> list[tuple[str, dict, dict, Path]]:
+    """One fine-tuned model's board rows in the board's order, as (defense, parameters, info, the model
+    folder that answers), each defense applied or taken from the cache; a skipped defense goes to
+    `skipped` with its reason. Rows that answer with one model (aligned and interpolation at alpha 0)
+    name the same folder."""
+    ctx = build_context(resolved, variant, cfg, clock)
+    n = variant.harmful_n
+    rows = []
+    for name, params in expand(cfg.defenses, cfg.defense_params):
+        label = name + (f"({','.join(f'{k}={v}' for k, v in params.items())})" if params else "")
+        with clock.stage(f"defense {label} (N={n})"):
+            model_dir, info, reason = run_defense(name, params, ctx, cfg)
+        if reason:
+            clock.say(f"defense {label}: skipped: {reason}")
+            skipped.append({"method": label, "harmful_n": n, "reason": reason})
+            continue
+        rows.append((name, params, info, model_dir))
+    return rows
+
+
 def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
     from bench.atomic import atomic_write_json
     from bench.leaderboard.build import build
@@ -551,18 +576,7 @@ def main_job(cfg: RunConfig, clock: Clock | None = None) -> list[dict]:
     # defenses of a fine-tuned model all run first, so no defense trains beside the idle engine
     with Interpreter() as evaluator:
         for variant in _timed_variants(resolved, cfg, clock):
-            ctx = build_context(resolved, variant, cfg, clock)
-            n = variant.harmful_n
-            rows = []
-            for name, params in expand(cfg.defenses, cfg.defense_params):
-                label = name + (f"({','.join(f'{k}={v}' for k, v in params.items())})" if params else "")
-                with clock.stage(f"defense {label} (N={n})"):
-                    model_dir, info, reason = run_defense(name, params, ctx, cfg)
-                if reason:
-                    clock.say(f"defense {label}: skipped: {reason}")
-                    skipped.append({"method": label, "harmful_n": n, "reason": reason})
-                    continue
-                rows.append((name, params, info, model_dir))
+            rows = defended_rows(resolved, variant, cfg, clock, skipped)
             shared = evaluator if cfg.setting.generation.reuse_engine else None
             for name, params, info, model_dir in rows:
                 record = record_for(name, params, info, model_dir, resolved, variant, cfg, clock, evaluator=shared)
