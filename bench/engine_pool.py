@@ -38,14 +38,18 @@ from pathlib import Path
 from bench import models, reproducibility
 from bench.hashing import hash_file, hash_value
 
-# fields that say where and by which library a file was saved, or how a tokenizer pads and truncates
-# a batch: never read by an engine that gets token ids and only detokenizes (a tokenizer saved after
-# padding was switched on carries its padding state in tokenizer.json; rows must not split on that)
-_NOT_READ = {
+# fields that say only where, and by which library version, a file was saved
+_SAVED_FROM = {
     "config.json": ("_name_or_path", "transformers_version"),
     "generation_config.json": ("transformers_version",),
+    "tokenizer_config.json": ("name_or_path", "is_local", "local_files_only"),
+}
+# those, and how a tokenizer pads and truncates a batch: never read by an engine that gets token ids
+# and only detokenizes (a tokenizer saved after padding was switched on carries its padding state in
+# tokenizer.json; rows must not split on that)
+_NOT_READ = _SAVED_FROM | {
     "tokenizer.json": ("padding", "truncation"),
-    "tokenizer_config.json": ("name_or_path", "is_local", "local_files_only", "padding_side", "truncation_side"),
+    "tokenizer_config.json": _SAVED_FROM["tokenizer_config.json"] + ("padding_side", "truncation_side"),
 }
 
 
@@ -63,20 +67,26 @@ def tensor_layout(model_dir: Path) -> dict[str, list]:
     return layout
 
 
-def engine_key(handle: models.ModelHandle, dtype: str, options: dict) -> str:
-    """The hash of everything two models must share for one engine to serve both (module docstring)."""
-    files: dict[str, object] = {}
-    for path in sorted(Path(handle.path).iterdir()):
+def side_file_hashes(model_dir: Path, ignored: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """The hash of each file of a model folder besides its weights (config, generation config,
+    tokenizer files, chat template, a shard index), the `ignored` fields of a JSON file left out.
+    Not the hash memo (a dot file), not a model card (.md: nothing reads it)."""
+    files: dict[str, str] = {}
+    for path in sorted(Path(model_dir).iterdir()):
         name = path.name
-        if not path.is_file() or name.startswith(".") or name.endswith(".safetensors"):
-            continue  # weights (their layout is keyed below) and the hash memo; a shard index is keyed as a file
-        if name.endswith(".md"):
-            continue  # a model card says nothing the engine reads
-        if name in _NOT_READ:
+        if not path.is_file() or name.startswith(".") or name.endswith((".safetensors", ".md")):
+            continue
+        if name in ignored:
             fields = json.loads(path.read_text())
-            files[name] = hash_value({k: v for k, v in fields.items() if k not in _NOT_READ[name]})
+            files[name] = hash_value({k: v for k, v in fields.items() if k not in ignored[name]})
         else:
             files[name] = hash_file(path)
+    return files
+
+
+def engine_key(handle: models.ModelHandle, dtype: str, options: dict) -> str:
+    """The hash of everything two models must share for one engine to serve both (module docstring)."""
+    files = side_file_hashes(handle.path, _NOT_READ)  # the weights' layout is keyed below
     return hash_value({"files": files, "tensors": tensor_layout(handle.path), "dtype": dtype, "options": options})
 
 
@@ -93,6 +103,25 @@ class EnginePool:
         self._said: set[str] = set()
         self.stats = {"engine_starts": 0, "reloads": 0, "reload_s": 0.0}
         self.last: str | None = None  # how the latest generator got its engine: started, reloaded or kept
+        self._tokenizer, self._tokenizer_key = None, None  # the latest row's (self.tokenizer)
+
+    def tokenizer(self, handle: models.ModelHandle, trust_remote_code: bool = False, chat=None):
+        """The row's tokenizer with the chat format applied (models.load_tokenizer): the one the previous
+        row of this pool got, when both models' non-weight files are the same (where and by which
+        library version they were saved aside) and the chat format is too, else loaded. The rows of
+        a board have the same tokenizer files, and loading them costs ~0.3 s a row on the embedded
+        model; nothing that generates, scores or renders with a tokenizer changes it after
+        load_tokenizer, so one object serves them all."""
+        key = hash_value(
+            {
+                "files": side_file_hashes(handle.path, _SAVED_FROM),
+                "trust_remote_code": trust_remote_code,
+                "chat": None if chat is None else chat.identity(),
+            }
+        )
+        if key != self._tokenizer_key:
+            self._tokenizer, self._tokenizer_key = models.load_tokenizer(handle, trust_remote_code, chat), key
+        return self._tokenizer
 
     def say_once(self, reason: str) -> None:
         """The fallback to one engine a row, said once per pool (and once per reason)."""

@@ -558,11 +558,11 @@ class CachedGenerator:
     @property
     def tokenizer(self):
         """The model's tokenizer with the chat format applied, loaded once: the cache key, the engine
-        and lm-eval's token handling (bench.lmeval_bridge) all use this one."""
+        and lm-eval's token handling (bench.lmeval_bridge) all use this one. With a pool, the earlier
+        row's when both have the same tokenizer files (EnginePool.tokenizer)."""
         if self._tokenizer is None:
-            self._tokenizer = models.load_tokenizer(
-                self.handle, self.kwargs.get("trust_remote_code", False), self.kwargs.get("chat")
-            )
+            load = self.pool.tokenizer if self.pool is not None else models.load_tokenizer
+            self._tokenizer = load(self.handle, self.kwargs.get("trust_remote_code", False), self.kwargs.get("chat"))
         return self._tokenizer
 
     def _identity(self, sampling: Sampling) -> dict:

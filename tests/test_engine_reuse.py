@@ -54,6 +54,24 @@ def test_rows_of_one_family_share_a_key_and_anything_the_engine_reads_splits_it(
     assert engine_key(models.resolve(deeper), "bfloat16", options) != key
 
 
+def test_rows_with_the_same_tokenizer_files_share_one_tokenizer_and_any_difference_loads_its_own(tmp_path, tiny):
+    pool = EnginePool()
+    first = pool.tokenizer(models.resolve(tiny["aligned"]))
+    assert pool.tokenizer(models.resolve(tiny["finetuned"])) is first  # other weights, the same files
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny["finetuned"], changed)
+    fields = json.loads((changed / "tokenizer_config.json").read_text())
+    (changed / "tokenizer_config.json").write_text(json.dumps(fields | {"model_max_length": 77}))
+    own = pool.tokenizer(models.resolve(changed))
+    assert own is not first and own.model_max_length == 77 and first.model_max_length != 77
+    # the same files under another chat format: another tokenizer, and the first keeps its format
+    chat = models.ChatFormat(system_prompt="Answer briefly.")
+    formatted = pool.tokenizer(models.resolve(changed), chat=chat)
+    assert formatted is not own and formatted.realign_system_prompt == "Answer briefly."
+    assert getattr(own, "realign_system_prompt", None) is None
+    assert pool.tokenizer(models.resolve(changed), chat=chat) is formatted
+
+
 # --------------------------------------------------------------------------- fallback, said once
 
 
