@@ -33,6 +33,7 @@ import json
 import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from bench import models, reproducibility
@@ -90,6 +91,9 @@ def engine_key(handle: models.ModelHandle, dtype: str, options: dict) -> str:
     return hash_value({"files": files, "tensors": tensor_layout(handle.path), "dtype": dtype, "options": options})
 
 
+KEPT_TOKENIZERS = 4  # tokenizers an EnginePool keeps for its later rows (EnginePool.tokenizer)
+
+
 class EnginePool:
     """Hands out vLLM generators that share one live engine (see the module docstring): a
     CachedGenerator given `pool=` starts the engine for its first model and reloads the weights of
@@ -103,15 +107,17 @@ class EnginePool:
         self._said: set[str] = set()
         self.stats = {"engine_starts": 0, "reloads": 0, "reload_s": 0.0}
         self.last: str | None = None  # how the latest generator got its engine: started, reloaded or kept
-        self._tokenizer, self._tokenizer_key = None, None  # the latest row's (self.tokenizer)
+        self._tokenizers: OrderedDict[str, object] = OrderedDict()  # self.tokenizer's, by key, the latest last
 
     def tokenizer(self, handle: models.ModelHandle, trust_remote_code: bool = False, chat=None):
-        """The row's tokenizer with the chat format applied (models.load_tokenizer): the one the previous
+        """The row's tokenizer with the chat format applied (models.load_tokenizer): the one an earlier
         row of this pool got, when both models' non-weight files are the same (where and by which
-        library version they were saved aside) and the chat format is too, else loaded. The rows of
-        a board have the same tokenizer files, and loading them costs ~0.3 s a row on the embedded
-        model; nothing that generates, scores or renders with a tokenizer changes it after
-        load_tokenizer, so one object serves them all."""
+        library version they were saved aside) and the chat format is too, else loaded (the pool
+        keeps the KEPT_TOKENIZERS latest). The rows of a board have one or two sets of tokenizer
+        files (a defense that saved its tokenizer with padding switched on has its padding state in
+        tokenizer.json), and loading them costs ~0.3 s a row on the embedded model; nothing that
+        generates, scores or renders with a tokenizer changes it after load_tokenizer, so one object
+        serves them all."""
         key = hash_value(
             {
                 "files": side_file_hashes(handle.path, _SAVED_FROM),
@@ -119,9 +125,13 @@ class EnginePool:
                 "chat": None if chat is None else chat.identity(),
             }
         )
-        if key != self._tokenizer_key:
-            self._tokenizer, self._tokenizer_key = models.load_tokenizer(handle, trust_remote_code, chat), key
-        return self._tokenizer
+        if key in self._tokenizers:
+            self._tokenizers.move_to_end(key)
+        else:
+            self._tokenizers[key] = models.load_tokenizer(handle, trust_remote_code, chat)
+            while len(self._tokenizers) > KEPT_TOKENIZERS:
+                self._tokenizers.popitem(last=False)
+        return self._tokenizers[key]
 
     def say_once(self, reason: str) -> None:
         """The fallback to one engine a row, said once per pool (and once per reason)."""

@@ -70,6 +70,7 @@ def test_rows_with_the_same_tokenizer_files_share_one_tokenizer_and_any_differen
     assert formatted is not own and formatted.realign_system_prompt == "Answer briefly."
     assert getattr(own, "realign_system_prompt", None) is None
     assert pool.tokenizer(models.resolve(changed), chat=chat) is formatted
+    assert pool.tokenizer(models.resolve(tiny["aligned"])) is first  # kept while later rows took others
 
 
 # --------------------------------------------------------------------------- fallback, said once
