@@ -115,6 +115,12 @@ class Clock:
         self.say(f"{name}: {self.stages[name]:.1f}s")
 
 
+def eval_config(resolved: Resolved, cfg: RunConfig) -> EvalConfig:
+    """The run's evaluation options with the judge as resolved: its weights' folder (a testbed: entry
+    made into one), its engine."""
+    return dataclasses.replace(cfg.eval, judge_options=resolved.judge.options)
+
+
 def eval_sets(resolved: Resolved, cache: Path) -> EvalSets:
     s = resolved.setting
     return EvalSets(
@@ -210,7 +216,7 @@ def build_context(resolved: Resolved, variant: Variant, cfg: RunConfig, clock: C
         fine_tune=AttackStageFineTune(cfg.cache, clock.say, resolved.chat),
         harm_probe=HarmProbe(
             [r["prompt"] for r in read_jsonl(files["calibration_prompts"])],
-            dataclasses.replace(cfg.eval, judge_options=resolved.judge.options),  # the judge as resolved: its weights
+            eval_config(resolved, cfg),
             cfg.cache / "generations",
         ),
         attack=variant.attack,
@@ -398,8 +404,7 @@ def record_for(
     from defenses.curves import curve_label
 
     sets = eval_sets(resolved, cfg.cache)
-    # the judge as resolved: its weights' folder (a testbed: entry made into one), its engine
-    eval_config = dataclasses.replace(cfg.eval, judge_options=resolved.judge.options)
+    config = eval_config(resolved, cfg)
     model = models.resolve(model_dir)
     description = resolved.description()
     setting = {
@@ -423,7 +428,7 @@ def record_for(
             "setting": {k: v for k, v in setting.items() if k not in ("name", "model", "attack")},
             "inputs": inputs,
             "method": label,
-            "eval": eval_config.key(),
+            "eval": config.key(),
             "scoring": scoring_identity(),  # other task, judge or metric code: another record
         }
     )[:24]
@@ -446,7 +451,7 @@ def record_for(
         )
     checkpoint("start", f"evaluate {record_id}")
     with clock.stage(f"evaluate {label}{n_text}"):
-        call = (evaluate, str(model.path), sets, eval_config, str(cfg.cache / "generations"))
+        call = (evaluate, str(model.path), sets, config, str(cfg.cache / "generations"))
         result = evaluator.call(*call, reuse_engine=True) if evaluator else run_fresh(*call)
     record = {
         "schema_version": records.SCHEMA_VERSION,

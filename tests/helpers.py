@@ -1,5 +1,7 @@
 """Functions tests run in a fresh interpreter (vLLM needs one)."""
 
+import gc
+
 
 def vllm_generate(model_dir: str, prompts: list[str], max_new_tokens: int) -> list[str]:
     from bench import models
@@ -7,8 +9,6 @@ def vllm_generate(model_dir: str, prompts: list[str], max_new_tokens: int) -> li
 
     gen = VLLMGenerator(models.resolve(model_dir), dtype="float32", max_model_len=256)
     answers = gen.generate(prompts, Sampling(max_new_tokens=max_new_tokens))
-    import gc
-
     assert gc.isenabled(), "the garbage collector paused for generation was not restarted"
     return answers
 

@@ -28,7 +28,6 @@ first shared row, the mean of the later shared rows and the mean row of the refe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import statistics
@@ -47,7 +46,7 @@ def board_rows(home: Path, run_args: str) -> tuple[EvalSets, EvalConfig, list[tu
     model's board of `realign run --home HOME RUN_ARGS`, listed by the runner's own code."""
     from bench import models
     from bench.cli import build_parser, main_job_config
-    from bench.runner import Clock, _timed_variants, defended_rows, eval_sets, row_label
+    from bench.runner import Clock, _timed_variants, defended_rows, eval_config, eval_sets, row_label
     from bench.settings.resolve import resolve
 
     cfg = main_job_config(build_parser().parse_args(["run", "--home", str(home), *shlex.split(run_args)]))
@@ -57,8 +56,7 @@ def board_rows(home: Path, run_args: str) -> tuple[EvalSets, EvalConfig, list[tu
     rows = []
     for name, params, _, model_dir in defended_rows(resolved, variant, cfg, clock, skipped=[]):
         rows.append((row_label(name, params), models.resolve(model_dir).path))
-    config = dataclasses.replace(cfg.eval, judge_options=resolved.judge.options)  # as bench.runner.record_for
-    return eval_sets(resolved, cfg.cache), config, rows
+    return eval_sets(resolved, cfg.cache), eval_config(resolved, cfg), rows
 
 
 def main() -> None:
